@@ -1,0 +1,125 @@
+"""A DEALER to one server, for the thread that owns it, with blocking request/reply matched by request id.
+
+ZeroMQ reconnects by itself; what it does not do is tell us a request was lost. Every request here has a
+deadline, a reply to an abandoned request is recognised by its id and dropped, and a socket monitor
+reports disconnects so callers can resend at once instead of waiting out a timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from . import wire
+from .errors import BusError, NodeUnavailable, Timeout, error_for
+
+SOCKET_HWM_MESSAGES = 1_000
+_request_ids = itertools.count(1)
+_ids_lock = threading.Lock()
+
+
+def next_request_id() -> int:
+    with _ids_lock:
+        return next(_request_ids)
+
+
+class Connection:
+    def __init__(self, context: zmq.Context, address: str, *, monitor: bool = False):
+        self.address = address
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, SOCKET_HWM_MESSAGES)
+        self.socket.setsockopt(zmq.RCVHWM, SOCKET_HWM_MESSAGES)
+        self.socket.setsockopt(zmq.RECONNECT_IVL, 50)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1_000)
+        self.monitor = None
+        if monitor:
+            self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+        self.socket.connect(address)
+
+    def send(self, op: str, args, bulk=(), request_id: int | None = None) -> int:
+        request_id = next_request_id() if request_id is None else request_id
+        frames = wire.encode_request(op, request_id, args, bulk)
+        self.socket.send_multipart(frames, copy=not bulk)
+        return request_id
+
+    def recv(self):
+        """(request_id, error, result, bulk) of the next reply; blocks."""
+        return wire.decode_reply(self.socket.recv_multipart())
+
+    def request(self, op: str, args, bulk=(), timeout_ms: int = 10_000):
+        """Send one request and wait for its reply. Returns (result, bulk); raises the typed error."""
+        request_id = self.send(op, args, bulk)
+        deadline_s = time.monotonic() + timeout_ms / 1000
+        while True:
+            remaining_ms = int((deadline_s - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self.socket.poll(remaining_ms):
+                raise Timeout(f"no reply from {self.address} to {op} within {timeout_ms} ms")
+            reply_id, error, result, reply_bulk = self.recv()
+            if reply_id != request_id:
+                continue  # a late reply to a request we gave up on
+            if error is not None:
+                raise error_for(*error)
+            return result, reply_bulk
+
+    def disconnected(self) -> bool:
+        """True if the monitor saw a disconnect since the last call (drains pending monitor events)."""
+        if self.monitor is None:
+            return False
+        seen = False
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                seen = True
+        return seen
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(0)
+        self.socket.close(0)
+
+
+class Requester:
+    """Blocking requests from any thread: one lock, one DEALER per address, replaced after a timeout.
+
+    For the calls users make directly (Admin, ``offsets_for_times``, the producer's first metadata
+    lookup); the background threads own their sockets instead.
+    """
+
+    def __init__(self, context: zmq.Context, bootstrap: str, timeout_ms: int):
+        self.context, self.bootstrap, self.timeout_ms = context, bootstrap, timeout_ms
+        self._lock = threading.Lock()
+        self._connections: dict[str, Connection] = {}
+
+    def request(self, address: str, op: str, args, bulk=(), timeout_ms: int | None = None):
+        with self._lock:
+            connection = self._connections.get(address)
+            if connection is None:
+                connection = self._connections[address] = Connection(self.context, address)
+            try:
+                return connection.request(op, args, bulk, timeout_ms=timeout_ms or self.timeout_ms)[0]
+            except Timeout:
+                # A fresh socket, so a late reply to this request never queues up in front of the next one.
+                connection.close()
+                del self._connections[address]
+                raise
+
+    def coordinator(self, op: str, args, timeout_ms: int | None = None):
+        return self.request(self.bootstrap, op, args, timeout_ms=timeout_ms)
+
+    def metadata(self, topics=None, strict: bool = False):
+        from .metadata import ClusterMetadata
+
+        args = {} if topics is None else {"topics": list(topics), "strict": strict}
+        return ClusterMetadata(self.coordinator(wire.METADATA, args))
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._connections.values():
+                connection.close()
+            self._connections.clear()

@@ -1,0 +1,179 @@
+"""The bus's typed errors, shared by the client library, the nodes and the wire format.
+
+Every error says which of three things happened to the request that raised it (STYLE.md, "Errors"):
+- ``definite``: the request was not applied; retrying or giving up are both safe.
+- ``indeterminate``: it may have been applied (a timeout after sending, a lost reply); the idempotent
+  producer resolves these by retrying with the same sequence number.
+- ``fenced``: a newer epoch exists; this client (or member) must stop acting on its old view.
+
+On the wire an error is ``[code, message]``; ``error_for(code, message)`` turns it back into the class
+below, so a code added on the server but unknown to an older client still surfaces as a ``BusError``.
+"""
+
+from __future__ import annotations
+
+DEFINITE = "definite"
+INDETERMINATE = "indeterminate"
+FENCED = "fenced"
+
+
+class BusError(Exception):
+    """Base of every error the bus raises. ``code`` is the wire code; ``outcome`` says what happened."""
+
+    code = "UNKNOWN_ERROR"
+    outcome = DEFINITE
+    retriable = False
+
+    def __init__(self, message: str = "", *, code: str | None = None):
+        super().__init__(message or self.__class__.__name__)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(BusError, ValueError):
+    """A client or server was constructed with arguments that cannot work (caught before any I/O)."""
+
+    code = "INVALID_CONFIG"
+
+
+class InvalidRequest(BusError):
+    """The peer sent something malformed: bad frames, bad msgpack, unknown op, wrong version."""
+
+    code = "INVALID_REQUEST"
+
+
+class UnsupportedVersion(InvalidRequest):
+    code = "UNSUPPORTED_VERSION"
+
+
+class UnknownTopic(BusError):
+    code = "UNKNOWN_TOPIC"
+
+
+class UnknownPartition(BusError):
+    code = "UNKNOWN_PARTITION"
+
+
+class TopicExists(BusError):
+    code = "TOPIC_EXISTS"
+
+
+class RecordTooLarge(BusError):
+    code = "RECORD_TOO_LARGE"
+
+
+class OffsetOutOfRange(BusError):
+    code = "OFFSET_OUT_OF_RANGE"
+
+
+class CorruptRecord(BusError):
+    """A stored or received batch failed its CRC32C check; it is never served as data."""
+
+    code = "CORRUPT_RECORD"
+
+
+class StorageFull(BusError):
+    """The node could not store the batch (LMDB map at its maximum, or the disk is full). Nothing was written."""
+
+    code = "STORAGE_FULL"
+
+
+class NoNodesAvailable(BusError):
+    code = "NO_NODES_AVAILABLE"
+    retriable = True
+
+
+class NotOwner(BusError):
+    """The node does not own the partition (placement changed or the client's metadata is stale)."""
+
+    code = "NOT_OWNER"
+    retriable = True
+
+
+class NodeUnavailable(BusError):
+    """No answer from a node or the coordinator; a request sent to it may or may not have been applied."""
+
+    code = "NODE_UNAVAILABLE"
+    outcome = INDETERMINATE
+    retriable = True
+
+
+class Timeout(BusError):
+    """A deadline passed (request, delivery, or a full buffer). Sent requests are indeterminate."""
+
+    code = "TIMEOUT"
+    outcome = INDETERMINATE
+
+
+class BufferFull(Timeout):
+    """``send()`` waited ``max_block_ms`` for room in the producer's buffer; the record was not sent."""
+
+    code = "BUFFER_FULL"
+    outcome = DEFINITE
+
+
+class OutOfOrderSequence(BusError):
+    """A produce batch skipped a sequence number; earlier batches of the producer are still in flight."""
+
+    code = "OUT_OF_ORDER_SEQUENCE"
+    retriable = True
+
+
+class ProducerFenced(BusError):
+    code = "PRODUCER_FENCED"
+    outcome = FENCED
+
+
+class UnknownMemberId(BusError):
+    code = "UNKNOWN_MEMBER_ID"
+    outcome = FENCED
+
+
+class FencedMemberEpoch(BusError):
+    code = "FENCED_MEMBER_EPOCH"
+    outcome = FENCED
+
+
+class NotAssigned(BusError):
+    code = "NOT_ASSIGNED"
+
+
+class UnknownGroup(BusError):
+    code = "UNKNOWN_GROUP"
+
+
+class GroupNotEmpty(BusError):
+    code = "GROUP_NOT_EMPTY"
+
+
+class NodeIdentityMismatch(BusError):
+    """A node was started on a data directory that belongs to another node, or that another process holds."""
+
+    code = "NODE_IDENTITY_MISMATCH"
+
+
+class ClosedError(BusError):
+    code = "CLOSED"
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+_BY_CODE: dict[str, type[BusError]] = {}
+for _cls in _all_subclasses(BusError):
+    _BY_CODE.setdefault(_cls.code, _cls)
+
+
+def error_for(code: str, message: str = "") -> BusError:
+    """The typed exception for a wire error code (unknown codes become a plain BusError with that code)."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return BusError(message, code=code)
+    return cls(message)

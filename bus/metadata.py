@@ -1,0 +1,47 @@
+"""The client's view of the cluster: which node owns which partition, and where each node listens.
+
+Built from the coordinator's metadata reply; replaced whole on refresh (after NOT_OWNER, an unknown
+topic, or a node that stopped answering).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+from .errors import UnknownTopic
+
+DEFAULT_BOOTSTRAP = "tcp://127.0.0.1:7400"
+
+
+def default_bootstrap() -> str:
+    return os.environ.get("BUS_BOOTSTRAP") or DEFAULT_BOOTSTRAP
+
+
+def partition_for_key(key: bytes, partition_count: int) -> int:
+    """Same key -> same partition in every process and across restarts (CRC32, never ``hash()``)."""
+    return zlib.crc32(key) % partition_count
+
+
+class ClusterMetadata:
+    __slots__ = ("version", "nodes", "topics")
+
+    def __init__(self, raw: dict):
+        self.version = raw["version"]
+        self.nodes: dict[int, dict] = {int(k): v for k, v in raw["nodes"].items()}
+        self.topics: dict[str, dict] = raw["topics"]
+
+    def partition_count(self, topic: str) -> int:
+        meta = self.topics.get(topic)
+        if meta is None:
+            raise UnknownTopic(f"unknown topic {topic!r}; create it with `bus topic create {topic}`")
+        return len(meta["partitions"])
+
+    def owner(self, topic: str, partition: int) -> int:
+        meta = self.topics.get(topic)
+        if meta is None:
+            raise UnknownTopic(f"unknown topic {topic!r}; create it with `bus topic create {topic}`")
+        return meta["partitions"][partition]
+
+    def address(self, node_id: int) -> str:
+        return self.nodes[node_id]["address"]

@@ -1,0 +1,300 @@
+"""The Producer: ``send()`` appends a record to an open batch and returns a future; a background sender
+thread ships closed batches to their partition's owner and completes the futures.
+
+``send()`` does as little as possible per record (a lock, a list extend, a few integer updates): the
+batch is packed once, when it closes. A batch closes when it reaches ``batch_bytes``, when it has
+waited ``linger_ms``, or on ``flush()``.
+
+Memory is bounded: records held (open, waiting, or in flight) never exceed ``buffer_bytes``; a ``send()``
+that finds no room waits up to ``max_block_ms`` and then raises BufferFull (nothing was sent).
+
+Lock order: ``Producer._lock`` is the only lock; the sender thread takes it only to move batches out of
+the accumulator and to release buffer space.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import zmq
+
+from .connection import Requester
+from .errors import BufferFull, ClosedError, ConfigError, RecordTooLarge, Timeout, UnknownTopic
+from .metadata import default_bootstrap, partition_for_key
+from .records import RecordMetadata
+
+RECORD_OVERHEAD_BYTES = 16  # msgpack framing and the timestamp delta, for buffer accounting
+
+
+class ProducerBatch:
+    """Records for one partition, appended by ``send()`` until closed, then owned by the sender thread."""
+
+    __slots__ = ("topic", "partition", "flat", "count", "bytes", "first_ts_ms", "max_ts_ms", "created_s",
+                 "deadline_s", "done", "base_offset", "error", "callbacks", "payload", "producer_id",
+                 "producer_epoch", "sequence", "sent", "attempts")
+
+    def __init__(self, topic, partition, first_ts_ms, created_s, deadline_s):
+        self.topic, self.partition = topic, partition
+        self.flat = []  # ts_delta, key, value, headers per record (bus.batch's payload layout)
+        self.count = 0
+        self.bytes = 0
+        self.first_ts_ms = self.max_ts_ms = first_ts_ms
+        self.created_s, self.deadline_s = created_s, deadline_s
+        self.done = threading.Event()
+        self.base_offset = -1
+        self.error = None
+        self.callbacks = None  # [(index, fn)] run by the sender thread on completion
+        self.payload = None  # the packed batch, made once by the sender
+        self.producer_id = self.producer_epoch = self.sequence = -1
+        self.sent = False  # ever handed to a socket: failure after that is indeterminate
+        self.attempts = 0
+
+    def complete(self, base_offset: int, error: BaseException | None) -> None:
+        self.base_offset, self.error = base_offset, error
+        self.done.set()
+        for index, fn in self.callbacks or ():
+            try:
+                fn(self.metadata(index) if error is None else None, error)
+            except Exception:  # a user callback must not kill the sender thread
+                import logging
+
+                logging.getLogger("bus.producer").exception("send callback raised")
+
+    def metadata(self, index: int) -> RecordMetadata:
+        offset = -1 if self.base_offset < 0 else self.base_offset + index
+        return RecordMetadata(self.topic, self.partition, offset, self.first_ts_ms + self.flat[4 * index])
+
+
+class RecordFuture:
+    """The outcome of one ``send()``: ``get(timeout)`` returns RecordMetadata or raises the typed error."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: ProducerBatch, index: int):
+        self._batch, self._index = batch, index
+
+    def done(self) -> bool:
+        return self._batch.done.is_set()
+
+    def get(self, timeout: float | None = None) -> RecordMetadata:
+        if not self._batch.done.wait(timeout):
+            raise Timeout(f"record not acknowledged within {timeout} s (it may still be delivered)")
+        if self._batch.error is not None:
+            raise self._batch.error
+        return self._batch.metadata(self._index)
+
+    result = get
+
+    def exception(self, timeout: float | None = None):
+        if not self._batch.done.wait(timeout):
+            raise Timeout(f"record not completed within {timeout} s")
+        return self._batch.error
+
+    def add_callback(self, fn) -> None:
+        """``fn(metadata, exception)`` once the record is acknowledged or failed (at once if it already is)."""
+        batch = self._batch
+        with _callback_lock:
+            if not batch.done.is_set():
+                batch.callbacks = (batch.callbacks or []) + [(self._index, fn)]
+                return
+        fn(batch.metadata(self._index) if batch.error is None else None, batch.error)
+
+
+_callback_lock = threading.Lock()
+
+
+class Producer:
+    def __init__(self, bootstrap: str | None = None, *, acks=1, linger_ms: int = 2, batch_bytes: int = 1 << 20,
+                 buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000, request_timeout_ms: int = 30_000,
+                 delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
+                 max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
+                 metadata_timeout_ms: int = 10_000):
+        if acks not in (0, 1, -1, "all"):
+            raise ConfigError(f"acks must be 0, 1 or 'all', not {acks!r}")
+        for name, value, low in (("linger_ms", linger_ms, 0), ("batch_bytes", batch_bytes, 1),
+                                 ("buffer_bytes", buffer_bytes, 1), ("max_block_ms", max_block_ms, 0),
+                                 ("request_timeout_ms", request_timeout_ms, 1),
+                                 ("delivery_timeout_ms", delivery_timeout_ms, 1),
+                                 ("max_record_bytes", max_record_bytes, 1),
+                                 ("max_in_flight_per_node", max_in_flight_per_node, 1),
+                                 ("retry_backoff_ms", retry_backoff_ms, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, not {value!r}")
+        if buffer_bytes < batch_bytes:
+            raise ConfigError(f"buffer_bytes ({buffer_bytes}) must be at least batch_bytes ({batch_bytes})")
+        if delivery_timeout_ms < request_timeout_ms + linger_ms:
+            raise ConfigError("delivery_timeout_ms must be at least request_timeout_ms + linger_ms")
+        if idempotent and acks == 0:
+            raise ConfigError("the idempotent producer needs acks=1 or 'all' (or pass idempotent=False)")
+        self.bootstrap = bootstrap or default_bootstrap()
+        self.acks = 1 if acks in (-1, "all") else acks
+        self.linger_s = linger_ms / 1000
+        self.batch_bytes = batch_bytes
+        self.buffer_bytes = buffer_bytes
+        self.max_block_s = max_block_ms / 1000
+        self.delivery_timeout_s = delivery_timeout_ms / 1000
+        self.max_record_bytes = max_record_bytes
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)  # signalled when buffer space is released
+        self._open: dict[tuple, ProducerBatch] = {}
+        self._ready: deque[ProducerBatch] = deque()
+        self._taken: set[ProducerBatch] = set()  # handed to the sender, not yet completed
+        self._buffered_bytes = 0
+        self._sticky: dict[str, int] = {}
+        self._rotation: dict[str, int] = {}
+        self._closed = False
+        self._flush_requested = False
+        self._context = zmq.Context()
+        self._requester = Requester(self._context, self.bootstrap, metadata_timeout_ms)
+
+        from .sender import Sender
+
+        self._sender = Sender(self, self._context, request_timeout_ms=request_timeout_ms,
+                              max_in_flight_per_node=max_in_flight_per_node, idempotent=idempotent,
+                              retry_backoff_ms=retry_backoff_ms, metadata_timeout_ms=metadata_timeout_ms)
+        self._wake = self._sender.waker()
+        self._sender.start()
+        self._partition_counts: dict[str, int] = {}
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def _partitions(self, topic: str) -> int:
+        count = self._partition_counts.get(topic)
+        if count is None:
+            count = self._requester.metadata([topic], strict=True).partition_count(topic)  # raises UnknownTopic
+            self._partition_counts[topic] = count
+        return count
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers=None, partition: int | None = None,
+             timestamp_ms: int | None = None) -> RecordFuture:
+        """Queue one record; returns a future of its RecordMetadata. Thread-safe."""
+        size = len(value) + (len(key) if key is not None else 0) + RECORD_OVERHEAD_BYTES
+        if headers is not None:
+            headers = [(str(name), bytes(v)) for name, v in headers]
+            size += sum(len(n) + len(v) + 4 for n, v in headers)
+        if size > self.max_record_bytes:
+            raise RecordTooLarge(f"record of {size} bytes exceeds max_record_bytes={self.max_record_bytes}")
+        count = self._partition_counts.get(topic) or self._partitions(topic)
+        if partition is None:
+            if key is not None:
+                partition = partition_for_key(key, count)
+        elif not 0 <= partition < count:
+            raise UnknownTopic(f"topic {topic!r} has no partition {partition} (it has {count})")
+        ts = timestamp_ms if timestamp_ms is not None else time.time_ns() // 1_000_000
+        with self._lock:
+            if self._closed:
+                raise ClosedError("send() on a closed Producer")
+            if self._buffered_bytes + size > self.buffer_bytes:
+                self._wait_for_space(size)
+            if partition is None:
+                partition = self._sticky.get(topic)
+                if partition is None:
+                    partition = self._sticky[topic] = self._rotation.get(topic, 0) % count
+                    self._rotation[topic] = partition + 1
+            batch = self._open.get((topic, partition))
+            if batch is None:
+                now_s = time.monotonic()
+                batch = self._open[(topic, partition)] = ProducerBatch(
+                    topic, partition, ts, now_s, now_s + self.delivery_timeout_s)
+                self._wake()
+            index = batch.count
+            batch.flat += (ts - batch.first_ts_ms, key, value, headers)
+            batch.count = index + 1
+            batch.bytes += size
+            if ts > batch.max_ts_ms:
+                batch.max_ts_ms = ts
+            self._buffered_bytes += size
+            if batch.bytes >= self.batch_bytes:
+                self._close_batch(batch)
+                self._wake()
+        return RecordFuture(batch, index)
+
+    def send_many(self, topic: str, values, keys=None, partition: int | None = None) -> list:
+        """Send many records in one call (cheaper per record than ``send()``). Returns their futures."""
+        if keys is None:
+            return [self.send(topic, value, partition=partition) for value in values]
+        return [self.send(topic, value, key=key, partition=partition) for value, key in zip(values, keys)]
+
+    def _wait_for_space(self, size: int) -> None:
+        deadline_s = time.monotonic() + self.max_block_s
+        while self._buffered_bytes + size > self.buffer_bytes:
+            # Close open batches so the sender can ship them and free space.
+            for open_batch in list(self._open.values()):
+                self._close_batch(open_batch)
+            self._wake()
+            remaining = deadline_s - time.monotonic()
+            if remaining <= 0 or self._closed:
+                raise BufferFull(f"producer buffer of {self.buffer_bytes} bytes stayed full for "
+                                 f"{self.max_block_s * 1000:.0f} ms (max_block_ms); the record was not sent")
+            self._space.wait(remaining)
+
+    def _close_batch(self, batch: ProducerBatch) -> None:
+        """Move an open batch to the ready queue. Caller holds the lock."""
+        del self._open[(batch.topic, batch.partition)]
+        if self._sticky.get(batch.topic) == batch.partition:
+            del self._sticky[batch.topic]
+        self._ready.append(batch)
+
+    # -- called by the sender thread ---------------------------------------------------------------
+
+    def _take_ready(self, now_s: float) -> tuple[list, float | None]:
+        """Batches to ship now, and when the next open batch's linger expires."""
+        with self._lock:
+            next_s = None
+            for batch in list(self._open.values()):
+                if self._flush_requested or self._closed or batch.created_s + self.linger_s <= now_s:
+                    self._close_batch(batch)
+                else:
+                    expiry = batch.created_s + self.linger_s
+                    next_s = expiry if next_s is None else min(next_s, expiry)
+            ready = list(self._ready)
+            self._ready.clear()
+            self._taken.update(ready)
+            return ready, next_s
+
+    def _release(self, batch: ProducerBatch) -> None:
+        with self._lock:
+            self._taken.discard(batch)
+            self._buffered_bytes -= batch.bytes
+            assert self._buffered_bytes >= 0
+            self._space.notify_all()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Ship every record sent so far and wait until each is acknowledged or failed."""
+        with self._lock:
+            pending = list(self._open.values()) + list(self._ready) + list(self._taken)
+            self._flush_requested = True
+        self._wake()
+        try:
+            deadline_s = None if timeout is None else time.monotonic() + timeout
+            for batch in pending:
+                remaining = None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
+                if not batch.done.wait(remaining):
+                    raise Timeout(f"flush() did not finish within {timeout} s")
+        finally:
+            with self._lock:
+                self._flush_requested = False
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then stop the sender thread and release the sockets."""
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        finally:
+            with self._lock:
+                self._closed = True
+                self._space.notify_all()
+            self._sender.stop()
+            self._requester.close()
+            self._context.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

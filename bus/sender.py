@@ -1,0 +1,375 @@
+"""The producer's sender thread: ships closed batches to partition owners, retries, completes futures.
+
+It owns every socket of the producer (ZeroMQ sockets are single-threaded); ``send()`` reaches it only
+through the accumulator (under ``Producer._lock``) and a wake-up message on an inproc socket.
+
+Ordering and exactly-once (idempotent producer, on by default): each partition's batches get
+consecutive sequence numbers under a producer id from the coordinator. Several batches of one partition
+may be in flight; the node refuses any that skips a sequence. When a batch must be retried, nothing
+more is sent for its partition until all of its in-flight batches have come back; then the unacked ones
+go again, in sequence order, with their original sequences, so the node writes each once, in order.
+A batch that definitely failed (e.g. StorageFull) leaves a hole: the ones after it are renumbered from
+the last acknowledged sequence. A batch whose fate is unknown when its delivery timeout passes may have
+been written, so the partition moves to a fresh producer id rather than reuse its sequence numbers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import threading
+import time
+
+import zmq
+
+from . import wire
+from .batch import pack_batch
+from .connection import Connection, next_request_id
+from .errors import (BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, Timeout, UnknownTopic,
+                     error_for)
+from .metadata import ClusterMetadata
+
+log = logging.getLogger("bus.producer")
+
+RETRIABLE_CODES = {"NOT_OWNER", "OUT_OF_ORDER_SEQUENCE", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION",
+                   "NODE_UNAVAILABLE", "TIMEOUT", "NO_NODES_AVAILABLE"}
+REQUEST_BYTES_MAX = 8 << 20  # batches per produce request to one node, beyond the first
+LOOP_WAIT_MS_MAX = 100
+_wake_ids = itertools.count()
+
+
+class PartitionQueue:
+    """The sender's state for one partition: unsent batches in sequence order and sequence bookkeeping."""
+
+    __slots__ = ("queue", "in_flight", "retrying", "renumber", "new_producer_id", "next_sequence",
+                 "acked_sequence", "producer_id", "producer_epoch", "not_before_s")
+
+    def __init__(self, producer_id: int, producer_epoch: int):
+        self.queue: list = []  # batches not in flight, ascending sequence
+        self.in_flight = 0
+        self.retrying = False  # hold sends until in-flight batches return, then resend in order
+        self.renumber = False  # a batch failed for certain: renumber the queue from acked_sequence
+        self.new_producer_id = False  # a batch's fate is unknown: renumber under a fresh producer id
+        self.next_sequence = 0
+        self.acked_sequence = 0  # one past the last acknowledged sequence
+        self.producer_id, self.producer_epoch = producer_id, producer_epoch
+        self.not_before_s = 0.0
+
+
+class Sender(threading.Thread):
+    def __init__(self, producer, context: zmq.Context, *, request_timeout_ms: int, max_in_flight_per_node: int,
+                 idempotent: bool, retry_backoff_ms: int, metadata_timeout_ms: int):
+        super().__init__(name="bus-producer-sender", daemon=True)
+        self.producer = producer
+        self.context = context
+        self.request_timeout_s = request_timeout_ms / 1000
+        self.max_in_flight = max_in_flight_per_node
+        self.idempotent = idempotent
+        self.retry_backoff_s = retry_backoff_ms / 1000
+        self.metadata_timeout_ms = metadata_timeout_ms
+        self.wake_address = f"inproc://bus-producer-wake-{id(self)}-{next(_wake_ids)}"
+        self.wake_pull = context.socket(zmq.PULL)
+        self.wake_pull.bind(self.wake_address)
+        self.stopping = False
+        self.metadata: ClusterMetadata | None = None
+        self.metadata_refresh_s = 0.0
+        self.nodes: dict[int, Connection] = {}
+        self.partitions: dict[tuple, PartitionQueue] = {}
+        self.in_flight: dict[int, tuple] = {}  # request id -> (node id, batches, deadline_s)
+        self.node_in_flight: dict[int, int] = {}
+        self.producer_ids: list | None = None  # [producer_id, epoch] for new partition queues
+
+    # -- for the user's threads --------------------------------------------------------------------
+
+    def waker(self):
+        push = self.context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, 1)
+        push.connect(self.wake_address)
+        lock = threading.Lock()
+
+        def wake():
+            with lock:
+                try:
+                    push.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # a wake-up is already pending
+        self._push = push
+        return wake
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._push.send(b"", zmq.NOBLOCK) if not self._push.closed else None
+        self.join()
+        self._push.close(0)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        coordinator = Connection(self.context, self.producer.bootstrap)
+        self.coordinator = coordinator
+        try:
+            while not self.stopping:
+                now_s = time.monotonic()
+                ready, linger_s = self.producer._take_ready(now_s)
+                for batch in ready:
+                    self._enqueue(batch)
+                self._expire(now_s)
+                self._send(now_s)
+                self._wait(linger_s)
+        except Exception:
+            log.exception("producer sender thread failed")
+            raise
+        finally:
+            self._fail_everything(ClosedError("producer closed before the record was acknowledged"))
+            for connection in self.nodes.values():
+                connection.close()
+            coordinator.close()
+            self.wake_pull.close(0)
+
+    def _wait(self, linger_s: float | None) -> None:
+        now_s = time.monotonic()
+        wake_s = now_s + LOOP_WAIT_MS_MAX / 1000
+        if linger_s is not None:
+            wake_s = min(wake_s, linger_s)
+        poller = zmq.Poller()
+        poller.register(self.wake_pull, zmq.POLLIN)
+        for connection in self.nodes.values():
+            poller.register(connection.socket, zmq.POLLIN)
+            poller.register(connection.monitor, zmq.POLLIN)
+        ready = dict(poller.poll(max(0, int((wake_s - now_s) * 1000))))
+        if self.wake_pull in ready:
+            while self.wake_pull.poll(0):
+                self.wake_pull.recv()
+        for node_id, connection in list(self.nodes.items()):
+            if connection.monitor in ready and connection.disconnected():
+                self._fail_node_requests(node_id, NodeUnavailable(f"lost connection to node {node_id}"))
+            if connection.socket in ready:
+                self._drain_replies(node_id, connection)
+
+    # -- metadata and producer ids -----------------------------------------------------------------
+
+    def _refresh_metadata(self, force: bool = False) -> None:
+        now_s = time.monotonic()
+        if not force and self.metadata is not None:
+            return
+        if now_s < self.metadata_refresh_s:
+            return
+        self.metadata_refresh_s = now_s + self.retry_backoff_s
+        try:
+            result, _ = self.coordinator.request(wire.METADATA, {}, timeout_ms=self.metadata_timeout_ms)
+        except BusError as exc:
+            log.warning("metadata refresh failed: %s", exc)
+            self._reset_coordinator()
+            return
+        self.metadata = ClusterMetadata(result)
+
+    def _reset_coordinator(self) -> None:
+        self.coordinator.close()
+        self.coordinator = Connection(self.context, self.producer.bootstrap)
+
+    def _new_producer_id(self) -> tuple[int, int]:
+        if not self.idempotent:
+            return -1, -1
+        while not self.stopping:
+            try:
+                result, _ = self.coordinator.request(wire.INIT_PRODUCER_ID, {}, timeout_ms=self.metadata_timeout_ms)
+                return result["producer_id"], result["epoch"]
+            except BusError as exc:
+                log.warning("could not get a producer id: %s", exc)
+                self._reset_coordinator()
+        return -1, -1
+
+    # -- queueing ----------------------------------------------------------------------------------
+
+    def _enqueue(self, batch) -> None:
+        key = (batch.topic, batch.partition)
+        queue = self.partitions.get(key)
+        if queue is None:
+            if self.producer_ids is None and self.idempotent:
+                self.producer_ids = list(self._new_producer_id())
+            producer_id, epoch = self.producer_ids if self.idempotent else (-1, -1)
+            queue = self.partitions[key] = PartitionQueue(producer_id, epoch)
+        self._number(queue, batch)
+        queue.queue.append(batch)
+
+    def _number(self, queue: PartitionQueue, batch) -> None:
+        if self.idempotent:
+            batch.producer_id, batch.producer_epoch = queue.producer_id, queue.producer_epoch
+            batch.sequence = queue.next_sequence
+            queue.next_sequence += batch.count
+        batch.payload = pack_batch(batch.flat, batch.count, batch.first_ts_ms, batch.max_ts_ms,
+                                   batch.producer_id, batch.producer_epoch, batch.sequence)
+
+    def _renumber(self, queue: PartitionQueue) -> None:
+        """Give the queued batches fresh consecutive sequences (after a definite or unknown failure)."""
+        if queue.new_producer_id:
+            queue.producer_id, queue.producer_epoch = self._new_producer_id()
+            queue.acked_sequence = 0
+        queue.next_sequence = queue.acked_sequence
+        for batch in queue.queue:
+            self._number(queue, batch)
+        queue.renumber = queue.new_producer_id = False
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def _send(self, now_s: float) -> None:
+        if not any(q.queue for q in self.partitions.values()):
+            return
+        self._refresh_metadata()
+        if self.metadata is None:
+            return
+        by_node: dict[int, list] = {}
+        for (topic, partition), queue in self.partitions.items():
+            if not queue.queue or now_s < queue.not_before_s:
+                continue
+            if queue.retrying:
+                if queue.in_flight:
+                    continue
+                if queue.renumber or queue.new_producer_id:
+                    self._renumber(queue)
+                queue.retrying = False
+            try:
+                node_id = self.metadata.owner(topic, partition)
+            except UnknownTopic:
+                self._refresh_metadata(force=True)
+                continue
+            if node_id not in self.metadata.nodes:
+                continue
+            by_node.setdefault(node_id, []).append(queue)
+        for node_id, queues in by_node.items():
+            connection = self._connection(node_id)
+            while self.node_in_flight.get(node_id, 0) < self.max_in_flight:
+                batches, size = [], 0
+                for queue in queues:
+                    while queue.queue and (not batches or size + len(queue.queue[0].payload) <= REQUEST_BYTES_MAX):
+                        batch = queue.queue.pop(0)
+                        batches.append(batch)
+                        size += len(batch.payload)
+                        queue.in_flight += 1
+                if not batches:
+                    break
+                self._send_request(node_id, connection, batches, now_s)
+
+    def _connection(self, node_id: int) -> Connection:
+        address = self.metadata.address(node_id)
+        connection = self.nodes.get(node_id)
+        if connection is None or connection.address != address:
+            if connection is not None:
+                connection.close()
+                self._fail_node_requests(node_id, NodeUnavailable(f"node {node_id} moved to {address}"))
+            connection = self.nodes[node_id] = Connection(self.context, address, monitor=True)
+        return connection
+
+    def _send_request(self, node_id: int, connection: Connection, batches: list, now_s: float) -> None:
+        request_id = next_request_id()
+        args = {"acks": self.producer.acks, "parts": [[b.topic, b.partition] for b in batches]}
+        for batch in batches:
+            batch.sent = True
+            batch.attempts += 1
+        try:
+            connection.send(wire.PRODUCE, args, [b.payload for b in batches], request_id=request_id)
+        except zmq.ZMQError as exc:
+            for batch in batches:
+                self._retry(batch, NodeUnavailable(f"could not send to node {node_id}: {exc}"), counted=True)
+            return
+        if self.producer.acks == 0:
+            for batch in batches:
+                self.partitions[(batch.topic, batch.partition)].in_flight -= 1
+                self._finish(batch, -1, None)
+            return
+        self.in_flight[request_id] = (node_id, batches, now_s + self.request_timeout_s)
+        self.node_in_flight[node_id] = self.node_in_flight.get(node_id, 0) + 1
+
+    # -- replies -----------------------------------------------------------------------------------
+
+    def _drain_replies(self, node_id: int, connection: Connection) -> None:
+        while connection.socket.poll(0):
+            try:
+                request_id, error, result, _ = connection.recv()
+            except Exception as exc:
+                log.warning("undecodable reply from node %d dropped: %s", node_id, exc)
+                continue
+            entry = self.in_flight.pop(request_id, None)
+            if entry is None:
+                continue  # a reply to a request we already gave up on (it will be resent)
+            self.node_in_flight[node_id] -= 1
+            _, batches, _ = entry
+            if error is not None:
+                exc = error_for(*error)
+                for batch in batches:
+                    self._outcome(batch, exc)
+                continue
+            for batch, (code, message, base_offset, _) in zip(batches, result["parts"]):
+                self._outcome(batch, None if code is None else error_for(code, message), base_offset)
+
+    def _outcome(self, batch, exc: BusError | None, base_offset: int = -1) -> None:
+        queue = self.partitions[(batch.topic, batch.partition)]
+        queue.in_flight -= 1
+        if exc is None:
+            queue.acked_sequence = max(queue.acked_sequence, batch.sequence + batch.count)
+            self._finish(batch, base_offset, None)
+        elif exc.code in RETRIABLE_CODES:
+            if exc.code in ("NOT_OWNER", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION"):
+                self._refresh_metadata(force=True)
+                if self.metadata is not None and batch.topic not in self.metadata.topics:
+                    self._fail(queue, batch, UnknownTopic(f"topic {batch.topic!r} no longer exists"))
+                    return
+            self._retry(batch, exc)
+        else:
+            self._fail(queue, batch, exc)
+
+    def _retry(self, batch, exc: BusError, counted: bool = False) -> None:
+        queue = self.partitions[(batch.topic, batch.partition)]
+        if counted:
+            queue.in_flight -= 1
+        queue.retrying = True
+        queue.not_before_s = time.monotonic() + self.retry_backoff_s
+        bisect.insort(queue.queue, batch, key=lambda b: b.sequence)
+        log.debug("retrying %s/%s seq %d after %s", batch.topic, batch.partition, batch.sequence, exc)
+
+    def _fail(self, queue: PartitionQueue, batch, exc: BusError) -> None:
+        """Fail a batch for good. Later batches of its partition are renumbered before they go again."""
+        queue.retrying = True
+        if exc.outcome == DEFINITE:
+            queue.renumber = True
+        else:
+            queue.new_producer_id = True
+        self._finish(batch, -1, exc)
+
+    def _finish(self, batch, base_offset: int, exc: BusError | None) -> None:
+        batch.complete(base_offset, exc)
+        self.producer._release(batch)
+
+    # -- deadlines ---------------------------------------------------------------------------------
+
+    def _expire(self, now_s: float) -> None:
+        for request_id in [r for r, (_, _, deadline_s) in self.in_flight.items() if deadline_s <= now_s]:
+            node_id, batches, _ = self.in_flight.pop(request_id)
+            self.node_in_flight[node_id] -= 1
+            for batch in batches:
+                self._outcome(batch, Timeout(f"no reply from node {node_id} within the request timeout"))
+        for queue in self.partitions.values():
+            while queue.queue and queue.queue[0].deadline_s <= now_s:
+                batch = queue.queue.pop(0)
+                outcome = INDETERMINATE if batch.sent else DEFINITE
+                exc = Timeout(f"record not acknowledged within delivery_timeout_ms "
+                              f"({'it may have been written' if batch.sent else 'it was never sent'})")
+                exc.outcome = outcome
+                self._fail(queue, batch, exc)
+
+    def _fail_node_requests(self, node_id: int, exc: BusError) -> None:
+        for request_id in [r for r, (n, _, _) in self.in_flight.items() if n == node_id]:
+            _, batches, _ = self.in_flight.pop(request_id)
+            self.node_in_flight[node_id] -= 1
+            for batch in batches:
+                self._outcome(batch, exc)
+
+    def _fail_everything(self, exc: BusError) -> None:
+        pending = [b for _, batches, _ in self.in_flight.values() for b in batches]
+        pending += [b for q in self.partitions.values() for b in q.queue]
+        ready, _ = self.producer._take_ready(time.monotonic())
+        for batch in pending + ready:
+            if not batch.done.is_set():
+                self._finish(batch, -1, exc)

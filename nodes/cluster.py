@@ -1,0 +1,188 @@
+"""LocalCluster: a coordinator and N partition-owner nodes as child processes on this machine.
+
+Used by ``bus up``, by the tests and by the benchmarks. Children get PR_SET_PDEATHSIG, so they die with
+the process that started them even if it is killed; ``stop()`` asks them to stop (SIGTERM) and kills
+what has not stopped by the deadline. Every child is waited for: no zombies, no strays.
+
+Layout under ``data_dir``: ``coordinator/`` and ``node-<id>/`` (LMDB environments), ``logs/``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from bus import wire
+from bus.connection import Requester
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PR_SET_PDEATHSIG = 1
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel says are free now (bound together, so they are distinct)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _die_with_parent():  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LocalCluster:
+    def __init__(self, data_dir: str, nodes: int = 3, *, port: int = 0, host: str = "127.0.0.1",
+                 sync: str = "always", node_args: tuple = (), coordinator_args: tuple = (),
+                 env: dict | None = None):
+        assert nodes >= 1
+        self.data_dir = os.path.abspath(data_dir)
+        self.host = host
+        self.sync = sync
+        self.node_args, self.coordinator_args = tuple(node_args), tuple(coordinator_args)
+        ports = list(range(port, port + nodes + 1)) if port else free_ports(nodes + 1, host)
+        self.coordinator_port, self.node_ports = ports[0], dict(zip(range(1, nodes + 1), ports[1:]))
+        self.bootstrap = f"tcp://{host}:{self.coordinator_port}"
+        self.env = {**os.environ, **(env or {})}
+        self.env["PYTHONPATH"] = REPO_ROOT + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.coordinator: subprocess.Popen | None = None
+        self.nodes: dict[int, subprocess.Popen] = {}
+        os.makedirs(os.path.join(self.data_dir, "logs"), exist_ok=True)
+
+    # -- processes ---------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list) -> subprocess.Popen:
+        log_path = os.path.join(self.data_dir, "logs", f"{name}.log")
+        with open(log_path, "ab") as log_file:
+            return subprocess.Popen([sys.executable, *argv], env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=self.data_dir)
+
+    def node_address(self, node_id: int) -> str:
+        return f"tcp://{self.host}:{self.node_ports[node_id]}"
+
+    def start_coordinator(self) -> None:
+        assert self.coordinator is None or self.coordinator.poll() is not None
+        self.coordinator = self._spawn("coordinator", [
+            "-m", "nodes.coordinator", "--data-dir", os.path.join(self.data_dir, "coordinator"),
+            "--bind", self.bootstrap, *self.coordinator_args])
+
+    def start_node(self, node_id: int) -> None:
+        current = self.nodes.get(node_id)
+        assert current is None or current.poll() is not None, f"node {node_id} is running"
+        self.nodes[node_id] = self._spawn(f"node-{node_id}", [
+            "-m", "nodes.node", "--node-id", str(node_id), "--data-dir", os.path.join(self.data_dir, f"node-{node_id}"),
+            "--bind", self.node_address(node_id), "--coordinator", self.bootstrap, "--sync", self.sync,
+            *self.node_args])
+
+    def start(self, timeout_s: float = 30.0) -> "LocalCluster":
+        self.start_coordinator()
+        for node_id in self.node_ports:
+            self.start_node(node_id)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0, node_ids=None) -> None:
+        """Wait until the coordinator answers and sees every node (or ``node_ids``) alive."""
+        wanted = set(self.node_ports if node_ids is None else node_ids)
+        deadline_s = time.monotonic() + timeout_s
+        import zmq
+
+        context = zmq.Context()
+        requester = Requester(context, self.bootstrap, 1_000)
+        try:
+            while True:
+                self._check_children()
+                try:
+                    nodes = requester.metadata().nodes
+                    if all(nodes.get(n, {}).get("alive") for n in wanted):
+                        return
+                except Exception:
+                    pass
+                if time.monotonic() > deadline_s:
+                    raise TimeoutError(f"cluster not ready within {timeout_s} s; see {self.data_dir}/logs")
+                time.sleep(0.05)
+        finally:
+            requester.close()
+            context.term()
+
+    def _check_children(self) -> None:
+        for name, proc in [("coordinator", self.coordinator), *((f"node-{n}", p) for n, p in self.nodes.items())]:
+            if proc is not None and proc.poll() is not None and proc.returncode not in (0, -9, -15, -19):
+                tail = self.log_tail(name)
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            with open(os.path.join(self.data_dir, "logs", f"{name}.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    # -- faults ------------------------------------------------------------------------------------
+
+    def kill_node(self, node_id: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.nodes[node_id]
+        proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.wait(10)
+
+    def restart_node(self, node_id: int, timeout_s: float = 30.0) -> None:
+        if self.nodes[node_id].poll() is None:
+            self.kill_node(node_id)
+        self.start_node(node_id)
+        self.wait_ready(timeout_s, [node_id])
+
+    def pause_node(self, node_id: int) -> None:
+        self.nodes[node_id].send_signal(signal.SIGSTOP)
+
+    def resume_node(self, node_id: int) -> None:
+        self.nodes[node_id].send_signal(signal.SIGCONT)
+
+    def kill_coordinator(self, sig: int = signal.SIGKILL) -> None:
+        self.coordinator.send_signal(sig)
+        self.coordinator.wait(10)
+
+    def restart_coordinator(self, timeout_s: float = 30.0) -> None:
+        if self.coordinator.poll() is None:
+            self.kill_coordinator()
+        self.start_coordinator()
+        self.wait_ready(timeout_s)
+
+    def pids(self) -> dict:
+        out = {"coordinator": self.coordinator.pid if self.coordinator else None}
+        out.update({f"node-{n}": p.pid for n, p in self.nodes.items()})
+        return out
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every child (SIGCONT first, in case it is paused), wait, SIGKILL the stragglers."""
+        procs = [p for p in [*self.nodes.values(), self.coordinator] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        deadline_s = time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline_s - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

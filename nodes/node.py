@@ -1,0 +1,380 @@
+"""The partition-owner node: one process serving produce, fetch and list-offsets for the partitions it owns.
+
+It owns: a ROUTER socket for clients, a DEALER to the coordinator (registration and heartbeats, which
+bring back the placement), and a ``LogStore`` (one LMDB environment). One thread, one loop:
+
+1. wait for requests, the next long-poll deadline, or the next heartbeat;
+2. drain every request waiting; produces of that turn are appended in ONE transaction, synced once
+   (group commit), and only then acknowledged;
+3. answer parked long-poll fetches whose partitions grew, or whose ``max_wait_ms`` ran out.
+
+It never unpacks a record: batches are stored and served as the producer packed them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+
+import zmq
+
+from bus import wire
+from bus.errors import (BusError, NotOwner, OffsetOutOfRange, RecordTooLarge, UnknownPartition,
+                        UnknownTopic, InvalidRequest)
+from store import LogStore
+
+from .server import MALFORMED, RouterServer, as_invalid, install_stop_handlers
+
+log = logging.getLogger("bus.node")
+
+HEARTBEAT_INTERVAL_MS = 300
+RETENTION_CHECK_INTERVAL_MS = 1_000
+SYNC_INTERVAL_MS = 100  # for --sync interval
+BATCH_BYTES_MAX = 16 << 20  # the largest batch a node stores; producers default to 1 MiB
+MESSAGE_BYTES_MAX = 64 << 20  # zmq refuses larger messages outright (a rogue client cannot OOM us)
+FETCH_WAIT_MS_MAX = 60_000
+LOOP_WAIT_MS_MAX = 100  # upper bound on one poll, so a stop signal is noticed promptly
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ParkedFetch:
+    """A long-poll fetch waiting for ``min_bytes`` to arrive or its deadline to pass."""
+
+    __slots__ = ("identity", "request_id", "parts", "min_bytes", "max_bytes", "deadline_s", "logs")
+
+    def __init__(self, identity, request_id, parts, min_bytes, max_bytes, deadline_s, logs):
+        self.identity, self.request_id, self.parts = identity, request_id, parts
+        self.min_bytes, self.max_bytes, self.deadline_s, self.logs = min_bytes, max_bytes, deadline_s, logs
+
+
+class Node:
+    def __init__(self, node_id: int, data_dir: str, bind: str, coordinator: str, *, advertise: str | None = None,
+                 sync: str = "always", map_size_max_bytes: int = 1 << 40,
+                 heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
+                 retention_check_interval_ms: int = RETENTION_CHECK_INTERVAL_MS):
+        self.node_id = node_id
+        self.store = LogStore(data_dir, sync=sync, map_size_max_bytes=map_size_max_bytes)
+        self.store.claim_identity(f"node-{node_id}")
+        self.context = zmq.Context()
+        self.context.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
+        self.server = RouterServer(self.context, bind)
+        self.advertise = advertise or self.server.bind
+        self.coordinator = self.context.socket(zmq.DEALER)
+        self.coordinator.setsockopt(zmq.LINGER, 0)
+        self.coordinator.setsockopt(zmq.IMMEDIATE, 1)  # don't queue heartbeats for a coordinator that is down
+        self.coordinator.setsockopt(zmq.SNDHWM, 4)
+        self.coordinator.connect(coordinator)
+        self.instance = uuid.uuid4().hex  # tells the coordinator this is a new incarnation
+        self.heartbeat_interval_s = heartbeat_interval_ms / 1000
+        self.retention_interval_s = retention_check_interval_ms / 1000
+        self.next_heartbeat_s = 0.0
+        self.next_retention_s = time.monotonic() + self.retention_interval_s
+        self.next_sync_s = time.monotonic() + SYNC_INTERVAL_MS / 1000
+        self.stopping = False
+        self.request_seq = 0
+        # The placement as last heard from the coordinator, cached on disk so a restarted node serves its
+        # partitions even while the coordinator is down.
+        self.placement_version = -1
+        self.topics: dict[str, dict] = {}
+        self.owned: dict[tuple[str, int], object] = {}  # (topic, partition) -> PartitionLog
+        cached = self.store.get_meta(b"n:placement")
+        if cached is not None:
+            self._apply_placement(cached["version"], cached["topics"], persist=False)
+        self.parked: dict[int, ParkedFetch] = {}
+        self.parked_by_log: dict[str, set[int]] = {}
+        self.parked_seq = 0
+
+    # -- placement ---------------------------------------------------------------------------------
+
+    def _apply_placement(self, version: int, topics: dict, persist: bool = True) -> None:
+        owned, live_names = {}, set()
+        for name, topic in topics.items():
+            for partition, owner in enumerate(topic["partitions"]):
+                if owner == self.node_id:
+                    log_name = f"{topic['id']}/{partition}"
+                    owned[(name, partition)] = self.store.open_partition(log_name)
+                    live_names.add(log_name)
+        for stale in [name for name in self.store.logs if name not in live_names]:
+            # Its topic was deleted (ids are never reused, so a re-created topic gets fresh logs).
+            self._unpark_log(stale)
+            self.store.drop_partition(stale)
+        self.topics, self.owned, self.placement_version = topics, owned, version
+        if persist:
+            self.store.put_meta(b"n:placement", {"version": version, "topics": topics})
+
+    def _log_for(self, topic, partition):
+        plog = self.owned.get((topic, partition))
+        if plog is not None:
+            return plog
+        meta = self.topics.get(topic)
+        if meta is None:
+            raise UnknownTopic(f"topic {topic!r} is not known to node {self.node_id}")
+        if not isinstance(partition, int) or not 0 <= partition < len(meta["partitions"]):
+            raise UnknownPartition(f"topic {topic!r} has no partition {partition!r}")
+        raise NotOwner(f"node {self.node_id} does not own {topic}/{partition}")
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.server.socket, zmq.POLLIN)
+        poller.register(self.coordinator, zmq.POLLIN)
+        log.info("node %d serving on %s (advertised %s)", self.node_id, self.server.bind, self.advertise)
+        try:
+            while not self.stopping:
+                ready = dict(poller.poll(self._poll_timeout_ms()))
+                if self.coordinator in ready:
+                    self._drain_coordinator()
+                if self.server.socket in ready:
+                    self._turn(self.server.recv_batch())
+                self._timers()
+        finally:
+            self.close()
+
+    def _poll_timeout_ms(self) -> int:
+        now_s = time.monotonic()
+        wake_s = min(self.next_heartbeat_s, now_s + LOOP_WAIT_MS_MAX / 1000)
+        if self.parked:
+            wake_s = min(wake_s, min(p.deadline_s for p in self.parked.values()))
+        return max(0, int((wake_s - now_s) * 1000) + 1)
+
+    def _timers(self) -> None:
+        now_s = time.monotonic()
+        if self.parked:
+            for key in [k for k, p in self.parked.items() if p.deadline_s <= now_s]:
+                self._answer_parked(key)
+        if now_s >= self.next_heartbeat_s:
+            self._send_heartbeat()
+            self.next_heartbeat_s = now_s + self.heartbeat_interval_s
+        if now_s >= self.next_retention_s:
+            self._retention()
+            self.next_retention_s = now_s + self.retention_interval_s
+        if self.store.sync_mode == "interval" and now_s >= self.next_sync_s:
+            self.store.sync()
+            self.next_sync_s = now_s + SYNC_INTERVAL_MS / 1000
+
+    def _turn(self, messages: list) -> None:
+        """Handle one turn's requests; its produces share one transaction and one sync."""
+        produces = []  # (identity, request_id, acks, results list, [(index, log, batch)])
+        for frames in messages:
+            request = self.server.decode(frames)
+            if request is None:
+                continue
+            identity, op, request_id, args, bulk = request
+            try:
+                if op == wire.PRODUCE:
+                    produces.append(self._parse_produce(identity, request_id, args, bulk))
+                elif op == wire.FETCH:
+                    self._fetch(identity, request_id, args)
+                elif op == wire.LIST_OFFSETS:
+                    self.server.reply(identity, request_id, self._list_offsets(args))
+                elif op == wire.PING:
+                    self.server.reply(identity, request_id, {"node_id": self.node_id})
+                else:
+                    raise InvalidRequest(f"unknown op {op!r} for a node")
+            except BusError as exc:
+                self.server.reply(identity, request_id, error=exc)
+            except MALFORMED as exc:
+                self.server.reply(identity, request_id, error=as_invalid(exc))
+        if produces:
+            self._commit(produces)
+
+    # -- produce -----------------------------------------------------------------------------------
+
+    def _parse_produce(self, identity, request_id, args, bulk):
+        parts = args["parts"]
+        acks = args.get("acks", 1)
+        if not isinstance(parts, list) or len(parts) != len(bulk):
+            raise InvalidRequest(f"produce names {len(parts) if isinstance(parts, list) else '?'} "
+                                 f"partitions but carries {len(bulk)} batches")
+        results, items = [None] * len(parts), []
+        for index, ((topic, partition), buf) in enumerate(zip(parts, bulk)):
+            try:
+                plog = self._log_for(topic, partition)
+                if len(buf) > BATCH_BYTES_MAX:
+                    raise RecordTooLarge(f"batch of {len(buf)} bytes exceeds the node's {BATCH_BYTES_MAX}")
+                items.append((index, plog, buf))
+            except BusError as exc:
+                results[index] = [exc.code, exc.message, -1, False]
+        return identity, request_id, acks, results, items
+
+    def _commit(self, produces: list) -> None:
+        flat = [(plog, buf) for *_, items in produces for _, plog, buf in items]
+        outcomes = iter(self.store.append(flat) if flat else ())
+        grown = set()
+        for identity, request_id, acks, results, items in produces:
+            for index, plog, _ in items:
+                outcome = next(outcomes)
+                if isinstance(outcome, BusError):
+                    results[index] = [outcome.code, outcome.message, -1, False]
+                else:
+                    base_offset, _, duplicate = outcome
+                    results[index] = [None, None, base_offset, duplicate]
+                    grown.add(plog.name)
+            if acks != 0:
+                self.server.reply(identity, request_id, {"parts": results})
+        for name in grown:
+            for key in list(self.parked_by_log.get(name, ())):
+                self._answer_parked(key, only_if_ready=True)
+
+    # -- fetch -------------------------------------------------------------------------------------
+
+    def _fetch(self, identity, request_id, args) -> None:
+        parts = [(topic, partition, int(offset), int(part_bytes_max))
+                 for topic, partition, offset, part_bytes_max in args["parts"]]
+        max_wait_ms = min(int(args.get("max_wait_ms", 0)), FETCH_WAIT_MS_MAX)
+        min_bytes = int(args.get("min_bytes", 1))
+        max_bytes = int(args.get("max_bytes", 50 << 20))
+        result, bulk, total = self._read_parts(parts, max_bytes)
+        if total >= min_bytes or max_wait_ms <= 0 or any(r[2] for r in result):
+            self.server.reply(identity, request_id, {"parts": result}, bulk)
+            return
+        logs = [self.owned[(t, p)].name for t, p, _, _ in parts]
+        self.parked_seq += 1
+        key = self.parked_seq
+        self.parked[key] = ParkedFetch(identity, request_id, parts, min_bytes, max_bytes,
+                                       time.monotonic() + max_wait_ms / 1000, logs)
+        for name in logs:
+            self.parked_by_log.setdefault(name, set()).add(key)
+
+    def _read_parts(self, parts, max_bytes):
+        result, bulk, total = [], [], 0
+        for topic, partition, offset, part_bytes_max in parts:
+            try:
+                plog = self._log_for(topic, partition)
+                data, next_offset = self.store.read(plog, offset, max(1, min(part_bytes_max, max_bytes - total)))
+                result.append([topic, partition, None, None, plog.start_offset, plog.next_offset, next_offset])
+                bulk.append(data)
+                total += len(data)
+            except BusError as exc:
+                plog = self.owned.get((topic, partition))
+                start, end = (plog.start_offset, plog.next_offset) if plog is not None else (-1, -1)
+                if plog is not None and not isinstance(exc, OffsetOutOfRange):
+                    log.error("serving %s/%s failed: %s", topic, partition, exc)  # corrupt: loud, never served
+                result.append([topic, partition, exc.code, exc.message, start, end, offset])
+                bulk.append(b"")
+        return result, bulk, total
+
+    def _answer_parked(self, key: int, only_if_ready: bool = False) -> None:
+        parked = self.parked[key]
+        result, bulk, total = self._read_parts(parked.parts, parked.max_bytes)
+        if only_if_ready and total < parked.min_bytes and not any(r[2] for r in result):
+            return
+        del self.parked[key]
+        for name in parked.logs:
+            waiting = self.parked_by_log.get(name)
+            if waiting is not None:
+                waiting.discard(key)
+                if not waiting:
+                    del self.parked_by_log[name]
+        self.server.reply(parked.identity, parked.request_id, {"parts": result}, bulk)
+
+    def _unpark_log(self, name: str) -> None:
+        for key in list(self.parked_by_log.get(name, ())):
+            self._answer_parked(key)
+
+    # -- list offsets --------------------------------------------------------------------------------
+
+    def _list_offsets(self, args) -> dict:
+        out = []
+        for topic, partition, spec in args["parts"]:
+            try:
+                plog = self._log_for(topic, partition)
+                if spec == "earliest":
+                    offset = plog.start_offset
+                elif spec == "latest":
+                    offset = plog.next_offset
+                elif isinstance(spec, int):
+                    offset = max(self.store.offset_for_time(plog, spec), plog.start_offset)
+                else:
+                    raise InvalidRequest(f"offset spec must be 'earliest', 'latest' or a timestamp, not {spec!r}")
+                out.append([None, None, offset, plog.start_offset, plog.next_offset])
+            except BusError as exc:
+                out.append([exc.code, exc.message, -1, -1, -1])
+        return {"parts": out}
+
+    # -- coordinator link ----------------------------------------------------------------------------
+
+    def _send_heartbeat(self) -> None:
+        self.request_seq += 1
+        args = {"node_id": self.node_id, "address": self.advertise, "instance": self.instance,
+                "version": self.placement_version}
+        try:
+            self.coordinator.send_multipart(wire.encode_request(wire.NODE_HEARTBEAT, self.request_seq, args),
+                                            zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the coordinator is unreachable; the next heartbeat tries again
+
+    def _drain_coordinator(self) -> None:
+        while True:
+            try:
+                frames = self.coordinator.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                _, error, result, _ = wire.decode_reply(frames)
+            except Exception:
+                log.warning("undecodable reply from the coordinator dropped")
+                continue
+            if error is not None:
+                log.error("coordinator refused node %d: %s: %s", self.node_id, *error)
+                if error[0] == "NODE_IDENTITY_MISMATCH":
+                    self.stopping = True
+                continue
+            if result.get("topics") is not None and result["version"] != self.placement_version:
+                self._apply_placement(result["version"], result["topics"])
+
+    # -- retention -----------------------------------------------------------------------------------
+
+    def _retention(self) -> None:
+        now = now_ms()
+        for (topic, _), plog in self.owned.items():
+            meta = self.topics.get(topic, {})
+            if meta.get("retention_ms") is not None or meta.get("retention_bytes") is not None:
+                self.store.apply_retention(plog, now, meta.get("retention_ms"), meta.get("retention_bytes"))
+
+    def close(self) -> None:
+        self.server.close()
+        self.coordinator.close()
+        self.context.term()
+        self.store.close()
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="a partition-owner node of the bus")
+    parser.add_argument("--node-id", type=int, required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--bind", required=True)
+    parser.add_argument("--advertise")
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--sync", default="always", choices=["always", "interval", "none"])
+    parser.add_argument("--map-size-max", type=int, default=1 << 40)
+    parser.add_argument("--heartbeat-interval-ms", type=int, default=HEARTBEAT_INTERVAL_MS)
+    parser.add_argument("--retention-check-interval-ms", type=int, default=RETENTION_CHECK_INTERVAL_MS)
+    args = parser.parse_args(argv)
+    run_node(args)
+
+
+def run_node(args) -> None:
+    logging.basicConfig(level=os.environ.get("BUS_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    node = Node(args.node_id, args.data_dir, args.bind, args.coordinator, advertise=args.advertise,
+                sync=args.sync, map_size_max_bytes=args.map_size_max,
+                heartbeat_interval_ms=args.heartbeat_interval_ms,
+                retention_check_interval_ms=args.retention_check_interval_ms)
+    install_stop_handlers(node.stop)
+    node.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,670 @@
+"""Tests of the fault harness's history recorder and checker, with synthetic histories.
+
+Each anomaly has a hand-written history asserting exact counts of every anomaly; a simulated
+log generates random valid histories that must check clean, and the same simulation with one
+injected fault of a random kind must be caught.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.harness import ANOMALIES, History, check
+
+T = "t"
+G = "g"
+
+
+class StepClock:
+    """A clock that advances 1 ms per reading, so synthetic events have distinct times."""
+
+    def __init__(self) -> None:
+        self.now_ms = 0
+
+    def __call__(self) -> int:
+        self.now_ms += 1
+        return self.now_ms
+
+
+def send(h: History, process: str, value: bytes, partition: int, offset: int | None = None,
+         outcome: str = "ok") -> int:
+    op = h.invoke(process, "send", topic=T, partition=partition, value=value)
+    if outcome == "ok":
+        h.ok(op, offset=offset)
+    elif outcome == "fail":
+        h.fail(op, error="not leader")
+    elif outcome == "unknown":
+        h.unknown(op, error="timeout")
+    return op
+
+
+def poll(h: History, process: str, partition: int, offset: int, value: bytes,
+         group: str | None = G) -> None:
+    h.record(process, "poll", topic=T, partition=partition, offset=offset, value=value,
+             group=group, member=process)
+
+
+def commit(h: History, process: str, partition: int, offset: int, epoch: int | None) -> None:
+    op = h.invoke(process, "commit", group=G, topic=T, partition=partition, offset=offset,
+                  member=process, epoch=epoch)
+    h.ok(op)
+
+
+def assign(h: History, process: str, partition: int, epoch: int) -> None:
+    h.record(process, "assign", group=G, topic=T, partition=partition, member=process, epoch=epoch)
+
+
+def revoke(h: History, process: str, partition: int | None, epoch: int) -> None:
+    h.record(process, "revoke", group=G, topic=T, partition=partition, member=process, epoch=epoch)
+
+
+def assert_counts(report, **expected: int) -> None:
+    assert set(expected) <= set(ANOMALIES)
+    want = {a: expected.get(a, 0) for a in ANOMALIES}
+    assert dict(report.counts) == want, report.table()
+
+
+def clean_scenario() -> tuple[History, list[tuple]]:
+    """Two partitions, two producers, a consumer group with one hand-over; no anomalies."""
+    h = History(clock_ms=StepClock())
+    send(h, "producer-1", b"a", 0, 0)
+    send(h, "producer-1", b"b", 0, 1)
+    send(h, "producer-2", b"d", 1, 0)
+    send(h, "producer-1", b"c", 0, 2)
+    send(h, "producer-2", b"x", 1, outcome="fail")  # definitely not written
+    send(h, "producer-2", b"y", 1, outcome="unknown")  # not written: fine
+    send(h, "producer-2", b"z", 1, outcome="unknown")  # written: also fine
+    assign(h, "consumer-1", 0, epoch=1)
+    poll(h, "consumer-1", 0, 0, b"a")
+    poll(h, "consumer-1", 0, 1, b"b")
+    commit(h, "consumer-1", 0, 2, epoch=1)
+    revoke(h, "consumer-1", 0, epoch=2)
+    assign(h, "consumer-2", 0, epoch=2)
+    poll(h, "consumer-2", 0, 2, b"c")
+    commit(h, "consumer-2", 0, 3, epoch=2)
+    assign(h, "consumer-2", 1, epoch=3)
+    poll(h, "consumer-2", 1, 0, b"d")
+    poll(h, "consumer-2", 1, 1, b"z")
+    commit(h, "consumer-2", 1, 2, epoch=3)
+    drain = [(T, 0, 0, b"a"), (T, 0, 1, b"b"), (T, 0, 2, b"c"), (T, 1, 0, b"d"), (T, 1, 1, b"z")]
+    return h, drain
+
+
+# --- clean histories -------------------------------------------------------------------------
+
+
+def test_clean_history_has_no_anomalies():
+    h, drain = clean_scenario()
+    report = check(h, drain)
+    assert_counts(report)
+    assert report.ok and report.drain_checked
+    assert "OK" in report.table()
+
+
+def test_without_a_drain_drain_anomalies_are_skipped():
+    h, _drain = clean_scenario()
+    send(h, "producer-3", b"e", 0, 3)  # would be lost, but there is no drain to tell
+    report = check(h)
+    assert_counts(report)
+    assert not report.drain_checked
+
+
+def test_drain_recorded_in_the_history_is_used():
+    h, drain = clean_scenario()
+    send(h, "producer-3", b"e", 0, 3)
+    h.record_drain(drain)
+    assert_counts(check(h), lost=1, unseen=1)
+
+
+def test_empty_recorded_drain_is_still_a_drain():
+    h = History(clock_ms=StepClock())
+    send(h, "producer-1", b"a", 0, 0)
+    h.record_drain([])
+    report = check(h)
+    assert report.drain_checked
+    assert_counts(report, lost=1, unseen=1)
+
+
+def test_str_and_bytes_values_compare_equal():
+    h = History(clock_ms=StepClock())
+    send(h, "producer-1", "a", 0, 0)
+    poll(h, "consumer-1", 0, 0, b"a", group=None)
+    assert_counts(check(h, [(T, 0, 0, b"a")]))
+
+
+def test_sends_never_completed_count_as_unknown():
+    h = History(clock_ms=StepClock())
+    h.invoke("producer-1", "send", topic=T, partition=0, value=b"a")
+    h.invoke("producer-1", "send", topic=T, partition=0, value=b"b")
+    assert_counts(check(h, [(T, 0, 0, b"a")]))
+
+
+# --- one test per anomaly --------------------------------------------------------------------
+
+
+def test_lost_and_unseen_when_an_acked_record_is_missing():
+    h, drain = clean_scenario()
+    send(h, "producer-3", b"e", 0, 3)
+    assert_counts(check(h, drain), lost=1, unseen=1)
+
+
+def test_lost_but_not_unseen_when_an_acked_record_is_at_another_offset():
+    h, drain = clean_scenario()
+    send(h, "producer-3", b"e", 1, 7)
+    assert_counts(check(h, drain + [(T, 1, 2, b"e")]), lost=1)
+
+
+def test_acked_records_below_the_log_start_are_not_lost():
+    h = History(clock_ms=StepClock())
+    for i in range(4):
+        send(h, "producer-1", b"v%d" % i, 0, i)
+    drain = [(T, 0, 2, b"v2"), (T, 0, 3, b"v3")]
+    assert_counts(check(h, drain, log_start={(T, 0): 2}))
+    assert_counts(check(h, drain), lost=2, unseen=2, drain_gaps=1)
+
+
+def test_unseen_for_an_ack_without_offset():
+    h, drain = clean_scenario()
+    send(h, "producer-3", b"e", 0, offset=None)
+    assert_counts(check(h, drain), unseen=1)
+
+
+def test_duplicates():
+    h, drain = clean_scenario()
+    assert_counts(check(h, drain + [(T, 0, 3, b"c"), (T, 0, 4, b"a"), (T, 0, 5, b"a")]),
+                  duplicates=2)
+
+
+def test_inconsistent_offsets_between_poll_and_drain():
+    h, drain = clean_scenario()
+    poll(h, "consumer-2", 1, 1, b"other", group="audit")
+    assert_counts(check(h, drain), inconsistent_offsets=1)
+
+
+def test_inconsistent_offsets_when_an_ack_names_an_occupied_offset():
+    h, drain = clean_scenario()
+    send(h, "producer-3", b"e", 0, 1)  # offset 1 holds b"b"
+    assert_counts(check(h, drain), inconsistent_offsets=1, lost=1, unseen=1)
+
+
+def test_reordered_sends_of_one_producer():
+    h, drain = clean_scenario()
+    e = h.invoke("producer-3", "send", topic=T, partition=1, value=b"e")
+    f = h.invoke("producer-3", "send", topic=T, partition=1, value=b"f")
+    h.ok(f, offset=2)
+    h.ok(e, offset=3)
+    assert_counts(check(h, drain + [(T, 1, 2, b"f"), (T, 1, 3, b"e")]), reordered=1)
+
+
+def test_different_producers_may_interleave_in_any_order():
+    h, drain = clean_scenario()
+    e = h.invoke("producer-3", "send", topic=T, partition=1, value=b"e")
+    f = h.invoke("producer-4", "send", topic=T, partition=1, value=b"f")
+    h.ok(f, offset=2)
+    h.ok(e, offset=3)
+    assert_counts(check(h, drain + [(T, 1, 2, b"f"), (T, 1, 3, b"e")]))
+
+
+def test_drain_gaps():
+    h, drain = clean_scenario()
+    send(h, "producer-3", b"e", 1, 3)
+    send(h, "producer-3", b"f", 1, 6)
+    assert_counts(check(h, drain + [(T, 1, 3, b"e"), (T, 1, 6, b"f")]), drain_gaps=2)
+
+
+def test_drain_starting_late_is_a_gap_unless_it_is_the_log_start():
+    h = History(clock_ms=StepClock())
+    drain = [(T, 0, 5, b"q")]
+    assert_counts(check(h, drain), drain_gaps=1)
+    assert_counts(check(h, drain, log_start={(T, 0): 5}))
+
+
+def test_poll_skips():
+    h, drain = clean_scenario()
+    send(h, "producer-2", b"e", 1, 2)
+    send(h, "producer-2", b"f", 1, 3)
+    poll(h, "consumer-2", 1, 3, b"f")  # last polled 1; offset 2 exists
+    assert_counts(check(h, drain + [(T, 1, 2, b"e"), (T, 1, 3, b"f")]), poll_skips=1)
+
+
+def test_poll_jumps_are_fine_across_ownerships_holes_and_rewinds():
+    h = History(clock_ms=StepClock())
+    drain = [(T, 0, o, b"v%d" % o) for o in (0, 1, 2, 3, 5, 6, 7)]
+    assign(h, "consumer-1", 0, epoch=1)
+    poll(h, "consumer-1", 0, 0, b"v0", group=None)
+    revoke(h, "consumer-1", 0, epoch=2)
+    assign(h, "consumer-1", 0, epoch=3)
+    poll(h, "consumer-1", 0, 2, b"v2", group=None)  # new ownership: starts where it likes
+    poll(h, "consumer-1", 0, 3, b"v3", group=None)
+    poll(h, "consumer-1", 0, 5, b"v5", group=None)  # offset 4 does not exist
+    poll(h, "consumer-1", 0, 1, b"v1", group=None)  # rewind (seek)
+    h.record("coordinator", "revoke", group=G, member="consumer-1", reason="evicted")
+    poll(h, "consumer-1", 0, 7, b"v7", group=None)  # after an eviction of its member
+    # The hole at offset 4 is the drain's anomaly, not the consumer's.
+    assert_counts(check(h, drain), drain_gaps=1)
+
+
+def test_committed_regression():
+    h, drain = clean_scenario()
+    commit(h, "consumer-2", 1, 1, epoch=3)
+    commit(h, "consumer-2", 1, 0, epoch=3)
+    assert_counts(check(h, drain), committed_regression=2)
+
+
+def test_commit_regression_allowed_after_reset_and_between_concurrent_commits():
+    h, drain = clean_scenario()
+    h.record("admin", "reset", group=G, topic=T, partition=1, offset=0)
+    commit(h, "consumer-2", 1, 0, epoch=3)
+    fields = dict(group=G, topic=T, partition=1, member="consumer-2", epoch=3)
+    a = h.invoke("consumer-2", "commit", offset=2, **fields)
+    b = h.invoke("consumer-2", "commit", offset=1, **fields)
+    h.ok(a)
+    h.ok(b)  # concurrent with a: the server may have applied b first
+    assert_counts(check(h, drain))
+
+
+def test_stale_epoch_commit_by_a_revoked_member():
+    h, drain = clean_scenario()
+    commit(h, "consumer-1", 0, 3, epoch=1)  # revoked at epoch 2
+    assert_counts(check(h, drain), stale_epoch_commit_accepted=1)
+
+
+def test_stale_epoch_commit_with_an_epoch_older_than_the_assignment():
+    h, drain = clean_scenario()
+    commit(h, "consumer-2", 1, 2, epoch=1)  # owns partition 1 since epoch 3
+    assert_counts(check(h, drain), stale_epoch_commit_accepted=1)
+
+
+def test_commit_in_flight_across_a_revoke_is_not_stale():
+    h = History(clock_ms=StepClock())
+    assign(h, "consumer-1", 0, epoch=1)
+    op = h.invoke("consumer-1", "commit", group=G, topic=T, partition=0, offset=0,
+                  member="consumer-1", epoch=1)
+    revoke(h, "consumer-1", 0, epoch=2)
+    h.ok(op)
+    assert_counts(check(h, []))
+
+
+def test_commits_without_group_assignments_are_not_fenced():
+    h = History(clock_ms=StepClock())
+    commit(h, "consumer-1", 0, 0, epoch=None)
+    assert_counts(check(h, []))
+
+
+def test_double_ownership():
+    h, drain = clean_scenario()
+    assign(h, "consumer-3", 1, epoch=4)  # consumer-2 still owns partition 1
+    assign(h, "consumer-1", 1, epoch=5)
+    revoke(h, "consumer-2", 1, epoch=6)
+    # Three members overlap pairwise.
+    assert_counts(check(h, drain), double_ownership=3)
+
+
+def test_eviction_ends_ownership():
+    h, drain = clean_scenario()
+    h.record("coordinator", "revoke", group=G, member="consumer-2", epoch=4, reason="evicted")
+    assign(h, "consumer-3", 0, epoch=4)
+    assign(h, "consumer-3", 1, epoch=4)
+    commit(h, "consumer-3", 1, 2, epoch=4)
+    assert_counts(check(h, drain))
+
+
+def test_undelivered_below_commit():
+    h, drain = clean_scenario()
+    send(h, "producer-1", b"e", 0, 3)
+    send(h, "producer-1", b"f", 0, 4)
+    commit(h, "consumer-2", 0, 5, epoch=2)
+    assert_counts(check(h, drain + [(T, 0, 3, b"e"), (T, 0, 4, b"f")]),
+                  undelivered_below_commit=2)
+
+
+def test_undelivered_below_commit_exempts_records_below_a_reset():
+    h, drain = clean_scenario()
+    send(h, "producer-1", b"e", 0, 3)
+    send(h, "producer-1", b"f", 0, 4)
+    h.record("admin", "reset", group=G, topic=T, partition=0, offset=5)
+    commit(h, "consumer-2", 0, 5, epoch=2)
+    assert_counts(check(h, drain + [(T, 0, 3, b"e"), (T, 0, 4, b"f")]))
+
+
+def test_failed_but_present():
+    h, drain = clean_scenario()
+    assert_counts(check(h, drain + [(T, 1, 2, b"x")]), failed_but_present=1)
+
+
+def test_failed_then_retried_value_is_not_failed_but_present():
+    h, drain = clean_scenario()
+    send(h, "producer-2", b"x", 1, 2)  # the retry of the failed send succeeded
+    assert_counts(check(h, drain + [(T, 1, 2, b"x")]))
+
+
+# --- recorder ----------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    h, drain = clean_scenario()
+    send(h, "producer-3", b"e", 0, 3)  # lost
+    h.invoke("producer-3", "send", topic=T, partition=0, value="still in flight")
+    h.record("consumer-1", "poll", topic=T, partition=0, offset=0, value=b"a", group=G,
+             headers={"k": b"\x00\xff"}, note=[1, "two"])
+    h.record_drain(drain)
+    path = tmp_path / "history.jsonl"
+    h.save(path)
+    loaded = History.load(path)
+    assert loaded.events() == h.events()
+    assert loaded.open_ops() == h.open_ops()
+    assert check(loaded) == check(h)
+    assert_counts(check(loaded), lost=1, unseen=1)
+    # A loaded history can keep recording without reusing op ids.
+    op = loaded.invoke("producer-9", "send", topic=T, partition=0, value=b"new")
+    assert op > max(e.op_id for e in h.events())
+
+
+def test_completions_must_match_an_open_invoke():
+    h = History(clock_ms=StepClock())
+    op = h.invoke("producer-1", "send", topic=T, partition=0, value=b"a")
+    h.ok(op, offset=0)
+    with pytest.raises(KeyError):
+        h.ok(op, offset=0)
+    with pytest.raises(KeyError):
+        h.fail(12345)
+    with pytest.raises(ValueError):
+        h.invoke("producer-1", "frobnicate")
+    with pytest.raises(ValueError):
+        h.record("producer-1", "poll", type="invoke")
+    with pytest.raises(ValueError):
+        h.record("producer-1", "poll", index=3)
+
+
+def test_concurrent_recording_keeps_every_event():
+    h = History()
+    threads_n, ops_n = 8, 500
+
+    def client(i: int) -> None:
+        for j in range(ops_n):
+            op = h.invoke(f"producer-{i}", "send", topic=T, partition=i, value=b"%d-%d" % (i, j))
+            h.ok(op, offset=j)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = h.events()
+    assert [e.index for e in events] == list(range(2 * threads_n * ops_n))
+    assert len({e.op_id for e in events}) == threads_n * ops_n
+    drain = [(T, i, j, b"%d-%d" % (i, j)) for i in range(threads_n) for j in range(ops_n)]
+    assert_counts(check(h, drain))
+
+
+def test_table_lists_every_anomaly():
+    h, drain = clean_scenario()
+    send(h, "producer-3", b"e", 0, 3)
+    table = check(h, drain).table()
+    lines = table.splitlines()
+    assert lines[0].split("|")[0].strip() == "anomaly"
+    for a in ANOMALIES:
+        assert any(line.startswith(a + " ") for line in lines)
+    assert "ANOMALIES FOUND" in lines[-1]
+    lost_line = next(line for line in lines if line.startswith("lost "))
+    assert [c.strip() for c in lost_line.split("|")][1] == "1"
+
+
+# --- simulated log: random valid histories, with and without one injected fault ---------------
+
+PRODUCERS = ("producer-0", "producer-1")
+MEMBERS = ("consumer-0", "consumer-1", "consumer-2")
+FAULTY = "producer-fault"  # sends made by an injected fault use their own producer
+
+
+class Sim:
+    """A tiny correct log + group coordinator driving a History; `inject(kind)` misbehaves once.
+
+    Records are appended when a send is invoked (the server got it), acks arrive later and in
+    any order; consumers poll from their position and commit it under their member epoch.
+    """
+
+    def __init__(self, seed: int, partitions_n: int):
+        self.rng = random.Random(seed)
+        self.now_ms = 0
+        self.h = History(clock_ms=lambda: self.now_ms)
+        self.partitions = list(range(partitions_n))
+        self.log: dict[int, list] = {p: [] for p in self.partitions}  # None marks a hole
+        self.owner: dict[int, str | None] = {p: None for p in self.partitions}
+        self.member_epoch: dict[str, int] = {}
+        self.group_epoch = 0
+        self.position: dict[tuple[str, int], int] = {}  # (member, partition) -> next offset
+        self.committed = {p: 0 for p in self.partitions}
+        self.inflight: dict[str, list] = {p: [] for p in PRODUCERS}
+        self.values_n = 0
+
+    def value(self) -> bytes:
+        self.values_n += 1
+        return b"v%d" % self.values_n
+
+    # Correct behaviour ------------------------------------------------------------------------
+
+    def send_invoke(self, producer: str) -> None:
+        if len(self.inflight[producer]) >= 3:
+            return
+        p = self.rng.choice(self.partitions)
+        v = self.value()
+        op = self.h.invoke(producer, "send", topic=T, partition=p, value=v)
+        outcome = self.rng.choices(["ok", "fail", "unknown"], [8, 1, 1])[0]
+        written = outcome == "ok" or (outcome == "unknown" and self.rng.random() < 0.5)
+        offset = None
+        if written:
+            offset = len(self.log[p])
+            self.log[p].append(v)
+        self.inflight[producer].append((op, outcome, offset))
+
+    def send_complete(self, producer: str) -> None:
+        if not self.inflight[producer]:
+            return
+        op, outcome, offset = self.inflight[producer].pop(
+            self.rng.randrange(len(self.inflight[producer])))
+        if outcome == "ok":
+            self.h.ok(op, offset=offset)
+        elif outcome == "fail":
+            self.h.fail(op)
+        else:
+            self.h.unknown(op)
+
+    def rebalance(self, p: int, new: str | None = None) -> str:
+        old = self.owner[p]
+        if new is None:
+            new = self.rng.choice([m for m in MEMBERS if m != old])
+        self.group_epoch += 1
+        if old is not None:
+            self.h.record(old, "revoke", group=G, topic=T, partition=p, member=old,
+                          epoch=self.group_epoch)
+            self.position.pop((old, p), None)
+        self.assign(p, new)
+        return new
+
+    def assign(self, p: int, member: str) -> None:
+        self.h.record(member, "assign", group=G, topic=T, partition=p, member=member,
+                      epoch=self.group_epoch)
+        self.member_epoch[member] = self.group_epoch
+        self.owner[p] = member
+        self.position[(member, p)] = self.committed[p]
+
+    def evict(self, member: str) -> None:
+        self.group_epoch += 1
+        self.h.record("coordinator", "revoke", group=G, member=member, epoch=self.group_epoch,
+                      reason="evicted")
+        for p in self.partitions:
+            if self.owner[p] == member:
+                self.owner[p] = None
+                self.position.pop((member, p), None)
+
+    def poll(self, p: int, n: int) -> None:
+        m = self.owner[p]
+        if m is None:
+            return
+        pos = self.position[(m, p)]
+        while n > 0 and pos < len(self.log[p]):
+            v = self.log[p][pos]
+            if v is not None:
+                self.record_poll(m, p, pos, v)
+                n -= 1
+            pos += 1
+        self.position[(m, p)] = pos
+
+    def record_poll(self, m: str, p: int, offset: int, v: bytes) -> None:
+        self.h.record(m, "poll", group=G, topic=T, partition=p, offset=offset, value=v, member=m,
+                      epoch=self.member_epoch[m])
+
+    def commit(self, p: int, member: str | None = None, offset: int | None = None,
+               epoch: int | None = None) -> None:
+        m = member or self.owner[p]
+        if m is None:
+            return
+        offset = self.position[(m, p)] if offset is None else offset
+        epoch = self.member_epoch[m] if epoch is None else epoch
+        op = self.h.invoke(m, "commit", group=G, topic=T, partition=p, offset=offset, member=m,
+                           epoch=epoch)
+        self.h.ok(op)
+        self.committed[p] = offset
+
+    def step(self) -> None:
+        self.now_ms += self.rng.choice([0, 0, 1, 2])  # equal times exercise the index tie-break
+        r = self.rng.random()
+        p = self.rng.choice(self.partitions)
+        if r < 0.30:
+            self.send_invoke(self.rng.choice(PRODUCERS))
+        elif r < 0.55:
+            self.send_complete(self.rng.choice(PRODUCERS))
+        elif r < 0.62:
+            self.rebalance(p)
+        elif r < 0.65:
+            self.evict(self.rng.choice(MEMBERS))
+        elif r < 0.85:
+            self.poll(p, self.rng.randint(1, 3))
+        else:
+            self.commit(p)
+
+    def finish(self) -> list[tuple]:
+        for producer in PRODUCERS:
+            while self.inflight[producer]:
+                self.send_complete(producer)
+        return [(T, p, o, v) for p in self.partitions for o, v in enumerate(self.log[p])
+                if v is not None]
+
+    # Faults -----------------------------------------------------------------------------------
+
+    def acked_send(self, p: int) -> int:
+        v = self.value()
+        op = self.h.invoke(FAULTY, "send", topic=T, partition=p, value=v)
+        offset = len(self.log[p])
+        self.log[p].append(v)
+        self.h.ok(op, offset=offset)
+        return offset
+
+    def owned(self, p: int) -> str:
+        return self.owner[p] or self.rebalance(p)
+
+    def inject(self, kind: str) -> None:
+        p = self.rng.choice(self.partitions)
+        if kind in ("lost", "unseen"):
+            op = self.h.invoke(FAULTY, "send", topic=T, partition=p, value=self.value())
+            self.h.ok(op, offset=len(self.log[p]))  # acked, never written
+        elif kind == "duplicates":
+            v = self.value()
+            op = self.h.invoke(FAULTY, "send", topic=T, partition=p, value=v)
+            self.log[p] += [v, v]  # a retry written twice
+            self.h.ok(op, offset=len(self.log[p]) - 2)
+        elif kind == "inconsistent_offsets":
+            if not [v for v in self.log[p] if v is not None]:
+                self.acked_send(p)
+            o = next(o for o, v in enumerate(self.log[p]) if v is not None)
+            self.h.record("consumer-rogue", "poll", group="rogue", topic=T, partition=p, offset=o,
+                          value=b"garbage")
+        elif kind == "reordered":
+            a = self.h.invoke(FAULTY, "send", topic=T, partition=p, value=self.value())
+            b = self.h.invoke(FAULTY, "send", topic=T, partition=p, value=self.value())
+            ev = {e.op_id: e.value for e in self.h.events() if e.op_id in (a, b)}
+            self.log[p] += [ev[b], ev[a]]
+            self.h.ok(a, offset=len(self.log[p]) - 1)
+            self.h.ok(b, offset=len(self.log[p]) - 2)
+        elif kind == "drain_gaps":
+            self.log[p].append(None)  # an offset assigned but never written
+            self.acked_send(p)
+        elif kind == "poll_skips":
+            m = self.owned(p)
+            pos = self.position[(m, p)]
+            while len(self.log[p]) < pos + 3:
+                self.acked_send(p)
+            self.record_poll(m, p, pos, self.log[p][pos])
+            self.record_poll(m, p, pos + 2, self.log[p][pos + 2])  # skips pos + 1
+            self.position[(m, p)] = pos + 3
+        elif kind == "committed_regression":
+            m = self.owned(p)
+            if self.position[(m, p)] == 0:
+                self.acked_send(p)
+                self.poll(p, 1)
+            high = self.position[(m, p)]
+            self.commit(p, offset=high)
+            self.commit(p, offset=high - 1)
+        elif kind == "stale_epoch_commit_accepted":
+            m = self.owned(p)
+            stale_epoch = self.member_epoch[m]
+            self.rebalance(p)
+            self.commit(p, member=m, offset=self.committed[p], epoch=stale_epoch)
+        elif kind == "double_ownership":
+            old = self.owned(p)
+            new = self.rng.choice([m for m in MEMBERS if m != old])
+            self.group_epoch += 1
+            self.assign(p, new)  # before the old owner gave it up
+            self.now_ms += 1
+            self.h.record(old, "revoke", group=G, topic=T, partition=p, member=old,
+                          epoch=self.group_epoch)
+            self.position.pop((old, p), None)
+        elif kind == "undelivered_below_commit":
+            m = self.owned(p)
+            self.acked_send(p)
+            end = len(self.log[p])
+            self.commit(p, offset=end)  # commits past a record nobody polled
+            self.position[(m, p)] = end
+        elif kind == "failed_but_present":
+            v = self.value()
+            op = self.h.invoke(FAULTY, "send", topic=T, partition=p, value=v)
+            self.log[p].append(v)
+            self.h.fail(op)
+        else:
+            raise AssertionError(kind)
+
+
+def simulate(seed: int, partitions_n: int, steps_n: int, fault: str | None = None,
+             fault_step: int = 0) -> tuple[History, list[tuple]]:
+    sim = Sim(seed, partitions_n)
+    for i in range(steps_n):
+        if fault is not None and i == fault_step:
+            sim.inject(fault)
+        sim.step()
+    if fault is not None and fault_step >= steps_n:
+        sim.inject(fault)
+    return sim.h, sim.finish()
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), partitions_n=st.integers(1, 3),
+       steps_n=st.integers(0, 200))
+def test_random_valid_histories_check_clean(seed, partitions_n, steps_n):
+    h, drain = simulate(seed, partitions_n, steps_n)
+    assert_counts(check(h, drain))
+
+
+@settings(max_examples=500, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), partitions_n=st.integers(1, 3),
+       steps_n=st.integers(0, 200), fault=st.sampled_from(ANOMALIES), where=st.floats(0, 1))
+def test_one_injected_fault_is_always_caught(seed, partitions_n, steps_n, fault, where):
+    h, drain = simulate(seed, partitions_n, steps_n, fault, int(where * steps_n))
+    report = check(h, drain)
+    assert report.counts[fault] >= 1, report.table()
+    assert not report.ok
