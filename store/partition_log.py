@@ -6,6 +6,7 @@ transaction fails (map full, disk full), so memory never runs ahead of what is o
 
 Idempotent producing (Kafka's rules): each producer id carries an epoch and a per-partition sequence.
 For a batch of producer ``pid`` with ``epoch`` and ``base_sequence``:
+- a producer id not seen before must start at sequence 0;
 - an older epoch than the one stored is fenced (ProducerFenced);
 - a newer epoch must start at sequence 0;
 - a batch equal to one of the last ``PRODUCER_BATCHES_KEPT`` stored batches is a retry: it is not written
@@ -46,7 +47,12 @@ class PartitionLog:
             return APPEND, None
         entry = self.producers.get(producer_id)
         if entry is None:
-            # Unknown producer (new, or its state aged out with retention): accept its sequence as given.
+            # A new producer starts at sequence 0. Accepting any other first sequence would let a later
+            # batch land before an earlier one that is still being retried (e.g. after NOT_OWNER).
+            if base_sequence != 0:
+                raise OutOfOrderSequence(
+                    f"producer {producer_id} is new to partition {self.name} and must start at sequence 0, "
+                    f"not {base_sequence}")
             return APPEND, None
         stored_epoch, batches = entry
         if epoch < stored_epoch:
