@@ -1,0 +1,211 @@
+"""Showing bench results: the plain-text table, the JSON file and the optional plot.
+
+``format_table(results)`` is what ``bus bench`` prints: one row per (system, mode), numbers right-aligned,
+every latency in milliseconds, the ratio to the raw ceiling of the same mode, and the notes that qualify a
+figure (a peer that cannot fsync, data on tmpfs, a producer that fell behind) underneath.
+``write_json(path, results)`` writes everything, including the series, for later comparison;
+``plot(path, results)`` draws the latency distributions and throughput over time with matplotlib, which
+is imported only here and only when asked for.
+
+This module only formats: it never runs anything and never changes a Result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .stats import MB, BenchError, Result, ratios
+
+COLUMNS = (
+    "system", "mode", "records/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "ratio", "srv cpu%", "srv rss MB"
+)  # fmt: skip
+LEFT_ALIGNED = {"system", "mode"}
+LEGEND = (
+    "latency: produce = batch sent -> acked (per record); latency = end to end at the target rate; consume: none.\n"
+    "ratio: fraction of the raw ceiling in the same mode (records/s; latency mode: raw p99 / p99). "
+    f"MB = {MB:,} bytes of record payload."
+)
+PLOT_HINT = "matplotlib not installed: pip install 'bus[plot]'"
+
+
+class PlotUnavailable(BenchError):
+    """``--plot`` was asked for but matplotlib is not installed."""
+
+
+def _ms(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x < 1:
+        return f"{x:.3f}"
+    if x < 10:
+        return f"{x:.2f}"
+    if x < 100:
+        return f"{x:.1f}"
+    return f"{x:,.0f}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
+    """The table's cells as strings, header first."""
+    rows = [COLUMNS]
+    for r, q in zip(results, ratios(results)):
+        mode = r.mode if r.target_rate is None else f"{r.mode}@{r.target_rate:,.0f}/s"
+        if r.runs > 1:
+            mode += f" (median of {r.runs})"
+        rows.append(
+            (
+                r.system,
+                mode,
+                _num(r.records_per_s, ",.0f"),
+                _num(r.mb_per_s, ",.1f"),
+                _ms(r.p50_ms),
+                _ms(r.p99_ms),
+                _ms(r.p999_ms),
+                _ms(r.max_ms),
+                "-" if q is None else f"{q:.2f}x",
+                _num(r.server_cpu_pct, ".0f"),
+                _num(r.server_rss_mb, ",.1f"),
+            )
+        )
+    return rows
+
+
+def format_table(results: Sequence[Result], legend: bool = True) -> str:
+    """The results as an aligned plain-text table, then each result's notes."""
+    rows = table_rows(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [c.ljust(w) if name in LEFT_ALIGNED else c.rjust(w) for c, w, name in zip(row, widths, COLUMNS)]
+        return "  ".join(cells).rstrip()
+
+    out = [line(rows[0]), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in rows[1:]]
+    notes = [f"  {r.system} {r.mode}: {n}" for r in results for n in r.notes]
+    if notes:
+        out += ["", "notes:", *notes]
+    if legend:
+        out += ["", LEGEND]
+    return "\n".join(out)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on, for the JSON file."""
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import psutil
+
+        info["memory_mb"] = round(psutil.virtual_memory().total / MB)
+    except ImportError:
+        pass
+    return info
+
+
+def to_json(results: Sequence[Result], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything measured, as one JSON-ready dict (each result with its ``ratio`` to raw)."""
+    items = []
+    for r, q in zip(results, ratios(results)):
+        d = r.to_dict()
+        d["ratio"] = q
+        items.append(d)
+    return {"format": 1, "machine": machine_info(), "meta": meta or {}, "results": items}
+
+
+def write_json(path: str, results: Sequence[Result], meta: dict[str, Any] | None = None) -> None:
+    """Write ``to_json`` to ``path`` (replaced atomically, so a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_json(results, meta), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_json(path: str) -> list[Result]:
+    """Results back from a file written by ``write_json`` (to compare runs or re-plot)."""
+    with open(path) as f:
+        data = json.load(f)
+    fields = set(Result.__dataclass_fields__)
+    out = []
+    for d in data["results"]:
+        d = {k: v for k, v in d.items() if k in fields}
+        d["timeline"] = [tuple(x) for x in d.get("timeline", [])]
+        d["latency_cdf"] = [tuple(x) for x in d.get("latency_cdf", [])]
+        out.append(Result(**d))
+    return out
+
+
+def plot(path: str, results: Sequence[Result]) -> None:
+    """Draw latency by percentile (left) and throughput over time (right) into ``path`` (e.g. a .png)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable(PLOT_HINT) from None
+
+    fig, (lat_ax, tput_ax) = plt.subplots(1, 2, figsize=(14, 5.5))
+    # One colour per system, one line style per mode, the same in both panels.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    systems = list(dict.fromkeys(r.system for r in results))
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(systems)}
+    style = {"produce": "-", "consume": ":", "latency": "--"}
+
+    def line_kw(r: Result) -> dict[str, Any]:
+        return {"color": colour[r.system], "linestyle": style.get(r.mode, "-"), "label": f"{r.system} {r.mode}"}
+
+    # Latency by percentile on an inverse-tail axis: 90, 99, 99.9 ... equally spaced, as HdrHistogram plots.
+    drawn = False
+    for r in results:
+        points = [(q, v) for q, v in r.latency_cdf if q < 100 and v is not None]
+        if not points:
+            continue
+        xs = [1 / (1 - q / 100) for q, _ in points]
+        lat_ax.plot(xs, [v for _, v in points], marker=".", **line_kw(r))
+        if r.max_ms is not None:
+            lat_ax.plot([xs[-1]], [r.max_ms], marker="x", color=colour[r.system])
+        drawn = True
+    ticks = [0, 50, 90, 99, 99.9, 99.99, 99.999]
+    lat_ax.set_xscale("log")
+    lat_ax.set_xticks([1 / (1 - q / 100) for q in ticks], [f"p{q:g}" for q in ticks])
+    lat_ax.set_yscale("log")
+    lat_ax.set_ylabel("latency ms (x: max)")
+    lat_ax.set_title("latency by percentile (produce: ack; latency: end to end)")
+    lat_ax.grid(True, which="both", alpha=0.3)
+    if drawn:
+        lat_ax.legend(fontsize="small")
+
+    # Throughput per bin; log scale, since the systems differ by orders of magnitude. Empty bins are gaps.
+    drawn = False
+    for r in results:
+        if not r.timeline or r.timeline_bin_s <= 0:
+            continue
+        xs = [t for t, _ in r.timeline]
+        ys = [n / r.timeline_bin_s if n > 0 else float("nan") for _, n in r.timeline]
+        tput_ax.step(xs, ys, where="post", **line_kw(r))
+        drawn = True
+    tput_ax.set_yscale("log")
+    tput_ax.set_xlabel("seconds from start")
+    tput_ax.set_ylabel("records/s")
+    tput_ax.set_title("throughput over time")
+    tput_ax.grid(True, which="both", alpha=0.3)
+    if drawn:
+        tput_ax.legend(fontsize="small")
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

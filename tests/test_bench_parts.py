@@ -1,0 +1,341 @@
+"""Fast tests of the bench's parts: the arithmetic, the pacer, the raw ceiling, the peers and the report.
+
+Each system test runs a tiny real workload over real processes and then checks that no child process is
+left behind. A peer whose server is not installed must say how to install it (PeerUnavailable), which is
+tested instead of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import psutil
+import pytest
+
+from bus.bench import peers, raw, report
+from bus.bench.stats import (
+    BenchConfig,
+    ClientReport,
+    Pacer,
+    PeerUnavailable,
+    Result,
+    System,
+    expected_per_partition,
+    median_of_runs,
+    percentiles,
+    ratio,
+    ratios,
+    record_partition,
+    run_interleaved,
+    split,
+    throughput,
+    timeline,
+)
+
+
+def wait_for(cond, timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval_s)
+    return cond()
+
+
+def stray_children() -> list[str]:
+    """Child processes of this test process, except multiprocessing's own resource tracker (lives as long as we do)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            if "resource_tracker" in cmd:
+                continue
+            out.append(f"{p.pid} {p.status()} {cmd}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture
+def no_strays():
+    yield
+    assert wait_for(lambda: not stray_children(), 5.0), f"processes left running: {stray_children()}"
+
+
+def tiny(tmp_path, **kw) -> BenchConfig:
+    base = dict(
+        records=2000,
+        record_bytes=100,
+        sync="none",
+        batch_bytes=20_000,  # 200 records a batch: several batches even in a tiny run
+        latency_rate=2000,
+        latency_seconds=0.5,
+        linger_ms=2,
+        data_dir=str(tmp_path),
+        timeout_s=30,
+    )
+    base.update(kw)
+    return BenchConfig(**base).validate()
+
+
+def check_sane(r: Result, cfg: BenchConfig, mode: str) -> None:
+    assert r.mode == mode
+    assert r.records_per_s > 0 and r.mb_per_s > 0 and r.elapsed_s > 0
+    assert r.bytes == r.records * cfg.record_bytes
+    assert sum(n for _, n in r.timeline) == r.records
+    assert r.server_rss_mb and r.server_rss_mb > 0
+    if mode == "consume":
+        assert r.records == cfg.records and r.p50_ms is None
+        return
+    assert 0 < r.p50_ms <= r.p99_ms <= r.p999_ms <= r.max_ms < 10_000
+    if mode == "produce":
+        assert r.records == cfg.records and r.latency_kind == "ack" and r.latency_samples == cfg.records
+    else:
+        assert r.records == cfg.latency_records(cfg.latency_rate) == r.latency_samples
+        assert r.latency_kind == "end_to_end" and r.target_rate == cfg.latency_rate
+
+
+def run_all_modes(system, cfg: BenchConfig) -> list[Result]:
+    results = [system.run(mode, cfg) for mode in ("produce", "consume", "latency")]
+    for r, mode in zip(results, ("produce", "consume", "latency")):
+        check_sane(r, cfg, mode)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+
+def test_percentiles_on_known_data():
+    values = list(range(1000, 0, -1))  # 1..1000, unsorted
+    assert percentiles(values) == [500, 990, 999, 1000]  # 99.9% of 1000 is rank 999 exactly
+    assert percentiles(list(range(1, 101))) == [50, 99, 100, 100]
+    assert percentiles([7.0]) == [7.0, 7.0, 7.0, 7.0]
+    assert percentiles([3, 1, 2]) == [2, 3, 3, 3]
+    ten = [float(i) for i in range(1, 11)]
+    assert percentiles(ten) == [5.0, 10.0, 10.0, 10.0]  # a small sample's tail is its maximum
+    assert percentiles([]) == [None, None, None, None]
+    assert percentiles([5, 1], qs=[0]) == [1]
+
+
+def test_weighted_percentiles_equal_expanded():
+    values, counts = [10, 1, 5, 100], [3, 990, 6, 1]
+    expanded = [v for v, c in zip(values, counts) for _ in range(c)]
+    qs = [0, 1, 50, 99, 99.1, 99.9, 100]
+    assert percentiles(values, counts, qs) == percentiles(expanded, qs=qs)
+    assert percentiles([1, 2], [0, 0]) == [None] * 4
+    with pytest.raises(ValueError):
+        percentiles([1], [1, 2])
+    with pytest.raises(ValueError):
+        percentiles([1], qs=[101])
+
+
+def test_throughput_ratio_and_median():
+    assert throughput(1000, 100_000, 0.5) == (2000.0, 0.2)
+    assert throughput(5, 5, 0) == (0.0, 0.0)
+
+    def res(system, mode, rps, p99=None, **kw):
+        return Result(system, mode, 100, 10_000, 1.0, rps, rps / 1e4, p99_ms=p99, **kw)
+
+    raw_p, bus_p = res("raw", "produce", 1000.0), res("bus", "produce", 250.0)
+    raw_l, bus_l = res("raw", "latency", 10.0, p99=2.0), res("bus", "latency", 10.0, p99=8.0)
+    assert ratio(bus_p, raw_p) == 0.25
+    assert ratio(bus_l, raw_l) == 0.25  # latency: raw p99 / p99, higher is better in both
+    assert ratios([raw_p, bus_p, bus_l, res("nats", "consume", 3.0)]) == [1.0, 0.25, None, None]
+    with pytest.raises(ValueError):
+        ratio(bus_p, raw_l)
+
+    runs = [res("bus", "produce", x, p99=x / 100, timeline=[(0.0, int(x))]) for x in (300.0, 100.0, 200.0)]
+    m = median_of_runs(runs)
+    assert m.records_per_s == 200.0 and m.p99_ms == 2.0 and m.runs == 3
+    assert m.timeline == [(0.0, 200)]  # the series are the median run's
+    assert sorted(m.records_per_s_runs) == [100.0, 200.0, 300.0]
+    with pytest.raises(ValueError):
+        median_of_runs([raw_p, bus_p])
+
+
+def test_timeline_bins_every_event():
+    start = 1_000_000_000
+    t = [start + int(x * 1e9) for x in (0.0, 0.05, 0.5, 1.99, 2.0)]
+    series, bin_s = timeline(t, [1, 2, 3, 4, 5], start, start + 2_000_000_000)
+    assert bin_s == 0.01 and sum(n for _, n in series) == 15
+    assert series[0] == (0.0, 1) and series[-1] == (2.0, 5)
+
+
+def test_partitioning_is_known_in_advance():
+    assert split(10, 3) == [4, 3, 3]
+    per_producer = [7, 5]
+    counts = [0, 0, 0]
+    for j, n in enumerate(per_producer):
+        for k in range(n):
+            counts[record_partition(k, j, 3)] += 1
+    assert expected_per_partition(per_producer, 3) == counts
+
+
+def test_pacer_lingers_then_sends_due_records():
+    ms = 1_000_000
+    p = Pacer(rate_per_s=1000, total=10, linger_ns=5 * ms, batch_records_max=4, start_ns=0)
+    assert p.take(0) is None and p.next_deadline_ns() == 3 * ms  # the batch fills (4 due) before linger ends
+    assert p.take(3 * ms) == range(0, 4)
+    assert p.next_deadline_ns() == 7 * ms
+    assert p.take(7 * ms - 1) is None
+    assert p.take(7 * ms) == range(4, 8)
+    assert p.take(20 * ms) == range(8, 10) and p.behind_ns_max == 11 * ms
+    assert p.done and p.take(30 * ms) is None and p.next_deadline_ns() is None
+    q = Pacer(rate_per_s=100, total=3, linger_ns=2 * ms, batch_records_max=100, start_ns=0)
+    assert q.take(0) is None and q.take(2 * ms) == range(0, 1)  # linger: the oldest waited 2 ms
+    assert q.due_ns(2) == 20 * ms
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError):
+        BenchConfig(record_bytes=4).validate()
+    with pytest.raises(ValueError):
+        BenchConfig(sync="sometimes").validate()
+    with pytest.raises(ValueError):
+        BenchConfig(partitions=1, consumers=2).validate()
+
+
+# ---------------------------------------------------------------------------------------------- systems
+
+
+def test_raw_ceiling_tiny_workload(tmp_path, no_strays):
+    cfg = tiny(tmp_path)
+    produce, consume, latency = run_all_modes(raw.SYSTEM, cfg)
+    assert produce.latency_samples == cfg.records
+    assert list(tmp_path.iterdir()) == []  # scratch directories are removed
+
+
+def test_interleaved_runs_alternate_systems(tmp_path):
+    calls = []
+
+    def fake(name):
+        def run(cfg, *rest):
+            calls.append(name)
+            return Result(name, "produce", 1, 1, 1.0, float(len(calls)), 1.0)
+
+        return System(name, run, run, run)
+
+    out = run_interleaved([fake("raw"), fake("bus")], "produce", tiny(tmp_path), runs=3)
+    assert calls == ["raw", "bus"] * 3
+    assert [(r.system, r.runs, r.records_per_s) for r in out] == [("raw", 3, 3.0), ("bus", 3, 4.0)]
+
+
+def test_raw_ceiling_partitions_and_fsync(tmp_path, no_strays):
+    cfg = tiny(tmp_path, sync="always", partitions=2, producers=2, consumers=2, records=3001)
+    run_all_modes(raw.SYSTEM, cfg)
+
+
+def test_raw_array_len_reads_msgpack_headers():
+    import msgpack
+
+    for n in (0, 1, 15, 16, 65535, 65536):
+        assert raw.array_len(msgpack.packb([b"x"] * n)) == n
+
+
+def peer_tiny_workload_or_hint(system, server: str, library_hint: str, cfg: BenchConfig) -> None:
+    """Run the tiny workload if the peer is installed; otherwise it must refuse with the install command."""
+    if peers.find_exe(server) is None:
+        with pytest.raises(PeerUnavailable, match=f"{server} not installed: apt-get install {server}"):
+            system.run_produce(cfg)
+        return
+    try:
+        system.check()
+    except PeerUnavailable as e:  # the server is there but the Python client library is not
+        assert library_hint in str(e)
+        with pytest.raises(PeerUnavailable, match=library_hint):
+            system.run_latency(cfg)
+        return
+    run_all_modes(system, cfg)
+
+
+def test_redis_tiny_workload_or_install_hint(tmp_path, no_strays):
+    peer_tiny_workload_or_hint(peers.REDIS, "redis-server", "pip install redis hiredis", tiny(tmp_path))
+
+
+def test_nats_tiny_workload_or_install_hint(tmp_path, no_strays):
+    peer_tiny_workload_or_hint(peers.NATS, "nats-server", "pip install nats-py", tiny(tmp_path))
+
+
+def test_missing_peers_say_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "find_exe", lambda name: None)
+    cfg = tiny(tmp_path)
+    with pytest.raises(PeerUnavailable, match=r"redis-server not installed: apt-get install redis-server"):
+        peers.REDIS.run_produce(cfg)
+    with pytest.raises(PeerUnavailable, match=r"nats-server not installed: apt-get install nats-server"):
+        peers.NATS.run_latency(cfg, 100)
+    monkeypatch.setattr(peers, "find_exe", lambda name: "/usr/bin/" + name)  # servers there, libraries not
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setitem(sys.modules, "nats", None)
+    with pytest.raises(PeerUnavailable, match=r"redis-py not installed: pip install redis hiredis"):
+        peers.REDIS.run_consume(cfg)
+    with pytest.raises(PeerUnavailable, match=r"nats-py not installed: pip install nats-py"):
+        peers.NATS.run_produce(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def sample_results() -> list[Result]:
+    cdf = [(50, 1.0), (99, 4.0), (99.9, 9.0), (100, 12.0)]
+    return [
+        Result("raw", "produce", 1000, 100_000, 0.01, 100_000.0, 10.0, 0.2, 0.9, 1.1, 1.2, "ack", 1000, 55.0, 40.5,
+               timeline=[(0.0, 600), (0.01, 400)], timeline_bin_s=0.01, latency_cdf=cdf),
+        Result("redis", "produce", 1000, 100_000, 0.04, 25_000.0, 2.5, 3.0, 12.5, 150.0, 1234.5, "ack", 1000, 98.0,
+               12.0, notes=["hiredis not installed"]),
+        Result("raw", "latency", 500, 50_000, 1.0, 500.0, 0.05, 0.5, 2.0, 3.0, 3.0, "end_to_end", 500, 5.0, 30.0,
+               target_rate=500, latency_cdf=cdf),
+        Result("nats", "latency", 500, 50_000, 1.0, 500.0, 0.05, 1.0, 8.0, 9.0, 9.5, "end_to_end", 500, None, None,
+               target_rate=500, runs=3),
+    ]  # fmt: skip
+
+
+def test_table_is_aligned_and_shows_ratios():
+    text = report.format_table(sample_results(), legend=False)
+    lines = text.splitlines()
+    header, rule, *rows = lines[:6]
+    assert header.split()[:3] == ["system", "mode", "records/s"]
+    widths = [len(w) for w in rule.split("  ")]
+    assert len(widths) == len(report.COLUMNS)
+    # every column ends at the same place on every line (right-aligned numbers)
+    ends = [sum(widths[: i + 1]) + 2 * i for i in range(len(widths))]
+    for line in rows:
+        for end, name in zip(ends[2:9], report.COLUMNS[2:9]):
+            assert line[end - 1] != " ", (name, line)
+    assert "100,000" in rows[0] and "1.00x" in rows[0]
+    assert "0.25x" in rows[1] and "1,234" in rows[1]
+    assert "latency@500/s" in rows[2]
+    assert "(median of 3)" in rows[3] and "0.25x" in rows[3]  # raw p99 2.0 / nats p99 8.0
+    assert "redis produce: hiredis not installed" in text
+    assert "ratio:" in report.format_table(sample_results())
+
+
+def test_json_round_trip(tmp_path):
+    path = tmp_path / "bench.json"
+    report.write_json(str(path), sample_results(), meta={"command": "bus bench"})
+    data = json.loads(path.read_text())
+    assert data["meta"]["command"] == "bus bench" and data["machine"]["cpus"] >= 1
+    assert [d["ratio"] for d in data["results"]] == [1.0, 0.25, 1.0, 0.25]
+    back = report.load_json(str(path))
+    assert back == sample_results()
+
+
+def test_plot_or_install_hint(tmp_path, monkeypatch):
+    path = tmp_path / "bench.png"
+    try:
+        import matplotlib  # noqa: F401
+
+        report.plot(str(path), sample_results())
+        assert path.stat().st_size > 1000
+    except ImportError:
+        pass
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(report.PlotUnavailable, match=r"pip install 'bus\[plot\]'"):
+        report.plot(str(path), sample_results())
+
+
+def test_client_report_events():
+    r = ClientReport(0, 0, 0)
+    r.add_event(5, 2)
+    assert list(r.events_t_ns) == [5] and list(r.events_n) == [2]
