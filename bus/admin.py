@@ -1,13 +1,17 @@
-"""Admin: create, delete, list and describe topics (partitions, owners, start and end offsets)."""
+"""Admin: create, delete, list and describe topics (partitions, owners, start and end offsets), and consumer
+groups (list, describe with lag, reset offsets, delete)."""
 
 from __future__ import annotations
+
+import datetime
+import time
 
 import zmq
 
 from . import wire
 from .connection import Requester
-from .errors import BusError, NodeUnavailable, error_for
-from .metadata import default_bootstrap
+from .errors import BusError, ConfigError, NodeUnavailable, error_for
+from .metadata import check_bootstrap
 from .records import TopicPartition
 
 
@@ -33,15 +37,41 @@ def list_offsets(requester: Requester, specs: dict) -> dict:
 
 class Admin:
     def __init__(self, bootstrap: str | None = None, *, request_timeout_ms: int = 10_000):
-        self.bootstrap = bootstrap or default_bootstrap()
+        self.bootstrap = check_bootstrap(bootstrap)
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
 
     def create_topic(self, name: str, partitions: int = 1, *, retention_ms: int | None = None,
-                     retention_bytes: int | None = None) -> dict:
-        return self._requester.coordinator(wire.CREATE_TOPIC, {
+                     retention_bytes: int | None = None, wait_ms: int = 10_000) -> dict:
+        """Create the topic; then wait up to ``wait_ms`` until every owner node serves it (nodes learn the
+        placement from their next heartbeat), so what follows -- describe, list offsets, a first fetch --
+        does not meet a transient UNKNOWN_TOPIC. Returns the topic entry."""
+        created = self._requester.coordinator(wire.CREATE_TOPIC, {
             "name": name, "partitions": partitions, "retention_ms": retention_ms,
             "retention_bytes": retention_bytes})
+        if wait_ms > 0:
+            self._wait_until_served(name, created["partitions"], wait_ms)
+        return created
+
+    def _wait_until_served(self, name: str, owners: list, wait_ms: int) -> None:
+        deadline_s = time.monotonic() + wait_ms / 1000
+        waiting = {node_id: owners.index(node_id) for node_id in owners}  # node -> one partition it owns
+        addresses = self._requester.metadata([name]).nodes
+        while waiting:
+            for node_id, partition in list(waiting.items()):
+                remaining_ms = int((deadline_s - time.monotonic()) * 1000)
+                if remaining_ms <= 0:
+                    return  # the topic exists; its nodes will serve it once they hear of it
+                try:
+                    result = self._requester.request(addresses[node_id]["address"], wire.LIST_OFFSETS,
+                                                     {"parts": [[name, partition, "latest"]]},
+                                                     timeout_ms=min(remaining_ms, 1_000))
+                except BusError:
+                    continue
+                if result["parts"][0][0] is None:
+                    del waiting[node_id]
+            if waiting:
+                time.sleep(0.01)
 
     def delete_topic(self, name: str) -> None:
         self._requester.coordinator(wire.DELETE_TOPIC, {"name": name})
@@ -81,6 +111,103 @@ class Admin:
                     entry["start_offset"], entry["end_offset"] = start, end
         return {"name": name, "id": topic["id"], "retention_ms": topic["retention_ms"],
                 "retention_bytes": topic["retention_bytes"], "partitions": partitions}
+
+    # -- consumer groups -------------------------------------------------------------------------------
+
+    def list_groups(self) -> list:
+        """[{"group_id", "state" (empty / reconciling / stable), "group_epoch", "members"}, ...]"""
+        return self._requester.coordinator(wire.GROUP_LIST, {})["groups"]
+
+    def describe_group(self, group_id: str) -> dict:
+        """The group's state, members and, per partition: its member, committed offset, end offset and lag.
+
+        Returns {"group_id", "state", "group_epoch", "assignor", "members": [...], "evictions": [...],
+        "partitions": [{"topic", "partition", "member", "committed", "end", "lag"}, ...], "total_lag"}.
+        ``end`` is None where the partition's node did not answer; ``lag`` (end - committed) is None where
+        either is unknown, and ``total_lag`` sums the known ones. Raises UnknownGroup.
+        """
+        raw = self._requester.coordinator(wire.GROUP_DESCRIBE, {"group_id": group_id})
+        owner: dict = {}
+        for member in raw["members"]:
+            for t, p in member["target"]:
+                owner.setdefault(TopicPartition(t, p), member["member_id"])
+            for t, p in member["assignment"]:
+                owner[TopicPartition(t, p)] = member["member_id"]  # who holds it now beats who will
+        committed = {TopicPartition(o["topic"], o["partition"]): o["offset"] for o in raw["offsets"]}
+        tps = sorted(set(owner) | set(committed))
+        ends = self._end_offsets(tps)
+        partitions, total_lag = [], 0
+        for tp in tps:
+            end, offset = ends.get(tp), committed.get(tp)
+            lag = None if end is None or offset is None else max(0, end - offset)
+            total_lag += lag or 0
+            partitions.append({"topic": tp.topic, "partition": tp.partition, "member": owner.get(tp),
+                               "committed": offset, "end": end, "lag": lag})
+        out = {k: raw[k] for k in ("group_id", "state", "group_epoch", "assignor", "members")}
+        out["evictions"] = raw.get("evictions", [])
+        out["partitions"] = partitions
+        out["total_lag"] = total_lag
+        return out
+
+    def reset_offsets(self, group_id: str, topic: str, to, partitions=None) -> dict:
+        """Set the group's committed offsets for ``topic`` (all partitions, or ``partitions``) to ``to``:
+        "earliest", "latest", an offset (clamped into each partition's retained range) or a datetime (the
+        first offset at or after it). Refused with GroupNotEmpty while the group has live members (the
+        error names them). Returns {tp: offset}."""
+        count = self._requester.metadata([topic], strict=True).partition_count(topic)
+        wanted = range(count) if partitions is None else list(partitions)
+        for partition in wanted:
+            if not isinstance(partition, int) or not 0 <= partition < count:
+                raise ConfigError(f"topic {topic!r} has no partition {partition!r}")
+        tps = [TopicPartition(topic, p) for p in wanted]
+        if to in ("earliest", "latest"):
+            offsets = list_offsets(self._requester, {tp: to for tp in tps})
+        elif isinstance(to, datetime.datetime):
+            at_ms = int(to.timestamp() * 1000)  # a naive datetime is local time
+            offsets = list_offsets(self._requester, {tp: at_ms for tp in tps})
+        elif isinstance(to, int) and not isinstance(to, bool) and to >= 0:
+            starts = list_offsets(self._requester, {tp: "earliest" for tp in tps})
+            ends = list_offsets(self._requester, {tp: "latest" for tp in tps})
+            offsets = {tp: min(max(to, starts[tp]), ends[tp]) for tp in tps}
+        else:
+            raise ConfigError(f"reset to 'earliest', 'latest', an offset >= 0 or a datetime, not {to!r}")
+        self._requester.coordinator(wire.GROUP_RESET_OFFSETS, {
+            "group_id": group_id, "offsets": [[t, p, offset] for (t, p), offset in sorted(offsets.items())]})
+        return dict(sorted(offsets.items()))
+
+    def delete_group(self, group_id: str) -> None:
+        """Forget the group and its committed offsets. Raises UnknownGroup, or GroupNotEmpty with members."""
+        self._requester.coordinator(wire.GROUP_DELETE, {"group_id": group_id})
+
+    def group_offsets(self, group_id: str) -> dict:
+        """{tp: committed offset} of the group ({} for an unknown group)."""
+        result = self._requester.coordinator(wire.OFFSET_FETCH, {"group_id": group_id})
+        return {TopicPartition(t, p): offset for t, p, offset, _ in result["offsets"]}
+
+    def _end_offsets(self, tps) -> dict:
+        """{tp: log end offset} for the partitions whose node answers; the others are left out."""
+        if not tps:
+            return {}
+        metadata = self._requester.metadata(sorted({tp.topic for tp in tps}))
+        by_node: dict[int, list] = {}
+        for tp in tps:
+            topic = metadata.topics.get(tp.topic)
+            if topic is not None and tp.partition < len(topic["partitions"]):
+                by_node.setdefault(topic["partitions"][tp.partition], []).append(tp)
+        out = {}
+        for node_id, items in by_node.items():
+            node = metadata.nodes.get(node_id)
+            if node is None or not node.get("alive"):
+                continue
+            try:
+                result = self._requester.request(node["address"], wire.LIST_OFFSETS,
+                                                 {"parts": [[t, p, "latest"] for t, p in items]}, timeout_ms=3_000)
+            except BusError:
+                continue
+            for tp, (code, _, offset, _, _) in zip(items, result["parts"]):
+                if code is None:
+                    out[tp] = offset
+        return out
 
     def close(self) -> None:
         self._requester.close()

@@ -194,6 +194,125 @@ def topic_delete(name, bootstrap):
     click.echo(f"deleted topic {name}")
 
 
+# -- consumer groups ---------------------------------------------------------------------------------
+
+@main.group()
+def group():
+    """List, describe, reset the offsets of, and delete consumer groups."""
+
+
+@group.command("list")
+@bootstrap_option
+@friendly_errors
+def group_list(bootstrap):
+    """List consumer groups."""
+    from .admin import Admin
+
+    with Admin(bootstrap) as admin:
+        groups = admin.list_groups()
+    if not groups:
+        click.echo("no consumer groups")
+        return
+    print_table(["group", "state", "epoch", "members"],
+                [[g["group_id"], g["state"], g["group_epoch"], g["members"]] for g in groups])
+
+
+def _unknown_group(name: str):
+    click.echo(f"error: unknown consumer group {name!r}; `bus group list` shows the groups", err=True)
+    sys.exit(1)
+
+
+@group.command("describe")
+@click.argument("name")
+@bootstrap_option
+@friendly_errors
+def group_describe(name, bootstrap):
+    """Show GROUP's members and, per partition, its member, committed offset, end offset and lag."""
+    from .admin import Admin
+    from .errors import UnknownGroup
+
+    try:
+        with Admin(bootstrap) as admin:
+            info = admin.describe_group(name)
+    except UnknownGroup:
+        _unknown_group(name)
+    click.echo(f"group {name}  state={info['state']}  epoch={info['group_epoch']}  assignor={info['assignor']}  "
+               f"members={len(info['members'])}")
+    if info["members"]:
+        click.echo("")
+        print_table(["member", "client", "instance", "epoch", "partitions"],
+                    [[m["member_id"], m["client_id"], m["group_instance_id"], m["member_epoch"], len(m["assignment"])]
+                     for m in info["members"]])
+    click.echo("")
+    print_table(["topic", "partition", "member", "committed", "end", "lag"],
+                [[p["topic"], p["partition"], p["member"], p["committed"], p["end"], p["lag"]]
+                 for p in info["partitions"]])
+    unknown = sum(1 for p in info["partitions"] if p["lag"] is None)
+    click.echo(f"\ntotal lag: {info['total_lag']}" + (f" ({unknown} partition(s) unknown)" if unknown else ""))
+    for eviction in info["evictions"][-5:]:
+        click.echo(f"removed: {eviction['member_id']} ({eviction['reason']})")
+
+
+@group.command("reset-offsets")
+@click.argument("name")
+@click.option("--topic", "topic_name", required=True, help="reset this topic's partitions")
+@click.option("--to-earliest", is_flag=True, help="to the earliest retained offset")
+@click.option("--to-latest", is_flag=True, help="to the log end (skip everything there now)")
+@click.option("--to-offset", type=click.IntRange(0), default=None, help="to this offset (clamped to the log)")
+@click.option("--to-datetime", default=None, help="to the first record at or after this ISO 8601 time")
+@bootstrap_option
+@friendly_errors
+def group_reset_offsets(name, topic_name, to_earliest, to_latest, to_offset, to_datetime, bootstrap):
+    """Set GROUP's committed offsets for a topic; only while the group has no live members."""
+    import datetime
+
+    from .admin import Admin
+    from .errors import GroupNotEmpty
+
+    chosen = [flag for flag, on in (("--to-earliest", to_earliest), ("--to-latest", to_latest),
+                                    ("--to-offset", to_offset is not None), ("--to-datetime", to_datetime is not None))
+              if on]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --to-earliest, --to-latest, --to-offset N, --to-datetime ISO")
+    if to_earliest:
+        to = "earliest"
+    elif to_latest:
+        to = "latest"
+    elif to_offset is not None:
+        to = to_offset
+    else:
+        try:
+            to = datetime.datetime.fromisoformat(to_datetime)
+        except ValueError:
+            raise click.UsageError(f"--to-datetime {to_datetime!r} is not an ISO 8601 time "
+                                   "(e.g. 2024-05-01T12:00:00+00:00)") from None
+    try:
+        with Admin(bootstrap) as admin:
+            offsets = admin.reset_offsets(name, topic_name, to)
+    except GroupNotEmpty as exc:
+        click.echo(f"error: {exc.message}; stop its consumers first", err=True)
+        sys.exit(1)
+    print_table(["topic", "partition", "offset"], [[t, p, o] for (t, p), o in offsets.items()])
+    click.echo(f"reset {len(offsets)} partition(s) of group {name}")
+
+
+@group.command("delete")
+@click.argument("name")
+@bootstrap_option
+@friendly_errors
+def group_delete(name, bootstrap):
+    """Delete GROUP and its committed offsets; only while it has no live members."""
+    from .admin import Admin
+    from .errors import UnknownGroup
+
+    try:
+        with Admin(bootstrap) as admin:
+            admin.delete_group(name)
+    except UnknownGroup:
+        _unknown_group(name)
+    click.echo(f"deleted group {name}")
+
+
 # -- produce and consume -------------------------------------------------------------------------------
 
 @main.command()
@@ -228,7 +347,8 @@ def produce(topic_name, key_separator, partition, bootstrap):
 @main.command()
 @click.argument("topic_name", metavar="TOPIC")
 @click.option("--group", default=None, help="consume as a member of this consumer group")
-@click.option("--from-beginning", is_flag=True, help="start at the earliest retained offset")
+@click.option("--from-beginning", is_flag=True,
+              help="start at the earliest retained offset (with --group: where the group has no committed offset)")
 @click.option("--partition", type=click.IntRange(0), multiple=True, help="only these partitions (no group)")
 @click.option("--max-records", type=click.IntRange(1), default=None, help="stop after this many")
 @click.option("--timeout-ms", type=click.IntRange(0), default=None, help="stop after this long without a record")
@@ -242,19 +362,19 @@ def consume(topic_name, group, from_beginning, partition, max_records, timeout_m
     reset = "earliest" if from_beginning else "latest"
     if group is not None and partition:
         raise click.UsageError("--partition and --group exclude each other")
+    from .admin import Admin
+
+    with Admin(bootstrap) as admin:
+        count = len(admin.list_topics().get(topic_name, {}).get("partitions", ())) or None
+    if count is None:
+        from .errors import UnknownTopic
+
+        raise UnknownTopic(f"unknown topic {topic_name!r}; create it with `bus topic create {topic_name}`")
     if group is not None:
+        # The group's committed offsets come first; --from-beginning only matters where it has none.
         consumer = Consumer(bootstrap, topics=[topic_name], group=group, auto_offset_reset=reset)
     else:
         consumer = Consumer(bootstrap, auto_offset_reset=reset)
-        from .admin import Admin
-
-        with Admin(bootstrap) as admin:
-            count = len(admin.list_topics().get(topic_name, {}).get("partitions", ())) or None
-        if count is None:
-            from .errors import UnknownTopic
-
-            consumer.close()
-            raise UnknownTopic(f"unknown topic {topic_name!r}; create it with `bus topic create {topic_name}`")
         consumer.assign([(topic_name, p) for p in (partition or range(count))])
     seen = 0
     out = sys.stdout
@@ -284,6 +404,48 @@ def consume(topic_name, group, from_beginning, partition, max_records, timeout_m
         pass
     finally:
         consumer.close()
+
+
+# -- benchmarks ----------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--records", default=200_000, show_default=True, type=click.IntRange(1))
+@click.option("--record-bytes", default=100, show_default=True, type=click.IntRange(8))
+@click.option("--partitions", default=1, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="nodes of the cluster the bench starts (ignored with --bootstrap)")
+@click.option("--producers", default=1, show_default=True, type=click.IntRange(1), help="producer processes")
+@click.option("--consumers", default=1, show_default=True, type=click.IntRange(1), help="consumer processes")
+@click.option("--acks", default="1", show_default=True, type=click.Choice(["0", "1", "all"]))
+@click.option("--linger-ms", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="how long a producer waits for a batch to fill (the bus takes whole ms)")
+@click.option("--batch-bytes", default=1 << 20, show_default=True, type=click.IntRange(8))
+@click.option("--sync", default="always", show_default=True, type=click.Choice(["always", "none"]),
+              help="always: every system acknowledges only after fsync")
+@click.option("--runs", default=1, show_default=True, type=click.IntRange(1), help="runs per system; the median counts")
+@click.option("--latency-rate", default=5000, show_default=True, type=click.IntRange(1),
+              help="records/s offered in latency mode")
+@click.option("--latency-seconds", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--peers", default="raw,redis,nats", show_default=True,
+              help="baselines beside the bus: raw,redis,nats (or none); missing ones are skipped with a note")
+@click.option("--modes", default="produce,consume,latency", show_default=True)
+@click.option("--bootstrap", default=None, help="bench this running cluster instead of starting one")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write all results here")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="draw latency and throughput (png)")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="scratch space (default: system temp)")
+@click.option("--group/--assign", default=True, show_default=True,
+              help="consumers as one consumer group, or by assign() over a split of the partitions")
+@click.option("--send-many/--no-send-many", default=True, show_default=True,
+              help="also measure Producer.send_many as its own row")
+def bench(**options):
+    """Measure the bus beside the raw pyzmq+LMDB ceiling, Redis Streams and NATS JetStream."""
+    from .bench.runner import bench_command
+
+    try:
+        status = bench_command(say=click.echo, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,21 @@ class UnknownGroup(BusError):
 
 
 class GroupNotEmpty(BusError):
+    """Resetting offsets or deleting a group needs it empty; the message lists its live members."""
+
     code = "GROUP_NOT_EMPTY"
+
+
+class GroupFull(BusError):
+    """The group already has the maximum number of members; nothing was joined."""
+
+    code = "GROUP_FULL"
+
+
+class InconsistentAssignor(BusError):
+    """A join named another assignor than the one the group's live members use."""
+
+    code = "INCONSISTENT_ASSIGNOR"
 
 
 class NodeIdentityMismatch(BusError):

@@ -5,8 +5,8 @@ first (persist before the reply), so a restart loses nothing: topics and placeme
 counter, groups and committed offsets. Node liveness is soft state rebuilt from heartbeats.
 
 Persisted keys: ``topic:<name>`` -> {id, partitions: [owner node id, ...], retention_ms, retention_bytes},
-``node:<id>`` -> {address}, ``counter:topic_id``, ``counter:producer_id``, ``counter:placement_version``,
-and the group records under ``g`` keys (see nodes/groups.py).
+``node:<id>`` -> {address}, ``cluster_id``, ``counter:topic_id``, ``counter:producer_id``, ``counter:placement_version``,
+and the group records under ``group:`` keys (see nodes/groups.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+import uuid
 
 import zmq
 
@@ -22,6 +23,7 @@ from bus import wire
 from bus.errors import (BusError, InvalidRequest, NoNodesAvailable, NodeIdentityMismatch, TopicExists,
                         UnknownTopic)
 from store import MetaStore
+from store.log_store import PARTITIONS_MAX as NODE_PARTITIONS_MAX
 from store.meta_store import DELETE, PUT
 
 from .placement import node_load, place
@@ -60,6 +62,12 @@ class Coordinator:
             int(k[len(b"node:"):]): NodeInfo(int(k[len(b"node:"):]), v["address"])
             for k, v in self.store.items(b"node:")}
         self.version = self.store.get(b"counter:placement_version", 0)
+        # Who this cluster is, for good: a node that joined another cluster (e.g. this coordinator's data
+        # directory was lost and started afresh) refuses to take placement from it rather than drop its logs.
+        self.cluster_id = self.store.get(b"cluster_id")
+        if self.cluster_id is None:
+            self.cluster_id = uuid.uuid4().hex
+            self.store.apply([(PUT, b"cluster_id", self.cluster_id)])
         self.handlers = {
             wire.METADATA: self._metadata,
             wire.CREATE_TOPIC: self._create_topic,
@@ -99,11 +107,13 @@ class Coordinator:
         request = self.server.decode(frames)
         if request is None:
             return
-        identity, op, request_id, args, _ = request
+        identity, op, request_id, args, bulk = request
         try:
             handler = self.handlers.get(op)
             if handler is None:
                 raise InvalidRequest(f"unknown op {op!r} for the coordinator")
+            if bulk:
+                raise InvalidRequest(f"{op} takes no bulk frames, got {len(bulk)}")
             if not isinstance(args, dict):
                 raise InvalidRequest("args must be a map")
             result = handler(args, monotonic_ms())
@@ -151,7 +161,13 @@ class Coordinator:
         if not live:
             raise NoNodesAvailable("no live nodes to place partitions on; start nodes first (`bus up`)")
         topic_id = self.store.get(b"counter:topic_id", 0) + 1
-        topic = {"id": topic_id, "partitions": place(partitions, live, node_load(self.topics)),
+        load = node_load(self.topics)
+        owners = place(partitions, live, load)
+        for node_id in set(owners):
+            if load.get(node_id, 0) + owners.count(node_id) > NODE_PARTITIONS_MAX:
+                raise InvalidRequest(f"{partitions} more partitions would put node {node_id} over its maximum of "
+                                     f"{NODE_PARTITIONS_MAX}; add nodes or delete topics")
+        topic = {"id": topic_id, "partitions": owners,
                  "retention_ms": retention_ms, "retention_bytes": retention_bytes}
         records = [(PUT, b"counter:topic_id", topic_id), (PUT, b"topic:" + name.encode(), topic)]
         self.store.apply(records + self._bump_version())
@@ -179,8 +195,8 @@ class Coordinator:
             node = self.nodes[node_id] = NodeInfo(node_id, address)
         node.instance, node.last_heartbeat_ms = instance, now_ms
         if args.get("version") == self.version:
-            return {"version": self.version, "topics": None}
-        return {"version": self.version, "topics": self.topics}
+            return {"version": self.version, "topics": None, "cluster_id": self.cluster_id}
+        return {"version": self.version, "topics": self.topics, "cluster_id": self.cluster_id}
 
     def _init_producer_id(self, args, now_ms):
         producer_id = self.store.get(b"counter:producer_id", 0) + 1
@@ -196,7 +212,11 @@ class Coordinator:
 def run_coordinator(data_dir: str, bind: str) -> None:
     logging.basicConfig(level=os.environ.get("BUS_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    coordinator = Coordinator(data_dir, bind)
+    try:
+        coordinator = Coordinator(data_dir, bind)
+    except (BusError, zmq.ZMQError) as exc:
+        log.error("coordinator cannot start: %s", exc)  # one clear line, e.g. its data directory is in use
+        raise SystemExit(1) from None
     install_stop_handlers(coordinator.stop)
     coordinator.serve_forever()
 

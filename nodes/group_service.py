@@ -1,22 +1,201 @@
-"""The coordinator's consumer-group shell: carries group requests to the pure state machine in groups.py,
-persists the records it returns before replying. (Filled in by the consumer-group work.)"""
+"""The coordinator's consumer-group shell: wire requests in, the pure state machine's decisions out.
+
+This module owns the group ops of the coordinator (``bus/wire.py``: GROUP_JOIN ... GROUP_DELETE): it turns
+wire arguments into the arguments of ``nodes/groups.py`` (lists into tuples, nothing more: the state
+machine validates), writes every record an ``Outcome`` carries with ``MetaStore.apply`` BEFORE the reply
+that acknowledges it leaves, and turns ``GroupError`` into the typed ``BusError`` of its code. It never
+decides anything about membership, assignment or offsets itself; it must never reply to a request whose
+records are not on disk. If writing fails the exception escapes and stops the coordinator: the state in
+memory would then be ahead of the disk, and a restart (which restores from the disk) is the only honest
+way on.
+
+Start-up: ``Groups.restore`` from the ``group:`` keys (every member gets a fresh session, so a coordinator
+restart does not evict anyone), then ``metadata`` with the topics the coordinator knows.
+
+Wire ops (args -> result; every name is a string, a partition is ``[topic, partition]``):
+- ``group_join``   {group_id, client_id, group_instance_id?, topics? | pattern?, session_timeout_ms,
+                   assignor?, member_id?} -> member reply (below)
+- ``group_heartbeat`` {group_id, member_id, member_epoch, owned: [[t, p], ...]} -> member reply
+- ``group_leave``  {group_id, member_id, member_epoch, reason?: "left" | "max_poll_interval"} -> {}
+- ``offset_commit`` {group_id, member_id, member_epoch, offsets: [[t, p, offset, metadata|null], ...]}
+                   -> {committed: [[t, p, offset], ...], ignored: [[t, p], ...]}
+- ``offset_fetch`` {group_id, partitions?: [[t, p], ...]} -> {offsets: [[t, p, offset|null, metadata], ...]}
+- ``group_list``   {} -> {groups: [{group_id, state, group_epoch, members}, ...]}
+- ``group_describe`` {group_id} -> Groups.describe(...) plus ``evictions`` (the latest, with reasons)
+- ``group_reset_offsets`` {group_id, offsets: [[t, p, offset], ...]} -> {}
+- ``group_delete`` {group_id} -> {}
+A member reply is {group_id, member_id, member_epoch, group_epoch, assignment, revoke, heartbeat_interval_ms}.
+
+Test-only sabotage (nodes/sabotage.py): with ``skip_member_epoch_check`` in $BUS_SABOTAGE, a commit
+refused for a stale epoch (FENCED_MEMBER_EPOCH, or UNKNOWN_MEMBER_ID: a fenced incarnation) is written
+anyway. The fault harness uses it to prove that its checker catches a zombie's commit; see
+``_sabotaged_commit``.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+
+from bus import wire
+from bus.errors import error_for
+from store.meta_store import PUT
+
+from . import groups as core
+from . import sabotage
+from .groups import GroupError, Groups
+
+log = logging.getLogger("bus.groups")
+
+EVICTIONS_DESCRIBED_MAX = 20  # latest evictions shown by group_describe
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def _tp(item) -> tuple:
+    topic, partition = item
+    return (topic, partition)
+
 
 class GroupService:
-    def __init__(self, store, topics):
+    def __init__(self, store, topics, *, clock_ms=monotonic_ms):
+        """``store``: the coordinator's MetaStore; ``topics()``: its {name: {"partitions": [...], ...}}."""
         self.store = store
         self.topics = topics
+        self.sabotage_epoch_check = sabotage.SKIP_MEMBER_EPOCH_CHECK  # test-only; off unless $BUS_SABOTAGE says
+        if self.sabotage_epoch_check:
+            sabotage.announce("coordinator")
+        now_ms = clock_ms()
+        self.groups = Groups.restore(store.items(core.KEY_PREFIX), now_ms)
+        self._run(lambda: self.groups.metadata(self._topic_counts(), now_ms=now_ms))
 
     def handlers(self) -> dict:
-        return {}
+        return {
+            wire.GROUP_JOIN: self._join,
+            wire.GROUP_HEARTBEAT: self._heartbeat,
+            wire.GROUP_LEAVE: self._leave,
+            wire.OFFSET_COMMIT: self._commit,
+            wire.OFFSET_FETCH: self._offset_fetch,
+            wire.GROUP_LIST: self._list,
+            wire.GROUP_DESCRIBE: self._describe,
+            wire.GROUP_RESET_OFFSETS: self._reset_offsets,
+            wire.GROUP_DELETE: self._delete,
+        }
+
+    # -- called by the coordinator loop ------------------------------------------------------------
 
     def next_deadline_ms(self):
-        return None
+        return self.groups.next_deadline_ms()
 
     def tick(self, now_ms: int) -> None:
-        pass
+        self._run(lambda: self.groups.tick(now_ms))
 
     def metadata_changed(self, now_ms: int) -> None:
-        pass
+        self._run(lambda: self.groups.metadata(self._topic_counts(), now_ms=now_ms))
+
+    # -- the one path every decision takes ---------------------------------------------------------
+
+    def _run(self, decide):
+        """Ask the state machine, persist what it decided, then hand back its reply (typed errors on refusal)."""
+        try:
+            outcome = decide()
+        except GroupError as exc:
+            raise error_for(exc.code, exc.message) from None
+        self.store.apply(list(outcome.records))  # before the reply: an acknowledged change is on disk
+        for eviction in outcome.evictions:
+            log.info("group %s: member %s (instance %s) removed: %s", eviction.group_id, eviction.member_id,
+                     eviction.group_instance_id, eviction.reason)
+        return outcome.reply
+
+    def _topic_counts(self) -> dict:
+        return {name: len(topic["partitions"]) for name, topic in self.topics().items()}
+
+    # -- handlers: (args, now_ms) -> result ----------------------------------------------------------
+
+    def _join(self, args, now_ms):
+        reply = self._run(lambda: self.groups.join(
+            args["group_id"], args.get("client_id", ""), group_instance_id=args.get("group_instance_id"),
+            topics=args.get("topics"), pattern=args.get("pattern"), session_timeout_ms=args["session_timeout_ms"],
+            assignor=args.get("assignor", core.STICKY), member_id=args.get("member_id"), now_ms=now_ms))
+        return reply.to_wire()
+
+    def _heartbeat(self, args, now_ms):
+        owned = [_tp(item) for item in args["owned"]]
+        reply = self._run(lambda: self.groups.heartbeat(
+            args["group_id"], args["member_id"], args["member_epoch"], owned, now_ms=now_ms))
+        return reply.to_wire()
+
+    def _leave(self, args, now_ms):
+        self._run(lambda: self.groups.leave(args["group_id"], args["member_id"], args["member_epoch"],
+                                            args.get("reason", core.LEFT), now_ms=now_ms))
+        return {}
+
+    def _commit(self, args, now_ms):
+        offsets = {}
+        for topic, partition, offset, metadata in args["offsets"]:
+            offsets[(topic, partition)] = (offset, metadata)
+        decide = lambda: self.groups.commit(args["group_id"], args["member_id"], args["member_epoch"], offsets,
+                                            now_ms=now_ms)
+        if self.sabotage_epoch_check:
+            decide = self._sabotaged_commit(decide, args["group_id"], offsets)
+        return self._run(decide).to_wire()
+
+    def _offset_fetch(self, args, now_ms):
+        committed = self.groups.committed(args["group_id"])
+        wanted = args.get("partitions")
+        if wanted is None:
+            items = sorted(committed)
+        else:
+            items = [_tp(item) for item in wanted]
+        return {"offsets": [[t, p, *committed.get((t, p), (None, None))] for t, p in items]}
+
+    def _list(self, args, now_ms):
+        return {"groups": self.groups.list_groups()}
+
+    def _describe(self, args, now_ms):
+        group_id = args["group_id"]
+        try:
+            out = self.groups.describe(group_id)
+        except GroupError as exc:
+            raise error_for(exc.code, exc.message) from None
+        evictions = [e.to_wire() for e in self.groups.recent_evictions if e.group_id == group_id]
+        out["evictions"] = evictions[-EVICTIONS_DESCRIBED_MAX:]
+        return out
+
+    def _reset_offsets(self, args, now_ms):
+        offsets = {(topic, partition): offset for topic, partition, offset in args["offsets"]}
+        self._run(lambda: self.groups.reset_offsets(args["group_id"], offsets, now_ms=now_ms))
+        return {}
+
+    def _delete(self, args, now_ms):
+        self._run(lambda: self.groups.delete_group(args["group_id"], now_ms=now_ms))
+        return {}
+
+    # -- test-only sabotage ----------------------------------------------------------------------------
+
+    def _sabotaged_commit(self, decide, group_id, offsets):
+        """SABOTAGE (tests only, nodes/sabotage.py ``skip_member_epoch_check``): a commit the state machine refuses
+        for a stale epoch is written behind its back, as a coordinator without epoch fencing would do.
+        Never enabled otherwise; it reaches into the state machine's private state on purpose."""
+
+        def sabotaged():
+            try:
+                return decide()
+            except GroupError as exc:
+                if exc.code not in (core.FENCED_MEMBER_EPOCH, core.UNKNOWN_MEMBER_ID):
+                    raise
+                group = self.groups._groups.get(group_id)
+                if group is None:
+                    raise
+                records = []
+                for tp, (offset, metadata) in sorted(offsets.items()):
+                    group.offsets[tp] = (offset, metadata)
+                    key = core._offset_key(group_id, tp)
+                    records.append((PUT, key, {"offset": offset, "metadata": metadata}))
+                log.warning("SABOTAGE: accepted a commit refused with %s: %s", exc.code, exc.message)
+                return core.Outcome(core.CommitReply({tp: o for tp, (o, _) in offsets.items()}, frozenset()),
+                                    tuple(records), ())
+
+        return sabotaged
