@@ -23,6 +23,7 @@ log = logging.getLogger("bus.consumer")
 
 REFRESH_CODES = {"NOT_OWNER", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION"}
 LOOP_WAIT_MS_MAX = 100
+RESET_HOLD_MS = 200  # fetching waits this long at most for positions still being resolved on other nodes
 _wake_ids = itertools.count()
 
 
@@ -39,6 +40,11 @@ class Fetcher(threading.Thread):
         self.metadata_refresh_s = 0.0
         self.nodes: dict[int, Connection] = {}
         self.outstanding: dict[int, tuple] = {}  # node id -> (request id, {tp: (offset, epoch)}, deadline_s)
+        # node id -> (request id or None while backing off, {tp: (reset spec, epoch)}, deadline_s, hold_s):
+        # the list_offsets out to resolve positions. Asynchronous like fetches, so a node that does not
+        # answer holds up its own partitions, and the others for at most RESET_HOLD_MS (until hold_s), never
+        # close().
+        self.resets: dict[int, tuple] = {}
 
     def waker(self):
         push = self.context.socket(zmq.PUSH)
@@ -122,35 +128,61 @@ class Fetcher(threading.Thread):
             if connection is not None:
                 connection.close()
                 self.outstanding.pop(node_id, None)
+                self.resets.pop(node_id, None)
             connection = self.nodes[node_id] = Connection(self.context, address, monitor=True)
         return connection
 
     # -- positions ---------------------------------------------------------------------------------
 
     def _resolve_positions(self) -> None:
-        """Partitions whose position is a reset spec (earliest/latest) ask their owner for the offset."""
-        for tp, spec, epoch in self.consumer._pending_resets():
+        """Partitions whose position is a reset spec (earliest/latest) ask their owner for the offset; the
+        answer is handled by ``_drain`` (``_resolved_reply``)."""
+        pending = self.consumer._pending_resets()
+        if not pending:
+            return
+        by_node: dict[int, dict] = {}
+        for tp, spec, epoch in pending:
             node_id = self._owner(tp)
-            if node_id is None:
-                continue
+            if node_id is not None:
+                by_node.setdefault(node_id, {})[tp] = (spec, epoch)
+        now_s = time.monotonic()
+        for node_id, parts in by_node.items():
+            current = self.resets.get(node_id)
+            if current is not None and current[1] == parts and current[2] > now_s:
+                continue  # the same question is still out (or backing off after an error)
+            request_id = next_request_id()
             try:
-                result, _ = self._connection(node_id).request(
-                    wire.LIST_OFFSETS, {"parts": [[tp[0], tp[1], spec]]}, timeout_ms=self.consumer.request_timeout_ms)
-            except BusError as exc:
-                log.debug("list_offsets for %s failed: %s", tp, exc)
-                self.nodes.pop(node_id).close()
-                self.outstanding.pop(node_id, None)
+                self._connection(node_id).send(
+                    wire.LIST_OFFSETS, {"parts": [[t, p, spec] for (t, p), (spec, _) in parts.items()]},
+                    request_id=request_id)
+            except zmq.ZMQError:
                 continue
-            code, message, offset, _, _ = result["parts"][0]
-            if code is not None:
-                if code in REFRESH_CODES:
-                    self._refresh_metadata(force=True)
-                continue
-            self.consumer._resolved(tp, epoch, offset)
+            self.resets[node_id] = (request_id, parts, now_s + self.consumer.request_timeout_ms / 1000,
+                                    now_s + RESET_HOLD_MS / 1000)
+
+    def _resolved_reply(self, node_id: int, parts: dict, error, result) -> None:
+        retry = False
+        if error is not None:
+            log.warning("list_offsets from node %d failed: %s: %s", node_id, *error)
+            retry = True
+        else:
+            for (tp, (_, epoch)), (code, _, offset, _, _) in zip(parts.items(), result["parts"]):
+                if code is None:
+                    self.consumer._resolved(tp, epoch, offset)
+                else:
+                    retry = True
+                    if code in REFRESH_CODES:
+                        self._refresh_metadata(force=True)
+        if retry:  # ask again after a back-off, not at once
+            self.resets[node_id] = (None, parts, time.monotonic() + self.consumer.retry_backoff_s, 0.0)
 
     # -- fetching ----------------------------------------------------------------------------------
 
     def _issue_fetches(self) -> None:
+        if self.resets:
+            now_s = time.monotonic()
+            if any(request_id is not None and now_s < hold_s for request_id, _, _, hold_s in self.resets.values()):
+                return  # positions are being resolved: start together, so the first records come from all
         wanted = self.consumer._fetchable()  # {tp: (fetch offset, epoch)} when the buffer has room
         if not wanted:
             return
@@ -191,11 +223,15 @@ class Fetcher(threading.Thread):
         for node_id, connection in list(self.nodes.items()):
             if connection.monitor in ready and connection.disconnected():
                 self.outstanding.pop(node_id, None)  # the fetch died with the connection: ask again
+                self.resets.pop(node_id, None)
             if connection.socket in ready:
                 self._drain(node_id, connection)
             current = self.outstanding.get(node_id)
             if current is not None and current[2] <= now_s:
                 del self.outstanding[node_id]
+            reset = self.resets.get(node_id)
+            if reset is not None and reset[2] <= now_s:
+                del self.resets[node_id]
 
     def _drain(self, node_id: int, connection: Connection) -> None:
         while connection.socket.poll(0):
@@ -203,6 +239,11 @@ class Fetcher(threading.Thread):
                 request_id, error, result, bulk = connection.recv()
             except Exception as exc:
                 log.warning("undecodable fetch reply from node %d: %s", node_id, exc)
+                continue
+            reset = self.resets.get(node_id)
+            if reset is not None and reset[0] == request_id:
+                del self.resets[node_id]
+                self._resolved_reply(node_id, reset[1], error, result)
                 continue
             current = self.outstanding.get(node_id)
             if current is None or current[0] != request_id:

@@ -7,15 +7,27 @@ topic, or a node that stopped answering).
 from __future__ import annotations
 
 import os
+import re
 import zlib
 
-from .errors import UnknownTopic
+from .errors import ConfigError, UnknownTopic
 
 DEFAULT_BOOTSTRAP = "tcp://127.0.0.1:7400"
 
 
 def default_bootstrap() -> str:
     return os.environ.get("BUS_BOOTSTRAP") or DEFAULT_BOOTSTRAP
+
+
+_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+")
+
+
+def check_bootstrap(bootstrap) -> str:
+    """The bootstrap address, or ConfigError now (ZeroMQ would refuse it later, in a background thread)."""
+    bootstrap = bootstrap or default_bootstrap()
+    if not isinstance(bootstrap, str) or not _ADDRESS.fullmatch(bootstrap):
+        raise ConfigError(f"bootstrap must be a ZeroMQ address like tcp://127.0.0.1:7400, not {bootstrap!r}")
+    return bootstrap
 
 
 def partition_for_key(key: bytes, partition_count: int) -> int:

@@ -5,12 +5,15 @@ through the accumulator (under ``Producer._lock``) and a wake-up message on an i
 
 Ordering and exactly-once (idempotent producer, on by default): each partition's batches get
 consecutive sequence numbers under a producer id from the coordinator. Several batches of one partition
-may be in flight; the node refuses any that skips a sequence. When a batch must be retried, nothing
-more is sent for its partition until all of its in-flight batches have come back; then the unacked ones
-go again, in sequence order, with their original sequences, so the node writes each once, in order.
-A batch that definitely failed (e.g. StorageFull) leaves a hole: the ones after it are renumbered from
-the last acknowledged sequence. A batch whose fate is unknown when its delivery timeout passes may have
-been written, so the partition moves to a fresh producer id rather than reuse its sequence numbers.
+may be in flight, within a window of 5 from the oldest not yet settled (the node remembers a producer's
+last 5 batches, so a resend of any batch in the window is recognised); the node refuses any batch that
+skips a sequence. When a batch must be retried, nothing more is sent for its partition until all of its
+in-flight batches have come back; then the unacked ones go again, in sequence order, with their original
+sequences, so the node writes each once, in order. A batch that definitely failed (e.g. StorageFull)
+leaves a hole: the ones after it are renumbered from the last acknowledged sequence. A batch whose fate is
+unknown when its delivery timeout passes may have been written, so the partition moves to a fresh
+producer id rather than reuse its sequence numbers; the batches already sent after it are as uncertain
+(a copy may still land under the old id) and fail with it, as unknown; only unsent ones move on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 
 import zmq
 
@@ -35,6 +39,12 @@ log = logging.getLogger("bus.producer")
 RETRIABLE_CODES = {"NOT_OWNER", "OUT_OF_ORDER_SEQUENCE", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION",
                    "NODE_UNAVAILABLE", "TIMEOUT", "NO_NODES_AVAILABLE"}
 REQUEST_BYTES_MAX = 8 << 20  # batches per produce request to one node, beyond the first
+# A node remembers the last 5 batches of each producer per partition (store/partition_log.py,
+# PRODUCER_BATCHES_KEPT): a resent batch older than those would look like a sequence gap, not a retry.
+# So a partition's batches go out in a window of 5 that starts at its oldest batch still unsettled: a
+# batch whose reply was lost stays in the window even while later ones are acknowledged, and nothing
+# beyond the window is sent until it is settled, so when it is resent the node still knows it.
+PARTITION_IN_FLIGHT_BATCHES_MAX = 5
 LOOP_WAIT_MS_MAX = 100
 _wake_ids = itertools.count()
 
@@ -42,12 +52,15 @@ _wake_ids = itertools.count()
 class PartitionQueue:
     """The sender's state for one partition: unsent batches in sequence order and sequence bookkeeping."""
 
-    __slots__ = ("queue", "in_flight", "retrying", "renumber", "new_producer_id", "next_sequence",
+    __slots__ = ("queue", "in_flight", "window", "retrying", "renumber", "new_producer_id", "next_sequence",
                  "acked_sequence", "producer_id", "producer_epoch", "not_before_s")
 
     def __init__(self, producer_id: int, producer_epoch: int):
         self.queue: list = []  # batches not in flight, ascending sequence
         self.in_flight = 0
+        # Batches sent under the current numbering, ascending sequence, from the oldest not yet completed
+        # (acknowledged or failed) on: at most PARTITION_IN_FLIGHT_BATCHES_MAX.
+        self.window: deque = deque()
         self.retrying = False  # hold sends until in-flight batches return, then resend in order
         self.renumber = False  # a batch failed for certain: renumber the queue from acked_sequence
         self.new_producer_id = False  # a batch's fate is unknown: renumber under a fresh producer id
@@ -91,18 +104,27 @@ class Sender(threading.Thread):
 
         def wake():
             with lock:
+                if push.closed:
+                    return  # the producer is closed; there is nothing left to wake
                 try:
                     push.send(b"", zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # a wake-up is already pending
-        self._push = push
+
+        def close():
+            with lock:
+                push.close(0)
+
+        self._wake, self._close_wake = wake, close
         return wake
 
     def stop(self) -> None:
         self.stopping = True
-        self._push.send(b"", zmq.NOBLOCK) if not self._push.closed else None
+        # Through wake(): the socket holds one message, and a wake-up already pending does as well (a bare
+        # NOBLOCK send would raise zmq.Again then, failing close()).
+        self._wake()
         self.join()
-        self._push.close(0)
+        self._close_wake()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -112,11 +134,14 @@ class Sender(threading.Thread):
         try:
             while not self.stopping:
                 now_s = time.monotonic()
-                ready, linger_s = self.producer._take_ready(now_s)
+                held = [key for key, queue in self.partitions.items() if queue.queue]
+                ready, linger_s = self.producer._take_ready(now_s, held)
                 for batch in ready:
                     self._enqueue(batch)
                 self._expire(now_s)
                 self._send(now_s)
+                if any(not self.partitions[key].queue for key in held):
+                    continue  # a partition whose open batch was held has sent its queue: take that batch now
                 self._wait(linger_s)
         except Exception:
             log.exception("producer sender thread failed")
@@ -205,11 +230,22 @@ class Sender(threading.Thread):
     def _renumber(self, queue: PartitionQueue) -> None:
         """Give the queued batches fresh consecutive sequences (after a definite or unknown failure)."""
         if queue.new_producer_id:
+            # A batch already sent under the old producer id may still be written under it (its request
+            # held up in the network, its reply lost); renumbered under a new id it would be written
+            # twice. So it shares the fate of the batch that timed out: unknown. Only batches never sent
+            # move to the new id.
+            for batch in [b for b in queue.queue if b.sent]:
+                queue.queue.remove(batch)
+                exc = Timeout("record not acknowledged before an earlier record of its partition timed out "
+                              "(it may have been written)")
+                exc.outcome = INDETERMINATE
+                self._finish(batch, -1, exc)
             queue.producer_id, queue.producer_epoch = self._new_producer_id()
             queue.acked_sequence = 0
         queue.next_sequence = queue.acked_sequence
         for batch in queue.queue:
             self._number(queue, batch)
+        queue.window.clear()  # nothing is in flight (retrying waits for that); all that is left gets resent
         queue.renumber = queue.new_producer_id = False
 
     # -- sending -----------------------------------------------------------------------------------
@@ -243,7 +279,8 @@ class Sender(threading.Thread):
             while self.node_in_flight.get(node_id, 0) < self.max_in_flight:
                 batches, size = [], 0
                 for queue in queues:
-                    while queue.queue and (not batches or size + len(queue.queue[0].payload) <= REQUEST_BYTES_MAX):
+                    while (queue.queue and self._in_window(queue)
+                           and (not batches or size + len(queue.queue[0].payload) <= REQUEST_BYTES_MAX)):
                         batch = queue.queue.pop(0)
                         batches.append(batch)
                         size += len(batch.payload)
@@ -251,6 +288,20 @@ class Sender(threading.Thread):
                 if not batches:
                     break
                 self._send_request(node_id, connection, batches, now_s)
+
+    def _in_window(self, queue: PartitionQueue) -> bool:
+        """Whether the partition's next queued batch may go out now; if so, it joins the window."""
+        if not self.idempotent:
+            return queue.in_flight < PARTITION_IN_FLIGHT_BATCHES_MAX
+        window, batch = queue.window, queue.queue[0]
+        while window and window[0].done.is_set():
+            window.popleft()
+        if window and batch.sequence <= window[-1].sequence:
+            return True  # a resend of a batch already in the window
+        if len(window) >= PARTITION_IN_FLIGHT_BATCHES_MAX:
+            return False
+        window.append(batch)
+        return True
 
     def _connection(self, node_id: int) -> Connection:
         address = self.metadata.address(node_id)
@@ -372,4 +423,8 @@ class Sender(threading.Thread):
         ready, _ = self.producer._take_ready(time.monotonic())
         for batch in pending + ready:
             if not batch.done.is_set():
+                if batch.sent:
+                    # It may have been written: say so, as the delivery timeout does.
+                    exc = exc.__class__(f"{exc.message} (it may have been written)")
+                    exc.outcome = INDETERMINATE
                 self._finish(batch, -1, exc)

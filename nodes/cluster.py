@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from bus import wire
@@ -42,15 +44,49 @@ def _die_with_parent():  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. A node restarted
+# from a short-lived thread (a test's fault injector) would get SIGTERM the moment that thread ended. So
+# every child is forked by this one spawner thread, which lives as long as the process.
+_spawn_requests: "queue.Queue | None" = None
+_spawn_lock = threading.Lock()
+
+
+def _spawner_loop(requests) -> None:
+    while True:
+        kwargs, box, done = requests.get()
+        try:
+            box.append(subprocess.Popen(**kwargs))
+        except BaseException as exc:  # handed to the caller
+            box.append(exc)
+        done.set()
+
+
+def _popen(**kwargs) -> subprocess.Popen:
+    global _spawn_requests
+    with _spawn_lock:
+        if _spawn_requests is None:
+            _spawn_requests = queue.Queue()
+            threading.Thread(target=_spawner_loop, args=(_spawn_requests,), name="cluster-spawner",
+                             daemon=True).start()
+    box, done = [], threading.Event()
+    _spawn_requests.put((kwargs, box, done))
+    done.wait()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 class LocalCluster:
     def __init__(self, data_dir: str, nodes: int = 3, *, port: int = 0, host: str = "127.0.0.1",
                  sync: str = "always", node_args: tuple = (), coordinator_args: tuple = (),
-                 env: dict | None = None):
+                 env: dict | None = None, advertise: dict | None = None):
         assert nodes >= 1
         self.data_dir = os.path.abspath(data_dir)
         self.host = host
         self.sync = sync
         self.node_args, self.coordinator_args = tuple(node_args), tuple(coordinator_args)
+        # node id -> the address a node tells clients instead of its bind address (e.g. a fault proxy's)
+        self.advertise = dict(advertise or {})
         ports = list(range(port, port + nodes + 1)) if port else free_ports(nodes + 1, host)
         self.coordinator_port, self.node_ports = ports[0], dict(zip(range(1, nodes + 1), ports[1:]))
         self.bootstrap = f"tcp://{host}:{self.coordinator_port}"
@@ -65,8 +101,8 @@ class LocalCluster:
     def _spawn(self, name: str, argv: list) -> subprocess.Popen:
         log_path = os.path.join(self.data_dir, "logs", f"{name}.log")
         with open(log_path, "ab") as log_file:
-            return subprocess.Popen([sys.executable, *argv], env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=self.data_dir)
+            return _popen(args=[sys.executable, *argv], env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=self.data_dir)
 
     def node_address(self, node_id: int) -> str:
         return f"tcp://{self.host}:{self.node_ports[node_id]}"
@@ -83,7 +119,7 @@ class LocalCluster:
         self.nodes[node_id] = self._spawn(f"node-{node_id}", [
             "-m", "nodes.node", "--node-id", str(node_id), "--data-dir", os.path.join(self.data_dir, f"node-{node_id}"),
             "--bind", self.node_address(node_id), "--coordinator", self.bootstrap, "--sync", self.sync,
-            *self.node_args])
+            *(("--advertise", self.advertise[node_id]) if node_id in self.advertise else ()), *self.node_args])
 
     def start(self, timeout_s: float = 30.0) -> "LocalCluster":
         self.start_coordinator()
@@ -142,6 +178,30 @@ class LocalCluster:
             self.kill_node(node_id)
         self.start_node(node_id)
         self.wait_ready(timeout_s, [node_id])
+        # The coordinator may still count the killed incarnation as alive (its session has not run out),
+        # so also wait for the new process itself to answer.
+        self.wait_serving(node_id, timeout_s)
+
+    def wait_serving(self, node_id: int, timeout_s: float = 30.0) -> None:
+        """Wait until node ``node_id``'s process answers a ping on its own address."""
+        import zmq
+
+        deadline_s = time.monotonic() + timeout_s
+        context = zmq.Context()
+        requester = Requester(context, self.node_address(node_id), 500)
+        try:
+            while True:
+                self._check_children()
+                try:
+                    requester.request(self.node_address(node_id), wire.PING, {})
+                    return
+                except Exception:
+                    pass
+                if time.monotonic() > deadline_s:
+                    raise TimeoutError(f"node {node_id} not serving within {timeout_s} s; see {self.data_dir}/logs")
+        finally:
+            requester.close()
+            context.term()
 
     def pause_node(self, node_id: int) -> None:
         self.nodes[node_id].send_signal(signal.SIGSTOP)

@@ -25,16 +25,19 @@ from bus.errors import (BusError, NotOwner, OffsetOutOfRange, RecordTooLarge, Un
                         UnknownTopic, InvalidRequest)
 from store import LogStore
 
+from . import sabotage
 from .server import MALFORMED, RouterServer, as_invalid, install_stop_handlers
 
 log = logging.getLogger("bus.node")
 
 HEARTBEAT_INTERVAL_MS = 300
+PLACEMENT_ASK_INTERVAL_MS = 50  # at most this often, a request for an unknown topic brings the heartbeat forward
 RETENTION_CHECK_INTERVAL_MS = 1_000
 SYNC_INTERVAL_MS = 100  # for --sync interval
 BATCH_BYTES_MAX = 16 << 20  # the largest batch a node stores; producers default to 1 MiB
 MESSAGE_BYTES_MAX = 64 << 20  # zmq refuses larger messages outright (a rogue client cannot OOM us)
 FETCH_WAIT_MS_MAX = 60_000
+MAP_SIZE_INITIAL_BYTES = 1 << 28  # the LMDB map starts here (or at --map-size-max if lower) and doubles
 LOOP_WAIT_MS_MAX = 100  # upper bound on one poll, so a stop signal is noticed promptly
 
 
@@ -58,7 +61,8 @@ class Node:
                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
                  retention_check_interval_ms: int = RETENTION_CHECK_INTERVAL_MS):
         self.node_id = node_id
-        self.store = LogStore(data_dir, sync=sync, map_size_max_bytes=map_size_max_bytes)
+        self.store = LogStore(data_dir, sync=sync, map_size_bytes=min(MAP_SIZE_INITIAL_BYTES, map_size_max_bytes),
+                              map_size_max_bytes=map_size_max_bytes)
         self.store.claim_identity(f"node-{node_id}")
         self.context = zmq.Context()
         self.context.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
@@ -73,15 +77,18 @@ class Node:
         self.heartbeat_interval_s = heartbeat_interval_ms / 1000
         self.retention_interval_s = retention_check_interval_ms / 1000
         self.next_heartbeat_s = 0.0
+        self.placement_ask_s = 0.0  # no early heartbeat for an unknown topic before this
         self.next_retention_s = time.monotonic() + self.retention_interval_s
         self.next_sync_s = time.monotonic() + SYNC_INTERVAL_MS / 1000
         self.stopping = False
+        self.refused = None  # why the coordinator refused this node, which then stops (exit status 1)
         self.request_seq = 0
         # The placement as last heard from the coordinator, cached on disk so a restarted node serves its
         # partitions even while the coordinator is down.
         self.placement_version = -1
         self.topics: dict[str, dict] = {}
         self.owned: dict[tuple[str, int], object] = {}  # (topic, partition) -> PartitionLog
+        self.cluster_id = self.store.get_meta(b"n:cluster_id")  # the cluster whose coordinator this node follows
         cached = self.store.get_meta(b"n:placement")
         if cached is not None:
             self._apply_placement(cached["version"], cached["topics"], persist=False)
@@ -92,17 +99,18 @@ class Node:
     # -- placement ---------------------------------------------------------------------------------
 
     def _apply_placement(self, version: int, topics: dict, persist: bool = True) -> None:
-        owned, live_names = {}, set()
+        mine = {}  # (topic, partition) -> log name, for the partitions this node owns
         for name, topic in topics.items():
             for partition, owner in enumerate(topic["partitions"]):
                 if owner == self.node_id:
-                    log_name = f"{topic['id']}/{partition}"
-                    owned[(name, partition)] = self.store.open_partition(log_name)
-                    live_names.add(log_name)
+                    mine[(name, partition)] = f"{topic['id']}/{partition}"
+        live_names = set(mine.values())
+        # Drop before opening: LMDB holds a fixed number of partition databases (store.log_store.PARTITIONS_MAX).
         for stale in [name for name in self.store.logs if name not in live_names]:
             # Its topic was deleted (ids are never reused, so a re-created topic gets fresh logs).
             self._unpark_log(stale)
             self.store.drop_partition(stale)
+        owned = {key: self.store.open_partition(log_name) for key, log_name in mine.items()}
         self.topics, self.owned, self.placement_version = topics, owned, version
         if persist:
             self.store.put_meta(b"n:placement", {"version": version, "topics": topics})
@@ -113,10 +121,19 @@ class Node:
             return plog
         meta = self.topics.get(topic)
         if meta is None:
+            self._ask_placement_soon()
             raise UnknownTopic(f"topic {topic!r} is not known to node {self.node_id}")
         if not isinstance(partition, int) or not 0 <= partition < len(meta["partitions"]):
             raise UnknownPartition(f"topic {topic!r} has no partition {partition!r}")
         raise NotOwner(f"node {self.node_id} does not own {topic}/{partition}")
+
+    def _ask_placement_soon(self) -> None:
+        """A client named a topic this node has not heard of: it may have just been created, so heartbeat now
+        (at most every PLACEMENT_ASK_INTERVAL_MS) rather than at the next interval; the reply brings it."""
+        now_s = time.monotonic()
+        if now_s >= self.placement_ask_s:
+            self.placement_ask_s = now_s + PLACEMENT_ASK_INTERVAL_MS / 1000
+            self.next_heartbeat_s = min(self.next_heartbeat_s, now_s)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -128,6 +145,7 @@ class Node:
         poller.register(self.server.socket, zmq.POLLIN)
         poller.register(self.coordinator, zmq.POLLIN)
         log.info("node %d serving on %s (advertised %s)", self.node_id, self.server.bind, self.advertise)
+        sabotage.announce(f"node {self.node_id}")
         try:
             while not self.stopping:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
@@ -157,6 +175,8 @@ class Node:
         if now_s >= self.next_retention_s:
             self._retention()
             self.next_retention_s = now_s + self.retention_interval_s
+        if sabotage.ACK_BEFORE_SYNC:  # test-only: write what was acknowledged earlier (nodes/sabotage.py)
+            sabotage.flush_deferred(self.store)
         if self.store.sync_mode == "interval" and now_s >= self.next_sync_s:
             self.store.sync()
             self.next_sync_s = now_s + SYNC_INTERVAL_MS / 1000
@@ -172,6 +192,8 @@ class Node:
             try:
                 if op == wire.PRODUCE:
                     produces.append(self._parse_produce(identity, request_id, args, bulk))
+                elif bulk and op in (wire.FETCH, wire.LIST_OFFSETS, wire.PING):
+                    raise InvalidRequest(f"{op} takes no bulk frames, got {len(bulk)}")
                 elif op == wire.FETCH:
                     self._fetch(identity, request_id, args)
                 elif op == wire.LIST_OFFSETS:
@@ -327,8 +349,21 @@ class Node:
             if error is not None:
                 log.error("coordinator refused node %d: %s: %s", self.node_id, *error)
                 if error[0] == "NODE_IDENTITY_MISMATCH":
+                    self.refused = error[1]
                     self.stopping = True
                 continue
+            cluster_id = result.get("cluster_id")
+            if cluster_id is not None and cluster_id != self.cluster_id:
+                if self.cluster_id is not None:
+                    # Its placement would drop or, worse, reuse this node's logs (topic ids start again).
+                    self.refused = (f"data directory {self.store.path} belongs to cluster {self.cluster_id}, but the "
+                                    f"coordinator is cluster {cluster_id} (did it lose its data directory?); "
+                                    "nothing was changed")
+                    log.error("node %d: %s", self.node_id, self.refused)
+                    self.stopping = True
+                    return
+                self.cluster_id = cluster_id
+                self.store.put_meta(b"n:cluster_id", cluster_id)
             if result.get("topics") is not None and result["version"] != self.placement_version:
                 self._apply_placement(result["version"], result["topics"])
 
@@ -342,6 +377,8 @@ class Node:
                 self.store.apply_retention(plog, now, meta.get("retention_ms"), meta.get("retention_bytes"))
 
     def close(self) -> None:
+        if sabotage.ACK_BEFORE_SYNC:
+            sabotage.flush_deferred(self.store, force=True)  # a clean stop loses nothing; only kill -9 does
         self.server.close()
         self.coordinator.close()
         self.context.term()
@@ -368,12 +405,20 @@ def main(argv=None) -> None:
 def run_node(args) -> None:
     logging.basicConfig(level=os.environ.get("BUS_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    node = Node(args.node_id, args.data_dir, args.bind, args.coordinator, advertise=args.advertise,
-                sync=args.sync, map_size_max_bytes=args.map_size_max,
-                heartbeat_interval_ms=args.heartbeat_interval_ms,
-                retention_check_interval_ms=args.retention_check_interval_ms)
+    try:
+        node = Node(args.node_id, args.data_dir, args.bind, args.coordinator, advertise=args.advertise,
+                    sync=args.sync, map_size_max_bytes=args.map_size_max,
+                    heartbeat_interval_ms=args.heartbeat_interval_ms,
+                    retention_check_interval_ms=args.retention_check_interval_ms)
+    except (BusError, zmq.ZMQError) as exc:
+        # One clear line (e.g. another node's data directory), not a traceback.
+        log.error("node %d cannot start: %s", args.node_id, exc)
+        raise SystemExit(1) from None
     install_stop_handlers(node.stop)
     node.serve_forever()
+    if node.refused is not None:
+        log.error("node %d stopped: the coordinator refused it: %s", args.node_id, node.refused)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

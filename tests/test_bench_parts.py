@@ -1,4 +1,5 @@
-"""Fast tests of the bench's parts: the arithmetic, the pacer, the raw ceiling, the peers and the report.
+"""Fast tests of the bench's parts: the arithmetic, the pacer, the raw ceiling, the peers, the bus as a system,
+the report, and the producer/consumer fast paths the bench's speed work added.
 
 Each system test runs a tiny real workload over real processes and then checks that no child process is
 left behind. A peer whose server is not installed must say how to install it (PeerUnavailable), which is
@@ -14,8 +15,9 @@ import time
 import psutil
 import pytest
 
-from bus.bench import peers, raw, report
+from bus.bench import BusOptions, make_bus_system, peers, raw, report
 from bus.bench.stats import (
+    MODES,
     BenchConfig,
     ClientReport,
     Pacer,
@@ -30,6 +32,7 @@ from bus.bench.stats import (
     record_partition,
     run_interleaved,
     split,
+    steadiness,
     throughput,
     timeline,
 )
@@ -339,3 +342,133 @@ def test_client_report_events():
     r = ClientReport(0, 0, 0)
     r.add_event(5, 2)
     assert list(r.events_t_ns) == [5] and list(r.events_n) == [2]
+
+
+# ---------------------------------------------------------------------------------------------- the bus as a system
+
+
+def test_steadiness_compares_the_last_third_with_the_first():
+    def res(counts):
+        series = [(i * 0.1, n) for i, n in enumerate(counts)]
+        return Result("bus", "produce", sum(counts), 0, 1.0, 1.0, 1.0, timeline=series)
+
+    assert steadiness(res([100] * 30)) == 1.0
+    assert steadiness(res([100] * 10 + [100] * 10 + [50] * 10)) == pytest.approx(0.5, abs=0.1)
+    assert steadiness(res([0, 100, 100, 100, 100, 100, 100, 100, 5])) == 1.0  # start-up and flush bins don't count
+    assert steadiness(res([100] * 5)) is None  # too short to say
+
+
+def test_runner_options_are_checked():
+    from bus.bench import runner
+
+    assert runner.parse_list("raw, nats", runner.PEER_NAMES, "peer") == ["raw", "nats"]
+    assert runner.parse_list("none", runner.PEER_NAMES, "peer") == []
+    with pytest.raises(ValueError, match="unknown mode latncy"):
+        runner.parse_list("produce,latncy", MODES, "mode")
+    assert runner.exit_status({"redis produce": "boom"}) == 0  # a peer may fail without failing the bench
+    assert runner.exit_status({"bus send_many produce": "boom"}) == 1
+    assert runner.exit_status({"raw latency": "boom"}) == 1
+    with pytest.raises(ValueError):
+        BusOptions(acks=2).validate()
+
+
+def test_bus_tiny_workload_as_a_group_and_by_assign(tmp_path, no_strays):
+    cfg = tiny(tmp_path, sync="always", partitions=3, producers=2, consumers=2, records=3001)
+    for group in (True, False):
+        produce, consume, latency = run_all_modes(make_bus_system(BusOptions(nodes=2, group=group)), cfg)
+        assert consume.config["bus"]["group"] is group and consume.server_rss_mb > 0
+        assert produce.config["client_rss_peak_mb"] > 0
+    bulk = make_bus_system(BusOptions(send_many=True)).run("produce", cfg)
+    check_sane(bulk, cfg, "produce")
+    assert bulk.system == "bus send_many"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bus_against_a_running_cluster(tmp_path, no_strays):
+    from nodes.cluster import LocalCluster
+
+    with LocalCluster(str(tmp_path / "cluster"), 1) as cluster:
+        cfg = tiny(tmp_path / "scratch")
+        system = make_bus_system(BusOptions(bootstrap=cluster.bootstrap, group=False))
+        r = system.run("produce", cfg)
+        assert r.records == cfg.records and r.server_cpu_pct is None and r.server_rss_mb is None
+        assert any("external cluster" in n for n in r.notes)
+        from bus import Admin
+
+        with Admin(cluster.bootstrap) as admin:
+            assert admin.list_topics() == {}  # the bench's topic is deleted afterwards
+
+
+# ---------------------------------------------------------------------------------------------- hot paths
+# The bench's speed-ups in the producer and consumer must not change what they do.
+
+
+def test_send_many_stores_what_send_would(tmp_path):
+    from bus import Admin, Consumer, Producer
+    from bus.errors import RecordTooLarge
+    from nodes.cluster import LocalCluster
+
+    values = [b"v%05d" % i + b"." * (i % 300) for i in range(5_000)]
+    with LocalCluster(str(tmp_path / "cluster"), 1) as cluster:
+        with Admin(cluster.bootstrap) as admin:
+            admin.create_topic("many", 3)
+        # Small batches and a small buffer: the values span many batches, and send_many waits for room.
+        with Producer(cluster.bootstrap, batch_bytes=10_000, buffer_bytes=40_000, linger_ms=1) as producer:
+            futures = producer.send_many("many", values[:2_500])
+            futures += producer.send_many("many", iter(values[2_500:4_000]), partition=2)
+            futures += [producer.send("many", v) for v in values[4_000:]]
+            metas = [f.get(30) for f in futures]
+            with pytest.raises(RecordTooLarge):  # the per-record path: values before the big one go
+                producer.send_many("many", [b"ok", b"x" * (2 << 20)], partition=0)
+            assert producer.send_many("many", []) == []
+        assert [m.partition for m in metas[2_500:4_000]] == [2] * 1_500
+        by_partition: dict = {}
+        for m, v in zip(metas, values):
+            by_partition.setdefault(m.partition, []).append((m.offset, v))
+        for runs in by_partition.values():  # each partition's offsets are dense and in send order
+            assert [o for o, _ in runs] == sorted(o for o, _ in runs)
+        with Consumer(cluster.bootstrap, auto_offset_reset="earliest") as consumer:
+            consumer.assign([("many", p) for p in range(3)])
+            got = []
+            deadline = time.monotonic() + 30
+            while len(got) < len(values) + 1 and time.monotonic() < deadline:
+                got += consumer.poll(timeout_ms=200)
+        stored = {(r.partition, r.offset): r.value for r in got}
+        assert stored[(0, max(o for (p, o) in stored if p == 0))] == b"ok"
+        for m, v in zip(metas, values):
+            assert stored[(m.partition, m.offset)] == v
+
+
+def test_consumer_runs_honour_positions_and_seeks(tmp_path):
+    from bus import Admin, Consumer, Producer
+    from nodes.cluster import LocalCluster
+
+    with LocalCluster(str(tmp_path / "cluster"), 1) as cluster:
+        with Admin(cluster.bootstrap) as admin:
+            admin.create_topic("seeks", 1)
+        with Producer(cluster.bootstrap, batch_bytes=2_000, linger_ms=0) as producer:
+            for i in range(1_000):
+                producer.send("seeks", b"%d" % i, headers=[("i", b"%d" % i)] if i % 7 == 0 else None)
+            producer.flush(30)
+        with Consumer(cluster.bootstrap, auto_offset_reset="earliest") as consumer:
+            consumer.assign([("seeks", 0)])
+
+            def take(n):
+                out, deadline = [], time.monotonic() + 30
+                while len(out) < n and time.monotonic() < deadline:
+                    out += consumer.poll(timeout_ms=200, max_records=n - len(out))
+                return out
+
+            first = take(10)  # part of a run: the rest stays buffered
+            assert [r.offset for r in first] == list(range(10))
+            assert consumer.position(("seeks", 0)) == 10
+            consumer.seek(("seeks", 0), 500)  # into the middle of data fetched before the seek
+            mid = take(5)
+            assert [r.offset for r in mid] == list(range(500, 505)) and mid[0].value == b"500"
+            consumer.seek(("seeks", 0), 3)  # backwards, into records already returned
+            back = take(997)
+            assert [r.offset for r in back] == list(range(3, 1_000))
+            assert [r.value for r in back] == [b"%d" % i for i in range(3, 1_000)]
+            assert back[4].headers == [("i", b"7")] and back[5].headers is None  # offset 7 has one, 8 none
+            assert all(r.topic == "seeks" and r.partition == 0 and r.timestamp_ms > 0 for r in back)
+            assert consumer.poll(timeout_ms=100) == []

@@ -323,6 +323,21 @@ def timeline(
     return [(round(i * bin_s, 6), n) for i, n in enumerate(bins)], bin_s
 
 
+def steadiness(result: Result, bins_min: int = 9) -> float | None:
+    """Throughput in the last third of a run over that in the first third (1.0: flat; None: too short).
+
+    Taken over the middle 90 % of the timeline (and never its first and last bins), so that start-up and the
+    final flush do not count. A figure well below 1.0 means each record costs more as the log grows."""
+    series = result.timeline
+    if len(series) < bins_min:
+        return None
+    trim = max(1, len(series) // 20)
+    middle = [n for _, n in series[trim : len(series) - trim]]
+    third = len(middle) // 3
+    first, last = sum(middle[:third]), sum(middle[-third:])
+    return last / first if first > 0 else None
+
+
 def median_of_runs(results: Sequence[Result]) -> Result:
     """One Result from repeated runs: each figure is the median of the runs' figures.
 

@@ -27,6 +27,8 @@ Operations (`f`) and the fields the checker reads from them:
     reset   group, topic, partition, offset: an explicit offset reset (seek + commit lower)
     drain   topic, partition, offset, value: one event per record of the final drain,
             written by `record_drain`, so that a saved history can be re-checked on its own
+    nemesis a fault the harness injected (tests/harness/nemesis.py): what, target and
+            timings in `extra`; the checker ignores it, a reader of a failing history needs it
 
 `member` defaults to the recording process when absent. Any other keyword is kept in
 `extra` (free-form, e.g. `error="timeout"`).
@@ -57,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 TYPES = ("invoke", "ok", "fail", "unknown")
 COMPLETIONS = ("ok", "fail", "unknown")
-FUNCTIONS = ("send", "poll", "commit", "assign", "revoke", "reset", "drain")
+FUNCTIONS = ("send", "poll", "commit", "assign", "revoke", "reset", "drain", "nemesis")
 # Named fields: stored as attributes so the checker reads them without dict lookups or typos.
 FIELDS = ("topic", "partition", "value", "offset", "member", "epoch", "group", "time_ms")
 # Keys that would collide with an event's own attributes in the JSON layout.

@@ -1,0 +1,516 @@
+"""The bus itself as a ``System`` of the bench: a LocalCluster, producer processes and consumer processes.
+
+``make_bus_system(BusOptions(...))`` returns a ``stats.System`` whose runners measure the bus exactly as
+the raw ceiling and the peers are measured (same ``BenchConfig``, same start gate, same arithmetic):
+
+- The cluster: a ``LocalCluster`` (a coordinator and ``nodes`` node processes, ``--sync`` from the config)
+  on fresh storage for every run, or, with ``bootstrap``, a cluster that is already running (then the
+  bench makes a topic of its own, deletes it afterwards, and cannot sample the nodes' CPU and memory).
+  Server CPU and RSS are sampled on the node processes (the coordinator only answers metadata, producer
+  ids and group heartbeats).
+- Produce: each producer process calls ``Producer.send()`` once per record (``send_many=True``: it hands
+  ``SEND_MANY_RECORDS`` records at a time to ``send_many``), sticky partitioning as users get it. The
+  acknowledgement latency is taken per chunk of ``ACK_CHUNK_RECORDS`` records: from the moment ``send()``
+  returned for the chunk's last record to its acknowledgement (a callback on that record's future), and
+  it stands for every record of the chunk. Raw's "batch sent -> acked" starts later (when the batch is
+  full), so the bus's figure also holds the linger and the wait for the batch to fill.
+- Consume: the records are loaded first (not measured); then each consumer process reads its share with
+  ``poll()``, as a member of one consumer group (``group=True``) or by ``assign()`` over
+  ``stats.assign_partitions``. A group member waits before the gate until the whole group holds every
+  partition, and parks at the log end, so nobody reads ahead of the gate; after the gate it seeks to 0.
+  Consumers leave only after all of them are done, so no partition moves during the measured window.
+  Completeness is checked without touching each record: the number returned must equal what was stored
+  and every partition's position must end at its log end (positions advance exactly one per record).
+- Latency: records carry their due time (``time.time_ns()``, 8 bytes big-endian) as raw's do; producers
+  hand each record to ``send()`` when it is due (the producer's own ``linger_ms`` batches them) and
+  consumers take the latency of every record when ``poll()`` returns it.
+
+Client functions are module-level (the harness spawns them by name). This module imports the bus only
+inside the functions that run in client processes or start the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import time
+import uuid
+from array import array
+from typing import Any
+
+from .stats import (
+    BenchConfig,
+    BenchError,
+    ClientReport,
+    Gate,
+    Pacer,
+    Result,
+    System,
+    assign_partitions,
+    build_result,
+    expected_per_partition,
+    latency_result,
+    record_partition,
+    run_clients,
+    scratch_dir,
+    split,
+    storage_notes,
+)
+
+SYSTEM_NAME = "bus"
+SEND_MANY_NAME = "bus send_many"
+SEND_TIME = struct.Struct(">q")  # latency mode: the first 8 bytes of a record's value, time.time_ns()
+
+ACK_CHUNK_RECORDS = 1024  # produce mode: records whose acknowledgement one callback times
+SEND_MANY_RECORDS = 1024  # send_many mode: records per call
+POLL_RECORDS_MAX = 10_000  # what poll() returns at most (its default)
+POLL_TIMEOUT_MS = 100
+CLUSTER_START_TIMEOUT_S = 60.0
+TOPIC_READY_TIMEOUT_S = 30.0
+GROUP_STABLE_TIMEOUT_S = 60.0  # consumers of one group settle their assignment within this
+GROUP_STABLE_CHECKS = 3  # ... and must see it unchanged this many times in a row
+GROUP_CHECK_INTERVAL_S = 0.1
+ACKS_WAIT_TIMEOUT_S = 60.0  # after flush(): callbacks still running on the sender thread
+BUFFER_BYTES_MIN = 64 << 20  # the producer's default buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class BusOptions:
+    """How the bus is run: what the BenchConfig (shared with every system) does not say."""
+
+    nodes: int = 1  # node processes of the LocalCluster the bench starts
+    bootstrap: str | None = None  # use this running cluster instead of starting one
+    acks: Any = 1  # 0, 1 or "all" (one copy per partition: "all" == 1)
+    group: bool = True  # consumers as one consumer group; False: assign() over a split of the partitions
+    send_many: bool = False  # produce with send_many() (the bulk path) instead of send() per record
+
+    def validate(self) -> BusOptions:
+        if self.nodes < 1:
+            raise ValueError("nodes must be >= 1")
+        if self.acks not in (0, 1, "all", -1):
+            raise ValueError(f"acks must be 0, 1 or 'all', not {self.acks!r}")
+        return self
+
+
+def rss_peak_mb() -> float:
+    """This process's peak resident memory so far, in MB (10^6 bytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux reports KiB
+
+
+def _client_rss(result: Result, reports: list[ClientReport]) -> None:
+    """Keep the clients' largest peak RSS with the result (runner.py shows it): memory must stay bounded."""
+    peaks = [r.extra["rss_peak_mb"] for r in reports if "rss_peak_mb" in r.extra]
+    if peaks:
+        result.config["client_rss_peak_mb"] = max(peaks)
+
+
+def _linger_ms(cfg: BenchConfig) -> int:
+    """The producer takes whole milliseconds."""
+    return max(0, round(cfg.linger_ms))
+
+
+def _producer(bootstrap: str, cfg: BenchConfig, acks: Any) -> Any:
+    from bus import Producer
+
+    return Producer(
+        bootstrap,
+        acks=acks,
+        linger_ms=_linger_ms(cfg),
+        batch_bytes=cfg.batch_bytes,
+        buffer_bytes=max(BUFFER_BYTES_MIN, 4 * cfg.batch_bytes),
+        idempotent=acks != 0,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The cluster
+
+
+class BusCluster:
+    """A LocalCluster on ``data_dir`` (or the one at ``opts.bootstrap``) and a fresh topic, for a ``with`` block."""
+
+    def __init__(self, cfg: BenchConfig, opts: BusOptions, data_dir: str):
+        self.cfg, self.opts, self.data_dir = cfg, opts, data_dir
+        self.bootstrap = opts.bootstrap or ""
+        self.topic = f"bench-{uuid.uuid4().hex[:12]}"
+        self.pids: list[int] = []  # the node processes, sampled for CPU and RSS
+        self.notes: list[str] = []
+        self._cluster: Any = None
+
+    def __enter__(self) -> BusCluster:
+        try:
+            if self.opts.bootstrap is None:
+                from nodes.cluster import LocalCluster
+
+                self._cluster = LocalCluster(os.path.join(self.data_dir, "cluster"), self.opts.nodes, sync=self.cfg.sync)
+                self._cluster.start(CLUSTER_START_TIMEOUT_S)
+                self.bootstrap = self._cluster.bootstrap
+                self.pids = [p.pid for p in self._cluster.nodes.values()]
+            else:
+                self.notes.append(
+                    f"external cluster at {self.opts.bootstrap}: its own sync setting applies; node CPU/RSS not sampled"
+                )
+            self._create_topic()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _create_topic(self) -> None:
+        from bus import Admin
+
+        with Admin(self.bootstrap) as admin:
+            admin.create_topic(self.topic, self.cfg.partitions)
+            # Wait until every partition's owner serves it, so no client starts against a node that has not
+            # heard the placement yet.
+            deadline = time.monotonic() + TOPIC_READY_TIMEOUT_S
+            while True:
+                parts = admin.describe_topic(self.topic)["partitions"]
+                if all(p["end_offset"] is not None for p in parts):
+                    return
+                if time.monotonic() > deadline:
+                    raise BenchError(f"topic {self.topic} not served by its nodes within {TOPIC_READY_TIMEOUT_S} s")
+                time.sleep(0.02)
+
+    def stored(self) -> list[int]:
+        """Records stored in each partition (log end - log start)."""
+        from bus import Admin
+
+        with Admin(self.bootstrap) as admin:
+            parts = admin.describe_topic(self.topic)["partitions"]
+        if any(p["end_offset"] is None for p in parts):
+            raise BenchError("a partition's node did not answer after the load")
+        return [p["end_offset"] - p["start_offset"] for p in parts]
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+        elif self.opts.bootstrap is not None:
+            try:
+                from bus import Admin
+
+                with Admin(self.bootstrap) as admin:
+                    admin.delete_topic(self.topic)
+            except Exception:  # noqa: BLE001 - a topic left behind is not worth hiding the real error
+                pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Producer processes
+
+
+class _Acks:
+    """Ack callbacks (run on the producer's sender thread) recording into a ClientReport."""
+
+    def __init__(self, report: ClientReport):
+        self.report = report
+        self.acked = 0
+        self.errors: list[str] = []
+
+    def chunk(self, sent_ns: int, n: int):
+        report = self.report
+
+        def on_ack(metadata: Any, error: BaseException | None) -> None:
+            now = time.monotonic_ns()
+            if error is not None:
+                self.errors.append(repr(error))
+                self.acked += n
+                return
+            report.latencies_ns.append(now - sent_ns)
+            report.latency_counts.append(n)
+            report.add_event(now, n)
+            if now > report.end_ns:
+                report.end_ns = now
+            self.acked += n
+
+        return on_ack
+
+    def wait(self, count: int) -> None:
+        deadline = time.monotonic() + ACKS_WAIT_TIMEOUT_S
+        while self.acked < count:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.acked} of {count} acknowledgements after flush()")
+            time.sleep(0.001)
+        if self.errors:
+            raise BenchError(f"{len(self.errors)} chunk(s) failed, first: {self.errors[0]}")
+
+
+def produce_client(
+    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, bulk: bool, count: int, gate: Gate
+) -> ClientReport:
+    """Send ``count`` records of ``cfg.record_bytes``: ``send()`` per record, or ``send_many`` with ``bulk``."""
+    producer = _producer(bootstrap, cfg, acks)
+    value = b"x" * cfg.record_bytes
+    report = ClientReport(0, 0, 0, latency_counts=array("q"))
+    acked = _Acks(report)
+    chunk = SEND_MANY_RECORDS if bulk else ACK_CHUNK_RECORDS
+    values = [value] * chunk
+    try:
+        producer._partitions(topic)  # the topic's metadata, fetched before the gate (send() caches it)
+        report.start_ns = gate.wait()
+        sent = 0
+        if bulk:
+            send_many = producer.send_many
+            while sent < count:
+                n = min(chunk, count - sent)
+                futures = send_many(topic, values if n == chunk else values[:n])
+                sent += n
+                if acks != 0:
+                    futures[-1].add_callback(acked.chunk(time.monotonic_ns(), n))
+        else:
+            send = producer.send
+            while sent < count:
+                n = min(chunk, count - sent)
+                for _ in range(n - 1):
+                    send(topic, value)
+                future = send(topic, value)
+                sent += n
+                if acks != 0:
+                    future.add_callback(acked.chunk(time.monotonic_ns(), n))
+        producer.flush()
+        if acks == 0:
+            report.end_ns = time.monotonic_ns()  # nothing is acknowledged: the end is the flush
+            report.add_event(report.end_ns, count)
+        else:
+            acked.wait(count)
+        report.records = count
+        report.extra["rss_peak_mb"] = rss_peak_mb()
+        return report
+    finally:
+        producer.close()
+
+
+def latency_produce_client(
+    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, index: int, count: int, rate_per_s: float, gate: Gate
+) -> ClientReport:
+    """Offer ``count`` records at ``rate_per_s``, each handed to ``send()`` when due, carrying its due time."""
+    producer = _producer(bootstrap, cfg, acks)
+    pad = b"\0" * (cfg.record_bytes - SEND_TIME.size)
+    pack = SEND_TIME.pack
+    partitions = cfg.partitions
+    report = ClientReport(0, 0, 0)
+    try:
+        producer._partitions(topic)
+        start = gate.wait()
+        wall0 = time.time_ns()
+        report.start_ns = start
+        # No linger in the pacer: the producer's own linger_ms decides how records are batched.
+        pacer = Pacer(rate_per_s, count, 0, count, start)
+        send = producer.send
+        while not pacer.done:
+            due = pacer.take(time.monotonic_ns())
+            if due is None:
+                wait_ns = pacer.next_deadline_ns() - time.monotonic_ns()
+                if wait_ns > 100_000:
+                    time.sleep((wait_ns - 50_000) / 1e9)  # wake a little early; the rest is spun below
+                continue
+            offset = wall0 - start
+            for k in due:
+                send(topic, pack(offset + pacer.due_ns(k)) + pad, partition=record_partition(k, index, partitions))
+        producer.flush()
+        report.end_ns = time.monotonic_ns()
+        report.records = count
+        report.extra["behind_ms_max"] = pacer.behind_ns_max / 1e6
+        return report
+    finally:
+        producer.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Consumer processes
+
+
+def _join(consumer: Any, topic: str, index: int, shared: Any, partitions: int) -> list:
+    """Before the gate: wait until this group member's assignment is settled and the group covers every
+    partition. Records a warm-up poll returns are dropped (the caller seeks before measuring)."""
+    deadline = time.monotonic() + GROUP_STABLE_TIMEOUT_S
+    last, same = None, 0
+    while True:
+        consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=1)
+        mine = sorted(p for t, p in consumer.assignment() if t == topic)
+        shared[index] = len(mine)
+        total = sum(shared[:])
+        settled = mine and mine == last and total == partitions and all(shared[:])
+        same = same + 1 if settled else 0
+        last = mine
+        if same >= GROUP_STABLE_CHECKS:
+            return mine
+        if time.monotonic() > deadline:
+            raise BenchError(f"group not settled within {GROUP_STABLE_TIMEOUT_S} s: member counts {list(shared[:])}")
+        time.sleep(GROUP_CHECK_INTERVAL_S)
+
+
+def _leave_together(done: Any, consumers: int, timeout_s: float) -> None:
+    """Stay in the group until every member is done, so no partition moves to a member still measuring."""
+    with done.get_lock():
+        done.value += 1
+    deadline = time.monotonic() + timeout_s
+    while done.value < consumers and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def consume_client(
+    bootstrap: str,
+    topic: str,
+    cfg: BenchConfig,
+    index: int,
+    group: str | None,
+    parts: list[int],
+    stored: list[int],
+    shared: Any,
+    done: Any,
+    latency: bool,
+    gate: Gate,
+) -> ClientReport:
+    """Read this consumer's partitions to their ends (``stored[p]`` records each) with ``poll()``.
+
+    ``group``: subscribe as a member of it (``parts`` is then what the group assigns); else ``assign(parts)``.
+    ``latency``: the topic is being written while we read; take each record's end-to-end latency.
+    """
+    from bus import Consumer, TopicPartition
+
+    if group is not None:
+        consumer = Consumer(bootstrap, topics=[topic], group=group, auto_offset_reset="earliest")
+    else:
+        consumer = Consumer(bootstrap, auto_offset_reset="earliest")
+    report = ClientReport(0, 0, 0)
+    lat = report.latencies_ns
+    try:
+        if group is not None:
+            parts = _join(consumer, topic, index, shared, cfg.partitions)
+        else:
+            consumer.assign([(topic, p) for p in parts])
+        tps = [TopicPartition(topic, p) for p in parts]
+        if not latency:
+            for tp in tps:
+                consumer.seek(tp, stored[tp.partition])  # park at the end: nothing is read before the gate
+        for tp in tps:
+            consumer.position(tp)  # resolved before the gate
+        want = sum(stored[p] for p in parts)
+        report.start_ns = gate.wait()
+        if not latency:
+            for tp in tps:
+                consumer.seek(tp, 0)
+        give_up = report.start_ns + int(cfg.timeout_s * 1e9)
+        poll = consumer.poll
+        unpack = SEND_TIME.unpack_from
+        got = 0
+        while got < want:
+            records = poll(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS_MAX)
+            if not records:
+                if time.monotonic_ns() > give_up:
+                    raise BenchError(f"consumer {index}: {got} of {want} records after {cfg.timeout_s} s")
+                continue
+            if latency:
+                now_wall = time.time_ns()
+                lat.extend([now_wall - unpack(r.value)[0] for r in records])
+            now = time.monotonic_ns()
+            n = len(records)
+            got += n
+            report.add_event(now, n)
+            report.end_ns = now
+        ends = {tp.partition: consumer.position(tp) for tp in tps}
+        short = {p: (ends[p], stored[p]) for p in parts if ends[p] != stored[p]}
+        if got != want or short:
+            raise BenchError(f"consumer {index}: {got} records for {want} stored; positions != ends: {short}")
+        report.records = got
+        report.extra["partitions"] = parts
+        report.extra["rss_peak_mb"] = rss_peak_mb()
+        if group is not None:
+            _leave_together(done, len(shared), cfg.timeout_s)
+        return report
+    finally:
+        consumer.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Runners
+
+
+def _shared(cfg: BenchConfig) -> tuple[Any, Any]:
+    """Shared between the consumer processes: each one's partition count, and how many are done."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    return ctx.Array("i", cfg.consumers), ctx.Value("i", 0)
+
+
+def _consumers(
+    cl: BusCluster, cfg: BenchConfig, opts: BusOptions, stored: list[int], latency: bool
+) -> list[tuple[Any, tuple]]:
+    shared, done = _shared(cfg)
+    group = f"bench-{uuid.uuid4().hex[:12]}" if opts.group else None
+    splits = assign_partitions(cfg.partitions, cfg.consumers)
+    return [
+        (consume_client, (cl.bootstrap, cl.topic, cfg, i, group, splits[i], stored, shared, done, latency))
+        for i in range(cfg.consumers)
+    ]
+
+
+def _finish(result: Result, cl: BusCluster, opts: BusOptions, d: str, cfg: BenchConfig) -> Result:
+    if opts.bootstrap is not None:
+        result.server_cpu_pct = result.server_rss_mb = None
+    else:
+        result.notes += [n for n in storage_notes(d, cfg.sync) if n not in result.notes]
+    result.notes = cl.notes + result.notes
+    result.config["bus"] = dataclasses.asdict(opts)
+    return result
+
+
+def make_bus_system(opts: BusOptions | None = None) -> System:
+    """The bus as a bench ``System``, run as ``opts`` says."""
+    opts = (opts or BusOptions()).validate()
+    name = SEND_MANY_NAME if opts.send_many else SYSTEM_NAME
+
+    def run_produce(cfg: BenchConfig) -> Result:
+        cfg.validate()
+        with scratch_dir(cfg, "bus") as d, BusCluster(cfg, opts, d) as cl:
+            clients = [
+                (produce_client, (cl.bootstrap, cl.topic, cfg, opts.acks, opts.send_many, n))
+                for n in split(cfg.records, cfg.producers)
+            ]
+            reports, usage = run_clients(clients, cl.pids, cfg.timeout_s)
+            result = build_result(name, "produce", cfg, reports, usage, latency_kind="ack")
+            _client_rss(result, reports)
+            return _finish(result, cl, opts, d, cfg)
+
+    def run_consume(cfg: BenchConfig) -> Result:
+        cfg.validate()
+        with scratch_dir(cfg, "bus") as d, BusCluster(cfg, opts, d) as cl:
+            load = [
+                (produce_client, (cl.bootstrap, cl.topic, cfg, opts.acks, True, n))
+                for n in split(cfg.records, cfg.producers)
+            ]
+            run_clients(load, cl.pids, cfg.timeout_s)
+            stored = cl.stored()
+            if sum(stored) != cfg.records:
+                raise BenchError(f"loaded {sum(stored)} records, not {cfg.records}")
+            reports, usage = run_clients(_consumers(cl, cfg, opts, stored, False), cl.pids, cfg.timeout_s)
+            result = build_result(name, "consume", cfg, reports, usage)
+            _client_rss(result, reports)
+            return _finish(result, cl, opts, d, cfg)
+
+    def run_latency(cfg: BenchConfig, rate_per_s: float | None = None) -> Result:
+        cfg.validate()
+        rate = float(rate_per_s or cfg.latency_rate)
+        per_producer = split(cfg.latency_records(rate), cfg.producers)
+        expected = expected_per_partition(per_producer, cfg.partitions)
+        with scratch_dir(cfg, "bus") as d, BusCluster(cfg, opts, d) as cl:
+            consumers = _consumers(cl, cfg, opts, expected, True)
+            producers = [
+                (latency_produce_client, (cl.bootstrap, cl.topic, cfg, opts.acks, j, n, rate / cfg.producers))
+                for j, n in enumerate(per_producer)
+            ]
+            reports, usage = run_clients(consumers + producers, cl.pids, cfg.timeout_s)
+            k = len(consumers)
+            result = latency_result(name, cfg, rate, reports[:k], reports[k:], usage, d)
+            return _finish(result, cl, opts, d, cfg)
+
+    return System(name, run_produce, run_consume, run_latency)
+
+
+SYSTEM = make_bus_system()

@@ -1,0 +1,234 @@
+"""``bus bench`` end to end: which systems run in which modes, progress while they run, the table at the end.
+
+``run_bench(...)`` is what the ``bus bench`` command (bus/cli.py) and ``scripts/bench.py`` call. For each
+mode it interleaves the systems run by run (raw, bus, bus send_many, redis, nats, raw, bus, ...: see
+``stats.run_interleaved``), prints one line per run, combines each system's runs by their median, and at
+the end prints the ratio table, writes the JSON file and draws the plot if asked to.
+
+A peer that cannot run here (its server or client library missing) gets one line saying how to install
+it and the bench goes on without it; a peer that fails while running is reported the same way. A failure
+of the bus or of the raw ceiling is an error: the table of what did finish is still printed, then the
+command exits with status 1.
+
+This module decides nothing about measuring; stats.py does that, for every system alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .bus_system import SEND_MANY_NAME, SYSTEM_NAME, BusOptions, make_bus_system
+from .report import PlotUnavailable, format_table, plot, write_json
+from .stats import MODES, RAW, BenchConfig, BenchError, PeerUnavailable, Result, System, median_of_runs, steadiness
+
+PEER_NAMES = ("raw", "redis", "nats")
+REQUIRED = (RAW, SYSTEM_NAME, SEND_MANY_NAME)  # a failure of these fails the command
+STEADINESS_SECONDS_MIN = 3.0  # shorter runs are too noisy to say whether throughput held up
+
+
+def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each checked against ``allowed``; ``""`` or ``"none"`` -> ``[]``."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if items == ["none"]:
+        return []
+    bad = [x for x in items if x not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {', '.join(bad)}: choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def available_systems(peers: Sequence[str], say: Callable[[str], None]) -> list[System]:
+    """The requested baselines that can run here, raw first; one line for each that cannot."""
+    from . import SYSTEMS
+
+    out = []
+    for name in PEER_NAMES:
+        if name not in peers:
+            continue
+        system = SYSTEMS[name]
+        try:
+            system.check()
+        except PeerUnavailable as e:
+            say(f"{name}: not run: {e}")
+            continue
+        out.append(system)
+    return out
+
+
+def _summary(r: Result) -> str:
+    text = f"{r.records_per_s:>12,.0f} records/s {r.mb_per_s:>8,.1f} MB/s"
+    if r.p99_ms is not None:
+        text += f"  p50 {r.p50_ms:.2f} ms  p99 {r.p99_ms:.2f} ms"
+    return text
+
+
+def run_mode(
+    systems: Sequence[System],
+    mode: str,
+    cfg: BenchConfig,
+    runs: int,
+    say: Callable[[str], None],
+    failures: dict[str, str],
+) -> list[Result]:
+    """``runs`` rounds of every system in turn, one line per run; each system's runs by their median.
+
+    A system that fails is reported in ``failures`` ({"system mode": message}) and not run again in this mode.
+    """
+    rounds: dict[str, list[Result]] = {s.name: [] for s in systems}
+    failed: set[str] = set()
+    width = max(len(s.name) for s in systems)
+    for i in range(runs):
+        for s in systems:
+            if s.name in failed:
+                continue
+            t0 = time.monotonic()
+            try:
+                r = s.run(mode, cfg)
+            except BenchError as e:
+                failed.add(s.name)
+                failures[f"{s.name} {mode}"] = str(e)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                say(f"  {mode:<8} {s.name:<{width}}  run {i + 1}/{runs}  FAILED: {first}")
+                continue
+            rounds[s.name].append(r)
+            say(f"  {mode:<8} {s.name:<{width}}  run {i + 1}/{runs}  {_summary(r)}  ({time.monotonic() - t0:.1f} s)")
+    results = [median_of_runs(rounds[s.name]) for s in systems if rounds[s.name] and s.name not in failed]
+    for r in results:
+        flat = steadiness(r) if r.mode != "latency" and r.elapsed_s >= STEADINESS_SECONDS_MIN else None
+        if flat is not None:
+            r.notes.append(f"throughput in the run's last third is {flat:.2f}x its first third (1.00: flat)")
+        if "client_rss_peak_mb" in r.config:
+            r.notes.append(f"largest client process peak RSS {r.config['client_rss_peak_mb']:,.0f} MB")
+    return results
+
+
+def run_bench(
+    cfg: BenchConfig,
+    bus: BusOptions,
+    *,
+    peers: Sequence[str] = PEER_NAMES,
+    modes: Sequence[str] = MODES,
+    runs: int = 1,
+    send_many: bool = True,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    say: Callable[[str], None] = print,
+    meta: dict[str, Any] | None = None,
+) -> tuple[list[Result], dict[str, str]]:
+    """Run the bench; print progress and the table through ``say``. Returns (results, failures)."""
+    cfg.validate()
+    bus.validate()
+    if runs < 1:
+        raise ValueError("runs must be >= 1")
+    baselines = available_systems(peers, say)
+    the_bus = make_bus_system(bus)
+    bulk = make_bus_system(BusOptions(**{**bus.__dict__, "send_many": True}))
+    where = f"cluster at {bus.bootstrap}" if bus.bootstrap else f"{bus.nodes} node(s), sync={cfg.sync}"
+    say(
+        f"bus bench: {cfg.records:,} records of {cfg.record_bytes} bytes, {cfg.partitions} partition(s), "
+        f"{cfg.producers} producer(s), {cfg.consumers} consumer(s), {where}, acks={bus.acks}, "
+        f"linger {cfg.linger_ms:g} ms, {runs} run(s) each (median)"
+    )
+    results: list[Result] = []
+    failures: dict[str, str] = {}
+    for mode in modes:
+        systems = [s for s in baselines if s.name == RAW] + [the_bus]
+        if mode == "produce" and send_many:
+            systems.append(bulk)
+        systems += [s for s in baselines if s.name != RAW]
+        if mode == "latency":
+            say(f"{mode}: {cfg.latency_rate:,} records/s for {cfg.latency_seconds:g} s")
+        else:
+            say(f"{mode}:")
+        results += run_mode(systems, mode, cfg, runs, say, failures)
+    say("")
+    if results:
+        say(format_table(results))
+    if json_path:
+        write_json(json_path, results, {**(meta or {}), "failures": failures})
+        say(f"wrote {json_path}")
+    if plot_path:
+        try:
+            plot(plot_path, results)
+            say(f"wrote {plot_path}")
+        except PlotUnavailable as e:
+            say(f"plot: not drawn: {e}")
+    return results, failures
+
+
+def exit_status(failures: dict[str, str]) -> int:
+    """1 if the bus or the raw ceiling failed (peers may fail without failing the command)."""
+    return 1 if any(key.rsplit(" ", 1)[0] in REQUIRED for key in failures) else 0
+
+
+def command_line(options: dict[str, Any]) -> str:
+    """The ``bus bench`` command line that repeats a run with exactly these options (for the JSON file)."""
+    words = ["bus", "bench"]
+    flags = {"group": ("--group", "--assign"), "send_many": ("--send-many", "--no-send-many")}
+    for name, value in options.items():
+        if name in flags:
+            words.append(flags[name][0] if value else flags[name][1])
+        elif value is not None and name not in ("json_path", "plot_path"):
+            words += [f"--{name.replace('_', '-')}", str(value)]
+    return " ".join(words)
+
+
+def bench_command(
+    *,
+    records: int,
+    record_bytes: int,
+    partitions: int,
+    nodes: int,
+    producers: int,
+    consumers: int,
+    acks: str,
+    linger_ms: float,
+    batch_bytes: int,
+    sync: str,
+    runs: int,
+    latency_rate: int,
+    latency_seconds: float,
+    peers: str,
+    modes: str,
+    bootstrap: str | None,
+    json_path: str | None,
+    plot_path: str | None,
+    data_dir: str | None,
+    group: bool,
+    send_many: bool,
+    say: Callable[[str], None] = print,
+) -> int:
+    """The ``bus bench`` command's body (options as click parses them). Returns the exit status.
+
+    Raises ValueError for options that do not fit together (the command turns it into a usage error)."""
+    cfg = BenchConfig(
+        record_bytes=record_bytes,
+        records=records,
+        partitions=partitions,
+        producers=producers,
+        consumers=consumers,
+        sync=sync,
+        batch_bytes=batch_bytes,
+        linger_ms=linger_ms,
+        latency_rate=latency_rate,
+        latency_seconds=latency_seconds,
+        data_dir=data_dir,
+    ).validate()
+    bus = BusOptions(nodes=nodes, bootstrap=bootstrap, acks="all" if acks == "all" else int(acks), group=group)
+    bus.validate()
+    peer_list = parse_list(peers, PEER_NAMES, "peer")
+    mode_list = parse_list(modes, MODES, "mode")
+    if not mode_list:
+        raise ValueError("--modes names no mode")
+    options = dict(records=records, record_bytes=record_bytes, partitions=partitions, nodes=nodes,
+                   producers=producers, consumers=consumers, acks=acks, linger_ms=linger_ms, batch_bytes=batch_bytes,
+                   sync=sync, runs=runs, latency_rate=latency_rate, latency_seconds=latency_seconds, peers=peers,
+                   modes=modes, bootstrap=bootstrap, data_dir=data_dir, group=group, send_many=send_many)
+    meta = {"command": command_line(options), "options": options}
+    _, failures = run_bench(cfg, bus, peers=peer_list, modes=mode_list, runs=runs, send_many=send_many,
+                            json_path=json_path, plot_path=plot_path, say=say, meta=meta)
+    for key, message in failures.items():
+        say(f"failed: {key}: {message}")
+    return exit_status(failures)

@@ -1,0 +1,108 @@
+"""The record batch format (bus/batch.py): pack, stamp, verify, iterate, and the CRC catching every bit flip."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from bus import batch as bf
+from bus.errors import CorruptRecord
+
+
+def make_batch(count=3, producer_id=7, epoch=2, base_sequence=10, first_ts=1_700_000_000_000):
+    flat = []
+    for i in range(count):
+        flat += [i * 5, b"k%d" % i if i % 2 == 0 else None, b"value-%d" % i,
+                 [["h", b"x%d" % i]] if i == 1 else None]
+    return bf.pack_batch(flat, count, first_ts, first_ts + 5 * (count - 1), producer_id, epoch, base_sequence)
+
+
+def test_pack_then_verify_reads_every_header_field():
+    buf = make_batch(3)
+    header = bf.verify(buf)
+    assert header.magic == bf.MAGIC and header.attributes == 0
+    assert header.base_offset == 0 and header.leader_epoch == -1
+    assert header.record_count == 3 and header.next_offset == 3
+    assert header.first_ts_ms == 1_700_000_000_000 and header.max_ts_ms == 1_700_000_000_010
+    assert (header.producer_id, header.producer_epoch, header.base_sequence) == (7, 2, 10)
+    assert header.last_sequence == 12
+    assert header.payload_len == len(buf) - bf.HEADER_BYTES
+    flat = bf.unpack_payload(buf[bf.HEADER_BYTES:])
+    assert flat == [0, b"k0", b"value-0", None, 5, None, b"value-1", [["h", b"x1"]], 10, b"k2", b"value-2", None]
+
+
+def test_stamp_sets_offset_and_epoch_and_keeps_a_valid_crc():
+    buf = make_batch(4)
+    stored, header = bf.stamp(buf, 1234, leader_epoch=9)
+    assert header.base_offset == 1234 and header.leader_epoch == 9 and header.next_offset == 1238
+    assert bf.verify(stored) == header  # the returned header is exactly what is stored
+    assert stored[bf.HEADER_BYTES:] == buf[bf.HEADER_BYTES:]  # payload untouched
+    assert bytes(stored) != buf and bf.verify(buf).base_offset == 0  # the original is not modified
+
+
+def test_stamp_refuses_bad_batches():
+    buf = make_batch(2)
+    with pytest.raises(CorruptRecord):
+        bf.stamp(buf[:20], 0)  # shorter than a header
+    with pytest.raises(CorruptRecord):
+        bf.stamp(buf + b"x", 0)  # trailing bytes
+    with pytest.raises(CorruptRecord):
+        bf.stamp(buf[:-1], 0)  # truncated payload
+    wrong_magic = bytearray(buf)
+    wrong_magic[4] = 99
+    with pytest.raises(CorruptRecord):
+        bf.stamp(bytes(wrong_magic), 0)
+    flipped = bytearray(buf)
+    flipped[-1] ^= 1
+    with pytest.raises(CorruptRecord):
+        bf.stamp(bytes(flipped), 0)
+
+
+def test_zero_record_count_is_refused_even_with_a_correct_crc():
+    buf = bytearray(make_batch(1))
+    struct.pack_into(">i", buf, 18, 0)  # record_count
+    crc = bf.crc32c(bytes(buf[4:bf.HEADER_BYTES]), bf.crc32c(bytes(buf[bf.HEADER_BYTES:])))
+    struct.pack_into(">I", buf, 0, crc)
+    with pytest.raises(CorruptRecord):
+        bf.verify(bytes(buf))
+    with pytest.raises(CorruptRecord):
+        bf.stamp(bytes(buf), 0)
+
+
+def test_iter_batches_walks_a_concatenation():
+    stored = [bf.stamp(make_batch(n, base_sequence=s), base)[0] for n, s, base in ((2, 0, 0), (3, 2, 2), (1, 5, 5))]
+    got = list(bf.iter_batches(b"".join(stored)))
+    assert [h.base_offset for h, _ in got] == [0, 2, 5]
+    assert [h.record_count for h, _ in got] == [2, 3, 1]
+    assert [len(bf.unpack_payload(p)) for _, p in got] == [8, 12, 4]
+    assert list(bf.iter_batches(b"")) == []
+    with pytest.raises(CorruptRecord):
+        list(bf.iter_batches(b"".join(stored)[:-3]))  # a truncated last batch
+
+
+def test_every_single_bit_flip_of_a_stored_batch_is_detected():
+    stored, _ = bf.stamp(make_batch(2), 42)
+    stored = bytes(stored)
+    assert bf.verify(stored).base_offset == 42
+    flipped = bytearray(stored)
+    for bit in range(len(stored) * 8):
+        byte, mask = bit // 8, 1 << (bit % 8)
+        flipped[byte] ^= mask
+        with pytest.raises(CorruptRecord):
+            bf.verify(flipped)
+        with pytest.raises(CorruptRecord):
+            list(bf.iter_batches(flipped))
+        flipped[byte] ^= mask
+    assert bytes(flipped) == stored
+
+
+def test_every_single_bit_flip_of_a_produced_batch_is_refused_by_stamp():
+    buf = make_batch(2)
+    flipped = bytearray(buf)
+    for bit in range(len(buf) * 8):
+        byte, mask = bit // 8, 1 << (bit % 8)
+        flipped[byte] ^= mask
+        with pytest.raises(CorruptRecord):
+            bf.stamp(bytes(flipped), 0)
+        flipped[byte] ^= mask

@@ -1,0 +1,179 @@
+"""The ``bus`` command line against a real ``bus up`` cluster: topics, produce, consume, errors, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import wait_for
+from tests.core_helpers import child_env
+
+BUS = [sys.executable, "-m", "bus.cli"]
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base .. base+count-1 are all free now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65_000:
+            continue
+        held = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def read_until(proc, marker: bytes, timeout_s: float) -> bytes:
+    out = b""
+    deadline_s = time.monotonic() + timeout_s
+    while marker not in out:
+        remaining = deadline_s - time.monotonic()
+        assert remaining > 0 and proc.poll() is None, f"no {marker!r} from bus up:\n{out.decode()}"
+        if select.select([proc.stdout], [], [], remaining)[0]:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"bus up closed its output:\n{out.decode()}"
+            out += chunk
+    return out
+
+
+@pytest.fixture(scope="module")
+def bus_up(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("cli") / "data"
+    port = free_port_block(3)
+    proc = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
+    try:
+        banner = read_until(proc, b"ready:", 30)
+        assert f"bootstrap: tcp://127.0.0.1:{port}".encode() in banner
+        yield proc, f"tcp://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def bus(*args, bootstrap=None, stdin=b"", timeout_s=30):
+    argv = [*BUS, *args] + (["--bootstrap", bootstrap] if bootstrap else [])
+    return subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout_s, env=child_env())
+
+
+def test_topics_produce_and_consume(bus_up):
+    _, bootstrap = bus_up
+    created = bus("topic", "create", "cli-events", "--partitions", "3", bootstrap=bootstrap)
+    assert created.returncode == 0, created.stderr
+    assert b"created topic cli-events with 3 partition(s)" in created.stdout
+
+    lines = b"".join(b"user-%d:event-%d\n" % (i % 4, i) for i in range(50))
+    produced = bus("produce", "cli-events", "--key-separator", ":", bootstrap=bootstrap, stdin=lines)
+    assert produced.returncode == 0, produced.stderr
+    assert b"50 record(s) acknowledged" in produced.stderr
+
+    consumed = bus("consume", "cli-events", "--from-beginning", "--max-records", "50", "--format", "json",
+                   bootstrap=bootstrap)
+    assert consumed.returncode == 0, consumed.stderr
+    records = [json.loads(line) for line in consumed.stdout.decode().splitlines()]
+    assert len(records) == 50
+    assert sorted(r["value"] for r in records) == sorted("event-%d" % i for i in range(50))
+    partitions_of_key = {}
+    for r in records:
+        assert r["topic"] == "cli-events" and r["value"] == "event-%s" % r["value"].split("-")[1]
+        partitions_of_key.setdefault(r["key"], set()).add(r["partition"])
+    assert set(partitions_of_key) == {"user-%d" % i for i in range(4)}
+    assert all(len(p) == 1 for p in partitions_of_key.values())
+    for partition in range(3):  # per key, in the order the lines were given
+        values = [int(r["value"].split("-")[1]) for r in records if r["partition"] == partition]
+        offsets = [r["offset"] for r in records if r["partition"] == partition]
+        assert offsets == list(range(len(offsets))) and values == sorted(values)
+
+    text = bus("consume", "cli-events", "--from-beginning", "--partition", "0", "--timeout-ms", "300",
+               bootstrap=bootstrap)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.decode().splitlines() == [r["value"] for r in records if r["partition"] == 0]
+
+    described = bus("topic", "describe", "cli-events", bootstrap=bootstrap)
+    assert described.returncode == 0, described.stderr
+    rows = [line.split() for line in described.stdout.decode().splitlines()[3:]]
+    assert [row[0] for row in rows] == ["0", "1", "2"]
+    assert sum(int(row[-1]) for row in rows) == 50  # the records column
+    assert all(row[3] == "yes" for row in rows)
+
+    listed = bus("topic", "list", bootstrap=bootstrap)
+    assert listed.returncode == 0, listed.stderr
+    assert ["cli-events", "3", "-", "-"] in [line.split() for line in listed.stdout.decode().splitlines()]
+
+    again = bus("topic", "create", "cli-events", bootstrap=bootstrap)
+    assert again.returncode == 1 and b"already exists" in again.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["produce", "no-such-topic"],
+    ["consume", "no-such-topic", "--max-records", "1"],
+    ["topic", "describe", "no-such-topic"],
+    ["topic", "delete", "no-such-topic"],
+])
+def test_an_unknown_topic_is_one_clear_line_and_exit_1(bus_up, args):
+    _, bootstrap = bus_up
+    result = bus(*args, bootstrap=bootstrap, stdin=b"a line\n")
+    assert result.returncode == 1, result
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "no-such-topic" in lines[0] and lines[0].startswith("error:"), lines
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize("args", [
+    ["topic", "create"],
+    ["topic", "create", "x", "--partitions", "0"],
+    ["topic", "create", "x", "--retention-ms", "soon"],
+    ["consume", "x", "--format", "xml"],
+    ["consume", "x", "--group", "g", "--partition", "0"],
+    ["up", "--nodes", "0"],
+    ["no-such-command"],
+])
+def test_bad_arguments_are_usage_errors(bus_up, args):
+    _, bootstrap = bus_up
+    result = bus(*args, bootstrap=bootstrap if args[0] != "up" and args[0] != "no-such-command" else None)
+    assert result.returncode == 2, result
+    assert b"Usage:" in result.stderr
+
+
+def test_produce_line_without_separator_is_a_usage_error(bus_up):
+    _, bootstrap = bus_up
+    bus("topic", "create", "cli-sep", bootstrap=bootstrap)
+    result = bus("produce", "cli-sep", "--key-separator", ":", bootstrap=bootstrap, stdin=b"k:v\nno separator\n")
+    assert result.returncode == 2 and b"no key separator" in result.stderr
+
+
+def test_sigterm_stops_bus_up_and_all_its_children(bus_up):
+    proc, _ = bus_up  # module-scoped: this runs last in the module
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) == 3  # the coordinator and two nodes
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    out = proc.stdout.read()
+    assert b"stopped" in out
+
+    def gone(child):  # exited and reaped by bus up (not a zombie, not an orphan)
+        return not child.is_running()
+
+    wait_for(lambda: all(gone(c) for c in children), 10, message="bus up's children gone")
