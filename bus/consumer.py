@@ -240,13 +240,31 @@ class Consumer:
             group.on_poll(int((deadline_s - time.monotonic()) * 1000))
         if self._chunk_bytes < self.prefetch_bytes_max:
             self._wake()
-        if self._group is not None:
-            self._group.on_records(out)
+        if self._group is not None and not self._group.on_records(out):
+            # Frozen inside this call past the group session: the partitions may have moved on meanwhile.
+            self._unread(out)
+            out = []
         return out
 
     def __iter__(self):
         while not self._closed:
             yield from self.poll(timeout_ms=1000)
+
+    def _unread(self, records) -> None:
+        """Put back records taken for poll() but not handed out: each partition's position returns to the first
+        of them, as a seek would, and what was buffered past it is fetched again."""
+        first: dict = {}
+        for r in records:
+            first.setdefault(TopicPartition(r.topic, r.partition), r.offset)
+        with self._lock:
+            for tp, offset in first.items():
+                state = self._states.get(tp)
+                if state is not None:
+                    state.epoch += 1
+                    state.position = state.fetch_offset = offset
+                    state.reset = None
+            self._records = deque(r for r in self._records if (r[0], r[1]) not in first)
+        self._wake()
 
     def _raise_errors(self) -> None:
         for tp, state in self._states.items():

@@ -201,17 +201,18 @@ class Producer:
             # One larger than the buffer could never fit: say so now rather than after max_block_ms.
             limit = "max_record_bytes" if size > self.max_record_bytes else "buffer_bytes"
             raise RecordTooLarge(f"record of {size} bytes exceeds {limit}={getattr(self, limit)}")
-        if partition is None and key is None:
-            # Fast path: the topic's sticky batch is open and there is room in the buffer. It does exactly
-            # what the general path below does in that case (the topic is known: it has an open batch).
+        if key is None or partition is not None:
+            # Fast path: the record's batch (the topic's sticky one, or the named partition's) is open and
+            # there is room in the buffer. It does exactly what the general path below does in that case: an
+            # open batch means the topic is known and the partition was checked when the batch was made.
             ts = _time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
             lock = self._lock
             lock.acquire()
             try:
-                batch = self._sticky_open.get(topic)
+                batch = self._sticky_open.get(topic) if partition is None else self._open.get((topic, partition))
                 if batch is not None and not self._closed and self._buffered_bytes + size <= self.buffer_bytes:
                     index = batch.count
-                    batch.flat += (ts - batch.first_ts_ms, None, value, headers)
+                    batch.flat += (ts - batch.first_ts_ms, key, value, headers)
                     batch.count = index + 1
                     if ts > batch.max_ts_ms:
                         batch.max_ts_ms = ts

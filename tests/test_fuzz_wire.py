@@ -22,7 +22,10 @@ from bus import batch as batch_format
 from nodes.cluster import LocalCluster
 
 CHECK_TOPIC = "fuzz-check"  # created before fuzzing; the fuzzer may not delete it
-REPLY_WAIT_MS = 3_000
+# How long to wait for a reply before calling the server silent: generous, since a loaded CI machine may
+# stall a process for a while; it costs nothing when the reply comes.
+REPLY_WAIT_MS = 10_000
+LONG_POLL_MS = 1_500  # a fetch may wait this long for data before it must answer
 NODE_OPS = [wire.PRODUCE, wire.FETCH, wire.LIST_OFFSETS, wire.PING]
 COORDINATOR_OPS = [wire.METADATA, wire.CREATE_TOPIC, wire.DELETE_TOPIC, wire.NODE_HEARTBEAT, wire.INIT_PRODUCER_ID,
                    wire.GROUP_JOIN, wire.GROUP_HEARTBEAT, wire.GROUP_LEAVE, wire.OFFSET_COMMIT, wire.OFFSET_FETCH,
@@ -167,7 +170,7 @@ def _may_stay_silent(frames) -> bool:
         return args.get("acks", 1) == 0  # acks=0: the client asked for no reply
     if op == wire.FETCH:
         try:  # the node's own reading of the long-poll wait (nodes/node.py)
-            return int(args.get("max_wait_ms", 0)) > REPLY_WAIT_MS // 2
+            return int(args.get("max_wait_ms", 0)) > LONG_POLL_MS
         except Exception:
             return False
     return False

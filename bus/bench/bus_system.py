@@ -26,7 +26,8 @@ the raw ceiling and the peers are measured (same ``BenchConfig``, same start gat
   consumers take the latency of every record when ``poll()`` returns it.
 
 Client functions are module-level (the harness spawns them by name). This module imports the bus only
-inside the functions that run in client processes or start the cluster.
+inside the functions that run in client processes or start the cluster. It must never tune the bus beyond
+what the BenchConfig says (batch_bytes, linger_ms, acks, sync): everything else is the user's default.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ GROUP_STABLE_CHECKS = 3  # ... and must see it unchanged this many times in a ro
 GROUP_CHECK_INTERVAL_S = 0.1
 ACKS_WAIT_TIMEOUT_S = 60.0  # after flush(): callbacks still running on the sender thread
 BUFFER_BYTES_MIN = 64 << 20  # the producer's default buffer
+ACK_LATENCY_NOTE = (
+    "latency: send() returned -> acked, so it includes the time records queue in the producer's buffer "
+    f"({BUFFER_BYTES_MIN >> 20} MB, the default); raw's starts when a full batch is sent"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +150,8 @@ class BusCluster:
             if self.opts.bootstrap is None:
                 from nodes.cluster import LocalCluster
 
-                self._cluster = LocalCluster(os.path.join(self.data_dir, "cluster"), self.opts.nodes, sync=self.cfg.sync)
+                path = os.path.join(self.data_dir, "cluster")
+                self._cluster = LocalCluster(path, self.opts.nodes, sync=self.cfg.sync)
                 self._cluster.start(CLUSTER_START_TIMEOUT_S)
                 self.bootstrap = self._cluster.bootstrap
                 self.pids = [p.pid for p in self._cluster.nodes.values()]
@@ -475,15 +481,15 @@ def make_bus_system(opts: BusOptions | None = None) -> System:
             ]
             reports, usage = run_clients(clients, cl.pids, cfg.timeout_s)
             result = build_result(name, "produce", cfg, reports, usage, latency_kind="ack")
+            result.notes.append(ACK_LATENCY_NOTE)
             _client_rss(result, reports)
             return _finish(result, cl, opts, d, cfg)
 
     def run_consume(cfg: BenchConfig) -> Result:
         cfg.validate()
         with scratch_dir(cfg, "bus") as d, BusCluster(cfg, opts, d) as cl:
-            load = [
-                (produce_client, (cl.bootstrap, cl.topic, cfg, opts.acks, True, n))
-                for n in split(cfg.records, cfg.producers)
+            load = [  # acks=1 whatever opts.acks says: the load must be stored before it is read
+                (produce_client, (cl.bootstrap, cl.topic, cfg, 1, True, n)) for n in split(cfg.records, cfg.producers)
             ]
             run_clients(load, cl.pids, cfg.timeout_s)
             stored = cl.stored()
