@@ -15,10 +15,11 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import wire
-from .errors import BusError, NodeUnavailable, Timeout, error_for
+from .errors import Timeout, error_for
 
 SOCKET_HWM_MESSAGES = 1_000
 _request_ids = itertools.count(1)
+_wake_ids = itertools.count()
 _ids_lock = threading.Lock()
 
 
@@ -82,6 +83,42 @@ class Connection:
             self.socket.disable_monitor()
             self.monitor.close(0)
         self.socket.close(0)
+
+
+class Waker:
+    """Wakes a background thread blocked in a ZeroMQ poll, from any thread.
+
+    An inproc PUSH/PULL pair holding at most one pending wake-up: waking twice before the thread looks is
+    waking once. The background thread polls ``pull`` and calls ``drain()``; it closes ``pull`` when it
+    ends. The owner calls ``close()`` after joining the thread.
+    """
+
+    def __init__(self, context: zmq.Context, name: str):
+        address = f"inproc://bus-wake-{name}-{next(_wake_ids)}"
+        self.pull = context.socket(zmq.PULL)
+        self.pull.bind(address)
+        self._push = context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, 1)
+        self._push.connect(address)
+        self._lock = threading.Lock()  # the PUSH socket is shared by every user thread
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._push.closed:
+                return  # the client is closed: nothing left to wake
+            try:
+                self._push.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a wake-up is already pending
+
+    def drain(self) -> None:
+        while self.pull.poll(0):
+            self.pull.recv()
+
+    def close(self) -> None:
+        with self._lock:
+            self._push.close(0)
 
 
 class Requester:

@@ -22,7 +22,6 @@ from collections import deque
 
 import zmq
 
-from . import wire
 from .batch import iter_batches, unpack_payload
 from .connection import Requester
 from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, Timeout
@@ -86,7 +85,7 @@ class Consumer:
         from .fetcher import Fetcher
 
         self._fetcher = Fetcher(self, self._context)
-        self._wake = self._fetcher.waker()
+        self._wake = self._fetcher.waker
         self._fetcher.start()
         self._group = None
         if group is not None:
@@ -427,8 +426,7 @@ class Consumer:
             self._closed = True
             with self._lock:
                 self._data.notify_all()
-            self._fetcher.stop(self._wake)
-            self._wake.close()
+            self._fetcher.stop()
             self._requester.close()
             self._context.term()
 

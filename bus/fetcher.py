@@ -8,7 +8,6 @@ recognised and dropped rather than returned.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -16,7 +15,7 @@ import time
 import zmq
 
 from . import wire
-from .connection import Connection, next_request_id
+from .connection import Connection, Waker, next_request_id
 from .errors import BusError, OffsetOutOfRange, error_for
 
 log = logging.getLogger("bus.consumer")
@@ -24,7 +23,6 @@ log = logging.getLogger("bus.consumer")
 REFRESH_CODES = {"NOT_OWNER", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION"}
 LOOP_WAIT_MS_MAX = 100
 RESET_HOLD_MS = 200  # fetching waits this long at most for positions still being resolved on other nodes
-_wake_ids = itertools.count()
 
 
 class Fetcher(threading.Thread):
@@ -32,9 +30,7 @@ class Fetcher(threading.Thread):
         super().__init__(name="bus-consumer-fetcher", daemon=True)
         self.consumer = consumer
         self.context = context
-        self.wake_address = f"inproc://bus-consumer-wake-{id(self)}-{next(_wake_ids)}"
-        self.wake_pull = context.socket(zmq.PULL)
-        self.wake_pull.bind(self.wake_address)
+        self.waker = Waker(context, "consumer")
         self.stopping = False
         self.metadata = None
         self.metadata_refresh_s = 0.0
@@ -46,32 +42,11 @@ class Fetcher(threading.Thread):
         # close().
         self.resets: dict[int, tuple] = {}
 
-    def waker(self):
-        push = self.context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.setsockopt(zmq.SNDHWM, 1)
-        push.connect(self.wake_address)
-        lock = threading.Lock()
-
-        def wake():
-            with lock:
-                if not push.closed:
-                    try:
-                        push.send(b"", zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-
-        def close():
-            with lock:
-                push.close(0)
-
-        wake.close = close
-        return wake
-
-    def stop(self, wake) -> None:
+    def stop(self) -> None:
         self.stopping = True
-        wake()
+        self.waker()
         self.join()
+        self.waker.close()
 
     def run(self) -> None:
         coordinator = Connection(self.context, self.consumer.bootstrap)
@@ -88,7 +63,7 @@ class Fetcher(threading.Thread):
             for connection in self.nodes.values():
                 connection.close()
             self.coordinator.close()
-            self.wake_pull.close(0)
+            self.waker.pull.close(0)
 
     # -- metadata ----------------------------------------------------------------------------------
 
@@ -211,14 +186,13 @@ class Fetcher(threading.Thread):
 
     def _wait(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.wake_pull, zmq.POLLIN)
+        poller.register(self.waker.pull, zmq.POLLIN)
         for connection in self.nodes.values():
             poller.register(connection.socket, zmq.POLLIN)
             poller.register(connection.monitor, zmq.POLLIN)
         ready = dict(poller.poll(LOOP_WAIT_MS_MAX))
-        if self.wake_pull in ready:
-            while self.wake_pull.poll(0):
-                self.wake_pull.recv()
+        if self.waker.pull in ready:
+            self.waker.drain()
         now_s = time.monotonic()
         for node_id, connection in list(self.nodes.items()):
             if connection.monitor in ready and connection.disconnected():

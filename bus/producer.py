@@ -24,7 +24,7 @@ from itertools import accumulate as _accumulate, repeat as _repeat
 import zmq
 
 from .connection import Requester
-from .errors import BufferFull, ClosedError, ConfigError, RecordTooLarge, Timeout, UnknownPartition, UnknownTopic
+from .errors import BufferFull, ClosedError, ConfigError, RecordTooLarge, Timeout, UnknownPartition
 from .metadata import check_bootstrap, partition_for_key
 from .records import RecordMetadata
 
@@ -175,7 +175,7 @@ class Producer:
         self._sender = Sender(self, self._context, request_timeout_ms=request_timeout_ms,
                               max_in_flight_per_node=max_in_flight_per_node, idempotent=idempotent,
                               retry_backoff_ms=retry_backoff_ms, metadata_timeout_ms=metadata_timeout_ms)
-        self._wake = self._sender.waker()
+        self._wake = self._sender.waker
         self._sender.start()
         self._partition_counts: dict[str, int] = {}
 

@@ -19,7 +19,6 @@ producer id rather than reuse its sequence numbers; the batches already sent aft
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import threading
 import time
@@ -29,7 +28,7 @@ import zmq
 
 from . import wire
 from .batch import pack_batch
-from .connection import Connection, next_request_id
+from .connection import Connection, Waker, next_request_id
 from .errors import (BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, Timeout, UnknownTopic,
                      error_for)
 from .metadata import ClusterMetadata
@@ -46,7 +45,6 @@ REQUEST_BYTES_MAX = 8 << 20  # batches per produce request to one node, beyond t
 # beyond the window is sent until it is settled, so when it is resent the node still knows it.
 PARTITION_IN_FLIGHT_BATCHES_MAX = 5
 LOOP_WAIT_MS_MAX = 100
-_wake_ids = itertools.count()
 
 
 class PartitionQueue:
@@ -81,9 +79,7 @@ class Sender(threading.Thread):
         self.idempotent = idempotent
         self.retry_backoff_s = retry_backoff_ms / 1000
         self.metadata_timeout_ms = metadata_timeout_ms
-        self.wake_address = f"inproc://bus-producer-wake-{id(self)}-{next(_wake_ids)}"
-        self.wake_pull = context.socket(zmq.PULL)
-        self.wake_pull.bind(self.wake_address)
+        self.waker = Waker(context, "producer")
         self.stopping = False
         self.metadata: ClusterMetadata | None = None
         self.metadata_refresh_s = 0.0
@@ -95,36 +91,13 @@ class Sender(threading.Thread):
 
     # -- for the user's threads --------------------------------------------------------------------
 
-    def waker(self):
-        push = self.context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.setsockopt(zmq.SNDHWM, 1)
-        push.connect(self.wake_address)
-        lock = threading.Lock()
-
-        def wake():
-            with lock:
-                if push.closed:
-                    return  # the producer is closed; there is nothing left to wake
-                try:
-                    push.send(b"", zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # a wake-up is already pending
-
-        def close():
-            with lock:
-                push.close(0)
-
-        self._wake, self._close_wake = wake, close
-        return wake
-
     def stop(self) -> None:
         self.stopping = True
         # Through wake(): the socket holds one message, and a wake-up already pending does as well (a bare
         # NOBLOCK send would raise zmq.Again then, failing close()).
-        self._wake()
+        self.waker()
         self.join()
-        self._close_wake()
+        self.waker.close()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -151,7 +124,7 @@ class Sender(threading.Thread):
             for connection in self.nodes.values():
                 connection.close()
             coordinator.close()
-            self.wake_pull.close(0)
+            self.waker.pull.close(0)
 
     def _wait(self, linger_s: float | None) -> None:
         now_s = time.monotonic()
@@ -159,14 +132,13 @@ class Sender(threading.Thread):
         if linger_s is not None:
             wake_s = min(wake_s, linger_s)
         poller = zmq.Poller()
-        poller.register(self.wake_pull, zmq.POLLIN)
+        poller.register(self.waker.pull, zmq.POLLIN)
         for connection in self.nodes.values():
             poller.register(connection.socket, zmq.POLLIN)
             poller.register(connection.monitor, zmq.POLLIN)
         ready = dict(poller.poll(max(0, int((wake_s - now_s) * 1000))))
-        if self.wake_pull in ready:
-            while self.wake_pull.poll(0):
-                self.wake_pull.recv()
+        if self.waker.pull in ready:
+            self.waker.drain()
         for node_id, connection in list(self.nodes.items()):
             if connection.monitor in ready and connection.disconnected():
                 self._fail_node_requests(node_id, NodeUnavailable(f"lost connection to node {node_id}"))

@@ -254,7 +254,7 @@ def test_retention_by_size_keeps_each_partition_near_its_limit(fast_retention_cl
     # Every stored batch has the same size; retention keeps the fewest whole batches that reach 20 KB.
     batch_bytes = len(pack_batch([0, None, b"0000" + b"." * 1_000, None], 1, 0, 0, 1, 0, 0))
     kept = -(-20_000 // batch_bytes)
-    wait_for(lambda: starts() == [100 - kept] * 2, 10, message=f"partitions cut to their last {kept} batches")
+    wait_for(lambda: starts() == [100 - kept] * 2, 30, message=f"partitions cut to their last {kept} batches")
     records = consume_all(cluster.bootstrap, "bounded", 2, 2 * kept)
     for partition in range(2):
         assert [int(r.value[:4]) for r in records if r.partition == partition] == list(range(100 - kept, 100))
