@@ -239,8 +239,9 @@ class Consumer:
             group.on_poll(int((deadline_s - time.monotonic()) * 1000))
         if self._chunk_bytes < self.prefetch_bytes_max:
             self._wake()
-        if self._group is not None and not self._group.on_records(out):
-            # Frozen inside this call past the group session: the partitions may have moved on meanwhile.
+        if self._group is not None and self._group.on_records(out) is False:
+            # The member may have lost these partitions meanwhile (frozen inside this call past its session,
+            # or it heard it was fenced): hand nothing out (bus/group_member.py, on_records).
             self._unread(out)
             out = []
         return out

@@ -29,6 +29,9 @@ consumer dropped it.
 A frozen process (SIGSTOP, a long GC pause) cannot know it was evicted until it asks. So when no heartbeat
 attempt began within the last session timeout, ``poll()`` first waits (briefly) for a fresh one: a live
 coordinator answers at once, and an evicted member drops its partitions before it reads any more of them.
+A freeze can also land inside ``poll()``, with records taken or arriving meanwhile: ``poll()`` checks again
+before it returns, and hands nothing out after such a freeze, nor once the member knows it was fenced or
+evicted (``on_records``).
 If the coordinator is down, attempts keep failing quickly and the member keeps reading what it owns.
 
 Lock order: ``GroupMember._lock`` is never held while taking ``Consumer._lock`` or calling anything that
@@ -255,11 +258,21 @@ class GroupMember:
         if self.enable_auto_commit:
             self._maybe_auto_commit(now_ms)
 
-    def on_records(self, records) -> None:
-        """End of every poll(): from now on the user's handler runs, timed by max_poll_interval_ms."""
+    def on_records(self, records) -> bool:
+        """End of every poll(): from now on the user's handler runs, timed by max_poll_interval_ms.
+
+        Returns False when ``records`` must not be handed out, because their partitions may belong to another
+        member by now: the member learned meanwhile that it was fenced, evicted or left (the next poll() drops
+        its partitions as lost), or no heartbeat attempt began within the last session timeout, so the process
+        was frozen (or starved) inside this poll() and the coordinator may have evicted it without it knowing
+        yet (the next poll() first waits for a fresh heartbeat, ``_check_session``). The Consumer puts them
+        back."""
         now_ms = _now_ms()
         with self._lock:
             self._last_poll_ms = self._poll_until_ms = now_ms
+            if not records:
+                return True
+            return self._state not in (LOST, LEFT) and not self._lapsed(now_ms)
 
     def close(self) -> None:
         """Commit what poll() returned (auto-commit on), call on_revoke, and leave so the partitions move now.
@@ -271,6 +284,7 @@ class GroupMember:
             if self._state == CLOSED or self._closing:
                 return
             was_member = self._state == MEMBER
+            was_lost = self._state in (LOST, LEFT)
         try:
             if was_member:
                 applied = self._applied_now()
@@ -282,6 +296,12 @@ class GroupMember:
                         log.warning("group %s: commit on close failed: %s", self.group_id, exc)
                 if applied:
                     self._call(self.on_revoke, sorted(applied))
+            elif was_lost:
+                # Fenced or evicted, and closed before a poll() dropped them: they are lost, not given
+                # back (as Kafka's close calls onPartitionsLost for a fenced member); nothing to commit.
+                applied = self._applied_now()
+                if applied:
+                    self._call(self.on_lost or self.on_revoke, sorted(applied))
         finally:
             with self._lock:
                 self._closing = True
@@ -431,13 +451,16 @@ class GroupMember:
 
     # -- the user's thread: reconciliation ------------------------------------------------------------
 
+    def _lapsed(self, now_ms: int) -> bool:
+        """Whether no heartbeat attempt began within the last session timeout (lock held): the coordinator
+        may have evicted this member without it knowing yet."""
+        return self._state == MEMBER and not self._closing and now_ms - self._last_attempt_ms > self.session_timeout_ms
+
     def _check_session(self) -> None:
         """After a freeze longer than the session, wait for a fresh heartbeat before reading on."""
         with self._lock:
-            if self._state != MEMBER or self._closing:
-                return
             now_ms = _now_ms()
-            if now_ms - self._last_attempt_ms <= self.session_timeout_ms:
+            if not self._lapsed(now_ms):
                 return
             self._force_heartbeat = True
             self._lock.notify_all()

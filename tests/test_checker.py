@@ -314,6 +314,96 @@ def test_eviction_ends_ownership():
     assert_counts(check(h, drain))
 
 
+def lost(h: History, process: str, partition: int | None) -> None:
+    """The member learned, late, that it had been evicted (on_lost after a freeze)."""
+    h.record(process, "revoke", group=G, topic=T, partition=partition, member=process, lost=True)
+
+
+def frozen_handover(h: History) -> None:
+    """consumer-1 reads partition 0 and freezes; its session runs out and consumer-2 gets it."""
+    send(h, "producer-1", b"a", 0, 0)
+    send(h, "producer-1", b"b", 0, 1)
+    assign(h, "consumer-1", 0, epoch=1)
+    poll(h, "consumer-1", 0, 0, b"a")
+    commit(h, "consumer-1", 0, 1, epoch=1)
+    # ... frozen here; evicted; the partition moves on:
+    assign(h, "consumer-2", 0, epoch=2)
+    poll(h, "consumer-2", 0, 1, b"b")
+    commit(h, "consumer-2", 0, 2, epoch=2)
+
+
+DRAIN_AB = [(T, 0, 0, b"a"), (T, 0, 1, b"b")]
+
+
+def test_a_member_that_learns_late_it_was_evicted_did_not_own_while_frozen():
+    h = History(clock_ms=StepClock())
+    frozen_handover(h)
+    lost(h, "consumer-1", 0)  # resumed: its first poll waited for a heartbeat and dropped it all
+    assert_counts(check(h, DRAIN_AB))
+    # A plain revoke at the same moment would claim it owned the partition all along.
+    h = History(clock_ms=StepClock())
+    frozen_handover(h)
+    revoke(h, "consumer-1", 0, epoch=1)
+    assert_counts(check(h, DRAIN_AB), double_ownership=1)
+
+
+def test_a_lost_member_that_read_after_the_handover_owned_it_twice():
+    h = History(clock_ms=StepClock())
+    frozen_handover(h)
+    poll(h, "consumer-1", 0, 1, b"b")  # resumed and read before it learned it was evicted
+    lost(h, "consumer-1", 0)
+    assert_counts(check(h, DRAIN_AB), double_ownership=1)
+
+
+def test_a_poll_spans_its_call_so_a_freeze_before_recording_it_is_no_double_ownership():
+    h = History(clock_ms=StepClock())
+    send(h, "producer-1", b"a", 0, 0)
+    assign(h, "consumer-1", 0, epoch=1)
+    op = h.invoke("consumer-1", "poll", group=G, topic=T, partition=0, offset=0, value=b"a",
+                  member="consumer-1")
+    assign(h, "consumer-2", 0, epoch=2)  # while consumer-1 was frozen inside poll()
+    h.ok(op)
+    lost(h, "consumer-1", 0)
+    assert_counts(check(h, [(T, 0, 0, b"a")]))
+
+
+def test_a_commit_in_flight_across_a_freeze_is_not_stale():
+    h = History(clock_ms=StepClock())
+    send(h, "producer-1", b"a", 0, 0)
+    assign(h, "consumer-1", 0, epoch=1)
+    poll(h, "consumer-1", 0, 0, b"a")
+    op = h.invoke("consumer-1", "commit", group=G, topic=T, partition=0, offset=1,
+                  member="consumer-1", epoch=1)
+    assign(h, "consumer-2", 0, epoch=2)  # frozen with the commit sent; the reply came after
+    h.ok(op)
+    lost(h, "consumer-1", 0)
+    assert_counts(check(h, [(T, 0, 0, b"a")]))
+
+
+def test_a_zombie_commit_sent_after_the_handover_is_stale():
+    h = History(clock_ms=StepClock())
+    frozen_handover(h)
+    commit(h, "consumer-1", 0, 1, epoch=1)  # resumed and committed before learning; accepted
+    lost(h, "consumer-1", 0)
+    # Its own view still held the partition, but consumer-2 had been given it: stale. The
+    # accepted commit made it act as owner alongside consumer-2, and moved the offset back.
+    assert_counts(check(h, DRAIN_AB), stale_epoch_commit_accepted=1, double_ownership=1,
+                  committed_regression=1)
+
+
+def test_observed_committed_offsets_are_judged_for_regression_and_delivery_not_epochs():
+    h, drain = clean_scenario()
+    h.record("final", "commit", group=G, topic=T, partition=0, offset=3, observed=True)
+    h.record("final", "commit", group=G, topic=T, partition=1, offset=2, observed=True)
+    assert_counts(check(h, drain))
+    h.record("final", "commit", group=G, topic=T, partition=0, offset=2, observed=True)
+    assert_counts(check(h, drain), committed_regression=1)
+    h, drain = clean_scenario()
+    send(h, "producer-1", b"e", 0, 3)
+    h.record("final", "commit", group=G, topic=T, partition=0, offset=4, observed=True)
+    assert_counts(check(h, drain + [(T, 0, 3, b"e")]), undelivered_below_commit=1)
+
+
 def test_undelivered_below_commit():
     h, drain = clean_scenario()
     send(h, "producer-1", b"e", 0, 3)
@@ -442,6 +532,7 @@ class Sim:
         self.committed = {p: 0 for p in self.partitions}
         self.inflight: dict[str, list] = {p: [] for p in PRODUCERS}
         self.values_n = 0
+        self.late: list[tuple[str, int]] = []  # (member, partition) evicted, not yet told
 
     def value(self) -> bytes:
         self.values_n += 1
@@ -488,6 +579,8 @@ class Sim:
         return new
 
     def assign(self, p: int, member: str) -> None:
+        if (member, p) in self.late:  # it learns of its loss before it can be given p again
+            self.tell_late(self.late.index((member, p)))
         self.h.record(member, "assign", group=G, topic=T, partition=p, member=member,
                       epoch=self.group_epoch)
         self.member_epoch[member] = self.group_epoch
@@ -495,13 +588,25 @@ class Sim:
         self.position[(member, p)] = self.committed[p]
 
     def evict(self, member: str) -> None:
+        if any(m == member for m, _ in self.late):
+            return  # gone already, it just does not know yet
         self.group_epoch += 1
-        self.h.record("coordinator", "revoke", group=G, member=member, epoch=self.group_epoch,
-                      reason="evicted")
+        # Either the coordinator's eviction is recorded, or the member (frozen meanwhile, so it
+        # neither polls nor commits) records the loss itself, later.
+        told_late = self.rng.random() < 0.5
+        if not told_late:
+            self.h.record("coordinator", "revoke", group=G, member=member, epoch=self.group_epoch,
+                          reason="evicted")
         for p in self.partitions:
             if self.owner[p] == member:
                 self.owner[p] = None
                 self.position.pop((member, p), None)
+                if told_late:
+                    self.late.append((member, p))
+
+    def tell_late(self, index: int) -> None:
+        member, p = self.late.pop(index)
+        self.h.record(member, "revoke", group=G, topic=T, partition=p, member=member, lost=True)
 
     def poll(self, p: int, n: int) -> None:
         m = self.owner[p]
@@ -544,12 +649,16 @@ class Sim:
             self.rebalance(p)
         elif r < 0.65:
             self.evict(self.rng.choice(MEMBERS))
+        elif r < 0.67 and self.late:
+            self.tell_late(self.rng.randrange(len(self.late)))
         elif r < 0.85:
             self.poll(p, self.rng.randint(1, 3))
         else:
             self.commit(p)
 
     def finish(self) -> list[tuple]:
+        while self.late:
+            self.tell_late(0)
         for producer in PRODUCERS:
             while self.inflight[producer]:
                 self.send_complete(producer)

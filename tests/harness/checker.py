@@ -41,9 +41,23 @@ an acked record missing from the log is both lost and unseen):
                     overlaps the commit's span with an assign epoch <= the commit's epoch. So
                     a commit by a member that did not own the partition, or that owned it
                     only under a newer epoch than the one it presented, was wrongly accepted.
+                    Here an interval runs to the member's revoke as the member recorded it
+                    (its own view: a commit in flight across a revoke or a freeze is believed),
+                    but no further than the next assign of the partition to another member:
+                    once another member was told it owns the partition, the coordinator had
+                    taken it from this one, so a commit invoked after that was sent too late.
+                    Commits marked observed=True (an offset read back, not a request) are
+                    never judged here.
   double_ownership  per pair of ownership intervals of different members of one (group,
                     topic, partition) that overlap. An interval runs from an ok assign to the
                     member's next ok revoke of it (or a re-assign, or the end of the history).
+                    A revoke marked lost=True says the member learned it had been fenced or
+                    evicted at some earlier moment it cannot know (it was frozen, or its
+                    heartbeats failed), so it ends the interval at the member's last act as
+                    owner instead: the start of its last ok poll of a record of the partition
+                    or of its last ok commit of it (the assign itself if neither came later).
+                    A frozen member that believed it owned a partition while another member
+                    read it is fine; one that read or committed it meanwhile is not.
   undelivered_below_commit  per drained record at an offset below the final ok commit of a
                     (group, topic, partition) (the last to complete) and at or above the
                     offset of the latest ok reset before it (if any), that no ok poll of the
@@ -433,14 +447,34 @@ class Ownership:
     member: Any  # the owning member (its process if the events named none)
     epoch: int | None  # the epoch the assign carried
     start: Key  # completion key of the assign
-    end: Key  # completion key of the revoke or re-assign; END_KEY if still owned
+    end: Key  # when it stopped acting as owner: completion key of the revoke or re-assign, or
+    # for a lost revoke the start key of its last act as owner; END_KEY if still owned
     assign_op: int  # op id of the assign, for examples
+    believed_end: Key = END_KEY  # completion key of the revoke or re-assign (the member's own
+    # view, even when it learned of a loss late); END_KEY if still owned
+    superseded: Key = END_KEY  # start of the next interval of the partition held by another member
+
+
+def _acts(ops: list[Op]) -> dict[tuple, list[Key]]:
+    """(group, topic, partition, member) -> sorted start keys of what the member did as owner:
+    ok polls of a record and ok commits (not observed offsets)."""
+    out: dict[tuple, list[Key]] = defaultdict(list)
+    for op in ops:
+        if op.type != "ok" or op.f not in ("poll", "commit") or op.get("observed"):
+            continue
+        t, p, o = op.get("topic"), op.get("partition"), op.get("offset")
+        if None not in (t, p, o):
+            out[(op.get("group"), t, p, op.member)].append(op.start)
+    for keys in out.values():
+        keys.sort()
+    return out
 
 
 def _ownership_intervals(ops: list[Op]) -> dict[tuple, list[Ownership]]:
     """(group, topic, partition) -> ownership intervals, ordered by start."""
     stream = [op for op in ops if op.type == "ok" and op.f in ("assign", "revoke")]
     stream.sort(key=lambda op: op.end)
+    acts = _acts(ops)
     open_: dict[tuple, Ownership] = {}  # (group, topic, partition, member) -> open interval
     out: dict[tuple, list[Ownership]] = defaultdict(list)
     for op in stream:
@@ -451,37 +485,50 @@ def _ownership_intervals(ops: list[Op]) -> dict[tuple, list[Ownership]]:
                 raise ValueError(f"assign needs a topic and a partition: {op}")
             key = (g, t, p, m)
             if key in open_:  # re-assigned under a newer epoch: a new interval starts here
-                open_.pop(key).end = op.end
+                iv = open_.pop(key)
+                iv.end = iv.believed_end = op.end
             iv = Ownership(m, op.get("epoch"), op.end, END_KEY, op.op_id)
             open_[key] = iv
             out[(g, t, p)].append(iv)
         else:
+            lost = bool(op.get("lost"))
             for key in list(open_):
                 if key[0] == g and key[3] == m and _matches(op, key[1], key[2]):
-                    open_.pop(key).end = op.end
+                    iv = open_.pop(key)
+                    iv.end = iv.believed_end = op.end
+                    if lost:
+                        # It learned of the loss late; it last acted as owner at its last act.
+                        keys = acts.get(key, [])
+                        i = bisect.bisect_right(keys, op.end)
+                        iv.end = max(iv.start, keys[i - 1]) if i else iv.start
     for ivs in out.values():
         ivs.sort(key=lambda iv: iv.start)
+        for i, iv in enumerate(ivs):
+            iv.superseded = next((b.start for b in ivs[i + 1:] if b.member != iv.member), END_KEY)
     return out
 
 
 def _check_stale_epoch_commits(commits: list[Op], ownership: dict[tuple, list[Ownership]],
                                tally: _Tally) -> None:
     for op in commits:
+        if op.get("observed"):
+            continue  # a committed offset read back: nobody sent it, there is no epoch to fence
         gtp = (op.get("group"), op.get("topic"), op.get("partition"))
         intervals = ownership.get(gtp)
         if intervals is None:
             continue  # never assigned by a group: manual assignment, nothing to fence
         epoch, m = op.get("epoch"), op.member
         # The commit took effect somewhere in [start, end]; any overlap with a matching
-        # ownership is enough to believe it was accepted legitimately.
+        # ownership is enough to believe it was accepted legitimately. The member's own view
+        # of its ownership counts, up to the moment another member was given the partition.
         legit = any(
-            iv.member == m and iv.start <= op.end and op.start <= iv.end
+            iv.member == m and iv.start <= op.end and op.start <= min(iv.believed_end, iv.superseded)
             and (epoch is None or iv.epoch is None or iv.epoch <= epoch)
             for iv in intervals
         )
         if not legit:
             owners = [f"{iv.member}@epoch{iv.epoch}" for iv in intervals
-                      if iv.start <= op.end and op.start <= iv.end]
+                      if iv.start <= op.end and op.start <= iv.believed_end]
             tally.add("stale_epoch_commit_accepted",
                       f"{op}; owners during the commit: {owners or 'none'}")
 

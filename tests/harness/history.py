@@ -20,10 +20,16 @@ Operations (`f`) and the fields the checker reads from them:
 
     send    topic, partition, value (unique per send); the ok completion adds offset
     poll    ONE EVENT PER POLLED RECORD: topic, partition, offset, value, group, member
-    commit  group, topic, partition, offset (the next offset to consume), member, epoch
+            (one-shot, or an invoke stamped when poll() was called and an ok when it returned:
+            the record was handed out somewhere in between)
+    commit  group, topic, partition, offset (the next offset to consume), member, epoch;
+            observed=True marks not a commit request but the group's committed offset read
+            back (e.g. after the run): judged for regression and delivery, not for epochs
     assign  group, topic, partition, member, epoch (the epoch at which the member got it)
     revoke  group, member, epoch; topic/partition None means "all of the member's partitions"
-            (record an eviction by the coordinator as a revoke, e.g. with reason="evicted")
+            (record an eviction by the coordinator as a revoke, e.g. with reason="evicted");
+            lost=True marks a loss the member learned of late (on_lost after being fenced
+            or evicted while frozen): its ownership ends at its last act as owner
     reset   group, topic, partition, offset: an explicit offset reset (seek + commit lower)
     drain   topic, partition, offset, value: one event per record of the final drain,
             written by `record_drain`, so that a saved history can be re-checked on its own

@@ -13,6 +13,12 @@ Faults:
     kill_coordinator  kill -9 the coordinator, keep it down ``hold_s``, restart it
     cut               a node's FaultProxy drops everything for ``hold_s`` (needs proxies)
     stall             a node's FaultProxy holds everything for ``hold_s``, then delivers it (needs proxies)
+    kill_consumer     kill -9 a consumer process of a group run, keep it down ``hold_s``, start a new one
+                      in its place (a new process, so a new member); needs ``consumers``
+    pause_consumer    SIGSTOP a consumer process for ``hold_s``, then SIGCONT; needs ``consumers``
+
+``consumers`` (tests/harness/group_workload.py) is anything with ``kill(slot)``, ``restart(slot)``,
+``pause(slot)`` and ``resume(slot)``; a consumer fault's target is ``consumer-<slot>``.
 
 This module owns the schedule and its execution; it never judges the outcome (checker.py).
 """
@@ -25,14 +31,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-KINDS = ("kill", "pause", "kill_coordinator", "cut", "stall")
+KINDS = ("kill", "pause", "kill_coordinator", "cut", "stall", "kill_consumer", "pause_consumer")
 FRACTION_MIN, FRACTION_MAX = 0.03, 0.85  # faults land inside the workload, not at its edges
 
 
 @dataclass(frozen=True)
 class Fault:
     kind: str  # one of KINDS
-    target: str  # "node-<id>" or "coordinator"
+    target: str  # "node-<id>", "coordinator" or "consumer-<slot>"
     at_fraction: float  # fires when the workload has invoked this fraction of its sends
     hold_s: float  # how long the node stays down, paused or cut off
     lead_s: float = 0.0  # the workload runs this long past its gate before the fault strikes
@@ -41,24 +47,40 @@ class Fault:
     def node_id(self) -> int | None:
         return int(self.target.split("-")[1]) if self.target.startswith("node-") else None
 
+    @property
+    def consumer_slot(self) -> int | None:
+        return int(self.target.split("-")[1]) if self.target.startswith("consumer-") else None
+
 
 def plan(seed: int, node_ids, *, kills: int = 0, pauses: int = 0, coordinator_kills: int = 0, cuts: int = 0,
          stalls: int = 0, kill_hold_s=(0.2, 1.0), pause_hold_s=(1.5, 3.0), coordinator_hold_s=(0.5, 2.0),
-         cut_hold_s=(1.0, 2.5), stall_hold_s=(1.0, 2.5), lead_s=(0.1, 0.4)) -> list[Fault]:
-    """A seeded fault schedule: the kinds shuffled, spread over the workload, targets and holds drawn."""
+         cut_hold_s=(1.0, 2.5), stall_hold_s=(1.0, 2.5), lead_s=(0.1, 0.4), consumer_slots=(),
+         consumer_kills: int = 0, consumer_pauses: int = 0, consumer_kill_hold_s=(0.2, 1.0),
+         consumer_pause_hold_s=(2.5, 3.5)) -> list[Fault]:
+    """A seeded fault schedule: the kinds shuffled, spread over the workload, targets and holds drawn.
+    Without consumer faults, a seed gives the same schedule as before they existed."""
     rng = random.Random(f"nemesis/{seed}")
     node_ids = sorted(node_ids)
+    consumer_slots = sorted(consumer_slots)
+    if (consumer_kills or consumer_pauses) and not consumer_slots:
+        raise ValueError("consumer faults need consumer_slots")
     kinds = (["kill"] * kills + ["pause"] * pauses + ["kill_coordinator"] * coordinator_kills + ["cut"] * cuts
-             + ["stall"] * stalls)
+             + ["stall"] * stalls + ["kill_consumer"] * consumer_kills + ["pause_consumer"] * consumer_pauses)
     rng.shuffle(kinds)
     holds = {"kill": kill_hold_s, "pause": pause_hold_s, "kill_coordinator": coordinator_hold_s,
-             "cut": cut_hold_s, "stall": stall_hold_s}
+             "cut": cut_hold_s, "stall": stall_hold_s, "kill_consumer": consumer_kill_hold_s,
+             "pause_consumer": consumer_pause_hold_s}
     faults = []
     span = (FRACTION_MAX - FRACTION_MIN) / max(1, len(kinds))
     for i, kind in enumerate(kinds):
         # One fault per slot of the workload, at a random point of its slot.
         at = FRACTION_MIN + span * (i + rng.uniform(0.1, 0.9))
-        target = "coordinator" if kind == "kill_coordinator" else f"node-{rng.choice(node_ids)}"
+        if kind == "kill_coordinator":
+            target = "coordinator"
+        elif kind in ("kill_consumer", "pause_consumer"):
+            target = f"consumer-{rng.choice(consumer_slots)}"
+        else:
+            target = f"node-{rng.choice(node_ids)}"
         faults.append(Fault(kind, target, round(at, 4), round(rng.uniform(*holds[kind]), 3),
                             round(rng.uniform(*lead_s), 3)))
     return faults
@@ -68,10 +90,11 @@ class Nemesis(threading.Thread):
     """Carries out ``faults`` against ``cluster`` as the workload reaches each one's gate."""
 
     def __init__(self, cluster, history, faults: list[Fault], progress, proxies: dict | None = None,
-                 log=None):
+                 log=None, consumers=None):
         super().__init__(name="nemesis", daemon=True)
         self.cluster, self.history, self.faults, self.progress = cluster, history, faults, progress
         self.proxies = proxies or {}
+        self.consumers = consumers  # group runs: the consumer processes (see the module docstring)
         self.log = log or (lambda message: None)
         self.done: list[tuple[Fault, float]] = []  # (fault, seconds it took from start to healed)
         self.error: BaseException | None = None
@@ -139,6 +162,18 @@ class Nemesis(threading.Thread):
                     self._hold(fault.hold_s)
                 finally:
                     proxy.unstall()
+            elif fault.kind == "kill_consumer":
+                self.consumers.kill(fault.consumer_slot)
+                self.progress.open(index)
+                self._hold(fault.hold_s)
+                self.consumers.restart(fault.consumer_slot)
+            elif fault.kind == "pause_consumer":
+                self.consumers.pause(fault.consumer_slot)
+                self.progress.open(index)
+                try:
+                    self._hold(fault.hold_s)
+                finally:
+                    self.consumers.resume(fault.consumer_slot)
             else:
                 raise ValueError(f"unknown fault kind {fault.kind!r}")
             healed = True
