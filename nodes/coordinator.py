@@ -33,6 +33,7 @@ log = logging.getLogger("bus.coordinator")
 
 NODE_SESSION_TIMEOUT_MS = 3_000
 LOOP_WAIT_MS_MAX = 100
+NODE_ID_MAX = (1 << 31) - 1
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 PARTITIONS_MAX = 10_000
 
@@ -185,7 +186,13 @@ class Coordinator:
         return {"name": name}
 
     def _node_heartbeat(self, args, now_ms):
-        node_id, address, instance = int(args["node_id"]), str(args["address"]), args.get("instance")
+        node_id, address, instance = args["node_id"], args["address"], args.get("instance")
+        # Checked before anything is stored: a bogus id (say int(1e300)) persisted here would end up in
+        # every metadata reply.
+        if not isinstance(node_id, int) or isinstance(node_id, bool) or not 0 <= node_id <= NODE_ID_MAX:
+            raise InvalidRequest(f"node_id must be an integer from 0 to {NODE_ID_MAX}, not {node_id!r}")
+        if not isinstance(address, str) or not address:
+            raise InvalidRequest(f"address must be a ZeroMQ address string, not {address!r}")
         node = self.nodes.get(node_id)
         if node is not None and node.address != address and node.instance != instance and self._alive(node, now_ms):
             raise NodeIdentityMismatch(

@@ -59,9 +59,14 @@ class RouterServer:
         return identity, op, request_id, args, bulk
 
     def reply(self, identity: bytes, request_id, result=None, bulk=(), error: BusError | None = None) -> None:
+        request_id = request_id if isinstance(request_id, (int, str, bytes, type(None))) else None
         try:
-            request_id = request_id if isinstance(request_id, (int, str, bytes, type(None))) else None
             frames = wire.encode_reply(request_id, result, bulk, error)
+        except (OverflowError, TypeError, ValueError) as exc:
+            # An answer built from hostile arguments (e.g. an offset of 2**64 - 1, plus one) that msgpack
+            # cannot carry: the client gets an error and the server goes on.
+            frames = wire.encode_reply(request_id, error=InvalidRequest(f"the answer could not be encoded: {exc}"))
+        try:
             self.socket.send_multipart([identity, *frames], zmq.NOBLOCK, copy=len(frames) < 2)
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading. Either way it will retry.

@@ -124,6 +124,12 @@ COORDINATOR_GARBAGE = [
     ("delete_topic name unhashable", [packb([1, "delete_topic", 49, {"name": [1]}])], "INVALID_REQUEST"),
     ("node_heartbeat node_id not a number", [packb([1, "node_heartbeat", 50, {"node_id": "abc", "address": "x"}])],
      "INVALID_REQUEST"),
+    # A float node id that int() would turn into a number no reply can carry (the fuzzer found this one:
+    # stored, it broke every later metadata reply).
+    ("node_heartbeat node_id huge float", [packb([1, "node_heartbeat", 54, {"node_id": 1e300, "address": "x"}])],
+     "INVALID_REQUEST"),
+    ("node_heartbeat node_id out of range", [packb([1, "node_heartbeat", 55, {"node_id": 2 ** 40, "address": "x"}])],
+     "INVALID_REQUEST"),
     ("metadata with bulk frames", [packb([1, "metadata", 51, {}]), b"bulk"], "INVALID_REQUEST"),
     ("create_topic existing", [packb([1, "create_topic", 52, {"name": "target"}])], "TOPIC_EXISTS"),
     ("delete_topic unknown", [packb([1, "delete_topic", 53, {"name": "nope"}])], "UNKNOWN_TOPIC"),
