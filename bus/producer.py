@@ -238,20 +238,7 @@ class Producer:
                 raise ClosedError("send() on a closed Producer")
             if self._buffered_bytes + size > self.buffer_bytes:
                 self._wait_for_space(size)
-            sticky = partition is None
-            if sticky:
-                partition = self._sticky.get(topic)
-                if partition is None:
-                    partition = self._sticky[topic] = self._rotation.get(topic, 0) % count
-                    self._rotation[topic] = partition + 1
-            batch = self._open.get((topic, partition))
-            if batch is None:
-                now_s = time.monotonic()
-                batch = self._open[(topic, partition)] = ProducerBatch(
-                    topic, partition, ts, now_s, now_s + self.delivery_timeout_s)
-                self._wake()
-            if sticky:
-                self._sticky_open[topic] = batch
+            batch = self._batch_for(topic, partition, count, ts)
             index = batch.count
             batch.flat += (ts - batch.first_ts_ms, key, value, headers)
             batch.count = index + 1
@@ -300,21 +287,7 @@ class Producer:
                 if total[pos] - before > room:
                     self._wait_for_space(total[pos] - before)  # waits on self._space, releasing the lock
                     continue
-                sticky = partition is None
-                chosen = partition
-                if sticky:
-                    chosen = self._sticky.get(topic)
-                    if chosen is None:
-                        chosen = self._sticky[topic] = self._rotation.get(topic, 0) % count
-                        self._rotation[topic] = chosen + 1
-                batch = self._open.get((topic, chosen))
-                if batch is None:
-                    now_s = time.monotonic()
-                    batch = self._open[(topic, chosen)] = ProducerBatch(
-                        topic, chosen, ts, now_s, now_s + self.delivery_timeout_s)
-                    self._wake()
-                if sticky:
-                    self._sticky_open[topic] = batch
+                batch = self._batch_for(topic, partition, count, ts)
                 # Take the values that fit in the buffer, up to and including the one that fills the batch
                 # (send() closes a batch once its bytes reach batch_bytes).
                 fits = _bisect_right(total, before + room, pos) - pos
@@ -352,6 +325,25 @@ class Producer:
                 raise BufferFull(f"producer buffer of {self.buffer_bytes} bytes stayed full for "
                                  f"{self.max_block_s * 1000:.0f} ms (max_block_ms); the record was not sent")
             self._space.wait(remaining)
+
+    def _batch_for(self, topic: str, partition: int | None, count: int, ts: int) -> ProducerBatch:
+        """The open batch a record goes to (opened if need be); ``partition=None`` means the topic's sticky
+        partition. Caller holds the lock."""
+        sticky = partition is None
+        if sticky:
+            partition = self._sticky.get(topic)
+            if partition is None:
+                partition = self._sticky[topic] = self._rotation.get(topic, 0) % count
+                self._rotation[topic] = partition + 1
+        batch = self._open.get((topic, partition))
+        if batch is None:
+            now_s = time.monotonic()
+            batch = self._open[(topic, partition)] = ProducerBatch(
+                topic, partition, ts, now_s, now_s + self.delivery_timeout_s)
+            self._wake()
+        if sticky:
+            self._sticky_open[topic] = batch
+        return batch
 
     def _close_batch(self, batch: ProducerBatch) -> None:
         """Move an open batch to the ready queue. Caller holds the lock."""
