@@ -17,7 +17,7 @@ Python client, used the way its documentation recommends for throughput:
   which would add its timeout to every record's latency.
 
 A record is ``record_bytes`` of value (Redis: one stream field ``v``); partitions are separate streams
-(Redis) or subjects (NATS). Public face: ``REDIS`` and ``NATS`` (``stats.System``), their runners, and
+(Redis) or subjects (NATS). Public face: ``REDIS`` and ``NATS`` (``stats.System``, both built by ``peer_system()``), and
 ``check_redis()`` / ``check_nats()``, which raise ``PeerUnavailable`` with the install command when a
 server binary or client library is missing. This module imports redis and nats only inside functions,
 so the bench runs without them.
@@ -35,7 +35,9 @@ import subprocess
 import sys
 import time
 from array import array
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
 from .stats import (
     BenchConfig,
@@ -324,54 +326,74 @@ def redis_latency_produce_client(
         r.close()
 
 
-def run_redis_produce(cfg: BenchConfig) -> Result:
+@dataclass(frozen=True)
+class Peer:
+    """What differs between the peers: the server to start and the client functions its processes run."""
+
+    name: str
+    check: Callable[[], None]
+    server: Callable  # (cfg, data_dir) -> a context manager with .port, .pid, .notes
+    produce_client: Callable
+    consume_client: Callable
+    latency_consume_client: Callable
+    latency_produce_client: Callable
+
+
+def _run_produce(peer: Peer, cfg: BenchConfig) -> Result:
     cfg.validate()
-    check_redis()
-    with scratch_dir(cfg, "redis") as d, RedisServer(cfg, d) as srv:
-        clients = [
-            (redis_produce_client, (srv.port, cfg, j, n)) for j, n in enumerate(split(cfg.records, cfg.producers))
-        ]
+    peer.check()
+    with scratch_dir(cfg, peer.name) as d, peer.server(cfg, d) as srv:
+        clients = [(peer.produce_client, (srv.port, cfg, j, n)) for j, n in enumerate(split(cfg.records, cfg.producers))]
         reports, usage = run_clients(clients, [srv.pid], cfg.timeout_s)
         notes = srv.notes + storage_notes(d, cfg.sync)
-        return build_result("redis", "produce", cfg, reports, usage, latency_kind="ack", notes=notes)
+        return build_result(peer.name, "produce", cfg, reports, usage, latency_kind="ack", notes=notes)
 
 
-def run_redis_consume(cfg: BenchConfig) -> Result:
+def _run_consume(peer: Peer, cfg: BenchConfig) -> Result:
     cfg.validate()
-    check_redis()
-    with scratch_dir(cfg, "redis") as d, RedisServer(cfg, d) as srv:
-        load = [(redis_produce_client, (srv.port, cfg, j, n)) for j, n in enumerate(split(cfg.records, cfg.producers))]
+    peer.check()
+    with scratch_dir(cfg, peer.name) as d, peer.server(cfg, d) as srv:
+        load = [(peer.produce_client, (srv.port, cfg, j, n)) for j, n in enumerate(split(cfg.records, cfg.producers))]
         loaded, _ = run_clients(load, [srv.pid], cfg.timeout_s)
         stored = [sum(r.extra["per_partition"][p] for r in loaded) for p in range(cfg.partitions)]
         clients = [
-            (redis_consume_client, (srv.port, cfg, parts, [stored[p] for p in parts]))
+            (peer.consume_client, (srv.port, cfg, parts, [stored[p] for p in parts]))
             for parts in assign_partitions(cfg.partitions, cfg.consumers)
         ]
         reports, usage = run_clients(clients, [srv.pid], cfg.timeout_s)
-        return build_result("redis", "consume", cfg, reports, usage, notes=srv.notes + storage_notes(d, cfg.sync))
+        return build_result(peer.name, "consume", cfg, reports, usage, notes=srv.notes + storage_notes(d, cfg.sync))
 
 
-def run_redis_latency(cfg: BenchConfig, rate_per_s: float | None = None) -> Result:
+def _run_latency(peer: Peer, cfg: BenchConfig, rate_per_s: float | None = None) -> Result:
     cfg.validate()
-    check_redis()
+    peer.check()
     rate = float(rate_per_s or cfg.latency_rate)
     per_producer = split(cfg.latency_records(rate), cfg.producers)
     per_partition = expected_per_partition(per_producer, cfg.partitions)
-    with scratch_dir(cfg, "redis") as d, RedisServer(cfg, d) as srv:
+    with scratch_dir(cfg, peer.name) as d, peer.server(cfg, d) as srv:
         consumers = [
-            (redis_latency_consume_client, (srv.port, cfg, parts, [per_partition[p] for p in parts]))
+            (peer.latency_consume_client, (srv.port, cfg, parts, [per_partition[p] for p in parts]))
             for parts in assign_partitions(cfg.partitions, cfg.consumers)
         ]
         producers = [
-            (redis_latency_produce_client, (srv.port, cfg, j, n, rate / cfg.producers))
+            (peer.latency_produce_client, (srv.port, cfg, j, n, rate / cfg.producers))
             for j, n in enumerate(per_producer)
         ]
         reports, usage = run_clients(consumers + producers, [srv.pid], cfg.timeout_s)
         k = len(consumers)
-        return latency_result("redis", cfg, rate, reports[:k], reports[k:], usage, d, srv.notes)
+        return latency_result(peer.name, cfg, rate, reports[:k], reports[k:], usage, d, srv.notes)
 
 
-REDIS = System("redis", run_redis_produce, run_redis_consume, run_redis_latency, check=check_redis)
+def peer_system(name, check, server, produce_client, consume_client, latency_consume_client,
+                latency_produce_client) -> System:
+    """A peer as a bench ``System``: the same produce / consume / latency runs for every peer."""
+    peer = Peer(name, check, server, produce_client, consume_client, latency_consume_client, latency_produce_client)
+    return System(name, partial(_run_produce, peer), partial(_run_consume, peer), partial(_run_latency, peer),
+                  check=check)
+
+
+REDIS = peer_system("redis", check_redis, RedisServer, redis_produce_client, redis_consume_client,
+                    redis_latency_consume_client, redis_latency_produce_client)
 
 
 # ==============================================================================================================
@@ -676,51 +698,5 @@ async def _nats_latency_consume(
         await nc.close()
 
 
-def run_nats_produce(cfg: BenchConfig) -> Result:
-    cfg.validate()
-    check_nats()
-    with scratch_dir(cfg, "nats") as d, NatsServer(cfg, d) as srv:
-        clients = [
-            (nats_produce_client, (srv.port, cfg, j, n)) for j, n in enumerate(split(cfg.records, cfg.producers))
-        ]
-        reports, usage = run_clients(clients, [srv.pid], cfg.timeout_s)
-        notes = srv.notes + storage_notes(d, cfg.sync)
-        return build_result("nats", "produce", cfg, reports, usage, latency_kind="ack", notes=notes)
-
-
-def run_nats_consume(cfg: BenchConfig) -> Result:
-    cfg.validate()
-    check_nats()
-    with scratch_dir(cfg, "nats") as d, NatsServer(cfg, d) as srv:
-        load = [(nats_produce_client, (srv.port, cfg, j, n)) for j, n in enumerate(split(cfg.records, cfg.producers))]
-        loaded, _ = run_clients(load, [srv.pid], cfg.timeout_s)
-        stored = [sum(r.extra["per_partition"][p] for r in loaded) for p in range(cfg.partitions)]
-        clients = [
-            (nats_consume_client, (srv.port, cfg, parts, [stored[p] for p in parts]))
-            for parts in assign_partitions(cfg.partitions, cfg.consumers)
-        ]
-        reports, usage = run_clients(clients, [srv.pid], cfg.timeout_s)
-        return build_result("nats", "consume", cfg, reports, usage, notes=srv.notes + storage_notes(d, cfg.sync))
-
-
-def run_nats_latency(cfg: BenchConfig, rate_per_s: float | None = None) -> Result:
-    cfg.validate()
-    check_nats()
-    rate = float(rate_per_s or cfg.latency_rate)
-    per_producer = split(cfg.latency_records(rate), cfg.producers)
-    per_partition = expected_per_partition(per_producer, cfg.partitions)
-    with scratch_dir(cfg, "nats") as d, NatsServer(cfg, d) as srv:
-        consumers = [
-            (nats_latency_consume_client, (srv.port, cfg, parts, [per_partition[p] for p in parts]))
-            for parts in assign_partitions(cfg.partitions, cfg.consumers)
-        ]
-        producers = [
-            (nats_latency_produce_client, (srv.port, cfg, j, n, rate / cfg.producers))
-            for j, n in enumerate(per_producer)
-        ]
-        reports, usage = run_clients(consumers + producers, [srv.pid], cfg.timeout_s)
-        k = len(consumers)
-        return latency_result("nats", cfg, rate, reports[:k], reports[k:], usage, d, srv.notes)
-
-
-NATS = System("nats", run_nats_produce, run_nats_consume, run_nats_latency, check=check_nats)
+NATS = peer_system("nats", check_nats, NatsServer, nats_produce_client, nats_consume_client,
+                   nats_latency_consume_client, nats_latency_produce_client)
