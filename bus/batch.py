@@ -102,11 +102,13 @@ def verify(buf, at: int = 0) -> BatchHeader:
     return header
 
 
-def stamp(buf, base_offset: int, leader_epoch: int = -1) -> tuple[bytearray, BatchHeader]:
-    """Verify a batch as a producer sent it and return a copy carrying ``base_offset`` (for storing).
+def stamp(buf, base_offset: int, leader_epoch: int = -1) -> tuple[bytearray | memoryview, BatchHeader]:
+    """Verify a batch as a producer sent it and give it ``base_offset`` (for storing).
 
-    ``buf`` must hold exactly one batch. One pass over the payload: its CRC is computed once, checked
-    against the producer's, then continued over the re-stamped header tail.
+    ``buf`` must hold exactly one batch. A writable ``buf`` (the node's received frame) is stamped in place
+    and returned, saving a copy of every batch; a read-only one is copied first. One pass over the
+    payload: its CRC is computed once, checked against the producer's, then continued over the re-stamped
+    header tail. Nothing is written unless the batch is valid.
     """
     header = read_header(buf)
     if header[1] != MAGIC:
@@ -119,7 +121,7 @@ def stamp(buf, base_offset: int, leader_epoch: int = -1) -> tuple[bytearray, Bat
     payload_crc = crc32c(view[HEADER_BYTES:])
     if crc32c(view[4:HEADER_BYTES], payload_crc) != header[0]:
         raise CorruptRecord("CRC32C mismatch in produced batch")
-    out = bytearray(buf)
+    out = bytearray(buf) if view.readonly else view
     struct.pack_into(">qi", out, _BASE_OFFSET_AT, base_offset, leader_epoch)
     crc = crc32c(memoryview(out)[4:HEADER_BYTES], payload_crc)
     struct.pack_into(">I", out, 0, crc)

@@ -19,10 +19,12 @@ import threading
 import time
 from bisect import bisect_left as _bisect_left, bisect_right as _bisect_right
 from collections import deque
+from collections.abc import Sequence
 from itertools import accumulate as _accumulate, repeat as _repeat
 
 import zmq
 
+from . import gil
 from .connection import Requester
 from .errors import BufferFull, ClosedError, ConfigError, RecordTooLarge, Timeout, UnknownPartition
 from .metadata import check_bootstrap, partition_for_key
@@ -34,7 +36,7 @@ RECORD_OVERHEAD_BYTES = 16  # msgpack framing and the timestamp delta, for buffe
 class ProducerBatch:
     """Records for one partition, appended by ``send()`` until closed, then owned by the sender thread."""
 
-    __slots__ = ("topic", "partition", "flat", "count", "bytes", "first_ts_ms", "max_ts_ms", "created_s",
+    __slots__ = ("topic", "partition", "flat", "count", "bytes", "first_ts_ms", "created_s",
                  "deadline_s", "done", "base_offset", "error", "callbacks", "payload", "producer_id",
                  "producer_epoch", "sequence", "sent", "attempts")
 
@@ -43,7 +45,7 @@ class ProducerBatch:
         self.flat = []  # ts_delta, key, value, headers per record (bus.batch's payload layout)
         self.count = 0
         self.bytes = 0
-        self.first_ts_ms = self.max_ts_ms = first_ts_ms
+        self.first_ts_ms = first_ts_ms
         self.created_s, self.deadline_s = created_s, deadline_s
         self.done = threading.Event()
         self.base_offset = -1
@@ -77,14 +79,11 @@ class ProducerBatch:
 class RecordFuture(tuple):
     """The outcome of one ``send()``: ``get(timeout)`` returns RecordMetadata or raises the typed error.
 
-    A (batch, index) pair: a tuple, so that ``send()`` makes one with a single C call (``_new_future``)
-    rather than running a Python ``__init__`` per record.
+    A (batch, index) pair: a tuple subclass with tuple's own constructor, ``RecordFuture((batch, index))``,
+    so that ``send()`` makes one with a single C call rather than running a Python ``__init__`` per record.
     """
 
     __slots__ = ()
-
-    def __new__(cls, batch: ProducerBatch, index: int):
-        return tuple.__new__(cls, (batch, index))
 
     _batch = property(lambda self: self[0])
     _index = property(lambda self: self[1])
@@ -116,8 +115,53 @@ class RecordFuture(tuple):
         fn(batch.metadata(self._index) if batch.error is None else None, batch.error)
 
 
+class FutureList(Sequence):
+    """The futures of one ``send_many()`` call, in the order of its values: a read-only sequence of
+    RecordFuture, each made when it is looked at. The records went in runs of consecutive indexes in a few
+    batches; keeping the runs instead of a future per record is what makes the call cheap (a million
+    RecordFutures are a million tracked objects for the garbage collector to walk)."""
+
+    __slots__ = ("_runs", "_starts", "_len")
+
+    def __init__(self, runs: list):
+        self._runs = runs  # [(batch, first index in the batch, record count)], in value order
+        self._starts = list(_accumulate([0] + [count for _, _, count in runs[:-1]]))
+        self._len = sum(count for _, _, count in runs)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, at):
+        if isinstance(at, slice):
+            return [self[i] for i in range(*at.indices(self._len))]
+        if at < 0:
+            at += self._len
+        if not 0 <= at < self._len:
+            raise IndexError("FutureList index out of range")
+        run = _bisect_right(self._starts, at) - 1
+        batch, first, _ = self._runs[run]
+        return RecordFuture((batch, first + at - self._starts[run]))
+
+    def __iter__(self):
+        for batch, first, count in self._runs:
+            yield from _map(RecordFuture, zip(_repeat(batch), range(first, first + count)))
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def __radd__(self, other):
+        return list(other) + list(self)
+
+    def __eq__(self, other):
+        return isinstance(other, (list, FutureList)) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"<FutureList of {self._len} records in {len(self._runs)} batch run(s)>"
+
+
 _callback_lock = threading.Lock()
-_new_future = tuple.__new__  # _new_future(RecordFuture, (batch, index)): a future without a Python __init__
 _time_ns = time.time_ns
 _map, _add = map, operator.add
 
@@ -159,7 +203,7 @@ class Producer:
         self._open: dict[tuple, ProducerBatch] = {}
         self._ready: deque[ProducerBatch] = deque()
         self._taken: set[ProducerBatch] = set()  # handed to the sender, not yet completed
-        self._buffered_bytes = 0
+        self._free_bytes = buffer_bytes  # buffer_bytes less the bytes of records held
         self._sticky: dict[str, int] = {}
         # topic -> the open batch of its sticky partition (``_open[(topic, _sticky[topic])]``), so that a
         # record with neither key nor partition finds its batch with one lookup. Dropped with that batch.
@@ -176,6 +220,7 @@ class Producer:
                               max_in_flight_per_node=max_in_flight_per_node, idempotent=idempotent,
                               retry_backoff_ms=retry_backoff_ms, metadata_timeout_ms=metadata_timeout_ms)
         self._wake = self._sender.waker
+        gil.acquire()
         self._sender.start()
         self._partition_counts: dict[str, int] = {}
 
@@ -209,19 +254,18 @@ class Producer:
             lock = self._lock
             lock.acquire()
             try:
+                # No ``_closed`` test: close() leaves no batch open (the sender's last turn closes them all).
                 batch = self._sticky_open.get(topic) if partition is None else self._open.get((topic, partition))
-                if batch is not None and not self._closed and self._buffered_bytes + size <= self.buffer_bytes:
+                if batch is not None and size <= self._free_bytes:
                     index = batch.count
                     batch.flat += (ts - batch.first_ts_ms, key, value, headers)
                     batch.count = index + 1
-                    if ts > batch.max_ts_ms:
-                        batch.max_ts_ms = ts
-                    self._buffered_bytes += size
+                    self._free_bytes -= size
                     batch.bytes += size
                     if batch.bytes >= self.batch_bytes:
                         self._close_batch(batch)
                         self._wake()
-                    return _new_future(RecordFuture, (batch, index))
+                    return RecordFuture((batch, index))
             finally:
                 lock.release()
         count = self._partition_counts.get(topic) or self._partitions(topic)
@@ -236,22 +280,20 @@ class Producer:
         try:
             if self._closed:
                 raise ClosedError("send() on a closed Producer")
-            if self._buffered_bytes + size > self.buffer_bytes:
+            if size > self._free_bytes:
                 self._wait_for_space(size)
             batch = self._batch_for(topic, partition, count, ts)
             index = batch.count
             batch.flat += (ts - batch.first_ts_ms, key, value, headers)
             batch.count = index + 1
-            if ts > batch.max_ts_ms:
-                batch.max_ts_ms = ts
-            self._buffered_bytes += size
+            self._free_bytes -= size
             batch.bytes += size
             if batch.bytes >= self.batch_bytes:
                 self._close_batch(batch)
                 self._wake()
         finally:
             lock.release()
-        return _new_future(RecordFuture, (batch, index))
+        return RecordFuture((batch, index))
 
     def send_many(self, topic: str, values, keys=None, partition: int | None = None) -> list:
         """Send many records in one call (cheaper per record than ``send()``). Returns their futures.
@@ -274,7 +316,7 @@ class Producer:
                 or (partition is not None and not 0 <= partition < count)):
             return [self.send(topic, value, partition=partition) for value in values]
         ts = _time_ns() // 1_000_000
-        futures: list = []
+        runs: list = []  # (batch, first index, count): the FutureList
         n, pos = len(values), 0
         lock = self._lock
         lock.acquire()
@@ -283,7 +325,7 @@ class Producer:
                 if self._closed:
                     raise ClosedError("send_many() on a closed Producer")
                 before = total[pos - 1] if pos else 0
-                room = self.buffer_bytes - self._buffered_bytes
+                room = self._free_bytes
                 if total[pos] - before > room:
                     self._wait_for_space(total[pos] - before)  # waits on self._space, releasing the lock
                     continue
@@ -298,12 +340,10 @@ class Producer:
                 flat[0::4] = [ts - batch.first_ts_ms] * k
                 flat[2::4] = values if k == n else values[pos:pos + k]
                 batch.flat += flat
-                futures += _map(_new_future, _repeat(RecordFuture), zip(_repeat(batch), range(index, index + k)))
+                runs.append((batch, index, k))
                 batch.count = index + k
-                if ts > batch.max_ts_ms:
-                    batch.max_ts_ms = ts
                 added = total[pos + k - 1] - before
-                self._buffered_bytes += added
+                self._free_bytes -= added
                 batch.bytes += added
                 if batch.bytes >= self.batch_bytes:
                     self._close_batch(batch)
@@ -311,11 +351,11 @@ class Producer:
                 pos += k
         finally:
             lock.release()
-        return futures
+        return FutureList(runs)
 
     def _wait_for_space(self, size: int) -> None:
         deadline_s = time.monotonic() + self.max_block_s
-        while self._buffered_bytes + size > self.buffer_bytes:
+        while size > self._free_bytes:
             # Close open batches so the sender can ship them and free space.
             for open_batch in list(self._open.values()):
                 self._close_batch(open_batch)
@@ -382,8 +422,8 @@ class Producer:
     def _release(self, batch: ProducerBatch) -> None:
         with self._lock:
             self._taken.discard(batch)
-            self._buffered_bytes -= batch.bytes
-            assert self._buffered_bytes >= 0
+            self._free_bytes += batch.bytes
+            assert self._free_bytes <= self.buffer_bytes
             self._space.notify_all()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -417,6 +457,7 @@ class Producer:
             self._sender.stop()
             self._requester.close()
             self._context.term()
+            gil.release()
 
     def __enter__(self):
         return self

@@ -5,8 +5,8 @@ through the accumulator (under ``Producer._lock``) and a wake-up message on an i
 
 Ordering and exactly-once (idempotent producer, on by default): each partition's batches get
 consecutive sequence numbers under a producer id from the coordinator. Several batches of one partition
-may be in flight, within a window of 5 from the oldest not yet settled (the node remembers a producer's
-last 5 batches, so a resend of any batch in the window is recognised); the node refuses any batch that
+may be in flight, within a window of 16 from the oldest not yet settled (the node remembers a producer's
+last 16 batches, so a resend of any batch in the window is recognised); the node refuses any batch that
 skips a sequence. When a batch must be retried, nothing more is sent for its partition until all of its
 in-flight batches have come back; then the unacked ones go again, in sequence order, with their original
 sequences, so the node writes each once, in order. A batch that definitely failed (e.g. StorageFull)
@@ -38,12 +38,12 @@ log = logging.getLogger("bus.producer")
 RETRIABLE_CODES = {"NOT_OWNER", "OUT_OF_ORDER_SEQUENCE", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION",
                    "NODE_UNAVAILABLE", "TIMEOUT", "NO_NODES_AVAILABLE"}
 REQUEST_BYTES_MAX = 8 << 20  # batches per produce request to one node, beyond the first
-# A node remembers the last 5 batches of each producer per partition (store/partition_log.py,
-# PRODUCER_BATCHES_KEPT): a resent batch older than those would look like a sequence gap, not a retry.
-# So a partition's batches go out in a window of 5 that starts at its oldest batch still unsettled: a
-# batch whose reply was lost stays in the window even while later ones are acknowledged, and nothing
-# beyond the window is sent until it is settled, so when it is resent the node still knows it.
-PARTITION_IN_FLIGHT_BATCHES_MAX = 5
+# A node remembers the last IDEMPOTENCE_WINDOW_BATCHES batches of each producer per partition (bus/wire.py):
+# a resent batch older than those would look like a sequence gap, not a retry. So a partition's batches go
+# out in a window of that many that starts at its oldest batch still unsettled: a batch whose reply was
+# lost stays in the window even while later ones are acknowledged, and nothing beyond the window is sent
+# until it is settled, so when it is resent the node still knows it.
+PARTITION_IN_FLIGHT_BATCHES_MAX = wire.IDEMPOTENCE_WINDOW_BATCHES
 LOOP_WAIT_MS_MAX = 100
 
 
@@ -196,7 +196,9 @@ class Sender(threading.Thread):
             batch.producer_id, batch.producer_epoch = queue.producer_id, queue.producer_epoch
             batch.sequence = queue.next_sequence
             queue.next_sequence += batch.count
-        batch.payload = pack_batch(batch.flat, batch.count, batch.first_ts_ms, batch.max_ts_ms,
+        # The largest timestamp is found here, once per batch, rather than compared in every send().
+        max_ts_ms = batch.first_ts_ms + max(batch.flat[0::4])
+        batch.payload = pack_batch(batch.flat, batch.count, batch.first_ts_ms, max_ts_ms,
                                    batch.producer_id, batch.producer_epoch, batch.sequence)
 
     def _renumber(self, queue: PartitionQueue) -> None:

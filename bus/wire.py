@@ -24,6 +24,13 @@ VERSION = 1
 # The header frame is small by construction; anything bigger is a rogue client, refused before decoding.
 HEADER_BYTES_MAX = 1 << 20
 
+# The idempotent producer's contract with a node: the node remembers each producer's last this-many
+# batches per partition (a resend of any of them is recognised as a retry), and the producer keeps at most
+# this many of a partition's batches in flight. Kafka uses 5; with 1 MiB batches that left the node idle a
+# third of the time waiting for the next window (docs/benchmarks.md). Each remembered batch costs a few
+# integers per producer.
+IDEMPOTENCE_WINDOW_BATCHES = 16
+
 # Ops served by a partition-owner node.
 PRODUCE = "produce"
 FETCH = "fetch"

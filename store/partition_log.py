@@ -18,9 +18,10 @@ For a batch of producer ``pid`` with ``epoch`` and ``base_sequence``:
 from __future__ import annotations
 
 from bus.errors import OutOfOrderSequence, ProducerFenced
+from bus.wire import IDEMPOTENCE_WINDOW_BATCHES
 from nodes import sabotage  # test-only switches, all off unless BUS_SABOTAGE is set
 
-PRODUCER_BATCHES_KEPT = 5  # as Kafka: enough for max_in_flight_per_partition batches in flight
+PRODUCER_BATCHES_KEPT = IDEMPOTENCE_WINDOW_BATCHES  # a producer's whole in-flight window (bus/wire.py)
 
 APPEND = "append"
 DUPLICATE = "duplicate"

@@ -232,3 +232,39 @@ def test_buffer_full_after_max_block_ms_when_the_node_is_stopped(cluster):
         producer.close(10)
     with Admin(cluster.bootstrap) as admin:
         assert admin.describe_topic("stuck")["partitions"][0]["end_offset"] == len(futures) + 1
+
+
+def test_poll_leaves_the_garbage_collector_as_it_found_it(cluster):
+    """poll() pauses the collector and ages its records (bus/consumer.py, _decode): the program's own
+    settings, and objects it froze, must come out unchanged; records must be exact, timestamps included."""
+    import gc
+
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic("gc", 1)
+    stamps = [1_700_000_000_000 + i // 3 for i in range(3_000)]  # a few records per ms
+    with Producer(cluster.bootstrap) as producer:
+        for i, ts in enumerate(stamps):
+            producer.send("gc", b"%d" % i, partition=0, timestamp_ms=ts)
+        producer.flush()
+        # A batch whose timestamps span more than the decoder's table (TIMESTAMP_TABLE_MAX).
+        producer.send("gc", b"near", partition=0, timestamp_ms=stamps[-1])
+        producer.send("gc", b"far", partition=0, timestamp_ms=stamps[-1] + 10**9)
+    kept = [object() for _ in range(10)]
+    gc.freeze()  # as a pre-fork server does
+    frozen = gc.get_freeze_count()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            with Consumer(cluster.bootstrap, auto_offset_reset="earliest") as consumer:
+                consumer.assign([("gc", 0)])
+                got = []
+                deadline = time.monotonic() + 30
+                while len(got) < len(stamps) + 2 and time.monotonic() < deadline:
+                    got += consumer.poll(timeout_ms=200)
+            assert gc.isenabled() is enabled and gc.get_freeze_count() == frozen
+            assert [r.timestamp_ms for r in got] == stamps + [stamps[-1], stamps[-1] + 10**9]
+            assert [r.value for r in got[:3]] == [b"0", b"1", b"2"] and got[-1].value == b"far"
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    assert kept

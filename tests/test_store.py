@@ -15,7 +15,7 @@ from bus import batch as bf
 from bus.errors import (CorruptRecord, NodeIdentityMismatch, OffsetOutOfRange, OutOfOrderSequence,
                         ProducerFenced, StorageFull)
 from store import LogStore, MetaStore, PartitionLog
-from store.partition_log import APPEND, DUPLICATE
+from store.partition_log import APPEND, DUPLICATE, PRODUCER_BATCHES_KEPT
 
 TS = 1_700_000_000_000
 
@@ -352,12 +352,14 @@ def test_partition_log_idempotence_rules():
     log.undo(token)
     assert (log.next_offset, log.size_bytes) == (5, 200)
     assert log.producers[3] == (0, ((0, 1, 0), (2, 4, 2)))
-    # Only the last few batches are remembered.
-    for i in range(10):
+    # Only the last PRODUCER_BATCHES_KEPT batches are remembered.
+    appended = PRODUCER_BATCHES_KEPT + 5
+    for i in range(appended):
         log.record_append(4, 0, i, 1, 10)
-    assert log.check_sequence(4, 0, 9, 1) == (DUPLICATE, 14)
+    oldest_kept = appended - PRODUCER_BATCHES_KEPT
+    assert log.check_sequence(4, 0, oldest_kept, 1) == (DUPLICATE, 5 + oldest_kept)
     with pytest.raises(OutOfOrderSequence):
-        log.check_sequence(4, 0, 0, 1)
+        log.check_sequence(4, 0, oldest_kept - 1, 1)
 
 
 def test_idempotent_appends_through_the_store(store):

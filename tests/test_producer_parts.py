@@ -1,0 +1,77 @@
+"""The producer's pure parts: the lazy futures of send_many() and the GIL switch-interval holder."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from bus import gil
+from bus.producer import FutureList, ProducerBatch, RecordFuture
+
+
+def _batch(partition: int, count: int) -> ProducerBatch:
+    batch = ProducerBatch("t", partition, 1_000, 0.0, 60.0)
+    batch.flat = [0, None, b"v", None] * count
+    batch.count = count
+    return batch
+
+
+def test_future_list_is_the_sequence_of_its_runs():
+    a, b = _batch(0, 10), _batch(1, 5)
+    futures = FutureList([(a, 7, 3), (b, 0, 5)])  # a's records 7..9, then b's 0..4
+    expected = [(a, 7), (a, 8), (a, 9), (b, 0), (b, 1), (b, 2), (b, 3), (b, 4)]
+    assert len(futures) == 8
+    assert [tuple(f) for f in futures] == expected
+    assert [tuple(futures[i]) for i in range(8)] == expected
+    assert tuple(futures[-1]) == (b, 4) and tuple(futures[-8]) == (a, 7)
+    assert [tuple(f) for f in futures[2:6:2]] == [(a, 9), (b, 1)]
+    assert all(type(f) is RecordFuture for f in futures)
+    with pytest.raises(IndexError):
+        futures[8]
+    with pytest.raises(IndexError):
+        futures[-9]
+    joined = [RecordFuture((a, 0))] + futures
+    assert len(joined) == 9 and isinstance(joined, list)
+    assert futures == list(futures) and futures != list(futures)[:-1]
+
+
+def test_future_list_futures_complete_with_their_batch():
+    a, b = _batch(0, 4), _batch(3, 2)
+    futures = FutureList([(a, 2, 2), (b, 0, 2)])
+    assert not any(f.done() for f in futures)
+    a.complete(100, None)
+    b.complete(7, None)
+    assert [(m.partition, m.offset) for m in (f.get(0) for f in futures)] == [(0, 102), (0, 103), (3, 7), (3, 8)]
+    assert futures[0].get(0).timestamp_ms == 1_000
+
+
+@pytest.fixture
+def default_interval():
+    found = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    yield
+    sys.setswitchinterval(found)
+
+
+def test_gil_interval_is_lowered_while_held_and_restored_by_the_last_release(default_interval):
+    gil.acquire()
+    gil.acquire()
+    assert sys.getswitchinterval() == gil.SWITCH_INTERVAL_S
+    gil.release()
+    assert sys.getswitchinterval() == gil.SWITCH_INTERVAL_S  # one holder left
+    gil.release()
+    assert sys.getswitchinterval() == 0.005
+
+
+def test_gil_interval_never_raised_and_a_later_setting_is_kept(default_interval):
+    sys.setswitchinterval(0.0001)  # the user's own, lower than ours: left alone
+    gil.acquire()
+    assert sys.getswitchinterval() == pytest.approx(0.0001)
+    gil.release()
+    assert sys.getswitchinterval() == pytest.approx(0.0001)
+    sys.setswitchinterval(0.005)
+    gil.acquire()
+    sys.setswitchinterval(0.002)  # changed while held: not ours to undo
+    gil.release()
+    assert sys.getswitchinterval() == pytest.approx(0.002)
