@@ -311,8 +311,10 @@ def latency_produce_client(
             due = pacer.take(time.monotonic_ns())
             if due is None:
                 wait_ns = pacer.next_deadline_ns() - time.monotonic_ns()
-                if wait_ns > 100_000:
-                    time.sleep((wait_ns - 50_000) / 1e9)  # wake a little early; the rest is spun below
+                # Wake a little early and spin the rest with sleep(0), which lets go of the GIL each time round:
+                # a bare spin would hold it against the producer's sender thread, which would then wait a
+                # switch interval for each of its steps (docs/benchmarks.md, the latency path).
+                time.sleep((wait_ns - 50_000) / 1e9 if wait_ns > 100_000 else 0)
                 continue
             offset = wall0 - start
             for k in due:
