@@ -309,49 +309,69 @@ class Producer:
         values = values if type(values) is list else list(values)
         if not values:
             return []
-        # total[i]: buffer bytes of values[0..i], as send() counts them (len + RECORD_OVERHEAD_BYTES each).
-        total = list(_accumulate(_map(_add, _map(len, values), _repeat(RECORD_OVERHEAD_BYTES))))
+        n = len(values)
+        size = sum(_map(len, values)) + RECORD_OVERHEAD_BYTES * n  # buffer bytes, as send() counts them
         count = self._partition_counts.get(topic) or self._partitions(topic)
-        if (max(_map(len, values)) + RECORD_OVERHEAD_BYTES > self._record_bytes_max
-                or (partition is not None and not 0 <= partition < count)):
+        if ((partition is not None and not 0 <= partition < count)
+                or (size > self._record_bytes_max
+                    and max(_map(len, values)) + RECORD_OVERHEAD_BYTES > self._record_bytes_max)):
             return [self.send(topic, value, partition=partition) for value in values]
         ts = _time_ns() // 1_000_000
-        runs: list = []  # (batch, first index, count): the FutureList
-        n, pos = len(values), 0
         lock = self._lock
         lock.acquire()
         try:
-            while pos < n:
-                if self._closed:
-                    raise ClosedError("send_many() on a closed Producer")
-                before = total[pos - 1] if pos else 0
-                room = self._free_bytes
-                if total[pos] - before > room:
-                    self._wait_for_space(total[pos] - before)  # waits on self._space, releasing the lock
-                    continue
+            if not self._closed and size <= self._free_bytes:
                 batch = self._batch_for(topic, partition, count, ts)
-                # Take the values that fit in the buffer, up to and including the one that fills the batch
-                # (send() closes a batch once its bytes reach batch_bytes).
-                fits = _bisect_right(total, before + room, pos) - pos
-                fills = _bisect_left(total, before + self.batch_bytes - batch.bytes, pos) - pos + 1
-                k = min(fits, fills, n - pos)
-                index = batch.count
-                flat = [None] * (4 * k)  # ts_delta, key, value, headers per record (bus/batch.py)
-                flat[0::4] = [ts - batch.first_ts_ms] * k
-                flat[2::4] = values if k == n else values[pos:pos + k]
-                batch.flat += flat
-                runs.append((batch, index, k))
-                batch.count = index + k
-                added = total[pos + k - 1] - before
-                self._free_bytes -= added
-                batch.bytes += added
-                if batch.bytes >= self.batch_bytes:
-                    self._close_batch(batch)
-                    self._wake()
-                pos += k
+                if batch.bytes + size < self.batch_bytes:
+                    # The usual case: all of them fit in the open batch without filling it. One run, and no
+                    # running total to bisect.
+                    run = self._append_values(batch, values, ts, size)
+                    return FutureList([run])
+            return FutureList(self._send_runs(topic, values, partition, count, ts))
         finally:
             lock.release()
-        return FutureList(runs)
+
+    def _send_runs(self, topic: str, values: list, partition: int | None, count: int, ts: int) -> list:
+        """send_many()'s general case, under the lock: the values go in runs, one per batch they reach,
+        waiting for buffer space as send() would. Returns the runs (batch, first index, count)."""
+        # total[i]: buffer bytes of values[0..i], as send() counts them (len + RECORD_OVERHEAD_BYTES each).
+        total = list(_accumulate(_map(_add, _map(len, values), _repeat(RECORD_OVERHEAD_BYTES))))
+        runs: list = []
+        n, pos = len(values), 0
+        while pos < n:
+            if self._closed:
+                raise ClosedError("send_many() on a closed Producer")
+            before = total[pos - 1] if pos else 0
+            room = self._free_bytes
+            if total[pos] - before > room:
+                self._wait_for_space(total[pos] - before)  # waits on self._space, releasing the lock
+                continue
+            batch = self._batch_for(topic, partition, count, ts)
+            # Take the values that fit in the buffer, up to and including the one that fills the batch
+            # (send() closes a batch once its bytes reach batch_bytes).
+            fits = _bisect_right(total, before + room, pos) - pos
+            fills = _bisect_left(total, before + self.batch_bytes - batch.bytes, pos) - pos + 1
+            k = min(fits, fills, n - pos)
+            runs.append(self._append_values(batch, values if k == n else values[pos:pos + k], ts,
+                                            total[pos + k - 1] - before))
+            pos += k
+        return runs
+
+    def _append_values(self, batch: ProducerBatch, values: list, ts: int, size: int) -> tuple:
+        """Append records of ``values`` (no key, no headers, timestamp ``ts``) taking ``size`` buffer bytes;
+        closes the batch if that fills it. Returns the run (batch, first index, count). Caller holds the lock."""
+        k, index = len(values), batch.count
+        flat = [None] * (4 * k)  # ts_delta, key, value, headers per record (bus/batch.py)
+        flat[0::4] = [ts - batch.first_ts_ms] * k
+        flat[2::4] = values
+        batch.flat += flat
+        batch.count = index + k
+        self._free_bytes -= size
+        batch.bytes += size
+        if batch.bytes >= self.batch_bytes:
+            self._close_batch(batch)
+            self._wake()
+        return batch, index, k
 
     def _wait_for_space(self, size: int) -> None:
         deadline_s = time.monotonic() + self.max_block_s
