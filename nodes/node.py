@@ -39,6 +39,11 @@ MESSAGE_BYTES_MAX = 64 << 20  # zmq refuses larger messages outright (a rogue cl
 FETCH_WAIT_MS_MAX = 60_000
 MAP_SIZE_INITIAL_BYTES = 1 << 28  # the LMDB map starts here (or at --map-size-max if lower) and doubles
 LOOP_WAIT_MS_MAX = 100  # upper bound on one poll, so a stop signal is noticed promptly
+# keep_freed_memory(): allocations up to this size come from the heap, not their own mapping ...
+MALLOC_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc accepts no more
+# ... and freed heap memory is given back to the kernel only beyond this much, or this much is padded on.
+MALLOC_TRIM_THRESHOLD_BYTES = 512 << 20
+MALLOC_TOP_PAD_BYTES = 64 << 20
 
 
 def now_ms() -> int:
@@ -402,9 +407,34 @@ def main(argv=None) -> None:
     run_node(args)
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the kernel at once.
+
+    Every write transaction makes LMDB allocate (and at commit free) a copy of each page it writes: a
+    batch's worth of megabytes per turn. By default glibc returns that to the kernel when it is freed, so
+    the next turn faults every page in again. Measured over 4 M records of 100 bytes: 130-150 k page faults
+    in the node without this, 12 k with it, and 12 % less system time; peak RSS +5 MB. The memory kept is
+    bounded by the largest turn, so resident memory stays flat. Returns whether it took effect (False
+    where the C library is not glibc: nothing to do).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    return all((mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES),
+                mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES),
+                mallopt(M_TOP_PAD, MALLOC_TOP_PAD_BYTES)))
+
+
 def run_node(args) -> None:
     logging.basicConfig(level=os.environ.get("BUS_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    keep_freed_memory()
     try:
         node = Node(args.node_id, args.data_dir, args.bind, args.coordinator, advertise=args.advertise,
                     sync=args.sync, map_size_max_bytes=args.map_size_max,

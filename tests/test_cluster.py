@@ -363,3 +363,14 @@ def test_a_coordinator_that_lost_its_data_cannot_make_nodes_drop_theirs(make_clu
         assert store.open_partition(f"{topic_id}/0").next_offset == 10  # its log is untouched
     finally:
         store.close()
+
+
+def test_node_keeps_freed_memory_on_glibc():
+    """The node tunes glibc's malloc (nodes/node.py, keep_freed_memory); a value glibc refuses must not
+    slip by silently. Run in a child: the setting is per process."""
+    import subprocess
+    import sys
+
+    code = "from nodes.node import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 3)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
