@@ -334,24 +334,28 @@ class Consumer:
         if state is None or state.epoch != epoch:
             return
         # A Record is a tuple subclass, which the cyclic garbage collector tracks for as long as it lives
-        # (it untracks plain tuples only). Building a chunk's tens of thousands of them with the collector
-        # on runs a collection every 700 and costs more than all the decoding (measured: 2.5x slower), so
-        # it is paused for this call and left as it was found. Even so, each young record would then be
-        # walked by the next young collection and again by the middle one; freeze() + unfreeze() moves
-        # every tracked object to the oldest generation at once instead (no walk: they are
-        # garbage-collected by reference count as always, and any cycle at the next full collection).
-        # Measured +25 % records/s (docs/benchmarks.md). Skipped when the program froze objects itself, as
-        # unfreeze() would undo that.
-        gc_was_enabled = gc.isenabled()
+        # (it untracks plain tuples only). Decoding a chunk's tens of thousands of them with the collector
+        # on runs a collection every 700 allocations (measured: 2.5x slower), and even with it paused each
+        # young record is walked later by the young and the middle collections. So the collector is paused
+        # for the decode and, when it is on, aged around it: first the young and middle generations are
+        # collected (the program's own objects there: a few thousand at most), and after the decode
+        # freeze() + unfreeze() move every tracked object to the oldest generation without walking any.
+        # What moves is live: this chunk's records and the survivors of that collection (records are freed
+        # by reference count as ever). Measured +25 % records/s (docs/benchmarks.md). Not aged when the
+        # collector is off, nor when the program froze objects itself (unfreeze() would undo that).
+        enabled = gc.isenabled()
+        age = enabled and gc.get_freeze_count() == 0
         self._lock.release()
+        if age:
+            gc.collect(1)
         gc.disable()
         try:
             decoded = self._decode_runs(tp, fetched_offset, data)
         finally:
-            if gc.get_freeze_count() == 0:
+            if age:
                 gc.freeze()
                 gc.unfreeze()
-            if gc_was_enabled:
+            if enabled:
                 gc.enable()
             self._lock.acquire()
         state = self._states.get(tp)

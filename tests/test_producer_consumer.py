@@ -268,3 +268,31 @@ def test_poll_leaves_the_garbage_collector_as_it_found_it(cluster):
         gc.enable()
         gc.unfreeze()
     assert kept
+
+
+def test_poll_does_not_promote_the_programs_young_garbage(cluster):
+    """Aging records to the oldest generation (bus/consumer.py, _decode) must not carry the program's
+    young garbage cycles along, where only a full collection would find them."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic("young", 1)
+    with Producer(cluster.bootstrap) as producer:
+        for i in range(2_000):
+            producer.send("young", b"%d" % i, partition=0)
+    with Consumer(cluster.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([("young", 0)])
+        assert wait_for(lambda: consumer.position(("young", 0)) == 0, 10)
+        assert wait_for(lambda: consumer._chunks, 10)  # fetched, not decoded yet
+        gc.collect()
+        cycle = Cycle()
+        cycle.me = cycle
+        dead = weakref.ref(cycle)
+        del cycle
+        assert dead() is not None  # garbage, young, not yet collected
+        got = consumer.poll(timeout_ms=5_000)
+        assert got and dead() is None
