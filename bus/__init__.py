@@ -4,8 +4,8 @@ from . import errors
 from .admin import Admin
 from .consumer import Consumer
 from .errors import BusError
-from .producer import Producer, RecordFuture
+from .producer import FutureList, Producer, RecordFuture
 from .records import Record, RecordMetadata, TopicPartition
 
-__all__ = ["Admin", "BusError", "Consumer", "Producer", "Record", "RecordFuture", "RecordMetadata",
-           "TopicPartition", "errors"]
+__all__ = ["Admin", "BusError", "Consumer", "FutureList", "Producer", "Record", "RecordFuture",
+           "RecordMetadata", "TopicPartition", "errors"]

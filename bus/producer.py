@@ -128,6 +128,11 @@ class FutureList(Sequence):
         self._starts = list(_accumulate([0] + [count for _, _, count in runs[:-1]]))
         self._len = sum(count for _, _, count in runs)
 
+    @classmethod
+    def of(cls, futures: list) -> FutureList:
+        """The FutureList of futures made one by one (send_many's per-record path)."""
+        return cls([(future[0], future[1], 1) for future in futures])
+
     def __len__(self) -> int:
         return self._len
 
@@ -254,7 +259,8 @@ class Producer:
             lock = self._lock
             lock.acquire()
             try:
-                # No ``_closed`` test: close() leaves no batch open (the sender's last turn closes them all).
+                # No ``_closed`` test: close() has the sender's last turn close every open batch, so a closed
+                # producer has none; a send() racing close() may still join one, and fails through its future.
                 batch = self._sticky_open.get(topic) if partition is None else self._open.get((topic, partition))
                 if batch is not None and size <= self._free_bytes:
                     index = batch.count
@@ -295,7 +301,7 @@ class Producer:
             lock.release()
         return RecordFuture((batch, index))
 
-    def send_many(self, topic: str, values, keys=None, partition: int | None = None) -> list:
+    def send_many(self, topic: str, values, keys=None, partition: int | None = None) -> FutureList:
         """Send many records in one call (cheaper per record than ``send()``). Returns their futures.
 
         Without keys, the values go in whole runs: one lock round per batch they fill, no Python code per
@@ -305,17 +311,18 @@ class Producer:
         raises at it, as it always did.
         """
         if keys is not None:
-            return [self.send(topic, value, key=key, partition=partition) for value, key in zip(values, keys)]
+            return FutureList.of([self.send(topic, value, key=key, partition=partition)
+                                  for value, key in zip(values, keys)])
         values = values if type(values) is list else list(values)
         if not values:
-            return []
+            return FutureList([])
         n = len(values)
         size = sum(_map(len, values)) + RECORD_OVERHEAD_BYTES * n  # buffer bytes, as send() counts them
         count = self._partition_counts.get(topic) or self._partitions(topic)
         if ((partition is not None and not 0 <= partition < count)
                 or (size > self._record_bytes_max
                     and max(_map(len, values)) + RECORD_OVERHEAD_BYTES > self._record_bytes_max)):
-            return [self.send(topic, value, partition=partition) for value in values]
+            return FutureList.of([self.send(topic, value, partition=partition) for value in values])
         ts = _time_ns() // 1_000_000
         lock = self._lock
         lock.acquire()

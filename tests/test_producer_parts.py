@@ -34,6 +34,9 @@ def test_future_list_is_the_sequence_of_its_runs():
     joined = [RecordFuture((a, 0))] + futures
     assert len(joined) == 9 and isinstance(joined, list)
     assert futures == list(futures) and futures != list(futures)[:-1]
+    assert FutureList([]) == [] and len(FutureList([])) == 0
+    singles = FutureList.of([RecordFuture((a, 3)), RecordFuture((b, 1))])
+    assert [tuple(f) for f in singles] == [(a, 3), (b, 1)] and tuple(singles[-1]) == (b, 1)
 
 
 def test_future_list_futures_complete_with_their_batch():
