@@ -251,44 +251,20 @@ class Producer:
             # One larger than the buffer could never fit: say so now rather than after max_block_ms.
             limit = "max_record_bytes" if size > self.max_record_bytes else "buffer_bytes"
             raise RecordTooLarge(f"record of {size} bytes exceeds {limit}={getattr(self, limit)}")
-        if key is None or partition is not None:
-            # Fast path: the record's batch (the topic's sticky one, or the named partition's) is open and
-            # there is room in the buffer. It does exactly what the general path below does in that case: an
-            # open batch means the topic is known and the partition was checked when the batch was made.
-            ts = _time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
-            lock = self._lock
-            lock.acquire()
-            try:
-                # No ``_closed`` test: close() has the sender's last turn close every open batch, so a closed
-                # producer has none; a send() racing close() may still join one, and fails through its future.
-                batch = self._sticky_open.get(topic) if partition is None else self._open.get((topic, partition))
-                if batch is not None and size <= self._free_bytes:
-                    index = batch.count
-                    batch.flat += (ts - batch.first_ts_ms, key, value, headers)
-                    batch.count = index + 1
-                    self._free_bytes -= size
-                    batch.bytes += size
-                    if batch.bytes >= self.batch_bytes:
-                        self._close_batch(batch)
-                        self._wake()
-                    return RecordFuture((batch, index))
-            finally:
-                lock.release()
-        count = self._partition_counts.get(topic) or self._partitions(topic)
-        if partition is None:
-            if key is not None:
-                partition = partition_for_key(key, count)
-        elif not 0 <= partition < count:
-            raise UnknownPartition(f"topic {topic!r} has no partition {partition} (it has {count})")
+        if key is not None and partition is None:
+            partition = partition_for_key(key, self._partition_counts.get(topic) or self._partitions(topic))
         ts = _time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
         lock = self._lock
         lock.acquire()
         try:
-            if self._closed:
-                raise ClosedError("send() on a closed Producer")
-            if size > self._free_bytes:
-                self._wait_for_space(size)
-            batch = self._batch_for(topic, partition, count, ts)
+            # Usually the record's batch (its topic's sticky one, or its partition's) is open and the buffer
+            # has room: an open batch means the topic is known and the partition was checked when the batch
+            # was made. No ``_closed`` test here: close() has the sender's last turn close every open batch,
+            # so a closed producer has none; a send() racing close() may still join one, and fails through
+            # its future.
+            batch = self._sticky_open.get(topic) if partition is None else self._open.get((topic, partition))
+            if batch is None or size > self._free_bytes:
+                batch = self._batch_with_room(topic, partition, size, ts)
             index = batch.count
             batch.flat += (ts - batch.first_ts_ms, key, value, headers)
             batch.count = index + 1
@@ -297,9 +273,27 @@ class Producer:
             if batch.bytes >= self.batch_bytes:
                 self._close_batch(batch)
                 self._wake()
+            return RecordFuture((batch, index))
         finally:
             lock.release()
-        return RecordFuture((batch, index))
+
+    def _batch_with_room(self, topic: str, partition: int | None, size: int, ts: int) -> ProducerBatch:
+        """send()'s slow path, under the lock: check the producer and the partition, wait for buffer space,
+        open the record's batch if need be."""
+        count = self._partition_counts.get(topic)
+        if count is None:
+            self._lock.release()  # a metadata request: never under the lock the sender thread takes
+            try:
+                count = self._partitions(topic)  # raises UnknownTopic
+            finally:
+                self._lock.acquire()
+        if self._closed:
+            raise ClosedError("send() on a closed Producer")
+        if partition is not None and not 0 <= partition < count:
+            raise UnknownPartition(f"topic {topic!r} has no partition {partition} (it has {count})")
+        if size > self._free_bytes:
+            self._wait_for_space(size)  # waits on self._space, releasing the lock
+        return self._batch_for(topic, partition, count, ts)
 
     def send_many(self, topic: str, values, keys=None, partition: int | None = None) -> FutureList:
         """Send many records in one call (cheaper per record than ``send()``). Returns their futures.
