@@ -295,8 +295,8 @@ class Consumer:
         before the position are skipped, and a run that does not reach the position is dropped.
         """
         states = self._states
-        runs = self._records
         while len(out) < max_records:
+            runs = self._records  # looked up each time: assign() may replace it while _decode lets go of the lock
             if not runs:
                 if not self._chunks:
                     return

@@ -475,10 +475,12 @@ class Producer:
             with self._lock:
                 self._closed = True
                 self._space.notify_all()
-            self._sender.stop()
-            self._requester.close()
-            self._context.term()
-            gil.release()
+            try:
+                self._sender.stop()
+                self._requester.close()
+                self._context.term()
+            finally:
+                gil.release()
 
     def __enter__(self):
         return self
