@@ -89,6 +89,7 @@ def check_sane(r: Result, cfg: BenchConfig, mode: str) -> None:
     assert r.bytes == r.records * cfg.record_bytes
     assert sum(n for _, n in r.timeline) == r.records
     assert r.server_rss_mb and r.server_rss_mb > 0
+    assert r.server_anon_mb is not None and 0 < r.server_anon_mb <= r.server_rss_mb
     if mode == "consume":
         assert r.records == cfg.records and r.p50_ms is None
         return
@@ -392,6 +393,7 @@ def test_bus_against_a_running_cluster(tmp_path, no_strays):
         system = make_bus_system(BusOptions(bootstrap=cluster.bootstrap, group=False))
         r = system.run("produce", cfg)
         assert r.records == cfg.records and r.server_cpu_pct is None and r.server_rss_mb is None
+        assert r.server_anon_mb is None
         assert any("external cluster" in n for n in r.notes)
         from bus import Admin
 

@@ -461,7 +461,7 @@ def _consumers(
 
 def _finish(result: Result, cl: BusCluster, opts: BusOptions, d: str, cfg: BenchConfig) -> Result:
     if opts.bootstrap is not None:
-        result.server_cpu_pct = result.server_rss_mb = None
+        result.server_cpu_pct = result.server_rss_mb = result.server_anon_mb = None
     else:
         result.notes += [n for n in storage_notes(d, cfg.sync) if n not in result.notes]
     result.notes = cl.notes + result.notes

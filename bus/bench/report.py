@@ -23,13 +23,15 @@ from typing import Any
 from .stats import MB, BenchError, Result, ratios
 
 COLUMNS = (
-    "system", "mode", "records/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "ratio", "srv cpu%", "srv rss MB"
+    "system", "mode", "records/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "ratio", "srv cpu%", "srv rss MB",
+    "srv anon MB",
 )  # fmt: skip
 LEFT_ALIGNED = {"system", "mode"}
 LEGEND = (
     "latency: produce = batch sent -> acked (per record); latency = end to end at the target rate; consume: none.\n"
     "ratio: fraction of the raw ceiling in the same mode (records/s; latency mode: raw p99 / p99). "
-    f"MB = {MB:,} bytes of record payload."
+    f"MB = {MB:,} bytes of record payload. srv anon: the servers' resident memory less file-backed pages "
+    "(a memory-mapped log's, which the kernel reclaims)."
 )
 PLOT_HINT = "matplotlib not installed: pip install 'bus[plot]'"
 
@@ -74,6 +76,7 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
                 "-" if q is None else f"{q:.2f}x",
                 _num(r.server_cpu_pct, ".0f"),
                 _num(r.server_rss_mb, ",.1f"),
+                _num(r.server_anon_mb, ",.1f"),
             )
         )
     return rows

@@ -178,6 +178,9 @@ class ServerUsage:
     cpu_s: float  # user + system CPU seconds, all server processes and threads
     wall_s: float  # length of the sampled window
     rss_peak_mb: float  # largest sampled sum of resident memory, in MB (10^6 bytes)
+    # ... of which not file-backed (heap, stacks): RSS less what a memory-mapped log file (LMDB's map)
+    # counts, which the kernel reclaims; this is the server's own memory
+    anon_peak_mb: float = 0.0
 
     @property
     def cpu_pct(self) -> float:
@@ -204,6 +207,7 @@ class Result:
     latency_samples: int = 0  # records the percentiles were taken over
     server_cpu_pct: float | None = None  # percent of one core
     server_rss_mb: float | None = None  # peak
+    server_anon_mb: float | None = None  # peak of the part of it that is not file-backed (ServerUsage)
     client_cpu_pct: float | None = None  # all client processes, percent of one core
     target_rate: float | None = None  # latency mode: records/s offered
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (bin start s, records completed)
@@ -358,7 +362,8 @@ def median_of_runs(results: Sequence[Result]) -> Result:
         return statistics.median(xs) if xs else None
 
     scalars = (
-        "elapsed_s records_per_s mb_per_s p50_ms p99_ms p999_ms max_ms server_cpu_pct server_rss_mb client_cpu_pct"
+        "elapsed_s records_per_s mb_per_s p50_ms p99_ms p999_ms max_ms server_cpu_pct server_rss_mb server_anon_mb "
+        "client_cpu_pct"
     ).split()
     notes = list(dict.fromkeys(n for r in results for n in r.notes))
     return dataclasses.replace(
@@ -453,6 +458,7 @@ def build_result(
         latency_samples=samples,
         server_cpu_pct=usage.cpu_pct if usage else None,
         server_rss_mb=usage.rss_peak_mb if usage else None,
+        server_anon_mb=usage.anon_peak_mb if usage else None,
         client_cpu_pct=100.0 * cpu / elapsed_s if elapsed_s > 0 else None,
         target_rate=target_rate,
         timeline=series,
@@ -647,7 +653,7 @@ class ResourceSampler:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._rss_peak = 0
+        self._rss_peak = self._anon_peak = 0
         self._cpu0 = 0.0
         self._t0 = 0.0
 
@@ -662,15 +668,17 @@ class ResourceSampler:
         return total
 
     def _sample_rss(self) -> None:
-        rss = 0
+        rss = anon = 0
         for p in self._procs:
             try:
-                rss += p.memory_info().rss
-                for child in p.children(recursive=True):
-                    rss += child.memory_info().rss
+                for proc in [p, *p.children(recursive=True)]:
+                    info = proc.memory_info()
+                    rss += info.rss
+                    anon += info.rss - getattr(info, "shared", 0)  # Linux: shared = file-backed + shmem
             except self._psutil.Error:
                 pass
         self._rss_peak = max(self._rss_peak, rss)
+        self._anon_peak = max(self._anon_peak, anon)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -695,6 +703,7 @@ class ResourceSampler:
             cpu_s=max(0.0, self._cpu() - self._cpu0),
             wall_s=time.monotonic() - self._t0,
             rss_peak_mb=self._rss_peak / MB,
+            anon_peak_mb=self._anon_peak / MB,
         )
 
 
