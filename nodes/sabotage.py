@@ -84,28 +84,19 @@ _deferred: dict[int, _Deferred] = {}  # id(LogStore) -> its buffer
 
 def deferred_append(store, items: list) -> list:
     """``LogStore.append`` under ack_before_sync: the same decisions and results, but nothing written yet."""
-    from bus import batch as batch_format
-    from bus.errors import BusError
-    from store.partition_log import APPEND
+    from store.log_store import admit_batch
 
     buffer = _deferred.setdefault(id(store), _Deferred())
     results = []
     for log, buf in items:
-        try:
-            stored, header = batch_format.stamp(buf, log.next_offset)
-            action, base_offset = log.check_sequence(header.producer_id, header.producer_epoch,
-                                                     header.base_sequence, header.record_count)
-        except BusError as exc:
-            results.append(exc)
-            continue
-        if action is not APPEND:
-            results.append((base_offset, header, True))
+        stored, header, result = admit_batch(log, buf)
+        results.append(result)
+        if stored is None:
             continue
         buffer.items.append((log, log.next_offset, bytes(stored)))
         log.record_append(header.producer_id, header.producer_epoch, header.base_sequence,
                           header.record_count, len(stored))
         buffer.touched[log.name] = log
-        results.append((header.base_offset, header, False))
     if buffer.items and buffer.due_s is None:
         buffer.due_s = time.monotonic() + DEFERRED_WRITE_MS / 1000
     return results

@@ -50,6 +50,25 @@ def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def admit_batch(log: PartitionLog, buf) -> tuple:
+    """What becomes of one batch a producer sent for ``log``: ``(stored, header, result)``.
+
+    ``stored`` is the batch to write at ``log.next_offset`` (then ``result`` is its append result), or None
+    when nothing is to be written: a refused batch (``result`` is its BusError: corrupt, sequence gap, fenced
+    producer) or a recognised retry (``result`` names the original offset, duplicate=True). The caller
+    writes ``stored`` and then records the append on ``log``.
+    """
+    try:
+        stored, header = batch_format.stamp(buf, log.next_offset)
+        action, base_offset = log.check_sequence(header.producer_id, header.producer_epoch, header.base_sequence,
+                                                 header.record_count)
+    except BusError as exc:
+        return None, None, exc
+    if action is not APPEND:
+        return None, header, (base_offset, header, True)
+    return stored, header, (header.base_offset, header, False)
+
+
 class LogStore:
     def __init__(self, path: str, *, sync: str = "always", map_size_bytes: int = 1 << 28,
                  map_size_max_bytes: int = 1 << 40, partitions_max: int = PARTITIONS_MAX):
@@ -158,23 +177,15 @@ class LogStore:
                 with self.env.begin(write=True) as txn:
                     touched = {}
                     for log, buf in items:
-                        try:
-                            stored, header = batch_format.stamp(buf, log.next_offset)
-                            action, base_offset = log.check_sequence(
-                                header.producer_id, header.producer_epoch, header.base_sequence,
-                                header.record_count)
-                        except BusError as exc:
-                            results.append(exc)
-                            continue
-                        if action is not APPEND:
-                            results.append((base_offset, header, True))
+                        stored, header, result = admit_batch(log, buf)
+                        results.append(result)
+                        if stored is None:
                             continue
                         txn.put(_KEY.pack(log.next_offset), stored, db=log.db, append=True)
                         undo.append((log, log.record_append(header.producer_id, header.producer_epoch,
                                                             header.base_sequence, header.record_count,
                                                             len(stored))))
                         touched[log.name] = log
-                        results.append((header.base_offset, header, False))
                     for log in touched.values():
                         self._put_bookkeeping(txn, log)
                 return results

@@ -138,8 +138,9 @@ def _redis_stream(partition: int) -> str:
     return f"bench-{partition}"
 
 
-class RedisServer:
-    """``redis-server`` on a free port and a fresh directory, for a ``with`` block; always stopped."""
+class PeerServer:
+    """A peer's server process for a ``with`` block: ``__enter__`` (per peer) starts it on a free port and
+    waits until it serves; leaving the block always stops it."""
 
     def __init__(self, cfg: BenchConfig, data_dir: str):
         self.cfg = cfg
@@ -148,6 +149,14 @@ class RedisServer:
         self.pid = 0
         self.notes: list[str] = []
         self._proc: subprocess.Popen | None = None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._proc is not None:
+            stop_processes([self._proc])
+
+
+class RedisServer(PeerServer):
+    """``redis-server`` on a free port and a fresh directory; always stopped."""
 
     def __enter__(self) -> RedisServer:
         check_redis()
@@ -183,9 +192,6 @@ class RedisServer:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._proc is not None:
-            stop_processes([self._proc])
 
 
 def _redis(port: int) -> Any:
@@ -424,16 +430,8 @@ def _nats_subject(partition: int) -> str:
     return f"bench.{partition}"
 
 
-class NatsServer:
+class NatsServer(PeerServer):
     """``nats-server`` with JetStream on a free port and a fresh store, the bench stream created; always stopped."""
-
-    def __init__(self, cfg: BenchConfig, data_dir: str):
-        self.cfg = cfg
-        self.data_dir = data_dir
-        self.port = 0
-        self.pid = 0
-        self.notes: list[str] = []
-        self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> NatsServer:
         check_nats()
@@ -473,9 +471,6 @@ class NatsServer:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._proc is not None:
-            stop_processes([self._proc])
 
 
 def _quote(path: str) -> str:
