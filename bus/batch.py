@@ -4,24 +4,32 @@ Layout (big-endian; ``HEADER`` below), followed by the payload exactly as the pr
 
     crc              u32  CRC32C of (payload || header bytes after this field)
     magic            u8   batch format version, MAGIC
-    attributes       u8   bit flags; 0 for now (room for compression codecs)
+    attributes       u8   bit flags: APPEND_TIME (some records have no timestamp of their own); the rest
+                          0 (room for compression codecs)
     base_offset      i64  offset of the first record; 0 from the producer, set by the node
     leader_epoch     i32  epoch of the owner that appended it; -1 until replication exists
     record_count     i32  number of records in the payload (> 0)
-    first_ts_ms      i64  timestamp of the first record
-    max_ts_ms        i64  largest timestamp in the batch (retention by age reads this alone)
+    append_ts_ms     i64  the node's clock when it appended the batch; -1 from the producer, set by the node
+    max_ts_ms        i64  the largest timestamp in the batch (retention by age and the time index read this
+                          alone): the largest of the records' own, raised by the node to the append time
+                          when APPEND_TIME is set; -1 from a producer whose records have none
     producer_id      i64  idempotent producer id, -1 for none
     producer_epoch   i16  epoch of that producer id, -1 for none
     base_sequence    i32  per-partition sequence of the first record, -1 for none
     payload_len      u32  bytes of payload following the header
 
-The payload is one msgpack array, flat, four items per record: ``ts_delta_ms, key, value, headers``
+The payload is one msgpack array, flat, four items per record: ``timestamp_ms, key, value, headers``
 (key None or bytes; headers None or a list of [name, value] pairs). Flat keeps packing and unpacking to
-one C call with no per-record containers.
+one C call with no per-record containers. A record's ``timestamp_ms`` is None unless its producer gave
+one: it then has the batch's append time, as in Kafka's LogAppendTime, Redis Streams and NATS JetStream.
+That keeps a clock read out of the producer's per-record path, and makes a partition's default
+timestamps follow its offsets.
 
-The CRC covers every byte except itself, so a flipped bit anywhere is caught; the node re-stamps
-``base_offset`` and ``leader_epoch`` and updates the CRC without a second pass over the payload
-(CRC32C continues from the payload's CRC over the header tail).
+The CRC covers every byte except itself, so a flipped bit anywhere is caught; the node stamps
+``base_offset``, ``leader_epoch`` and the timestamps and updates the CRC without a second pass over the
+payload (CRC32C continues from the payload's CRC over the header tail).
+
+Format 2 (``MAGIC``): format 1 carried timestamp deltas from a producer-side first timestamp.
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ from crc32c import crc32c
 
 from .errors import CorruptRecord
 
-MAGIC = 1
+MAGIC = 2
+APPEND_TIME = 0x01  # attributes bit
 HEADER = struct.Struct(">IBBqiiqqqhiI")
 HEADER_BYTES = HEADER.size
 _TAIL = struct.Struct(">BBqiiqqqhiI")  # HEADER without the crc, for computing it
-_BASE_OFFSET_AT = 6  # byte position of base_offset within the header
+_STAMPED_AT = 6  # byte position of base_offset within the header: the node writes from there ...
+_STAMPED = struct.Struct(">qiiqq")  # ... base_offset, leader_epoch, record_count, append_ts_ms, max_ts_ms
 assert HEADER_BYTES == 56
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -53,7 +63,7 @@ class BatchHeader(tuple):
     base_offset = property(lambda s: s[3])
     leader_epoch = property(lambda s: s[4])
     record_count = property(lambda s: s[5])
-    first_ts_ms = property(lambda s: s[6])
+    append_ts_ms = property(lambda s: s[6])
     max_ts_ms = property(lambda s: s[7])
     producer_id = property(lambda s: s[8])
     producer_epoch = property(lambda s: s[9])
@@ -69,15 +79,31 @@ class BatchHeader(tuple):
         return self[10] + self[5] - 1
 
 
-def pack_batch(flat_records: list, record_count: int, first_ts_ms: int, max_ts_ms: int,
+def pack_batch(flat_records: list, record_count: int,
                producer_id: int = -1, producer_epoch: int = -1, base_sequence: int = -1) -> bytes:
-    """Pack ``record_count`` records (``flat_records``: ts_delta, key, value, headers, ...) into one batch."""
+    """Pack ``record_count`` records (``flat_records``: timestamp_ms or None, key, value, headers, ...) into
+    one batch."""
     assert record_count > 0 and len(flat_records) == 4 * record_count
+    # One pass over the timestamps, in C for the usual batches (all None, or none None).
+    stamps = flat_records[0::4]
+    without = stamps.count(None)
+    if without == record_count:
+        attributes, max_ts_ms = APPEND_TIME, -1
+    elif without == 0:
+        attributes, max_ts_ms = 0, max(stamps)
+    else:
+        attributes, max_ts_ms = APPEND_TIME, max(ts for ts in stamps if ts is not None)
     payload = _packb(flat_records)
-    tail = _TAIL.pack(MAGIC, 0, 0, -1, record_count, first_ts_ms, max_ts_ms,
+    tail = _TAIL.pack(MAGIC, attributes, 0, -1, record_count, -1, max_ts_ms,
                       producer_id, producer_epoch, base_sequence, len(payload))
     crc = crc32c(tail, crc32c(payload))
     return b"".join((struct.pack(">I", crc), tail, payload))
+
+
+def _check_magic(header: BatchHeader) -> None:
+    if header[1] != MAGIC:
+        older = " (a batch of an older bus: this version reads format 2 only)" if 0 < header[1] < MAGIC else ""
+        raise CorruptRecord(f"batch magic {header[1]} is not {MAGIC}{older}")
 
 
 def read_header(buf, at: int = 0) -> BatchHeader:
@@ -89,8 +115,7 @@ def read_header(buf, at: int = 0) -> BatchHeader:
 def verify(buf, at: int = 0) -> BatchHeader:
     """Check one batch starting at ``at`` of ``buf``: magic, length and CRC. Returns its header."""
     header = read_header(buf, at)
-    if header[1] != MAGIC:
-        raise CorruptRecord(f"batch magic {header[1]} is not {MAGIC}")
+    _check_magic(header)
     end = at + HEADER_BYTES + header[11]
     if end > len(buf):
         raise CorruptRecord(f"batch payload_len {header[11]} runs past the {len(buf) - at} bytes given")
@@ -102,8 +127,9 @@ def verify(buf, at: int = 0) -> BatchHeader:
     return header
 
 
-def stamp(buf, base_offset: int, leader_epoch: int = -1) -> tuple[bytearray | memoryview, BatchHeader]:
-    """Verify a batch as a producer sent it and give it ``base_offset`` (for storing).
+def stamp(buf, base_offset: int, append_ts_ms: int,
+          leader_epoch: int = -1) -> tuple[bytearray | memoryview, BatchHeader]:
+    """Verify a batch as a producer sent it and give it ``base_offset`` and its append time (for storing).
 
     ``buf`` must hold exactly one batch. A writable ``buf`` (the node's received frame) is stamped in place
     and returned, saving a copy of every batch; a read-only one is copied first. One pass over the
@@ -111,8 +137,7 @@ def stamp(buf, base_offset: int, leader_epoch: int = -1) -> tuple[bytearray | me
     header tail. Nothing is written unless the batch is valid.
     """
     header = read_header(buf)
-    if header[1] != MAGIC:
-        raise CorruptRecord(f"batch magic {header[1]} is not {MAGIC}")
+    _check_magic(header)
     if HEADER_BYTES + header[11] != len(buf):
         raise CorruptRecord(f"batch payload_len {header[11]} does not match its {len(buf)} bytes")
     if header[5] <= 0:
@@ -122,10 +147,12 @@ def stamp(buf, base_offset: int, leader_epoch: int = -1) -> tuple[bytearray | me
     if crc32c(view[4:HEADER_BYTES], payload_crc) != header[0]:
         raise CorruptRecord("CRC32C mismatch in produced batch")
     out = bytearray(buf) if view.readonly else view
-    struct.pack_into(">qi", out, _BASE_OFFSET_AT, base_offset, leader_epoch)
+    max_ts_ms = max(header[7], append_ts_ms) if header[2] & APPEND_TIME else header[7]
+    _STAMPED.pack_into(out, _STAMPED_AT, base_offset, leader_epoch, header[5], append_ts_ms, max_ts_ms)
     crc = crc32c(memoryview(out)[4:HEADER_BYTES], payload_crc)
     struct.pack_into(">I", out, 0, crc)
-    return out, BatchHeader((crc, header[1], header[2], base_offset, leader_epoch) + header[5:])
+    return out, BatchHeader((crc, header[1], header[2], base_offset, leader_epoch, header[5], append_ts_ms,
+                             max_ts_ms) + header[8:])
 
 
 def iter_batches(buf):
@@ -140,5 +167,5 @@ def iter_batches(buf):
 
 
 def unpack_payload(payload) -> list:
-    """The flat record list of a payload: ts_delta, key, value, headers, ..."""
+    """The flat record list of a payload: timestamp_ms or None, key, value, headers, ..."""
     return msgpack.unpackb(payload, raw=False, use_list=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import operator
 import threading
 import time
 from collections import deque
@@ -29,8 +28,7 @@ from .metadata import check_bootstrap
 from .records import Record, TopicPartition
 
 _new_record = tuple.__new__
-_map, _repeat, _add, _sub = map, itertools.repeat, operator.add, operator.sub
-TIMESTAMP_TABLE_MAX = 4096  # a batch whose timestamps span fewer ms shares one int per ms among its records
+_map, _repeat = map, itertools.repeat
 RESETS = ("earliest", "latest", "none")
 
 
@@ -382,16 +380,12 @@ class Consumer:
                 headers = [None if h is None else [tuple(x) for x in h] for h in headers]
             else:
                 headers = _repeat(None)
-            deltas = flat[at::4]
-            low, high = min(deltas), max(deltas)
-            if high - low < TIMESTAMP_TABLE_MAX:
-                # Records of one batch mostly share a few milliseconds: look their timestamps up in a small
-                # table rather than make an int per record.
-                table = list(range(header.first_ts_ms + low, header.first_ts_ms + high + 1))
-                timestamps = _map(table.__getitem__, _map(_sub, deltas, _repeat(low))) if low else \
-                    _map(table.__getitem__, deltas)
+            timestamps = flat[at::4]  # a record's own, or None: it has its batch's append time
+            if timestamps.count(None) == len(timestamps):
+                timestamps = _repeat(header.append_ts_ms)  # the usual batch: one int shared by its records
             else:
-                timestamps = _map(_add, _repeat(header.first_ts_ms), deltas)
+                append_ts_ms = header.append_ts_ms
+                timestamps = [append_ts_ms if ts is None else ts for ts in timestamps]
             records = list(_map(_new_record, _repeat(Record), zip(
                 _repeat(topic), _repeat(partition), range(base + skip, base + count), flat[at + 1::4],
                 flat[at + 2::4], headers, timestamps)))

@@ -30,25 +30,25 @@ from .errors import BufferFull, ClosedError, ConfigError, RecordTooLarge, Timeou
 from .metadata import check_bootstrap, partition_for_key
 from .records import RecordMetadata
 
-RECORD_OVERHEAD_BYTES = 16  # msgpack framing and the timestamp delta, for buffer accounting
+RECORD_OVERHEAD_BYTES = 16  # msgpack framing and the timestamp, for buffer accounting
 
 
 class ProducerBatch:
     """Records for one partition, appended by ``send()`` until closed, then owned by the sender thread."""
 
-    __slots__ = ("topic", "partition", "flat", "count", "bytes", "first_ts_ms", "created_s",
-                 "deadline_s", "done", "base_offset", "error", "callbacks", "payload", "producer_id",
-                 "producer_epoch", "sequence", "sent", "attempts")
+    __slots__ = ("topic", "partition", "flat", "count", "bytes", "created_s",
+                 "deadline_s", "done", "base_offset", "append_ts_ms", "error", "callbacks", "payload",
+                 "producer_id", "producer_epoch", "sequence", "sent", "attempts")
 
-    def __init__(self, topic, partition, first_ts_ms, created_s, deadline_s):
+    def __init__(self, topic, partition, created_s, deadline_s):
         self.topic, self.partition = topic, partition
-        self.flat = []  # ts_delta, key, value, headers per record (bus.batch's payload layout)
+        self.flat = []  # timestamp_ms or None, key, value, headers per record (bus.batch's payload layout)
         self.count = 0
         self.bytes = 0
-        self.first_ts_ms = first_ts_ms
         self.created_s, self.deadline_s = created_s, deadline_s
         self.done = threading.Event()
         self.base_offset = -1
+        self.append_ts_ms = -1  # the node's append time: the timestamp of records sent without one
         self.error = None
         self.callbacks = None  # [(index, fn)] run by the sender thread on completion
         self.payload = None  # the packed batch, made once by the sender
@@ -56,8 +56,8 @@ class ProducerBatch:
         self.sent = False  # ever handed to a socket: failure after that is indeterminate
         self.attempts = 0
 
-    def complete(self, base_offset: int, error: BaseException | None) -> None:
-        self.base_offset, self.error = base_offset, error
+    def complete(self, base_offset: int, error: BaseException | None, append_ts_ms: int = -1) -> None:
+        self.base_offset, self.error, self.append_ts_ms = base_offset, error, append_ts_ms
         self.done.set()
         # Taken under the lock add_callback() holds while it checks ``done``: a callback added just before
         # ``done`` was set is in the list taken here, and one added after runs at once in add_callback().
@@ -73,7 +73,9 @@ class ProducerBatch:
 
     def metadata(self, index: int) -> RecordMetadata:
         offset = -1 if self.base_offset < 0 else self.base_offset + index
-        return RecordMetadata(self.topic, self.partition, offset, self.first_ts_ms + self.flat[4 * index])
+        timestamp_ms = self.flat[4 * index]
+        return RecordMetadata(self.topic, self.partition, offset,
+                              self.append_ts_ms if timestamp_ms is None else timestamp_ms)
 
 
 class RecordFuture(tuple):
@@ -167,7 +169,6 @@ class FutureList(Sequence):
 
 
 _callback_lock = threading.Lock()
-_time_ns = time.time_ns
 _map, _add = map, operator.add
 
 
@@ -240,9 +241,14 @@ class Producer:
 
     def send(self, topic: str, value: bytes, key: bytes | None = None, headers=None, partition: int | None = None,
              timestamp_ms: int | None = None) -> RecordFuture:
-        """Queue one record; returns a future of its RecordMetadata. Thread-safe."""
+        """Queue one record; returns a future of its RecordMetadata. Thread-safe.
+
+        Without ``timestamp_ms`` the record's timestamp is the time its node appends it (as in Kafka's
+        LogAppendTime, Redis Streams and NATS JetStream); the future's RecordMetadata carries it.
+        """
         # The hot path: every line here runs once per record. Lock by acquire/release rather than ``with``
-        # (half the cost on CPython 3.11) and make the future with one C call.
+        # (half the cost on CPython 3.11) and make the future with one C call. No clock read: that was an
+        # eighth of the cost of a call (docs/benchmarks.md).
         size = len(value) + RECORD_OVERHEAD_BYTES if key is None else len(value) + len(key) + RECORD_OVERHEAD_BYTES
         if headers is not None:
             headers = [(str(name), bytes(v)) for name, v in headers]
@@ -253,7 +259,8 @@ class Producer:
             raise RecordTooLarge(f"record of {size} bytes exceeds {limit}={getattr(self, limit)}")
         if key is not None and partition is None:
             partition = partition_for_key(key, self._partition_counts.get(topic) or self._partitions(topic))
-        ts = _time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+        if timestamp_ms is not None and not (isinstance(timestamp_ms, int) and 0 <= timestamp_ms < 1 << 63):
+            raise ConfigError(f"timestamp_ms must be an integer >= 0 (ms since the epoch), not {timestamp_ms!r}")
         lock = self._lock
         lock.acquire()
         try:
@@ -264,9 +271,9 @@ class Producer:
             # its future.
             batch = self._sticky_open.get(topic) if partition is None else self._open.get((topic, partition))
             if batch is None or size > self._free_bytes:
-                batch = self._batch_with_room(topic, partition, size, ts)
+                batch = self._batch_with_room(topic, partition, size)
             index = batch.count
-            batch.flat += (ts - batch.first_ts_ms, key, value, headers)
+            batch.flat += (timestamp_ms, key, value, headers)
             batch.count = index + 1
             self._free_bytes -= size
             batch.bytes += size
@@ -277,7 +284,7 @@ class Producer:
         finally:
             lock.release()
 
-    def _batch_with_room(self, topic: str, partition: int | None, size: int, ts: int) -> ProducerBatch:
+    def _batch_with_room(self, topic: str, partition: int | None, size: int) -> ProducerBatch:
         """send()'s slow path, under the lock: check the producer and the partition, wait for buffer space,
         open the record's batch if need be."""
         count = self._partition_counts.get(topic)
@@ -293,13 +300,13 @@ class Producer:
             raise UnknownPartition(f"topic {topic!r} has no partition {partition} (it has {count})")
         if size > self._free_bytes:
             self._wait_for_space(size)  # waits on self._space, releasing the lock
-        return self._batch_for(topic, partition, count, ts)
+        return self._batch_for(topic, partition, count)
 
     def send_many(self, topic: str, values, keys=None, partition: int | None = None) -> FutureList:
         """Send many records in one call (cheaper per record than ``send()``). Returns their futures.
 
         Without keys, the values go in whole runs: one lock round per batch they fill, no Python code per
-        record, one timestamp (now) for all. The outcome is that of ``send(topic, value, partition=...)`` for
+        record. The outcome is that of ``send(topic, value, partition=...)`` for
         each value in order (same batches, same sticky partitions, same buffer limit); a value too large,
         an unknown topic or partition takes the per-record path, which sends the values before it and
         raises at it, as it always did.
@@ -317,22 +324,21 @@ class Producer:
                 or (size > self._record_bytes_max
                     and max(_map(len, values)) + RECORD_OVERHEAD_BYTES > self._record_bytes_max)):
             return FutureList.of([self.send(topic, value, partition=partition) for value in values])
-        ts = _time_ns() // 1_000_000
         lock = self._lock
         lock.acquire()
         try:
             if not self._closed and size <= self._free_bytes:
-                batch = self._batch_for(topic, partition, count, ts)
+                batch = self._batch_for(topic, partition, count)
                 if batch.bytes + size < self.batch_bytes:
                     # The usual case: all of them fit in the open batch without filling it. One run, and no
                     # running total to bisect.
-                    run = self._append_values(batch, values, ts, size)
+                    run = self._append_values(batch, values, size)
                     return FutureList([run])
-            return FutureList(self._send_runs(topic, values, partition, count, ts))
+            return FutureList(self._send_runs(topic, values, partition, count))
         finally:
             lock.release()
 
-    def _send_runs(self, topic: str, values: list, partition: int | None, count: int, ts: int) -> list:
+    def _send_runs(self, topic: str, values: list, partition: int | None, count: int) -> list:
         """send_many()'s general case, under the lock: the values go in runs, one per batch they reach,
         waiting for buffer space as send() would. Returns the runs (batch, first index, count)."""
         # total[i]: buffer bytes of values[0..i], as send() counts them (len + RECORD_OVERHEAD_BYTES each).
@@ -347,23 +353,22 @@ class Producer:
             if total[pos] - before > room:
                 self._wait_for_space(total[pos] - before)  # waits on self._space, releasing the lock
                 continue
-            batch = self._batch_for(topic, partition, count, ts)
+            batch = self._batch_for(topic, partition, count)
             # Take the values that fit in the buffer, up to and including the one that fills the batch
             # (send() closes a batch once its bytes reach batch_bytes).
             fits = _bisect_right(total, before + room, pos) - pos
             fills = _bisect_left(total, before + self.batch_bytes - batch.bytes, pos) - pos + 1
             k = min(fits, fills, n - pos)
-            runs.append(self._append_values(batch, values if k == n else values[pos:pos + k], ts,
+            runs.append(self._append_values(batch, values if k == n else values[pos:pos + k],
                                             total[pos + k - 1] - before))
             pos += k
         return runs
 
-    def _append_values(self, batch: ProducerBatch, values: list, ts: int, size: int) -> tuple:
-        """Append records of ``values`` (no key, no headers, timestamp ``ts``) taking ``size`` buffer bytes;
-        closes the batch if that fills it. Returns the run (batch, first index, count). Caller holds the lock."""
+    def _append_values(self, batch: ProducerBatch, values: list, size: int) -> tuple:
+        """Append records of ``values`` (no timestamp, key or headers) taking ``size`` buffer bytes; closes
+        the batch if that fills it. Returns the run (batch, first index, count). Caller holds the lock."""
         k, index = len(values), batch.count
-        flat = [None] * (4 * k)  # ts_delta, key, value, headers per record (bus/batch.py)
-        flat[0::4] = [ts - batch.first_ts_ms] * k
+        flat = [None] * (4 * k)  # timestamp_ms, key, value, headers per record (bus/batch.py)
         flat[2::4] = values
         batch.flat += flat
         batch.count = index + k
@@ -387,7 +392,7 @@ class Producer:
                                  f"{self.max_block_s * 1000:.0f} ms (max_block_ms); the record was not sent")
             self._space.wait(remaining)
 
-    def _batch_for(self, topic: str, partition: int | None, count: int, ts: int) -> ProducerBatch:
+    def _batch_for(self, topic: str, partition: int | None, count: int) -> ProducerBatch:
         """The open batch a record goes to (opened if need be); ``partition=None`` means the topic's sticky
         partition. Caller holds the lock."""
         sticky = partition is None
@@ -400,7 +405,7 @@ class Producer:
         if batch is None:
             now_s = time.monotonic()
             batch = self._open[(topic, partition)] = ProducerBatch(
-                topic, partition, ts, now_s, now_s + self.delivery_timeout_s)
+                topic, partition, now_s, now_s + self.delivery_timeout_s)
             self._wake()
         if sticky:
             self._sticky_open[topic] = batch

@@ -196,10 +196,7 @@ class Sender(threading.Thread):
             batch.producer_id, batch.producer_epoch = queue.producer_id, queue.producer_epoch
             batch.sequence = queue.next_sequence
             queue.next_sequence += batch.count
-        # The largest timestamp is found here, once per batch, rather than compared in every send().
-        max_ts_ms = batch.first_ts_ms + max(batch.flat[0::4])
-        batch.payload = pack_batch(batch.flat, batch.count, batch.first_ts_ms, max_ts_ms,
-                                   batch.producer_id, batch.producer_epoch, batch.sequence)
+        batch.payload = pack_batch(batch.flat, batch.count, batch.producer_id, batch.producer_epoch, batch.sequence)
 
     def _renumber(self, queue: PartitionQueue) -> None:
         """Give the queued batches fresh consecutive sequences (after a definite or unknown failure)."""
@@ -326,15 +323,15 @@ class Sender(threading.Thread):
                 for batch in batches:
                     self._outcome(batch, exc)
                 continue
-            for batch, (code, message, base_offset, _) in zip(batches, result["parts"]):
-                self._outcome(batch, None if code is None else error_for(code, message), base_offset)
+            for batch, (code, message, base_offset, _, append_ts_ms) in zip(batches, result["parts"]):
+                self._outcome(batch, None if code is None else error_for(code, message), base_offset, append_ts_ms)
 
-    def _outcome(self, batch, exc: BusError | None, base_offset: int = -1) -> None:
+    def _outcome(self, batch, exc: BusError | None, base_offset: int = -1, append_ts_ms: int = -1) -> None:
         queue = self.partitions[(batch.topic, batch.partition)]
         queue.in_flight -= 1
         if exc is None:
             queue.acked_sequence = max(queue.acked_sequence, batch.sequence + batch.count)
-            self._finish(batch, base_offset, None)
+            self._finish(batch, base_offset, None, append_ts_ms)
         elif exc.code in RETRIABLE_CODES:
             if exc.code in ("NOT_OWNER", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION"):
                 self._refresh_metadata(force=True)
@@ -363,8 +360,8 @@ class Sender(threading.Thread):
             queue.new_producer_id = True
         self._finish(batch, -1, exc)
 
-    def _finish(self, batch, base_offset: int, exc: BusError | None) -> None:
-        batch.complete(base_offset, exc)
+    def _finish(self, batch, base_offset: int, exc: BusError | None, append_ts_ms: int = -1) -> None:
+        batch.complete(base_offset, exc, append_ts_ms)
         self.producer._release(batch)
 
     # -- deadlines ---------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import msgpack
 
 from .errors import BusError, InvalidRequest, UnsupportedVersion
 
-VERSION = 1
+# 2: produce results carry the append time; batches are format 2 (bus/batch.py).
+VERSION = 2
 # The header frame is small by construction; anything bigger is a rogue client, refused before decoding.
 HEADER_BYTES_MAX = 1 << 20
 

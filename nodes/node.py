@@ -230,7 +230,7 @@ class Node:
                     raise RecordTooLarge(f"batch of {len(buf)} bytes exceeds the node's {BATCH_BYTES_MAX}")
                 items.append((index, plog, buf))
             except BusError as exc:
-                results[index] = [exc.code, exc.message, -1, False]
+                results[index] = [exc.code, exc.message, -1, False, -1]
         return identity, request_id, acks, results, items
 
     def _commit(self, produces: list) -> None:
@@ -241,10 +241,10 @@ class Node:
             for index, plog, _ in items:
                 outcome = next(outcomes)
                 if isinstance(outcome, BusError):
-                    results[index] = [outcome.code, outcome.message, -1, False]
+                    results[index] = [outcome.code, outcome.message, -1, False, -1]
                 else:
-                    base_offset, _, duplicate = outcome
-                    results[index] = [None, None, base_offset, duplicate]
+                    base_offset, append_ts_ms, duplicate = outcome
+                    results[index] = [None, None, base_offset, duplicate, append_ts_ms]
                     grown.add(plog.name)
             if acks != 0:
                 self.server.reply(identity, request_id, {"parts": results})

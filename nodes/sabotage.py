@@ -84,12 +84,23 @@ _deferred: dict[int, _Deferred] = {}  # id(LogStore) -> its buffer
 
 def deferred_append(store, items: list) -> list:
     """``LogStore.append`` under ack_before_sync: the same decisions and results, but nothing written yet."""
+    from bus.batch import read_header
     from store.log_store import admit_batch
 
     buffer = _deferred.setdefault(id(store), _Deferred())
     results = []
+    append_ts_ms = time.time_ns() // 1_000_000
+
+    def append_ts_at(log, base_offset: int) -> int:  # a retry's original: still buffered, or written
+        for held_log, at, stored in buffer.items:
+            if held_log is log and at == base_offset:
+                return read_header(stored).append_ts_ms
+        with store.env.begin() as txn:
+            return store._append_ts_at(txn, log, base_offset)
+
     for log, buf in items:
-        stored, header, result = admit_batch(log, buf)
+        stored, header, result = admit_batch(log, buf, append_ts_ms,
+                                             lambda base_offset, log=log: append_ts_at(log, base_offset))
         results.append(result)
         if stored is None:
             continue

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import lmdb
 import msgpack
@@ -50,23 +51,25 @@ def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def admit_batch(log: PartitionLog, buf) -> tuple:
-    """What becomes of one batch a producer sent for ``log``: ``(stored, header, result)``.
+def admit_batch(log: PartitionLog, buf, append_ts_ms: int, append_ts_at) -> tuple:
+    """What becomes of one batch a producer sent for ``log``, appended at ``append_ts_ms``:
+    ``(stored, header, result)``.
 
     ``stored`` is the batch to write at ``log.next_offset`` (then ``result`` is its append result), or None
     when nothing is to be written: a refused batch (``result`` is its BusError: corrupt, sequence gap, fenced
-    producer) or a recognised retry (``result`` names the original offset, duplicate=True). The caller
-    writes ``stored`` and then records the append on ``log``.
+    producer) or a recognised retry (``result`` names the original's offset and append time, read with
+    ``append_ts_at(base_offset)``; duplicate=True). The caller writes ``stored`` and then records the append
+    on ``log``. A result is ``(base_offset, append_ts_ms, duplicate)``.
     """
     try:
-        stored, header = batch_format.stamp(buf, log.next_offset)
+        stored, header = batch_format.stamp(buf, log.next_offset, append_ts_ms)
         action, base_offset = log.check_sequence(header.producer_id, header.producer_epoch, header.base_sequence,
                                                  header.record_count)
     except BusError as exc:
         return None, None, exc
     if action is not APPEND:
-        return None, header, (base_offset, header, True)
-    return stored, header, (header.base_offset, header, False)
+        return None, header, (base_offset, append_ts_at(base_offset), True)
+    return stored, header, (header.base_offset, append_ts_ms, False)
 
 
 class LogStore:
@@ -166,18 +169,21 @@ class LogStore:
     def append(self, items: list) -> list:
         """Append ``[(PartitionLog, batch bytes as the producer sent it), ...]`` in one transaction.
 
-        Returns one result per item, in order: ``(base_offset, header, duplicate)`` or a BusError for that
-        item alone (corrupt batch, sequence gap, fenced producer). A storage failure fails them all.
+        Returns one result per item, in order: ``(base_offset, append_ts_ms, duplicate)`` or a BusError for
+        that item alone (corrupt batch, sequence gap, fenced producer). A storage failure fails them all.
+        Every batch of the transaction gets the same append time.
         """
         if sabotage.ACK_BEFORE_SYNC:  # test-only: acknowledge now, write later (nodes/sabotage.py)
             return sabotage.deferred_append(self, items)
+        append_ts_ms = time.time_ns() // 1_000_000
         while True:
             results, undo = [], []
             try:
                 with self.env.begin(write=True) as txn:
                     touched = {}
                     for log, buf in items:
-                        stored, header, result = admit_batch(log, buf)
+                        stored, header, result = admit_batch(
+                            log, buf, append_ts_ms, lambda base_offset: self._append_ts_at(txn, log, base_offset))
                         results.append(result)
                         if stored is None:
                             continue
@@ -200,6 +206,12 @@ class LogStore:
                 self._rollback(undo)
                 failure = StorageFull(f"could not write to {self.path}: {exc}")
                 return [failure] * len(items)
+
+    @staticmethod
+    def _append_ts_at(txn, log: PartitionLog, base_offset: int) -> int:
+        """The append time of the stored batch at ``base_offset`` (-1 if retention dropped it)."""
+        value = txn.get(_KEY.pack(base_offset), db=log.db)
+        return -1 if value is None else batch_format.read_header(value).append_ts_ms
 
     def _put_bookkeeping(self, txn, log: PartitionLog) -> None:
         name = log.name.encode()
@@ -282,8 +294,8 @@ class LogStore:
                     continue
                 batch_format.verify(value)
                 flat = batch_format.unpack_payload(value[batch_format.HEADER_BYTES:])
-                for index in range(header.record_count):
-                    if header.first_ts_ms + flat[4 * index] >= timestamp_ms:
+                for index, own_ts_ms in enumerate(flat[0::4]):
+                    if (header.append_ts_ms if own_ts_ms is None else own_ts_ms) >= timestamp_ms:
                         return header.base_offset + index
         return log.next_offset
 

@@ -10,53 +10,75 @@ from bus import batch as bf
 from bus.errors import CorruptRecord
 
 
-def make_batch(count=3, producer_id=7, epoch=2, base_sequence=10, first_ts=1_700_000_000_000):
+TS = 1_700_000_000_000
+
+
+def make_batch(count=3, producer_id=7, epoch=2, base_sequence=10):
+    """Records 0, 2, 4, ... carry timestamps of their own (TS, TS + 10, ...); 1, 3, ... take the append time."""
     flat = []
     for i in range(count):
-        flat += [i * 5, b"k%d" % i if i % 2 == 0 else None, b"value-%d" % i,
+        flat += [TS + 5 * i if i % 2 == 0 else None, b"k%d" % i if i % 2 == 0 else None, b"value-%d" % i,
                  [["h", b"x%d" % i]] if i == 1 else None]
-    return bf.pack_batch(flat, count, first_ts, first_ts + 5 * (count - 1), producer_id, epoch, base_sequence)
+    return bf.pack_batch(flat, count, producer_id, epoch, base_sequence)
 
 
 def test_pack_then_verify_reads_every_header_field():
     buf = make_batch(3)
     header = bf.verify(buf)
-    assert header.magic == bf.MAGIC and header.attributes == 0
+    assert header.magic == bf.MAGIC and header.attributes == bf.APPEND_TIME
     assert header.base_offset == 0 and header.leader_epoch == -1
     assert header.record_count == 3 and header.next_offset == 3
-    assert header.first_ts_ms == 1_700_000_000_000 and header.max_ts_ms == 1_700_000_000_010
+    assert header.append_ts_ms == -1 and header.max_ts_ms == TS + 10  # the append time comes from the node
     assert (header.producer_id, header.producer_epoch, header.base_sequence) == (7, 2, 10)
     assert header.last_sequence == 12
     assert header.payload_len == len(buf) - bf.HEADER_BYTES
     flat = bf.unpack_payload(buf[bf.HEADER_BYTES:])
-    assert flat == [0, b"k0", b"value-0", None, 5, None, b"value-1", [["h", b"x1"]], 10, b"k2", b"value-2", None]
+    assert flat == [TS, b"k0", b"value-0", None, None, None, b"value-1", [["h", b"x1"]],
+                    TS + 10, b"k2", b"value-2", None]
 
 
-def test_stamp_sets_offset_and_epoch_and_keeps_a_valid_crc():
+def test_stamp_sets_offset_epoch_and_append_time_and_keeps_a_valid_crc():
     buf = make_batch(4)
-    stored, header = bf.stamp(buf, 1234, leader_epoch=9)
+    stored, header = bf.stamp(buf, 1234, TS + 7, leader_epoch=9)
     assert header.base_offset == 1234 and header.leader_epoch == 9 and header.next_offset == 1238
+    assert header.append_ts_ms == TS + 7 and header.max_ts_ms == TS + 10  # a record's own is newer
     assert bf.verify(stored) == header  # the returned header is exactly what is stored
     assert stored[bf.HEADER_BYTES:] == buf[bf.HEADER_BYTES:]  # payload untouched
     assert bytes(stored) != buf and bf.verify(buf).base_offset == 0  # the original is not modified
+    # An append time later than every record's own is the batch's newest timestamp, when a record has it.
+    assert bf.stamp(buf, 0, TS + 99)[1].max_ts_ms == TS + 99
+    own_only = bf.pack_batch([TS, None, b"a", None, TS - 5, None, b"b", None], 2)
+    assert bf.verify(own_only).attributes == 0
+    assert bf.stamp(own_only, 0, TS + 99)[1][6:8] == (TS + 99, TS)  # append time kept, max its records'
+    none_own = bf.pack_batch([None, None, b"a", None], 1)
+    assert bf.verify(none_own).max_ts_ms == -1 and bf.stamp(none_own, 0, TS + 99)[1].max_ts_ms == TS + 99
+
+
+def test_a_batch_of_the_older_format_is_refused_by_name():
+    buf = bytearray(make_batch(1))
+    buf[4] = bf.MAGIC - 1
+    struct.pack_into(">I", buf, 0, bf.crc32c(bytes(buf[4:bf.HEADER_BYTES]), bf.crc32c(bytes(buf[bf.HEADER_BYTES:]))))
+    for check in (bf.verify, lambda b: bf.stamp(b, 0, TS)):
+        with pytest.raises(CorruptRecord, match="older bus"):
+            check(bytes(buf))
 
 
 def test_stamp_refuses_bad_batches():
     buf = make_batch(2)
     with pytest.raises(CorruptRecord):
-        bf.stamp(buf[:20], 0)  # shorter than a header
+        bf.stamp(buf[:20], 0, TS)  # shorter than a header
     with pytest.raises(CorruptRecord):
-        bf.stamp(buf + b"x", 0)  # trailing bytes
+        bf.stamp(buf + b"x", 0, TS)  # trailing bytes
     with pytest.raises(CorruptRecord):
-        bf.stamp(buf[:-1], 0)  # truncated payload
+        bf.stamp(buf[:-1], 0, TS)  # truncated payload
     wrong_magic = bytearray(buf)
     wrong_magic[4] = 99
     with pytest.raises(CorruptRecord):
-        bf.stamp(bytes(wrong_magic), 0)
+        bf.stamp(bytes(wrong_magic), 0, TS)
     flipped = bytearray(buf)
     flipped[-1] ^= 1
     with pytest.raises(CorruptRecord):
-        bf.stamp(bytes(flipped), 0)
+        bf.stamp(bytes(flipped), 0, TS)
 
 
 def test_zero_record_count_is_refused_even_with_a_correct_crc():
@@ -67,11 +89,11 @@ def test_zero_record_count_is_refused_even_with_a_correct_crc():
     with pytest.raises(CorruptRecord):
         bf.verify(bytes(buf))
     with pytest.raises(CorruptRecord):
-        bf.stamp(bytes(buf), 0)
+        bf.stamp(bytes(buf), 0, TS)
 
 
 def test_iter_batches_walks_a_concatenation():
-    stored = [bf.stamp(make_batch(n, base_sequence=s), base)[0] for n, s, base in ((2, 0, 0), (3, 2, 2), (1, 5, 5))]
+    stored = [bf.stamp(make_batch(n, base_sequence=s), base, TS)[0] for n, s, base in ((2, 0, 0), (3, 2, 2), (1, 5, 5))]
     got = list(bf.iter_batches(b"".join(stored)))
     assert [h.base_offset for h, _ in got] == [0, 2, 5]
     assert [h.record_count for h, _ in got] == [2, 3, 1]
@@ -82,7 +104,7 @@ def test_iter_batches_walks_a_concatenation():
 
 
 def test_every_single_bit_flip_of_a_stored_batch_is_detected():
-    stored, _ = bf.stamp(make_batch(2), 42)
+    stored, _ = bf.stamp(make_batch(2), 42, TS)
     stored = bytes(stored)
     assert bf.verify(stored).base_offset == 42
     flipped = bytearray(stored)
@@ -104,5 +126,5 @@ def test_every_single_bit_flip_of_a_produced_batch_is_refused_by_stamp():
         byte, mask = bit // 8, 1 << (bit % 8)
         flipped[byte] ^= mask
         with pytest.raises(CorruptRecord):
-            bf.stamp(bytes(flipped), 0)
+            bf.stamp(bytes(flipped), 0, TS)
         flipped[byte] ^= mask

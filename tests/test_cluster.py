@@ -252,7 +252,7 @@ def test_retention_by_size_keeps_each_partition_near_its_limit(fast_retention_cl
             return [p["start_offset"] for p in admin.describe_topic("bounded")["partitions"]]
 
     # Every stored batch has the same size; retention keeps the fewest whole batches that reach 20 KB.
-    batch_bytes = len(pack_batch([0, None, b"0000" + b"." * 1_000, None], 1, 0, 0, 1, 0, 0))
+    batch_bytes = len(pack_batch([None, None, b"0000" + b"." * 1_000, None], 1, 1, 0, 0))
     kept = -(-20_000 // batch_bytes)
     wait_for(lambda: starts() == [100 - kept] * 2, 30, message=f"partitions cut to their last {kept} batches")
     records = consume_all(cluster.bootstrap, "bounded", 2, 2 * kept)

@@ -233,9 +233,10 @@ def test_one_flipped_bit_anywhere_in_a_stored_batch_is_caught(tmp_path):
     path = str(tmp_path / "node")
     store = LogStore(path)
     log = store.open_partition("1/0")
-    flat = [0, b"key", b"payload-" + bytes(range(40)), [["h", b"v"]], 5, None, b"second record", None]
-    stored = store.append([(log, batch_format.pack_batch(flat, 2, 1_700_000_000_000, 1_700_000_000_005,
-                                                         producer_id=7, producer_epoch=0, base_sequence=0))])
+    flat = [1_700_000_000_000, b"key", b"payload-" + bytes(range(40)), [["h", b"v"]], None, None, b"second record",
+            None]
+    stored = store.append([(log, batch_format.pack_batch(flat, 2, producer_id=7, producer_epoch=0,
+                                                         base_sequence=0))])
     assert stored[0][0] == 0
     with store.env.begin(db=log.db) as txn:
         value = bytes(txn.get(struct.pack(">Q", 0)))

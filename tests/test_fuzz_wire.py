@@ -98,10 +98,10 @@ def batches(draw):
     count = draw(st.integers(1, 3))
     flat = []
     for _ in range(count):
-        flat += [draw(st.integers(0, 5)), draw(st.one_of(st.none(), st.binary(max_size=8))),
-                 draw(st.binary(max_size=40)), None]
+        flat += [draw(st.one_of(st.none(), st.integers(1_700_000_000_000, 1_700_000_000_005))),
+                 draw(st.one_of(st.none(), st.binary(max_size=8))), draw(st.binary(max_size=40)), None]
     packed = bytearray(batch_format.pack_batch(
-        flat, count, 1_700_000_000_000, 1_700_000_000_005, draw(st.sampled_from([-1, 1, 2 ** 40])),
+        flat, count, draw(st.sampled_from([-1, 1, 2 ** 40])),
         draw(st.sampled_from([-1, 0, 1])), draw(st.sampled_from([-1, 0, 1, 7]))))
     damage = draw(st.sampled_from(["none", "none", "flip", "cut"]))
     if damage == "flip":

@@ -246,9 +246,12 @@ def test_poll_leaves_the_garbage_collector_as_it_found_it(cluster):
         for i, ts in enumerate(stamps):
             producer.send("gc", b"%d" % i, partition=0, timestamp_ms=ts)
         producer.flush()
-        # A batch whose timestamps span more than the decoder's table (TIMESTAMP_TABLE_MAX).
+        # One batch mixing the two kinds: records with their own timestamps and one with the append time.
         producer.send("gc", b"near", partition=0, timestamp_ms=stamps[-1])
+        appended = producer.send("gc", b"appended", partition=0)
         producer.send("gc", b"far", partition=0, timestamp_ms=stamps[-1] + 10**9)
+        append_ts_ms = appended.get(10).timestamp_ms
+        assert abs(append_ts_ms - time.time() * 1000) < 60_000
     kept = [object() for _ in range(10)]
     gc.freeze()  # as a pre-fork server does
     frozen = gc.get_freeze_count()
@@ -259,10 +262,10 @@ def test_poll_leaves_the_garbage_collector_as_it_found_it(cluster):
                 consumer.assign([("gc", 0)])
                 got = []
                 deadline = time.monotonic() + 30
-                while len(got) < len(stamps) + 2 and time.monotonic() < deadline:
+                while len(got) < len(stamps) + 3 and time.monotonic() < deadline:
                     got += consumer.poll(timeout_ms=200)
             assert gc.isenabled() is enabled and gc.get_freeze_count() == frozen
-            assert [r.timestamp_ms for r in got] == stamps + [stamps[-1], stamps[-1] + 10**9]
+            assert [r.timestamp_ms for r in got] == stamps + [stamps[-1], append_ts_ms, stamps[-1] + 10**9]
             assert [r.value for r in got[:3]] == [b"0", b"1", b"2"] and got[-1].value == b"far"
     finally:
         gc.enable()

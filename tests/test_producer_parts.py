@@ -11,8 +11,8 @@ from bus.producer import FutureList, ProducerBatch, RecordFuture
 
 
 def _batch(partition: int, count: int) -> ProducerBatch:
-    batch = ProducerBatch("t", partition, 1_000, 0.0, 60.0)
-    batch.flat = [0, None, b"v", None] * count
+    batch = ProducerBatch("t", partition, 0.0, 60.0)
+    batch.flat = [None, None, b"v", None] * count
     batch.count = count
     return batch
 
@@ -42,11 +42,13 @@ def test_future_list_is_the_sequence_of_its_runs():
 def test_future_list_futures_complete_with_their_batch():
     a, b = _batch(0, 4), _batch(3, 2)
     futures = FutureList([(a, 2, 2), (b, 0, 2)])
+    a.flat[4 * 3] = 555  # record 3 of a was sent with a timestamp of its own
     assert not any(f.done() for f in futures)
-    a.complete(100, None)
-    b.complete(7, None)
-    assert [(m.partition, m.offset) for m in (f.get(0) for f in futures)] == [(0, 102), (0, 103), (3, 7), (3, 8)]
-    assert futures[0].get(0).timestamp_ms == 1_000
+    a.complete(100, None, 1_000)
+    b.complete(7, None, 2_000)
+    got = [f.get(0) for f in futures]
+    assert [(m.partition, m.offset) for m in got] == [(0, 102), (0, 103), (3, 7), (3, 8)]
+    assert [m.timestamp_ms for m in got] == [1_000, 555, 2_000, 2_000]  # the append time, unless its own
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from tests.conftest import wait_for
 from tests.core_helpers import child_env
 
 packb = msgpack.Packer(use_bin_type=True).pack
+V = wire.VERSION  # the version every well-formed header below carries
 
 
 @pytest.fixture(scope="module")
@@ -66,73 +67,73 @@ def error_code(sock, frames):
 def a_batch(value=b"rogue", count=1):
     flat = []
     for _ in range(count):
-        flat += [0, None, value, None]
-    return bf.pack_batch(flat, count, time.time_ns() // 1_000_000, time.time_ns() // 1_000_000)
+        flat += [None, None, value, None]
+    return bf.pack_batch(flat, count)
 
 
 # Garbage that either server must answer, with the code and the echoed request id it must carry.
 COMMON_GARBAGE = [
     ("random bytes", [os.urandom(64)], "INVALID_REQUEST", None),
     ("empty frame", [b""], "INVALID_REQUEST", None),
-    ("truncated msgpack", [packb([1, "ping", 5, {}])[:-3]], "INVALID_REQUEST", None),
+    ("truncated msgpack", [packb([V, "ping", 5, {}])[:-3]], "INVALID_REQUEST", None),
     ("not an array", [packb({"v": 1, "op": "ping"})], "INVALID_REQUEST", None),
-    ("short array", [packb([1, "ping", 6])], "INVALID_REQUEST", None),
-    ("unknown op", [packb([1, "explode", 7, {}])], "INVALID_REQUEST", 7),
-    ("op not a string", [packb([1, 42, 8, {}])], "INVALID_REQUEST", 8),
-    ("wrong version", [packb([2, "ping", 9, {}])], "UNSUPPORTED_VERSION", 9),
+    ("short array", [packb([V, "ping", 6])], "INVALID_REQUEST", None),
+    ("unknown op", [packb([V, "explode", 7, {}])], "INVALID_REQUEST", 7),
+    ("op not a string", [packb([V, 42, 8, {}])], "INVALID_REQUEST", 8),
+    ("wrong version", [packb([wire.VERSION + 1, "ping", 9, {}])], "UNSUPPORTED_VERSION", 9),
     ("version not an int", [packb(["one", "ping", 10, {}])], "UNSUPPORTED_VERSION", 10),
-    ("oversized header", [packb([1, "ping", 11, {"pad": "x" * (1 << 20)}])], "INVALID_REQUEST", None),
-    ("ping with bulk frames", [packb([1, "ping", 12, {}]), b"extra"], "INVALID_REQUEST", 12),
+    ("oversized header", [packb([V, "ping", 11, {"pad": "x" * (1 << 20)}])], "INVALID_REQUEST", None),
+    ("ping with bulk frames", [packb([V, "ping", 12, {}]), b"extra"], "INVALID_REQUEST", 12),
 ]
 
 NODE_GARBAGE = [
-    ("produce args not a map", [packb([1, "produce", 20, [1, 2]]), a_batch()], "INVALID_REQUEST"),
-    ("produce without parts", [packb([1, "produce", 21, {}]), a_batch()], "INVALID_REQUEST"),
-    ("produce parts not a list", [packb([1, "produce", 22, {"parts": "target"}]), a_batch()], "INVALID_REQUEST"),
-    ("produce part not a pair", [packb([1, "produce", 23, {"parts": [["target"]]}]), a_batch()], "INVALID_REQUEST"),
-    ("produce unhashable topic", [packb([1, "produce", 24, {"parts": [[["t"], 0]]}]), a_batch()], "INVALID_REQUEST"),
-    ("produce more parts than batches", [packb([1, "produce", 25, {"parts": [["target", 0], ["target", 0]]}]),
+    ("produce args not a map", [packb([V, "produce", 20, [1, 2]]), a_batch()], "INVALID_REQUEST"),
+    ("produce without parts", [packb([V, "produce", 21, {}]), a_batch()], "INVALID_REQUEST"),
+    ("produce parts not a list", [packb([V, "produce", 22, {"parts": "target"}]), a_batch()], "INVALID_REQUEST"),
+    ("produce part not a pair", [packb([V, "produce", 23, {"parts": [["target"]]}]), a_batch()], "INVALID_REQUEST"),
+    ("produce unhashable topic", [packb([V, "produce", 24, {"parts": [[["t"], 0]]}]), a_batch()], "INVALID_REQUEST"),
+    ("produce more parts than batches", [packb([V, "produce", 25, {"parts": [["target", 0], ["target", 0]]}]),
                                          a_batch()], "INVALID_REQUEST"),
-    ("produce more batches than parts", [packb([1, "produce", 26, {"parts": [["target", 0]]}]), a_batch(),
+    ("produce more batches than parts", [packb([V, "produce", 26, {"parts": [["target", 0]]}]), a_batch(),
                                          a_batch()], "INVALID_REQUEST"),
-    ("produce with no bulk frame", [packb([1, "produce", 27, {"parts": [["target", 0]]}])], "INVALID_REQUEST"),
-    ("fetch args not a map", [packb([1, "fetch", 28, "all of it"])], "INVALID_REQUEST"),
-    ("fetch part of wrong arity", [packb([1, "fetch", 29, {"parts": [["target", 0, 0]]}])], "INVALID_REQUEST"),
-    ("fetch offset not a number", [packb([1, "fetch", 30, {"parts": [["target", 0, "zero", 100]]}])],
+    ("produce with no bulk frame", [packb([V, "produce", 27, {"parts": [["target", 0]]}])], "INVALID_REQUEST"),
+    ("fetch args not a map", [packb([V, "fetch", 28, "all of it"])], "INVALID_REQUEST"),
+    ("fetch part of wrong arity", [packb([V, "fetch", 29, {"parts": [["target", 0, 0]]}])], "INVALID_REQUEST"),
+    ("fetch offset not a number", [packb([V, "fetch", 30, {"parts": [["target", 0, "zero", 100]]}])],
      "INVALID_REQUEST"),
-    ("fetch max_wait_ms not a number", [packb([1, "fetch", 31, {"max_wait_ms": [], "parts": []}])],
+    ("fetch max_wait_ms not a number", [packb([V, "fetch", 31, {"max_wait_ms": [], "parts": []}])],
      "INVALID_REQUEST"),
-    ("fetch offset infinite", [packb([1, "fetch", 32, {"parts": [["target", 0, float("inf"), 100]]}])],
+    ("fetch offset infinite", [packb([V, "fetch", 32, {"parts": [["target", 0, float("inf"), 100]]}])],
      "INVALID_REQUEST"),
-    ("list_offsets parts not a list", [packb([1, "list_offsets", 33, {"parts": 5}])], "INVALID_REQUEST"),
-    ("fetch with bulk frames", [packb([1, "fetch", 34, {"parts": []}]), b"x"], "INVALID_REQUEST"),
+    ("list_offsets parts not a list", [packb([V, "list_offsets", 33, {"parts": 5}])], "INVALID_REQUEST"),
+    ("fetch with bulk frames", [packb([V, "fetch", 34, {"parts": []}]), b"x"], "INVALID_REQUEST"),
 ]
 
 COORDINATOR_GARBAGE = [
-    ("args not a map", [packb([1, "metadata", 40, [1]])], "INVALID_REQUEST"),
-    ("metadata topics not a list", [packb([1, "metadata", 41, {"topics": 5}])], "INVALID_REQUEST"),
-    ("metadata unhashable topic", [packb([1, "metadata", 42, {"topics": [[1]]}])], "INVALID_REQUEST"),
-    ("create_topic without name", [packb([1, "create_topic", 43, {}])], "INVALID_REQUEST"),
-    ("create_topic name not a string", [packb([1, "create_topic", 44, {"name": 5}])], "INVALID_REQUEST"),
-    ("create_topic bad name", [packb([1, "create_topic", 45, {"name": "a b/c"}])], "INVALID_REQUEST"),
-    ("create_topic partitions a string", [packb([1, "create_topic", 46, {"name": "x", "partitions": "many"}])],
+    ("args not a map", [packb([V, "metadata", 40, [1]])], "INVALID_REQUEST"),
+    ("metadata topics not a list", [packb([V, "metadata", 41, {"topics": 5}])], "INVALID_REQUEST"),
+    ("metadata unhashable topic", [packb([V, "metadata", 42, {"topics": [[1]]}])], "INVALID_REQUEST"),
+    ("create_topic without name", [packb([V, "create_topic", 43, {}])], "INVALID_REQUEST"),
+    ("create_topic name not a string", [packb([V, "create_topic", 44, {"name": 5}])], "INVALID_REQUEST"),
+    ("create_topic bad name", [packb([V, "create_topic", 45, {"name": "a b/c"}])], "INVALID_REQUEST"),
+    ("create_topic partitions a string", [packb([V, "create_topic", 46, {"name": "x", "partitions": "many"}])],
      "INVALID_REQUEST"),
-    ("create_topic zero partitions", [packb([1, "create_topic", 47, {"name": "x", "partitions": 0}])],
+    ("create_topic zero partitions", [packb([V, "create_topic", 47, {"name": "x", "partitions": 0}])],
      "INVALID_REQUEST"),
-    ("create_topic negative retention", [packb([1, "create_topic", 48, {"name": "x", "retention_ms": -1}])],
+    ("create_topic negative retention", [packb([V, "create_topic", 48, {"name": "x", "retention_ms": -1}])],
      "INVALID_REQUEST"),
-    ("delete_topic name unhashable", [packb([1, "delete_topic", 49, {"name": [1]}])], "INVALID_REQUEST"),
-    ("node_heartbeat node_id not a number", [packb([1, "node_heartbeat", 50, {"node_id": "abc", "address": "x"}])],
+    ("delete_topic name unhashable", [packb([V, "delete_topic", 49, {"name": [1]}])], "INVALID_REQUEST"),
+    ("node_heartbeat node_id not a number", [packb([V, "node_heartbeat", 50, {"node_id": "abc", "address": "x"}])],
      "INVALID_REQUEST"),
     # A float node id that int() would turn into a number no reply can carry (the fuzzer found this one:
     # stored, it broke every later metadata reply).
-    ("node_heartbeat node_id huge float", [packb([1, "node_heartbeat", 54, {"node_id": 1e300, "address": "x"}])],
+    ("node_heartbeat node_id huge float", [packb([V, "node_heartbeat", 54, {"node_id": 1e300, "address": "x"}])],
      "INVALID_REQUEST"),
-    ("node_heartbeat node_id out of range", [packb([1, "node_heartbeat", 55, {"node_id": 2 ** 40, "address": "x"}])],
+    ("node_heartbeat node_id out of range", [packb([V, "node_heartbeat", 55, {"node_id": 2 ** 40, "address": "x"}])],
      "INVALID_REQUEST"),
-    ("metadata with bulk frames", [packb([1, "metadata", 51, {}]), b"bulk"], "INVALID_REQUEST"),
-    ("create_topic existing", [packb([1, "create_topic", 52, {"name": "target"}])], "TOPIC_EXISTS"),
-    ("delete_topic unknown", [packb([1, "delete_topic", 53, {"name": "nope"}])], "UNKNOWN_TOPIC"),
+    ("metadata with bulk frames", [packb([V, "metadata", 51, {}]), b"bulk"], "INVALID_REQUEST"),
+    ("create_topic existing", [packb([V, "create_topic", 52, {"name": "target"}])], "TOPIC_EXISTS"),
+    ("delete_topic unknown", [packb([V, "delete_topic", 53, {"name": "nope"}])], "UNKNOWN_TOPIC"),
 ]
 
 
@@ -159,9 +160,9 @@ def test_garbage_gets_an_error_reply_and_the_server_goes_on(rogue_cluster, conte
         got_code, got_id = error_code(sock, frames)
         assert (got_code, got_id) == (code, request_id), name
     # A request id that is not a plain value is not echoed back.
-    assert error_code(sock, [packb([1, "explode", {"id": 1}, {}])]) == ("INVALID_REQUEST", None)
+    assert error_code(sock, [packb([V, "explode", {"id": 1}, {}])]) == ("INVALID_REQUEST", None)
     # The same socket still gets proper answers.
-    header, _ = exchange(sock, [packb([1, "ping", 99, {}])])
+    header, _ = exchange(sock, [packb([V, "ping", 99, {}])])
     assert header[1:3] == [99, None]
     still_serves(rogue_cluster)
 
@@ -173,7 +174,7 @@ def test_per_partition_produce_errors(rogue_cluster, context):
     truncated = a_batch()[:-2]
     parts = [["target", 0], ["target", 0], ["target", 0], ["target", 1], ["target", 7], ["nope", 0],
              ["target", "0"], ["target", 0]]
-    header, _ = exchange(sock, [packb([1, "produce", 60, {"acks": 1, "parts": parts}]), bytes(corrupt), truncated,
+    header, _ = exchange(sock, [packb([V, "produce", 60, {"acks": 1, "parts": parts}]), bytes(corrupt), truncated,
                                 a_batch(b"good"), a_batch(), a_batch(), a_batch(), a_batch(), b"\x00" * 10])
     assert header[2] is None
     codes = [part[0] for part in header[3]["parts"]]
@@ -181,13 +182,13 @@ def test_per_partition_produce_errors(rogue_cluster, context):
                      "UNKNOWN_PARTITION", "CORRUPT_RECORD"]
     good_offset = header[3]["parts"][2][2]
     # Only the good batch was stored; the fetch returns it as it was produced, CRC intact.
-    header, bulk = exchange(sock, [packb([1, "fetch", 61, {"parts": [["target", 0, good_offset, 1 << 20]]}])])
+    header, bulk = exchange(sock, [packb([V, "fetch", 61, {"parts": [["target", 0, good_offset, 1 << 20]]}])])
     assert header[2] is None and header[3]["parts"][0][2] is None
     batches = list(bf.iter_batches(bulk[0]))
     assert [h.base_offset for h, _ in batches] == [good_offset]
     assert bf.unpack_payload(batches[0][1])[2] == b"good"
     # A fetch past the end is out of range, per partition.
-    header, _ = exchange(sock, [packb([1, "fetch", 62, {"parts": [["target", 0, good_offset + 5, 100]]}])])
+    header, _ = exchange(sock, [packb([V, "fetch", 62, {"parts": [["target", 0, good_offset + 5, 100]]}])])
     assert header[3]["parts"][0][2] == "OFFSET_OUT_OF_RANGE"
     still_serves(rogue_cluster)
 
@@ -195,20 +196,20 @@ def test_per_partition_produce_errors(rogue_cluster, context):
 def test_abandoned_long_polls_and_oversized_messages_do_not_hurt(rogue_cluster, context):
     # Long-poll fetches whose clients vanish: the node drops the replies when they come due.
     sock = dealer(context, rogue_cluster.node_address(2))
-    header, _ = exchange(sock, [packb([1, "list_offsets", 69, {"parts": [["target", 1, "latest"]]}])])
+    header, _ = exchange(sock, [packb([V, "list_offsets", 69, {"parts": [["target", 1, "latest"]]}])])
     end = header[3]["parts"][0][2]
     for _ in range(20):
         sock = dealer(context, rogue_cluster.node_address(2))
-        sock.send_multipart([packb([1, "fetch", 70, {"max_wait_ms": 200, "parts": [["target", 1, end, 100]]}])])
-        sock.send_multipart([packb([1, "fetch", 71, {"max_wait_ms": 300, "parts": []}])])
+        sock.send_multipart([packb([V, "fetch", 70, {"max_wait_ms": 200, "parts": [["target", 1, end, 100]]}])])
+        sock.send_multipart([packb([V, "fetch", 71, {"max_wait_ms": 300, "parts": []}])])
         sock.close(0)
     # A message over the coordinator's size limit: ZeroMQ drops that connection, nothing else.
     big = dealer(context, rogue_cluster.bootstrap)
-    big.send_multipart([packb([1, "metadata", 72, {}]), b"x" * (17 << 20)])
+    big.send_multipart([packb([V, "metadata", 72, {}]), b"x" * (17 << 20)])
     assert not big.poll(300)
     big.close(0)
     sock = dealer(context, rogue_cluster.node_address(2))
-    header, _ = exchange(sock, [packb([1, "ping", 73, {}])])
+    header, _ = exchange(sock, [packb([V, "ping", 73, {}])])
     assert header[1:3] == [73, None]
     still_serves(rogue_cluster)
     assert rogue_cluster.coordinator.poll() is None

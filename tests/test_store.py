@@ -23,8 +23,8 @@ TS = 1_700_000_000_000
 def batch(count=1, ts=TS, pid=-1, epoch=-1, seq=-1, value_bytes=8, tag=b"v"):
     flat = []
     for i in range(count):
-        flat += [0, b"k%d" % i, (tag + b"-%d-" % i).ljust(value_bytes, b"."), None]
-    return bf.pack_batch(flat, count, ts, ts, pid, epoch, seq)
+        flat += [ts, b"k%d" % i, (tag + b"-%d-" % i).ljust(value_bytes, b"."), None]
+    return bf.pack_batch(flat, count, pid, epoch, seq)
 
 
 def records(data: bytes) -> list:
@@ -111,7 +111,7 @@ def test_restart_restores_offsets_size_and_producer_state(tmp_path):
     store = LogStore(path)
     log = store.open_partition("3/1")
     ok(store.append([(log, batch(3, pid=5, epoch=0, seq=0))])[0])
-    ok(store.append([(log, batch(2, pid=5, epoch=0, seq=3))])[0])
+    second = ok(store.append([(log, batch(2, pid=5, epoch=0, seq=3))])[0])
     size = log.size_bytes
     store.close()
 
@@ -120,7 +120,7 @@ def test_restart_restores_offsets_size_and_producer_state(tmp_path):
     assert (log.start_offset, log.next_offset, log.size_bytes) == (0, 5, size)
     assert log.producers == {5: (0, ((0, 2, 0), (3, 4, 3)))}
     dup = ok(store.append([(log, batch(2, pid=5, epoch=0, seq=3))])[0])  # a retry after the restart
-    assert dup[0] == 3 and dup[2] is True
+    assert dup == (3, second[1], True)  # the original's offset and append time
     assert ok(store.append([(log, batch(1, pid=5, epoch=0, seq=5))])[0])[0] == 5
     assert [o for o, _ in records(store.read(log, 0, 1 << 20)[0])] == list(range(6))
     store.close()
@@ -152,14 +152,19 @@ def test_drop_partition_forgets_its_log_and_producers(store):
 
 def test_offset_for_time(store):
     log = store.open_partition("1/0")
-    flat = [0, None, b"a", None, 10, None, b"b", None, 20, None, b"c", None]
-    ok(store.append([(log, bf.pack_batch(flat, 3, TS, TS + 20))])[0])
+    flat = [TS, None, b"a", None, TS + 10, None, b"b", None, TS + 20, None, b"c", None]
+    ok(store.append([(log, bf.pack_batch(flat, 3))])[0])
     ok(store.append([(log, batch(1, ts=TS + 100))])[0])
     assert store.offset_for_time(log, 0) == 0
     assert store.offset_for_time(log, TS + 5) == 1
     assert store.offset_for_time(log, TS + 20) == 2
     assert store.offset_for_time(log, TS + 21) == 3
+    # Records without a timestamp of their own have their batch's append time (now, well after TS + 100).
+    _, append_ts_ms, _ = ok(store.append([(log, bf.pack_batch([None, None, b"d", None], 1))])[0])
+    assert append_ts_ms > TS + 100
     assert store.offset_for_time(log, TS + 101) == 4
+    assert store.offset_for_time(log, append_ts_ms) == 4
+    assert store.offset_for_time(log, append_ts_ms + 1) == 5
 
 
 @pytest.mark.parametrize("sync", ["interval", "none"])
@@ -317,7 +322,7 @@ def test_a_corrupt_value_put_straight_into_lmdb_is_detected_on_read(tmp_path):
     store.close()
 
     # A valid batch under the wrong key: its own base offset disagrees with where it is stored.
-    good, _ = bf.stamp(batch(2), 4)
+    good, _ = bf.stamp(batch(2), 4, TS)
     _raw_put(path, "1/0", 2, bytes(good))
     store = LogStore(path)
     log = store.open_partition("1/0")
@@ -368,8 +373,9 @@ def test_idempotent_appends_through_the_store(store):
     # The same batch twice in one transaction (a retry racing its original) is written once.
     results = store.append([(log, batch(3, pid=1, epoch=0, seq=2)), (log, batch(3, pid=1, epoch=0, seq=2))])
     assert [ok(r)[0] for r in results] == [2, 2] and [r[2] for r in results] == [False, True]
+    assert results[0][1] == results[1][1]  # one append time per transaction
     dup = ok(store.append([(log, batch(2, pid=1, epoch=0, seq=0))])[0])
-    assert (first[0], dup[0], dup[2]) == (0, 0, True)
+    assert dup == (0, first[1], True)
     assert isinstance(store.append([(log, batch(1, pid=1, epoch=0, seq=9))])[0], OutOfOrderSequence)
     ok(store.append([(log, batch(1, pid=1, epoch=1, seq=0))])[0])
     assert isinstance(store.append([(log, batch(1, pid=1, epoch=0, seq=5))])[0], ProducerFenced)

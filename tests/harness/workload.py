@@ -225,8 +225,7 @@ class ZombieWorker(threading.Thread):
     def _send(self, process, partition, value, producer_id, epoch, sequence, op_id=None) -> None:
         if op_id is None:
             op_id = self.history.invoke(process, "send", topic=self.topic, partition=partition, value=value)
-        ts = time.time_ns() // 1_000_000
-        batch = pack_batch([0, None, value, None], 1, ts, ts, producer_id, epoch, sequence)
+        batch = pack_batch([None, None, value, None], 1, producer_id, epoch, sequence)
         code, message, offset = self._produce(partition, batch)
         if code is None:
             self.history.ok(op_id, offset=offset)
@@ -251,7 +250,7 @@ class ZombieWorker(threading.Thread):
                 message = f"{exc.code}: {exc.message}"
                 time.sleep(0.1)
                 continue
-            code, message, offset, _ = result["parts"][0]
+            code, message, offset, _, _ = result["parts"][0]
             if code in ("NOT_OWNER", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION", "STORAGE_FULL"):
                 time.sleep(0.1)
                 continue
