@@ -18,18 +18,21 @@ Layout (big-endian; ``HEADER`` below), followed by the payload exactly as the pr
     base_sequence    i32  per-partition sequence of the first record, -1 for none
     payload_len      u32  bytes of payload following the header
 
-The payload is one msgpack array, flat, four items per record: ``timestamp_ms, key, value, headers``
-(key None or bytes; headers None or a list of [name, value] pairs). Flat keeps packing and unpacking to
-one C call with no per-record containers. A record's ``timestamp_ms`` is None unless its producer gave
-one: it then has the batch's append time, as in Kafka's LogAppendTime, Redis Streams and NATS JetStream.
-That keeps a clock read out of the producer's per-record path, and makes a partition's default
-timestamps follow its offsets.
+The payload is one msgpack array of four columns, ``[timestamps, keys, values, headers]``: ``values``
+holds one bytes item per record; each of the others is nil when no record of the batch has one, else
+an array with one item per record, nil for a record without (a key is bytes; headers a list of [name,
+value] pairs). Columns keep packing and unpacking to one C call with no per-record containers, and the
+usual batch (values only) is a single array: a third of the cost of four items per record, both ways.
+A record's timestamp is None unless its producer gave one: it then has the batch's append time, as in
+Kafka's LogAppendTime, Redis Streams and NATS JetStream. That keeps a clock read out of the producer's
+per-record path, and makes a partition's default timestamps follow its offsets.
 
 The CRC covers every byte except itself, so a flipped bit anywhere is caught; the node stamps
 ``base_offset``, ``leader_epoch`` and the timestamps and updates the CRC without a second pass over the
 payload (CRC32C continues from the payload's CRC over the header tail).
 
-Format 2 (``MAGIC``): format 1 carried timestamp deltas from a producer-side first timestamp.
+Format 2 (``MAGIC``): format 1 had one flat array of four items per record, timestamps as deltas from a
+producer-side first timestamp.
 """
 
 from __future__ import annotations
@@ -81,19 +84,21 @@ class BatchHeader(tuple):
 
 def pack_batch(flat_records: list, record_count: int,
                producer_id: int = -1, producer_epoch: int = -1, base_sequence: int = -1) -> bytes:
-    """Pack ``record_count`` records (``flat_records``: timestamp_ms or None, key, value, headers, ...) into
-    one batch."""
+    """Pack ``record_count`` records, given flat (``flat_records``: timestamp_ms or None, key, value,
+    headers, ... as a producer collects them) into one batch."""
     assert record_count > 0 and len(flat_records) == 4 * record_count
-    # One pass over the timestamps, in C for the usual batches (all None, or none None).
+    # Slices and counts run in C: a few ns per record, against ~25 for packing a column.
     stamps = flat_records[0::4]
     without = stamps.count(None)
     if without == record_count:
-        attributes, max_ts_ms = APPEND_TIME, -1
+        attributes, max_ts_ms, stamps = APPEND_TIME, -1, None
     elif without == 0:
         attributes, max_ts_ms = 0, max(stamps)
     else:
         attributes, max_ts_ms = APPEND_TIME, max(ts for ts in stamps if ts is not None)
-    payload = _packb(flat_records)
+    keys, headers = flat_records[1::4], flat_records[3::4]
+    payload = _packb([stamps, None if keys.count(None) == record_count else keys, flat_records[2::4],
+                      None if headers.count(None) == record_count else headers])
     tail = _TAIL.pack(MAGIC, attributes, 0, -1, record_count, -1, max_ts_ms,
                       producer_id, producer_epoch, base_sequence, len(payload))
     crc = crc32c(tail, crc32c(payload))
@@ -166,6 +171,11 @@ def iter_batches(buf):
         yield header, view[start:at]
 
 
-def unpack_payload(payload) -> list:
-    """The flat record list of a payload: timestamp_ms or None, key, value, headers, ..."""
-    return msgpack.unpackb(payload, raw=False, use_list=True)
+def read_columns(payload, record_count: int) -> list:
+    """The columns of a payload, ``[timestamps, keys, values, headers]``, each checked to hold
+    ``record_count`` items; a column but ``values`` is None when no record has one."""
+    columns = msgpack.unpackb(payload, raw=False, use_list=True)
+    if (type(columns) is not list or len(columns) != 4 or type(columns[2]) is not list
+            or any(c is not None and (type(c) is not list or len(c) != record_count) for c in columns)):
+        raise CorruptRecord(f"payload is not the four columns of {record_count} records")
+    return columns

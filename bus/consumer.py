@@ -21,9 +21,9 @@ from collections import deque
 
 import zmq
 
-from .batch import iter_batches, unpack_payload
+from .batch import iter_batches, read_columns
 from .connection import Requester
-from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, Timeout
+from .errors import ClosedError, ConfigError, OffsetOutOfRange, Timeout
 from .metadata import check_bootstrap
 from .records import Record, TopicPartition
 
@@ -367,28 +367,23 @@ class Consumer:
         runs = []
         run = None
         for header, payload in iter_batches(data):
-            flat = unpack_payload(payload)
             base, count = header.base_offset, header.record_count
-            if len(flat) != 4 * count:
-                raise CorruptRecord(f"batch at {base} holds {len(flat)} items for {count} records")
             skip = fetched_offset - base if base < fetched_offset else 0
             if skip >= count:
                 continue
-            at = 4 * skip
-            headers = flat[at + 3::4]
-            if headers.count(None) != len(headers):
-                headers = [None if h is None else [tuple(x) for x in h] for h in headers]
-            else:
-                headers = _repeat(None)
-            timestamps = flat[at::4]  # a record's own, or None: it has its batch's append time
-            if timestamps.count(None) == len(timestamps):
-                timestamps = _repeat(header.append_ts_ms)  # the usual batch: one int shared by its records
+            stamps, keys, values, headers = (c if c is None or not skip else c[skip:]
+                                             for c in read_columns(payload, count))
+            # A column that is None: no record of the batch has one (the usual batch has values only).
+            if stamps is None:
+                timestamps = _repeat(header.append_ts_ms)  # one int shared by the batch's records
             else:
                 append_ts_ms = header.append_ts_ms
-                timestamps = [append_ts_ms if ts is None else ts for ts in timestamps]
+                timestamps = [append_ts_ms if ts is None else ts for ts in stamps]
+            headers = _repeat(None) if headers is None else \
+                [None if h is None else [tuple(x) for x in h] for h in headers]
             records = list(_map(_new_record, _repeat(Record), zip(
-                _repeat(topic), _repeat(partition), range(base + skip, base + count), flat[at + 1::4],
-                flat[at + 2::4], headers, timestamps)))
+                _repeat(topic), _repeat(partition), range(base + skip, base + count),
+                _repeat(None) if keys is None else keys, values, headers, timestamps)))
             if run is not None and run[2] + len(run[3]) == base + skip:
                 run[3] += records  # the next batch follows on: one run per chunk
             else:

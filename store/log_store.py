@@ -293,8 +293,8 @@ class LogStore:
                 if header.max_ts_ms < timestamp_ms:
                     continue
                 batch_format.verify(value)
-                flat = batch_format.unpack_payload(value[batch_format.HEADER_BYTES:])
-                for index, own_ts_ms in enumerate(flat[0::4]):
+                stamps = batch_format.read_columns(value[batch_format.HEADER_BYTES:], header.record_count)[0]
+                for index, own_ts_ms in enumerate(stamps or [None] * header.record_count):
                     if (header.append_ts_ms if own_ts_ms is None else own_ts_ms) >= timestamp_ms:
                         return header.base_offset + index
         return log.next_offset

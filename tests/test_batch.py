@@ -32,9 +32,21 @@ def test_pack_then_verify_reads_every_header_field():
     assert (header.producer_id, header.producer_epoch, header.base_sequence) == (7, 2, 10)
     assert header.last_sequence == 12
     assert header.payload_len == len(buf) - bf.HEADER_BYTES
-    flat = bf.unpack_payload(buf[bf.HEADER_BYTES:])
-    assert flat == [TS, b"k0", b"value-0", None, None, None, b"value-1", [["h", b"x1"]],
-                    TS + 10, b"k2", b"value-2", None]
+    assert bf.read_columns(buf[bf.HEADER_BYTES:], 3) == [[TS, None, TS + 10], [b"k0", None, b"k2"],
+                                                         [b"value-0", b"value-1", b"value-2"],
+                                                         [None, [["h", b"x1"]], None]]
+
+
+def test_columns_no_record_has_are_left_out():
+    buf = bf.pack_batch([None, None, b"a", None, None, None, b"b", None], 2)
+    assert bf.read_columns(buf[bf.HEADER_BYTES:], 2) == [None, None, [b"a", b"b"], None]
+
+
+@pytest.mark.parametrize("payload", [[None, None, [b"a"], None], 5, [None, None, [b"a", b"b"]],
+                                     [[1], None, [b"a", b"b"], None], [None, None, None, None]])
+def test_a_payload_that_is_not_the_columns_of_its_records_is_refused(payload):
+    with pytest.raises(CorruptRecord, match="columns"):
+        bf.read_columns(bf.msgpack.packb(payload), 2)
 
 
 def test_stamp_sets_offset_epoch_and_append_time_and_keeps_a_valid_crc():
@@ -97,7 +109,7 @@ def test_iter_batches_walks_a_concatenation():
     got = list(bf.iter_batches(b"".join(stored)))
     assert [h.base_offset for h, _ in got] == [0, 2, 5]
     assert [h.record_count for h, _ in got] == [2, 3, 1]
-    assert [len(bf.unpack_payload(p)) for _, p in got] == [8, 12, 4]
+    assert [len(bf.read_columns(p, h.record_count)[2]) for h, p in got] == [2, 3, 1]
     assert list(bf.iter_batches(b"")) == []
     with pytest.raises(CorruptRecord):
         list(bf.iter_batches(b"".join(stored)[:-3]))  # a truncated last batch

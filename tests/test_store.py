@@ -31,8 +31,8 @@ def records(data: bytes) -> list:
     """[(offset, value), ...] of a read's stored batches."""
     out = []
     for header, payload in bf.iter_batches(data):
-        flat = bf.unpack_payload(payload)
-        out += [(header.base_offset + i, flat[4 * i + 2]) for i in range(header.record_count)]
+        values = bf.read_columns(payload, header.record_count)[2]
+        out += [(header.base_offset + i, value) for i, value in enumerate(values)]
     return out
 
 
