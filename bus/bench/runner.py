@@ -1,8 +1,8 @@
 """``bus bench`` end to end: which systems run in which modes, progress while they run, the table at the end.
 
 ``run_bench(...)`` is what the ``bus bench`` command (bus/cli.py) and ``scripts/bench.py`` call. For each
-mode it interleaves the systems run by run (raw, bus, bus send_many, redis, nats, raw, bus, ...: see
-``stats.run_interleaved``), prints one line per run, combines each system's runs by their median, and at
+mode it interleaves the systems run by run (raw, bus, bus send_many, redis, nats; then bus, bus send_many,
+redis, nats, raw; ...: see ``stats.round_order``), prints one line per run, combines each system's runs by their median, and at
 the end prints the ratio table, writes the JSON file and draws the plot if asked to.
 
 A peer that cannot run here (its server or client library missing) gets one line saying how to install
@@ -21,7 +21,18 @@ from typing import Any
 
 from .bus_system import SEND_MANY_NAME, SYSTEM_NAME, BusOptions, make_bus_system
 from .report import PlotUnavailable, format_table, plot, write_json
-from .stats import MODES, RAW, BenchConfig, BenchError, PeerUnavailable, Result, System, median_of_runs, steadiness
+from .stats import (
+    MODES,
+    RAW,
+    BenchConfig,
+    BenchError,
+    PeerUnavailable,
+    Result,
+    System,
+    median_of_runs,
+    round_order,
+    steadiness,
+)
 
 PEER_NAMES = ("raw", "redis", "nats")
 REQUIRED = (RAW, SYSTEM_NAME, SEND_MANY_NAME)  # a failure of these fails the command
@@ -80,7 +91,7 @@ def run_mode(
     failed: set[str] = set()
     width = max(len(s.name) for s in systems)
     for i in range(runs):
-        for s in systems:
+        for s in round_order(systems, i):
             if s.name in failed:
                 continue
             t0 = time.monotonic()

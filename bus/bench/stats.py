@@ -251,7 +251,7 @@ class System:
 def run_interleaved(
     systems: Sequence[System], mode: str, cfg: BenchConfig, runs: int = 1, rate_per_s: float | None = None
 ) -> list[Result]:
-    """``runs`` rounds of every system in turn (raw, bus, raw, bus, ...), each combined by ``median_of_runs``.
+    """``runs`` rounds of every system in turn (``round_order``), each combined by ``median_of_runs``.
 
     Interleaving keeps slow drift of the machine (disk write-back, page cache, a noisy neighbour) from
     landing on one system only, so the ratio to raw compares runs taken side by side. On this kind of VM
@@ -260,10 +260,19 @@ def run_interleaved(
     if runs < 1:
         raise ValueError("runs must be >= 1")
     rounds: dict[str, list[Result]] = {s.name: [] for s in systems}
-    for _ in range(runs):
-        for s in systems:
+    for i in range(runs):
+        for s in round_order(systems, i):
             rounds[s.name].append(s.run(mode, cfg, rate_per_s))
     return [median_of_runs(rounds[s.name]) for s in systems]
+
+
+def round_order(systems: Sequence[System], round_index: int) -> list[System]:
+    """The order of the systems in round ``round_index``: rotated by one each round (raw, bus, redis; bus,
+    redis, raw; ...), so no system always runs in the same place. On the VMs here a run's disk speed
+    alternated from one run to the next (slow, fast, slow, ...: docs/benchmarks.md); with a fixed order
+    and an even number of systems each would always have drawn the same half."""
+    k = round_index % len(systems) if systems else 0
+    return list(systems[k:]) + list(systems[:k])
 
 
 # --------------------------------------------------------------------------------------------------------------
