@@ -30,6 +30,7 @@ from bus.bench.stats import (
     ratio,
     ratios,
     record_partition,
+    round_order,
     run_interleaved,
     split,
     steadiness,
@@ -222,8 +223,17 @@ def test_interleaved_runs_alternate_systems(tmp_path):
         return System(name, run, run, run)
 
     out = run_interleaved([fake("raw"), fake("bus")], "produce", tiny(tmp_path), runs=3)
-    assert calls == ["raw", "bus", "bus", "raw", "raw", "bus"]  # rotated a place each round
+    assert calls == ["raw", "bus", "bus", "raw", "raw", "bus"]  # reversed every other round
     assert [(r.system, r.runs, r.records_per_s) for r in out] == [("raw", 3, 4.0), ("bus", 3, 3.0)]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+def test_round_order_moves_every_system_between_odd_and_even_runs(count):
+    systems = [System(f"s{i}", None, None, None) for i in range(count)]
+    sequence = [s.name for i in range(4) for s in round_order(systems, i)]  # the runs, one after another
+    for s in systems:
+        places = [i for i, name in enumerate(sequence) if name == s.name]
+        assert len(places) == 4 and all((a - b) % 2 == 1 for a, b in zip(places[1:], places)), places
 
 
 def test_raw_ceiling_partitions_and_fsync(tmp_path, no_strays):

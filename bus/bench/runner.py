@@ -1,8 +1,8 @@
 """``bus bench`` end to end: which systems run in which modes, progress while they run, the table at the end.
 
 ``run_bench(...)`` is what the ``bus bench`` command (bus/cli.py) and ``scripts/bench.py`` call. For each
-mode it interleaves the systems run by run (raw, bus, bus send_many, redis, nats; then bus, bus send_many,
-redis, nats, raw; ...: see ``stats.round_order``), prints one line per run, combines each system's runs by
+mode it interleaves the systems run by run (raw, bus, bus send_many, redis, nats; then nats, redis, bus
+send_many, bus, raw; ...: see ``stats.round_order``), prints one line per run, combines each system's runs by
 their median, and at the end prints the ratio table, writes the JSON file and draws the plot if asked to.
 
 A peer that cannot run here (its server or client library missing) gets one line saying how to install

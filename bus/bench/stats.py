@@ -267,12 +267,12 @@ def run_interleaved(
 
 
 def round_order(systems: Sequence[System], round_index: int) -> list[System]:
-    """The order of the systems in round ``round_index``: rotated by one each round (raw, bus, redis; bus,
-    redis, raw; ...), so no system always runs in the same place. On the VMs here a run's disk speed
-    alternated from one run to the next (slow, fast, slow, ...: docs/benchmarks.md); with a fixed order
-    and an even number of systems each would always have drawn the same half."""
-    k = round_index % len(systems) if systems else 0
-    return list(systems[k:]) + list(systems[:k])
+    """The order of the systems in round ``round_index``: as given, then reversed, and so on (raw, bus,
+    redis; redis, bus, raw; ...). On the VMs here a run's disk speed alternated from one run to the next
+    (slow, fast, slow, ...: docs/benchmarks.md). Reversing every other round moves each system from an
+    odd place in the sequence of runs to an even one and back, whatever the number of systems; a fixed
+    order does not when that number is even, nor does rotating when it is odd."""
+    return list(systems) if round_index % 2 == 0 else list(reversed(systems))
 
 
 # --------------------------------------------------------------------------------------------------------------
