@@ -8,6 +8,7 @@ tested instead of skipping.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -16,6 +17,7 @@ import psutil
 import pytest
 
 from bus.bench import BusOptions, make_bus_system, peers, raw, report
+from bus.bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
 from bus.bench.stats import (
     MODES,
     BenchConfig,
@@ -32,6 +34,7 @@ from bus.bench.stats import (
     record_partition,
     round_order,
     run_interleaved,
+    showing_progress,
     split,
     steadiness,
     throughput,
@@ -234,6 +237,29 @@ def test_round_order_moves_every_system_between_odd_and_even_runs(count):
     for s in systems:
         places = [i for i, name in enumerate(sequence) if name == s.name]
         assert len(places) == 4 and all((a - b) % 2 == 1 for a, b in zip(places[1:], places)), places
+
+
+def test_progress_reaches_the_harness_while_clients_run(tmp_path, no_strays):
+    seen = []
+    cfg = tiny(tmp_path, records=3001, producers=2)
+    with showing_progress(seen.append):
+        result = raw.SYSTEM.run("produce", cfg)
+    assert result.records == 3001
+    assert seen and seen == sorted(seen) and seen[-1] == 3001  # never backwards; all of it at the end
+
+
+def test_progress_bar_draws_in_place_and_wipes_itself():
+    assert progress_line("produce  bus  run 1/3", 500, 2_000, 1234.5) == (
+        "  produce  bus  run 1/3  [######..................] 500 / 2,000 records  1,234/s")
+    assert "[" + "#" * PROGRESS_BAR_CELLS + "]" in progress_line("x", 5_000, 2_000, 0.0)  # capped at full
+    out = io.StringIO()
+    bar = ProgressBar(out, "consume  raw  run 2/3", 100)
+    for done in (0, 40, 100, 10):  # 10: a second phase (a consume run loads, then reads)
+        bar(done)
+    bar.clear()
+    lines = out.getvalue().split("\r")
+    assert "40 / 100 records" in lines[2] and "100 / 100 records" in lines[3]
+    assert lines[-2].strip() == "" and lines[-1] == ""  # wiped: blanks, then back to the line's start
 
 
 def test_raw_ceiling_partitions_and_fsync(tmp_path, no_strays):

@@ -15,9 +15,10 @@ This module decides nothing about measuring; stats.py does that, for every syste
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from .bus_system import SEND_MANY_NAME, SYSTEM_NAME, BusOptions, make_bus_system
 from .report import PlotUnavailable, format_table, plot, write_json
@@ -31,12 +32,48 @@ from .stats import (
     System,
     median_of_runs,
     round_order,
+    showing_progress,
     steadiness,
 )
 
 PEER_NAMES = ("raw", "redis", "nats")
 REQUIRED = (RAW, SYSTEM_NAME, SEND_MANY_NAME)  # a failure of these fails the command
 STEADINESS_SECONDS_MIN = 3.0  # shorter runs are too noisy to say whether throughput held up
+PROGRESS_BAR_CELLS = 24
+
+
+def progress_line(label: str, done: int, total: int, per_s: float) -> str:
+    """``  produce  bus  run 1/3  [#######.........] 1,200,000 / 2,000,000 records  1,950,000/s``"""
+    filled = int(PROGRESS_BAR_CELLS * min(1.0, done / total)) if total > 0 else 0
+    rate = f"  {per_s:,.0f}/s" if per_s > 0 else ""
+    return f"  {label}  [{'#' * filled}{'.' * (PROGRESS_BAR_CELLS - filled)}] {done:,} / {total:,} records{rate}"
+
+
+class ProgressBar:
+    """A run's progress on one terminal line, redrawn in place as its clients report records done, and
+    wiped when the run ends (its summary line is printed in its place)."""
+
+    def __init__(self, stream: TextIO, label: str, total: int):
+        self.stream, self.label, self.total = stream, label, total
+        self._since: tuple[float, int] | None = None  # (time, done) the rate is measured from
+        self._last, self._width = 0, 0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if self._since is None or done < self._last:  # a new phase (consume: loading, then reading)
+            self._since = (now, done)
+        self._last = done
+        since_s, since_done = self._since
+        per_s = (done - since_done) / (now - since_s) if now > since_s else 0.0
+        line = progress_line(self.label, done, self.total, per_s)
+        self.stream.write("\r" + line.ljust(self._width))
+        self.stream.flush()
+        self._width = max(self._width, len(line))
+
+    def clear(self) -> None:
+        if self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
 
 
 def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -82,11 +119,14 @@ def run_mode(
     runs: int,
     say: Callable[[str], None],
     failures: dict[str, str],
+    progress: TextIO | None = None,
 ) -> list[Result]:
     """``runs`` rounds of every system in turn, one line per run; each system's runs by their median.
 
     A system that fails is reported in ``failures`` ({"system mode": message}) and not run again in this mode.
+    With ``progress`` (a terminal), each run shows a progress bar there while it runs.
     """
+    total = cfg.latency_records(cfg.latency_rate) if mode == "latency" else cfg.records
     rounds: dict[str, list[Result]] = {s.name: [] for s in systems}
     failed: set[str] = set()
     width = max(len(s.name) for s in systems)
@@ -95,16 +135,24 @@ def run_mode(
             if s.name in failed:
                 continue
             t0 = time.monotonic()
+            label = f"{mode:<8} {s.name:<{width}}  run {i + 1}/{runs}"
+            bar = ProgressBar(progress, label, total) if progress is not None else None
             try:
-                r = s.run(mode, cfg)
+                with showing_progress(bar):
+                    r = s.run(mode, cfg)
             except BenchError as e:
+                r = e
+            finally:
+                if bar is not None:
+                    bar.clear()  # before any line is printed in its place
+            if isinstance(r, BenchError):
                 failed.add(s.name)
-                failures[f"{s.name} {mode}"] = str(e)
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                say(f"  {mode:<8} {s.name:<{width}}  run {i + 1}/{runs}  FAILED: {first}")
+                failures[f"{s.name} {mode}"] = str(r)
+                first = str(r).strip().splitlines()[0] if str(r).strip() else type(r).__name__
+                say(f"  {label}  FAILED: {first}")
                 continue
             rounds[s.name].append(r)
-            say(f"  {mode:<8} {s.name:<{width}}  run {i + 1}/{runs}  {_summary(r)}  ({time.monotonic() - t0:.1f} s)")
+            say(f"  {label}  {_summary(r)}  ({time.monotonic() - t0:.1f} s)")
     results = [median_of_runs(rounds[s.name]) for s in systems if rounds[s.name] and s.name not in failed]
     for r in results:
         flat = steadiness(r) if r.mode != "latency" and r.elapsed_s >= STEADINESS_SECONDS_MIN else None
@@ -127,8 +175,10 @@ def run_bench(
     plot_path: str | None = None,
     say: Callable[[str], None] = print,
     meta: dict[str, Any] | None = None,
+    progress: TextIO | None = None,
 ) -> tuple[list[Result], dict[str, str]]:
-    """Run the bench; print progress and the table through ``say``. Returns (results, failures)."""
+    """Run the bench; print progress and the table through ``say`` (and progress bars on ``progress``, a
+    terminal, while each run runs). Returns (results, failures)."""
     cfg.validate()
     bus.validate()
     if runs < 1:
@@ -153,7 +203,7 @@ def run_bench(
             say(f"{mode}: {cfg.latency_rate:,} records/s for {cfg.latency_seconds:g} s")
         else:
             say(f"{mode}:")
-        results += run_mode(systems, mode, cfg, runs, say, failures)
+        results += run_mode(systems, mode, cfg, runs, say, failures, progress)
     say("")
     if results:
         say(format_table(results))
@@ -239,7 +289,8 @@ def bench_command(
                    modes=modes, bootstrap=bootstrap, data_dir=data_dir, group=group, send_many=send_many)
     meta = {"command": command_line(options), "options": options}
     _, failures = run_bench(cfg, bus, peers=peer_list, modes=mode_list, runs=runs, send_many=send_many,
-                            json_path=json_path, plot_path=plot_path, say=say, meta=meta)
+                            json_path=json_path, plot_path=plot_path, say=say, meta=meta,
+                            progress=sys.stderr if sys.stderr.isatty() else None)
     for key, message in failures.items():
         say(f"failed: {key}: {message}")
     return exit_status(failures)

@@ -58,6 +58,7 @@ TIMELINE_BINS_MAX = 200
 
 CLIENT_READY_TIMEOUT_S = 60.0  # a client that cannot connect and set up within this is broken
 SAMPLE_INTERVAL_S = 0.1  # how often the server's RSS is sampled
+PROGRESS_INTERVAL_S = 0.5  # how often the harness shows the records its clients have done
 REAP_TIMEOUT_S = 5.0  # per step of join -> terminate -> kill
 LATENCY_RATE_SUSTAINED_MIN = 0.97  # latency mode: below this fraction of the target rate, say so
 LATENCY_PRODUCER_BEHIND_MS_MAX = 100.0  # latency mode: a producer stalled longer than this is worth a note
@@ -169,6 +170,9 @@ class ClientReport:
     def add_event(self, t_ns: int, n: int) -> None:
         self.events_t_ns.append(t_ns)
         self.events_n.append(n)
+        if _progress_slot is not None:  # in a client process: the harness shows it (run_clients)
+            counts, index = _progress_slot
+            counts[index] += n
 
 
 @dataclass
@@ -617,16 +621,35 @@ def storage_notes(path: str, sync: str) -> list[str]:
 # The process harness
 
 
+# Progress while clients run. In a client process, ``_progress_slot`` is (the shared counts, its index):
+# ``ClientReport.add_event`` adds each event's records there. In the harness, ``_progress_sink`` (set with
+# ``showing_progress``) is shown the sum every PROGRESS_INTERVAL_S while run_clients waits for the reports.
+_progress_slot: tuple | None = None
+_progress_sink: Callable[[int], None] | None = None
+
+
+@contextmanager
+def showing_progress(sink: Callable[[int], None] | None) -> Iterator[None]:
+    """Within the block, ``run_clients`` calls ``sink(records done so far)`` as its clients run."""
+    global _progress_sink
+    before, _progress_sink = _progress_sink, sink
+    try:
+        yield
+    finally:
+        _progress_sink = before
+
+
 class Gate:
     """Handed to each client process. ``wait()`` reports "ready" and blocks until every client is ready.
 
     A client connects and sets up first, then calls ``wait()``; its measured work starts when it returns.
     """
 
-    def __init__(self, index: int, reports: Any, go: Any):
+    def __init__(self, index: int, reports: Any, go: Any, done_counts: Any = None):
         self.index = index  # position of this client in the list given to run_clients
         self._reports = reports  # multiprocessing queue back to the harness
         self._go = go  # multiprocessing event set once all clients are ready
+        self.done_counts = done_counts  # shared array: records each client has completed (progress)
         self.cpu_start_s: float | None = None
         self.start_ns = 0
 
@@ -642,6 +665,9 @@ class Gate:
 
 def _client_entry(fn: Callable[..., ClientReport], args: tuple, gate: Gate) -> None:
     """Top-level so the spawn context can find it: run one client and send its report (or traceback) home."""
+    global _progress_slot
+    if gate.done_counts is not None:
+        _progress_slot = (gate.done_counts, gate.index)
     try:
         report = fn(*args, gate)
         if gate.cpu_start_s is not None:
@@ -731,12 +757,14 @@ def run_clients(
     ctx = multiprocessing.get_context("spawn")
     reports_q = ctx.Queue()
     go = ctx.Event()
+    done_counts = ctx.Array("q", len(clients), lock=False)  # one writer per slot: no lock needed
+    sink = _progress_sink
     procs: list[Any] = []
     sampler = ResourceSampler(server_pids)
     sampling = False
     try:
         for i, (fn, args) in enumerate(clients):
-            p = ctx.Process(target=_client_entry, args=(fn, args, Gate(i, reports_q, go)), daemon=True)
+            p = ctx.Process(target=_client_entry, args=(fn, args, Gate(i, reports_q, go, done_counts)), daemon=True)
             p.start()
             procs.append(p)
 
@@ -747,8 +775,10 @@ def run_clients(
                 if remaining <= 0:
                     missing = sorted(set(range(len(procs))) - set(got))
                     raise BenchError(f"clients {missing} not {kind} within the time limit")
+                if sink is not None and kind == "done":
+                    sink(sum(done_counts))
                 try:
-                    what, index, payload = reports_q.get(timeout=min(0.5, remaining))
+                    what, index, payload = reports_q.get(timeout=min(PROGRESS_INTERVAL_S, remaining))
                 except queue_mod.Empty:
                     dead = [i for i, p in enumerate(procs) if i not in got and not p.is_alive()]
                     if dead:
@@ -772,6 +802,8 @@ def run_clients(
         sampling = True
         go.set()
         done = collect("done", time.monotonic() + timeout_s)
+        if sink is not None:
+            sink(sum(done_counts))  # the whole run, however short
         usage = sampler.stop()
         sampling = False
         return [done[i] for i in range(len(procs))], usage
