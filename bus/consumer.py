@@ -323,8 +323,8 @@ class Consumer:
         the next chunk meanwhile (only poll() takes chunks, from one thread: see poll()). A seek or
         reassignment during the decode shows as a changed epoch, and then the runs are dropped.
 
-        Records are built at C speed: ``map`` over ``zip`` of the flat payload's slices (ts_delta, key,
-        value, headers, four per record; bus/batch.py), no Python code per record.
+        Records are built at C speed: ``map`` over ``zip`` of the payload's columns (timestamps, keys,
+        values, headers; bus/batch.py), no Python code per record.
         """
         tp, epoch, fetched_offset, data = chunk
         self._chunk_bytes -= len(data)

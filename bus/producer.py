@@ -306,10 +306,9 @@ class Producer:
         """Send many records in one call (cheaper per record than ``send()``). Returns their futures.
 
         Without keys, the values go in whole runs: one lock round per batch they fill, no Python code per
-        record. The outcome is that of ``send(topic, value, partition=...)`` for
-        each value in order (same batches, same sticky partitions, same buffer limit); a value too large,
-        an unknown topic or partition takes the per-record path, which sends the values before it and
-        raises at it, as it always did.
+        record. The outcome is that of ``send(topic, value, partition=...)`` for each value in order (same
+        batches, same sticky partitions, same buffer limit); a value too large, an unknown topic or
+        partition takes the per-record path, which sends the values before it and raises at it.
         """
         if keys is not None:
             return FutureList.of([self.send(topic, value, key=key, partition=partition)

@@ -294,7 +294,9 @@ class LogStore:
                     continue
                 batch_format.verify(value)
                 stamps = batch_format.read_columns(value[batch_format.HEADER_BYTES:], header.record_count)[0]
-                for index, own_ts_ms in enumerate(stamps or [None] * header.record_count):
+                if stamps is None:  # every record has the append time, which is then max_ts_ms: new enough
+                    return header.base_offset
+                for index, own_ts_ms in enumerate(stamps):
                     if (header.append_ts_ms if own_ts_ms is None else own_ts_ms) >= timestamp_ms:
                         return header.base_offset + index
         return log.next_offset

@@ -349,7 +349,8 @@ def _run_produce(peer: Peer, cfg: BenchConfig) -> Result:
     cfg.validate()
     peer.check()
     with scratch_dir(cfg, peer.name) as d, peer.server(cfg, d) as srv:
-        clients = [(peer.produce_client, (srv.port, cfg, j, n)) for j, n in enumerate(split(cfg.records, cfg.producers))]
+        shares = enumerate(split(cfg.records, cfg.producers))
+        clients = [(peer.produce_client, (srv.port, cfg, j, n)) for j, n in shares]
         reports, usage = run_clients(clients, [srv.pid], cfg.timeout_s)
         notes = srv.notes + storage_notes(d, cfg.sync)
         return build_result(peer.name, "produce", cfg, reports, usage, latency_kind="ack", notes=notes)
