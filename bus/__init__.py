@@ -1,11 +1,55 @@
-"""The bus: a durable, partitioned event log on ZeroMQ and LMDB. This package is what a service imports."""
+"""The bus: a durable, partitioned event log on ZeroMQ and LMDB. This package is what a service imports.
 
-from . import errors
-from .admin import Admin
-from .consumer import Consumer
-from .errors import BusError
-from .producer import FutureList, Producer, RecordFuture
-from .records import Record, RecordMetadata, TopicPartition
+Its public names load on first use (PEP 562), so that importing one of the formats this package holds
+(``bus.wire``, ``bus.batch``, ``bus.errors``, ``bus.records``, ``bus.clock``: the leaf modules the nodes and
+the store share with the clients) does not load the client, and with it ZeroMQ. ``from bus import Producer``
+and ``bus.Producer`` work as ever; ``docs/architecture.md`` says which package may import what, and
+``tests/test_layout.py`` holds every package to it.
 
-__all__ = ["Admin", "BusError", "Consumer", "FutureList", "Producer", "Record", "RecordFuture",
-           "RecordMetadata", "TopicPartition", "errors"]
+Why lazy names rather than a separate top-level package for the formats: a user catching
+``bus.errors.NotOwner`` catches the very class a node raises, from the one module that defines it, with no
+re-exporting copy of the errors or value types to keep in step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module (within this package) that defines it
+_PUBLIC = {
+    "Admin": "admin",
+    "BusError": "errors",
+    "Consumer": "consumer",
+    "FutureList": "producer",
+    "Producer": "producer",
+    "Record": "records",
+    "RecordFuture": "producer",
+    "RecordMetadata": "records",
+    "TopicPartition": "records",
+}
+
+__all__ = sorted([*_PUBLIC, "errors"])
+
+if TYPE_CHECKING:
+    from . import errors
+    from .admin import Admin
+    from .consumer import Consumer
+    from .errors import BusError
+    from .producer import FutureList, Producer, RecordFuture
+    from .records import Record, RecordMetadata, TopicPartition
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        if name == "errors":
+            return importlib.import_module(".errors", __name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
