@@ -439,7 +439,7 @@ def consume(topic_name, group, from_beginning, partition, max_records, timeout_m
               help="also measure Producer.send_many as its own row")
 def bench(**options):
     """Measure the bus beside the raw pyzmq+LMDB ceiling, Redis Streams and NATS JetStream."""
-    from .bench.runner import bench_command
+    from bench.runner import bench_command
 
     try:
         status = bench_command(say=click.echo, **options)

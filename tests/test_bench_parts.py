@@ -16,9 +16,9 @@ import time
 import psutil
 import pytest
 
-from bus.bench import BusOptions, make_bus_system, peers, raw, report
-from bus.bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
-from bus.bench.stats import (
+from bench import BusOptions, make_bus_system, peers, raw, report
+from bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
+from bench.stats import (
     MODES,
     BenchConfig,
     ClientReport,
@@ -396,7 +396,7 @@ def test_steadiness_compares_the_last_third_with_the_first():
 
 
 def test_runner_options_are_checked():
-    from bus.bench import runner
+    from bench import runner
 
     assert runner.parse_list("raw, nats", runner.PEER_NAMES, "peer") == ["raw", "nats"]
     assert runner.parse_list("none", runner.PEER_NAMES, "peer") == []

@@ -13,8 +13,8 @@ import time
 import psutil
 from click.testing import CliRunner
 
-from bus.bench import peers
-from bus.bench.stats import PeerUnavailable
+from bench import peers
+from bench.stats import PeerUnavailable
 from bus.cli import main
 
 TINY = [
