@@ -79,12 +79,16 @@ def _popen(**kwargs) -> subprocess.Popen:
 class LocalCluster:
     def __init__(self, data_dir: str, nodes: int = 3, *, port: int = 0, host: str = "127.0.0.1",
                  sync: str = "always", node_args: tuple = (), coordinator_args: tuple = (),
-                 env: dict | None = None, advertise: dict | None = None):
+                 env: dict | None = None, advertise: dict | None = None,
+                 node_command: tuple = ("-m", "nodes.node"), coordinator_command: tuple = ("-m", "nodes.coordinator")):
         assert nodes >= 1
         self.data_dir = os.path.abspath(data_dir)
         self.host = host
         self.sync = sync
         self.node_args, self.coordinator_args = tuple(node_args), tuple(coordinator_args)
+        # How a child is started (the interpreter's arguments before the process's own): the fault harness
+        # starts builds of its own through a test entry point.
+        self.node_command, self.coordinator_command = tuple(node_command), tuple(coordinator_command)
         # node id -> the address a node tells clients instead of its bind address (e.g. a fault proxy's)
         self.advertise = dict(advertise or {})
         ports = list(range(port, port + nodes + 1)) if port else free_ports(nodes + 1, host)
@@ -110,14 +114,14 @@ class LocalCluster:
     def start_coordinator(self) -> None:
         assert self.coordinator is None or self.coordinator.poll() is not None
         self.coordinator = self._spawn("coordinator", [
-            "-m", "nodes.coordinator", "--data-dir", os.path.join(self.data_dir, "coordinator"),
+            *self.coordinator_command, "--data-dir", os.path.join(self.data_dir, "coordinator"),
             "--bind", self.bootstrap, *self.coordinator_args])
 
     def start_node(self, node_id: int) -> None:
         current = self.nodes.get(node_id)
         assert current is None or current.poll() is not None, f"node {node_id} is running"
         self.nodes[node_id] = self._spawn(f"node-{node_id}", [
-            "-m", "nodes.node", "--node-id", str(node_id), "--data-dir", os.path.join(self.data_dir, f"node-{node_id}"),
+            *self.node_command, "--node-id", str(node_id), "--data-dir", os.path.join(self.data_dir, f"node-{node_id}"),
             "--bind", self.node_address(node_id), "--coordinator", self.bootstrap, "--sync", self.sync,
             *(("--advertise", self.advertise[node_id]) if node_id in self.advertise else ()), *self.node_args])
 

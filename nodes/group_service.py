@@ -25,33 +25,22 @@ Wire ops (args -> result; every name is a string, a partition is ``[topic, parti
 - ``group_reset_offsets`` {group_id, offsets: [[t, p, offset], ...]} -> {}
 - ``group_delete`` {group_id} -> {}
 A member reply is {group_id, member_id, member_epoch, group_epoch, assignment, revoke, heartbeat_interval_ms}.
-
-Test-only sabotage (nodes/sabotage.py): with ``skip_member_epoch_check`` in $BUS_SABOTAGE, a commit
-refused for a stale epoch (FENCED_MEMBER_EPOCH, or UNKNOWN_MEMBER_ID: a fenced incarnation) is written
-anyway. The fault harness uses it to prove that its checker catches a zombie's commit; see
-``_sabotaged_commit``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from bus import wire
+from bus.clock import monotonic_ms
 from bus.errors import error_for
-from store.meta_store import PUT
 
 from . import groups as core
-from . import sabotage
 from .groups import GroupError, Groups
 
 log = logging.getLogger("bus.groups")
 
 EVICTIONS_DESCRIBED_MAX = 20  # latest evictions shown by group_describe
-
-
-def monotonic_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
 
 
 def _tp(item) -> tuple:
@@ -64,9 +53,6 @@ class GroupService:
         """``store``: the coordinator's MetaStore; ``topics()``: its {name: {"partitions": [...], ...}}."""
         self.store = store
         self.topics = topics
-        self.sabotage_epoch_check = sabotage.SKIP_MEMBER_EPOCH_CHECK  # test-only; off unless $BUS_SABOTAGE says
-        if self.sabotage_epoch_check:
-            sabotage.announce("coordinator")
         now_ms = clock_ms()
         self.groups = Groups.restore(store.items(core.KEY_PREFIX), now_ms)
         self._run(lambda: self.groups.metadata(self._topic_counts(), now_ms=now_ms))
@@ -136,11 +122,8 @@ class GroupService:
         offsets = {}
         for topic, partition, offset, metadata in args["offsets"]:
             offsets[(topic, partition)] = (offset, metadata)
-        decide = lambda: self.groups.commit(args["group_id"], args["member_id"], args["member_epoch"], offsets,
-                                            now_ms=now_ms)
-        if self.sabotage_epoch_check:
-            decide = self._sabotaged_commit(decide, args["group_id"], offsets)
-        return self._run(decide).to_wire()
+        return self._run(lambda: self.groups.commit(args["group_id"], args["member_id"], args["member_epoch"],
+                                                    offsets, now_ms=now_ms)).to_wire()
 
     def _offset_fetch(self, args, now_ms):
         committed = self.groups.committed(args["group_id"])
@@ -172,30 +155,3 @@ class GroupService:
     def _delete(self, args, now_ms):
         self._run(lambda: self.groups.delete_group(args["group_id"], now_ms=now_ms))
         return {}
-
-    # -- test-only sabotage ----------------------------------------------------------------------------
-
-    def _sabotaged_commit(self, decide, group_id, offsets):
-        """SABOTAGE (tests only, nodes/sabotage.py ``skip_member_epoch_check``): a commit the state machine refuses
-        for a stale epoch is written behind its back, as a coordinator without epoch fencing would do.
-        Never enabled otherwise; it reaches into the state machine's private state on purpose."""
-
-        def sabotaged():
-            try:
-                return decide()
-            except GroupError as exc:
-                if exc.code not in (core.FENCED_MEMBER_EPOCH, core.UNKNOWN_MEMBER_ID):
-                    raise
-                group = self.groups._groups.get(group_id)
-                if group is None:
-                    raise
-                records = []
-                for tp, (offset, metadata) in sorted(offsets.items()):
-                    group.offsets[tp] = (offset, metadata)
-                    key = core._offset_key(group_id, tp)
-                    records.append((PUT, key, {"offset": offset, "metadata": metadata}))
-                log.warning("SABOTAGE: accepted a commit refused with %s: %s", exc.code, exc.message)
-                return core.Outcome(core.CommitReply({tp: o for tp, (o, _) in offsets.items()}, frozenset()),
-                                    tuple(records), ())
-
-        return sabotaged

@@ -21,33 +21,27 @@ import uuid
 import zmq
 
 from bus import wire
+from bus.clock import LOOP_WAIT_MS_MAX, monotonic_ms, now_ms
 from bus.errors import (BusError, NotOwner, OffsetOutOfRange, RecordTooLarge, UnknownPartition,
                         UnknownTopic, InvalidRequest)
 from store import LogStore
 
-from . import sabotage
-from .server import MALFORMED, RouterServer, as_invalid, install_stop_handlers
+from .server import LATER, Reply, Request, RouterServer, install_stop_handlers
 
 log = logging.getLogger("bus.node")
 
 HEARTBEAT_INTERVAL_MS = 300
 PLACEMENT_ASK_INTERVAL_MS = 50  # at most this often, a request for an unknown topic brings the heartbeat forward
 RETENTION_CHECK_INTERVAL_MS = 1_000
-SYNC_INTERVAL_MS = 100  # for --sync interval
 BATCH_BYTES_MAX = 16 << 20  # the largest batch a node stores; producers default to 1 MiB
 MESSAGE_BYTES_MAX = 64 << 20  # zmq refuses larger messages outright (a rogue client cannot OOM us)
 FETCH_WAIT_MS_MAX = 60_000
 MAP_SIZE_INITIAL_BYTES = 1 << 28  # the LMDB map starts here (or at --map-size-max if lower) and doubles
-LOOP_WAIT_MS_MAX = 100  # upper bound on one poll, so a stop signal is noticed promptly
 # keep_freed_memory(): allocations up to this size come from the heap, not their own mapping ...
 MALLOC_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc accepts no more
 # ... and freed heap memory is given back to the kernel only beyond this much, or this much is padded on.
 MALLOC_TRIM_THRESHOLD_BYTES = 512 << 20
 MALLOC_TOP_PAD_BYTES = 64 << 20
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class ParkedFetch:
@@ -61,17 +55,19 @@ class ParkedFetch:
 
 
 class Node:
+    store_class = LogStore  # a subclass may run on a subclass of the store (the fault harness's builds do)
+
     def __init__(self, node_id: int, data_dir: str, bind: str, coordinator: str, *, advertise: str | None = None,
                  sync: str = "always", map_size_max_bytes: int = 1 << 40,
                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
                  retention_check_interval_ms: int = RETENTION_CHECK_INTERVAL_MS):
         self.node_id = node_id
-        self.store = LogStore(data_dir, sync=sync, map_size_bytes=min(MAP_SIZE_INITIAL_BYTES, map_size_max_bytes),
+        self.store = self.store_class(data_dir, sync=sync, map_size_bytes=min(MAP_SIZE_INITIAL_BYTES, map_size_max_bytes),
                               map_size_max_bytes=map_size_max_bytes)
         self.store.claim_identity(f"node-{node_id}")
         self.context = zmq.Context()
         self.context.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
-        self.server = RouterServer(self.context, bind)
+        self.server = RouterServer(self.context, bind, role="node")
         self.advertise = advertise or self.server.bind
         self.coordinator = self.context.socket(zmq.DEALER)
         self.coordinator.setsockopt(zmq.LINGER, 0)
@@ -84,7 +80,6 @@ class Node:
         self.next_heartbeat_s = 0.0
         self.placement_ask_s = 0.0  # no early heartbeat for an unknown topic before this
         self.next_retention_s = time.monotonic() + self.retention_interval_s
-        self.next_sync_s = time.monotonic() + SYNC_INTERVAL_MS / 1000
         self.stopping = False
         self.refused = None  # why the coordinator refused this node, which then stops (exit status 1)
         self.request_seq = 0
@@ -100,6 +95,9 @@ class Node:
         self.parked: dict[int, ParkedFetch] = {}
         self.parked_by_log: dict[str, set[int]] = {}
         self.parked_seq = 0
+        self.handlers = {wire.PRODUCE: self._produce, wire.FETCH: self._fetch, wire.LIST_OFFSETS: self._list_offsets,
+                         wire.PING: lambda request: {"node_id": self.node_id}}
+        self.produces: list = []  # this turn's produce requests, committed together at its end
 
     # -- placement ---------------------------------------------------------------------------------
 
@@ -150,14 +148,13 @@ class Node:
         poller.register(self.server.socket, zmq.POLLIN)
         poller.register(self.coordinator, zmq.POLLIN)
         log.info("node %d serving on %s (advertised %s)", self.node_id, self.server.bind, self.advertise)
-        sabotage.announce(f"node {self.node_id}")
         try:
             while not self.stopping:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if self.coordinator in ready:
                     self._drain_coordinator()
                 if self.server.socket in ready:
-                    self._turn(self.server.recv_batch())
+                    self._turn()
                 self._timers()
         finally:
             self.close()
@@ -180,45 +177,21 @@ class Node:
         if now_s >= self.next_retention_s:
             self._retention()
             self.next_retention_s = now_s + self.retention_interval_s
-        if sabotage.ACK_BEFORE_SYNC:  # test-only: write what was acknowledged earlier (nodes/sabotage.py)
-            sabotage.flush_deferred(self.store)
-        if self.store.sync_mode == "interval" and now_s >= self.next_sync_s:
-            self.store.sync()
-            self.next_sync_s = now_s + SYNC_INTERVAL_MS / 1000
+        self.store.flush_due(monotonic_ms())
 
-    def _turn(self, messages: list) -> None:
+    def _turn(self) -> None:
         """Handle one turn's requests; its produces share one transaction and one sync."""
-        produces = []  # (identity, request_id, acks, results list, [(index, log, batch)])
-        for frames in messages:
-            request = self.server.decode(frames)
-            if request is None:
-                continue
-            identity, op, request_id, args, bulk = request
-            try:
-                if op == wire.PRODUCE:
-                    produces.append(self._parse_produce(identity, request_id, args, bulk))
-                elif bulk and op in (wire.FETCH, wire.LIST_OFFSETS, wire.PING):
-                    raise InvalidRequest(f"{op} takes no bulk frames, got {len(bulk)}")
-                elif op == wire.FETCH:
-                    self._fetch(identity, request_id, args)
-                elif op == wire.LIST_OFFSETS:
-                    self.server.reply(identity, request_id, self._list_offsets(args))
-                elif op == wire.PING:
-                    self.server.reply(identity, request_id, {"node_id": self.node_id})
-                else:
-                    raise InvalidRequest(f"unknown op {op!r} for a node")
-            except BusError as exc:
-                self.server.reply(identity, request_id, error=exc)
-            except MALFORMED as exc:
-                self.server.reply(identity, request_id, error=as_invalid(exc))
-        if produces:
+        self.server.serve_turn(self.handlers, bulk_ops=frozenset((wire.PRODUCE,)))
+        if self.produces:
+            produces, self.produces = self.produces, []
             self._commit(produces)
 
     # -- produce -----------------------------------------------------------------------------------
 
-    def _parse_produce(self, identity, request_id, args, bulk):
-        parts = args["parts"]
-        acks = args.get("acks", 1)
+    def _produce(self, request: Request):
+        """Check a produce and hold it for this turn's group commit (``_commit`` replies)."""
+        parts, bulk = request.args["parts"], request.bulk
+        acks = request.args.get("acks", 1)
         if not isinstance(parts, list) or len(parts) != len(bulk):
             raise InvalidRequest(f"produce names {len(parts) if isinstance(parts, list) else '?'} "
                                  f"partitions but carries {len(bulk)} batches")
@@ -231,7 +204,8 @@ class Node:
                 items.append((index, plog, buf))
             except BusError as exc:
                 results[index] = [exc.code, exc.message, -1, False, -1]
-        return identity, request_id, acks, results, items
+        self.produces.append((request.identity, request.request_id, acks, results, items))
+        return LATER
 
     def _commit(self, produces: list) -> None:
         flat = [(plog, buf) for *_, items in produces for _, plog, buf in items]
@@ -254,7 +228,8 @@ class Node:
 
     # -- fetch -------------------------------------------------------------------------------------
 
-    def _fetch(self, identity, request_id, args) -> None:
+    def _fetch(self, request: Request):
+        args = request.args
         parts = [(topic, partition, int(offset), int(part_bytes_max))
                  for topic, partition, offset, part_bytes_max in args["parts"]]
         max_wait_ms = min(int(args.get("max_wait_ms", 0)), FETCH_WAIT_MS_MAX)
@@ -262,15 +237,15 @@ class Node:
         max_bytes = int(args.get("max_bytes", 50 << 20))
         result, bulk, total = self._read_parts(parts, max_bytes)
         if total >= min_bytes or max_wait_ms <= 0 or any(r[2] for r in result):
-            self.server.reply(identity, request_id, {"parts": result}, bulk)
-            return
+            return Reply({"parts": result}, bulk)
         logs = [self.owned[(t, p)].name for t, p, _, _ in parts]
         self.parked_seq += 1
         key = self.parked_seq
-        self.parked[key] = ParkedFetch(identity, request_id, parts, min_bytes, max_bytes,
+        self.parked[key] = ParkedFetch(request.identity, request.request_id, parts, min_bytes, max_bytes,
                                        time.monotonic() + max_wait_ms / 1000, logs)
         for name in logs:
             self.parked_by_log.setdefault(name, set()).add(key)
+        return LATER
 
     def _read_parts(self, parts, max_bytes):
         result, bulk, total = [], [], 0
@@ -310,9 +285,9 @@ class Node:
 
     # -- list offsets --------------------------------------------------------------------------------
 
-    def _list_offsets(self, args) -> dict:
+    def _list_offsets(self, request: Request) -> dict:
         out = []
-        for topic, partition, spec in args["parts"]:
+        for topic, partition, spec in request.args["parts"]:
             try:
                 plog = self._log_for(topic, partition)
                 if spec == "earliest":
@@ -382,15 +357,14 @@ class Node:
                 self.store.apply_retention(plog, now, meta.get("retention_ms"), meta.get("retention_bytes"))
 
     def close(self) -> None:
-        if sabotage.ACK_BEFORE_SYNC:
-            sabotage.flush_deferred(self.store, force=True)  # a clean stop loses nothing; only kill -9 does
         self.server.close()
         self.coordinator.close()
         self.context.term()
         self.store.close()
 
 
-def main(argv=None) -> None:
+def main(argv=None, node_class: type = Node) -> None:
+    """``python -m nodes.node``. ``node_class``: a subclass of Node to run instead (the fault harness's)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="a partition-owner node of the bus")
@@ -404,7 +378,7 @@ def main(argv=None) -> None:
     parser.add_argument("--heartbeat-interval-ms", type=int, default=HEARTBEAT_INTERVAL_MS)
     parser.add_argument("--retention-check-interval-ms", type=int, default=RETENTION_CHECK_INTERVAL_MS)
     args = parser.parse_args(argv)
-    run_node(args)
+    run_node(args, node_class)
 
 
 def keep_freed_memory() -> bool:
@@ -431,15 +405,15 @@ def keep_freed_memory() -> bool:
                 mallopt(M_TOP_PAD, MALLOC_TOP_PAD_BYTES)))
 
 
-def run_node(args) -> None:
+def run_node(args, node_class: type = Node) -> None:
     logging.basicConfig(level=os.environ.get("BUS_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     keep_freed_memory()
     try:
-        node = Node(args.node_id, args.data_dir, args.bind, args.coordinator, advertise=args.advertise,
-                    sync=args.sync, map_size_max_bytes=args.map_size_max,
-                    heartbeat_interval_ms=args.heartbeat_interval_ms,
-                    retention_check_interval_ms=args.retention_check_interval_ms)
+        node = node_class(args.node_id, args.data_dir, args.bind, args.coordinator, advertise=args.advertise,
+                          sync=args.sync, map_size_max_bytes=args.map_size_max,
+                          heartbeat_interval_ms=args.heartbeat_interval_ms,
+                          retention_check_interval_ms=args.retention_check_interval_ms)
     except (BusError, zmq.ZMQError) as exc:
         # One clear line (e.g. another node's data directory), not a traceback.
         log.error("node %d cannot start: %s", args.node_id, exc)

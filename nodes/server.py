@@ -1,20 +1,30 @@
-"""What the coordinator and the partition-owner node share: their ROUTER socket and its safety rules.
+"""What every server of the bus shares: its ROUTER socket, its safety rules, and the one request loop.
 
 - ROUTER_MANDATORY, so a reply to a vanished client raises instead of vanishing silently, and is dropped
   here on purpose (the client retries by request id).
 - Bounded high-water marks and a short LINGER, so a stuck client cannot make the server buffer without
   limit, and a stopping server does not hang on unsent replies.
-- ``decode`` turns any malformed message into an error reply for that client alone; the loop goes on.
+- ``serve_turn`` is the request loop of the coordinator and of the node alike: it drains what is waiting,
+  decodes each message, refuses what is malformed, dispatches by op to a handler and replies with the
+  handler's answer or with the typed error it raised. A malformed message gets an error reply for that
+  client alone; the loop goes on.
+
+A handler takes a ``Request`` and returns the result to reply with (a msgpack-able object), a ``Reply``
+(a result with bulk frames), or ``LATER`` when it keeps the request to answer itself (a produce waiting
+for its turn's group commit, a long-poll fetch). A handler that raises a ``BusError`` or one of
+``MALFORMED`` gets that error sent back; anything else is a bug and escapes.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from typing import Callable, NamedTuple
 
 import zmq
 
 from bus import wire
+from bus.clock import monotonic_ms
 from bus.errors import BusError, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -26,8 +36,32 @@ REQUESTS_PER_TURN_MAX = 512  # requests drained per loop turn: one group commit 
 MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError)
 
 
+class Request(NamedTuple):
+    """One decoded request. ``received_ms`` is the monotonic clock when its turn began."""
+
+    identity: bytes  # the client's ROUTER identity, to address the reply
+    op: str
+    request_id: object  # chosen by the client, echoed in the reply
+    args: dict
+    bulk: list  # bulk frames (record batches), as buffers
+    received_ms: int
+
+
+class Reply(NamedTuple):
+    """A handler's answer that carries bulk frames."""
+
+    result: object
+    bulk: list
+
+
+LATER = object()  # a handler's answer: it keeps the request and replies itself later
+
+Handler = Callable[[Request], object]
+
+
 class RouterServer:
-    def __init__(self, context: zmq.Context, bind: str):
+    def __init__(self, context: zmq.Context, bind: str, *, role: str):
+        self.role = role  # "node" or "coordinator": named in the refusal of an unknown op
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.SNDHWM, SOCKET_HWM_MESSAGES)
@@ -36,7 +70,42 @@ class RouterServer:
         self.socket.bind(bind)
         self.bind = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def recv_batch(self) -> list:
+    # -- the request loop --------------------------------------------------------------------------
+
+    def serve_turn(self, handlers: dict[str, Handler], bulk_ops: frozenset = frozenset()) -> int:
+        """Handle every request waiting now (up to REQUESTS_PER_TURN_MAX), in arrival order. Only ops in
+        ``bulk_ops`` may carry bulk frames. Returns how many messages were taken."""
+        messages = self._recv_batch()
+        received_ms = monotonic_ms()
+        for frames in messages:
+            request = self._decode(frames, received_ms)
+            if request is not None:
+                self._dispatch(request, handlers, bulk_ops)
+        return len(messages)
+
+    def _dispatch(self, request: Request, handlers: dict[str, Handler], bulk_ops: frozenset) -> None:
+        try:
+            handler = handlers.get(request.op)
+            if handler is None:
+                raise InvalidRequest(f"unknown op {request.op!r} for a {self.role}")
+            if request.bulk and request.op not in bulk_ops:
+                raise InvalidRequest(f"{request.op} takes no bulk frames, got {len(request.bulk)}")
+            if not isinstance(request.args, dict):
+                raise InvalidRequest("args must be a map")
+            answer = handler(request)
+        except BusError as exc:
+            self.reply(request.identity, request.request_id, error=exc)
+        except MALFORMED as exc:
+            self.reply(request.identity, request.request_id, error=as_invalid(exc))
+        else:
+            if answer is LATER:
+                return
+            if isinstance(answer, Reply):
+                self.reply(request.identity, request.request_id, answer.result, answer.bulk)
+            else:
+                self.reply(request.identity, request.request_id, answer)
+
+    def _recv_batch(self) -> list:
         """Every message waiting now, up to REQUESTS_PER_TURN_MAX, without blocking."""
         messages = []
         for _ in range(REQUESTS_PER_TURN_MAX):
@@ -46,8 +115,8 @@ class RouterServer:
                 break
         return messages
 
-    def decode(self, frames: list):
-        """(identity, op, request_id, args, bulk), or None after answering a malformed message."""
+    def _decode(self, frames: list, received_ms: int) -> Request | None:
+        """The request, or None after answering a malformed message."""
         if len(frames) < 2:
             return None  # not even an identity and a header; a ROUTER always gives an identity frame
         identity = frames[0].bytes
@@ -56,7 +125,9 @@ class RouterServer:
         except InvalidRequest as exc:
             self.reply(identity, getattr(exc, "request_id", None), error=exc)
             return None
-        return identity, op, request_id, args, bulk
+        return Request(identity, op, request_id, args, bulk, received_ms)
+
+    # -- replies -----------------------------------------------------------------------------------
 
     def reply(self, identity: bytes, request_id, result=None, bulk=(), error: BusError | None = None) -> None:
         request_id = request_id if isinstance(request_id, (int, str, bytes, type(None))) else None

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--value-bytes", type=int, default=defaults.value_bytes)
     parser.add_argument("--request-timeout-ms", type=int, default=defaults.request_timeout_ms)
     parser.add_argument("--delivery-timeout-ms", type=int, default=defaults.delivery_timeout_ms)
-    parser.add_argument("--sabotage", default="", help="BUS_SABOTAGE for the cluster (nodes/sabotage.py)")
+    parser.add_argument("--sabotage", default="", help="sabotage switches for the cluster, comma-separated (tests/harness/sabotage.py)")
     parser.add_argument("--history", help="save the history here (JSON lines)")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory (logs, LMDB)")
     groups = parser.add_argument_group("consumer-group run (--groups)")

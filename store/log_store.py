@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 
 import lmdb
 import msgpack
 
 from bus import batch as batch_format
+from bus.clock import now_ms
 from bus.errors import BusError, CorruptRecord, NodeIdentityMismatch, OffsetOutOfRange, StorageFull
-from nodes import sabotage  # test-only switches, all off unless BUS_SABOTAGE is set
 
 from .dir_lock import lock_data_dir, unlock_data_dir
 from .partition_log import APPEND, PartitionLog
@@ -41,6 +40,7 @@ _META_DB = b"__meta__"
 # environment opens. The coordinator places no more than this on any node. (Each read transaction costs
 # a little more the more databases are open: ~13 us at 3,000.)
 PARTITIONS_MAX = 10_000
+SYNC_INTERVAL_MS = 100  # with sync="interval": how often ``flush_due`` syncs
 
 
 def _unpack(raw):
@@ -73,6 +73,12 @@ def admit_batch(log: PartitionLog, buf, append_ts_ms: int, append_ts_at) -> tupl
 
 
 class LogStore:
+    """The partition logs of one data directory. ``log_class`` makes each partition's bookkeeping: a
+    subclass may change a decision of ``PartitionLog`` (the fault harness's sabotaged builds do), never this
+    class's writes."""
+
+    log_class = PartitionLog
+
     def __init__(self, path: str, *, sync: str = "always", map_size_bytes: int = 1 << 28,
                  map_size_max_bytes: int = 1 << 40, partitions_max: int = PARTITIONS_MAX):
         if sync not in SYNC_MODES:
@@ -91,6 +97,7 @@ class LogStore:
         self.env.reader_check()
         self.meta = self.env.open_db(_META_DB)
         self.logs: dict[str, PartitionLog] = {}
+        self._next_sync_ms = 0  # sync="interval": when flush_due next syncs (monotonic)
 
     # -- identity and small node state -------------------------------------------------------------
 
@@ -145,7 +152,7 @@ class LogStore:
                         break
                     epoch, batches = _unpack(raw)
                     producers[_PID.unpack(key[len(prefix):])[0]] = (epoch, tuple(tuple(b) for b in batches))
-        log = PartitionLog(name, db, start_offset, next_offset, size_bytes, producers)
+        log = self.log_class(name, db, start_offset, next_offset, size_bytes, producers)
         self.logs[name] = log
         return log
 
@@ -173,26 +180,15 @@ class LogStore:
         that item alone (corrupt batch, sequence gap, fenced producer). A storage failure fails them all.
         Every batch of the transaction gets the same append time.
         """
-        if sabotage.ACK_BEFORE_SYNC:  # test-only: acknowledge now, write later (nodes/sabotage.py)
-            return sabotage.deferred_append(self, items)
-        append_ts_ms = time.time_ns() // 1_000_000
+        append_ts_ms = now_ms()
         while True:
-            results, undo = [], []
+            undo = []
             try:
                 with self.env.begin(write=True) as txn:
-                    touched = {}
-                    for log, buf in items:
-                        stored, header, result = admit_batch(
-                            log, buf, append_ts_ms, lambda base_offset: self._append_ts_at(txn, log, base_offset))
-                        results.append(result)
-                        if stored is None:
-                            continue
-                        txn.put(_KEY.pack(log.next_offset), stored, db=log.db, append=True)
-                        undo.append((log, log.record_append(header.producer_id, header.producer_epoch,
-                                                            header.base_sequence, header.record_count,
-                                                            len(stored))))
-                        touched[log.name] = log
-                    for log in touched.values():
+                    results, touched = self._admit_all(
+                        items, append_ts_ms, lambda log, base_offset, stored: self._put_batch(txn, log, base_offset, stored),
+                        lambda log, base_offset: self._append_ts_at(txn, log, base_offset), undo)
+                    for log in touched:
                         self._put_bookkeeping(txn, log)
                 return results
             except lmdb.MapFullError:
@@ -206,6 +202,29 @@ class LogStore:
                 self._rollback(undo)
                 failure = StorageFull(f"could not write to {self.path}: {exc}")
                 return [failure] * len(items)
+
+    @staticmethod
+    def _admit_all(items: list, append_ts_ms: int, put, append_ts_at, undo: list) -> tuple[list, list]:
+        """Decide every batch of ``items`` in order (``admit_batch``), hand each one to be stored to
+        ``put(log, base_offset, stored)`` and account for it on its log, with an undo token in ``undo``.
+        Returns (one result per item, the logs whose bookkeeping changed). ``append_ts_at(log, base_offset)``
+        finds a recognised retry's original append time."""
+        results, touched = [], {}
+        for log, buf in items:
+            stored, header, result = admit_batch(log, buf, append_ts_ms,
+                                                 lambda base_offset, log=log: append_ts_at(log, base_offset))
+            results.append(result)
+            if stored is None:
+                continue
+            put(log, log.next_offset, stored)
+            undo.append((log, log.record_append(header.producer_id, header.producer_epoch, header.base_sequence,
+                                                header.record_count, len(stored))))
+            touched[log.name] = log
+        return results, list(touched.values())
+
+    @staticmethod
+    def _put_batch(txn, log: PartitionLog, base_offset: int, stored) -> None:
+        txn.put(_KEY.pack(base_offset), stored, db=log.db, append=True)
 
     @staticmethod
     def _append_ts_at(txn, log: PartitionLog, base_offset: int) -> int:
@@ -245,6 +264,13 @@ class LogStore:
     def sync(self) -> None:
         """Flush to disk (for ``sync="interval"``; a no-op cost with ``always``)."""
         self.env.sync(True)
+
+    def flush_due(self, monotonic_now_ms: int) -> None:
+        """The store's periodic work, called from its owner's loop: with ``sync="interval"``, an fsync
+        every SYNC_INTERVAL_MS."""
+        if self.sync_mode == "interval" and monotonic_now_ms >= self._next_sync_ms:
+            self.sync()
+            self._next_sync_ms = monotonic_now_ms + SYNC_INTERVAL_MS
 
     # -- the read path ---------------------------------------------------------------------------
 

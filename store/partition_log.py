@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from bus.errors import OutOfOrderSequence, ProducerFenced
 from bus.wire import IDEMPOTENCE_WINDOW_BATCHES
-from nodes import sabotage  # test-only switches, all off unless BUS_SABOTAGE is set
 
 PRODUCER_BATCHES_KEPT = IDEMPOTENCE_WINDOW_BATCHES  # a producer's whole in-flight window (bus/wire.py)
 
@@ -57,7 +56,7 @@ class PartitionLog:
                     f"not {base_sequence}")
             return APPEND, None
         stored_epoch, batches = entry
-        if epoch < stored_epoch and not sabotage.SKIP_EPOCH_CHECK:
+        if epoch < stored_epoch:
             raise ProducerFenced(f"producer {producer_id} epoch {epoch} is older than {stored_epoch}")
         if epoch > stored_epoch:
             if base_sequence != 0:
@@ -66,8 +65,6 @@ class PartitionLog:
         last_sequence = base_sequence + record_count - 1
         for first, last, base_offset in batches:
             if first == base_sequence and last == last_sequence:
-                if sabotage.SKIP_DEDUP:  # test-only: the retry is written again (nodes/sabotage.py)
-                    return APPEND, None
                 return DUPLICATE, base_offset
         expected = batches[-1][1] + 1
         if base_sequence != expected:

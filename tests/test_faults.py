@@ -2,7 +2,7 @@
 
 Each run records a History of every send (tests/harness/workload.py) while the nemesis injects a seeded
 fault schedule (tests/harness/nemesis.py), drains every partition and checks it (tests/harness/checker.py).
-The harness proves it has teeth: with each sabotage switch on (nodes/sabotage.py) the same kind of run must
+The harness proves it has teeth: with each sabotage switch on (tests/harness/sabotage.py) the same kind of run must
 report the anomaly the switch causes. A failing run leaves its history (JSON lines) in the test's tmp_path
 and prints the checker's table; ``python scripts/chaos.py --seed S ...`` replays a schedule by seed.
 """

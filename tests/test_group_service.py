@@ -3,7 +3,7 @@
 What the shell adds to the pure state machine (tests/test_groups.py) is checked here: records are on disk
 when a handler returns, a restart restores members and offsets, refusals come back as typed errors,
 expirations found by ``tick`` are persisted, topic changes reach the groups, wire lists become tuples,
-results are msgpack-able, and the test-only sabotage switch does what the fault harness expects.
+results are msgpack-able, and the fault harness's sabotaged service does what the harness expects.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from bus.errors import (
     UnknownMemberId,
 )
 from nodes import groups as core
-from nodes import sabotage
 from nodes.group_service import GroupService
 from nodes.server import MALFORMED
 from store import MetaStore
+from tests.harness.sabotage import StaleCommitGroupService
 
 SESSION_MS = 1_000
 
@@ -33,10 +33,10 @@ SESSION_MS = 1_000
 class Shell:
     """A GroupService over a MetaStore in ``path``, driven like the coordinator drives it."""
 
-    def __init__(self, path, topics, now_ms=1_000):
-        self.path, self.topics, self.now_ms = path, topics, now_ms
+    def __init__(self, path, topics, now_ms=1_000, service_class=GroupService):
+        self.path, self.topics, self.now_ms, self.service_class = path, topics, now_ms, service_class
         self.store = MetaStore(str(path))
-        self.service = GroupService(self.store, lambda: self.topics, clock_ms=lambda: self.now_ms)
+        self.service = service_class(self.store, lambda: self.topics, clock_ms=lambda: self.now_ms)
         self.handlers = self.service.handlers()
 
     def __call__(self, op, **args):
@@ -49,7 +49,7 @@ class Shell:
 
     def restart(self) -> Shell:
         self.store.close()
-        return Shell(self.path, self.topics, self.now_ms)
+        return Shell(self.path, self.topics, self.now_ms, self.service_class)
 
     def join(self, group="g", topics=("t",), **kw):
         return self(wire.GROUP_JOIN, group_id=group, client_id="c", topics=list(topics),
@@ -195,10 +195,10 @@ def test_metadata_changes_reach_pattern_subscribers(shell):
 
 
 @pytest.mark.parametrize("sabotaged", [False, True])
-def test_sabotage_switch_accepts_stale_epoch_commits(tmp_path, monkeypatch, sabotaged):
-    # nodes/sabotage.py reads $BUS_SABOTAGE once at import; a coordinator process reads its flag at start.
-    monkeypatch.setattr(sabotage, "SKIP_MEMBER_EPOCH_CHECK", sabotaged)
-    s = Shell(tmp_path / "meta", {"t": {"partitions": [1, 2]}})
+def test_sabotage_switch_accepts_stale_epoch_commits(tmp_path, sabotaged):
+    # The harness's sabotaged coordinator runs StaleCommitGroupService (tests/harness/sabotage.py).
+    s = Shell(tmp_path / "meta", {"t": {"partitions": [1, 2]}},
+              service_class=StaleCommitGroupService if sabotaged else GroupService)
     try:
         a = s.join()
         s.now_ms += SESSION_MS + 1

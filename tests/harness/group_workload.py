@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from .checker import check
 from .history import Event, History
 from .nemesis import Nemesis, plan
+from .sabotage import cluster_options
 from .workload import ProducerWorker, Progress, drain, wait_serving_topic
 
 TOPIC = "group-jepsen"
@@ -301,7 +302,6 @@ class ConsumerProcesses:
         s.process = f"consumer-{s.slot}.{s.incarnation}"
         s.stderr_path = os.path.join(self.run_dir, f"{s.process}.stderr")
         env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        env.pop("BUS_SABOTAGE", None)  # sabotage is for the cluster's processes, never the clients
         with open(s.stderr_path, "wb") as stderr:
             # Forked by the cluster's spawner thread: it dies with this process, even when the nemesis
             # thread that restarts it is long gone (nodes/cluster.py).
@@ -483,7 +483,7 @@ class GroupRunConfig:
     coordinator_hold_s: tuple = (0.5, 2.0)
     kill_hold_s: tuple = (0.2, 1.0)
     pause_hold_s: tuple = (1.5, 3.0)
-    sabotage: str = ""  # BUS_SABOTAGE for the cluster's processes (nodes/sabotage.py)
+    sabotage: str = ""  # the sabotage switches of the cluster's processes (tests/harness/sabotage.py)
     value_bytes: int = 32
     finish_timeout_s: float = 60.0  # after the last fault, for the group to commit every record (then
     # the run is judged as it stands; stats["committed_everything"] says whether it caught up)
@@ -563,8 +563,7 @@ def run_groups(config: GroupRunConfig, data_dir: str, log=None) -> GroupRunResul
     timings = {}
     started_s = time.monotonic()
     node_ids = list(range(1, config.nodes + 1))
-    env = {"BUS_SABOTAGE": config.sabotage, "BUS_LOG_LEVEL": "INFO"} if config.sabotage else {"BUS_SABOTAGE": ""}
-    cluster = LocalCluster(os.path.join(data_dir, "cluster"), config.nodes, env=env)
+    cluster = LocalCluster(os.path.join(data_dir, "cluster"), config.nodes, **cluster_options(config.sabotage))
     history = History(clock_ms=clock_ms)
     consumers = monitor = nemesis = producer = None
     try:

@@ -1,7 +1,7 @@
 """One fault-harness run, end to end: cluster (and proxies), workload, nemesis, final drain, check.
 
 ``run(RunConfig(...), data_dir)`` is what tests/test_faults.py and scripts/chaos.py call. It starts a
-LocalCluster under ``data_dir`` (with ``BUS_SABOTAGE`` passed to its processes if asked), creates one
+LocalCluster under ``data_dir`` (a sabotaged build of its processes if asked), creates one
 topic, runs ``producers`` ProducerWorkers while the Nemesis carries out the seeded schedule, heals every
 fault, drains every partition from its log start and checks the history. The same config and seed give
 the same workload values, partitions and fault schedule (thread timing is not reproducible, by nature).
@@ -23,6 +23,7 @@ from nodes.cluster import LocalCluster, free_ports
 from .checker import check
 from .history import History
 from .nemesis import Nemesis, plan
+from .sabotage import cluster_options
 from .proxy import FaultProxy
 from .workload import ProducerWorker, Progress, ZombieWorker, drain, wait_serving_topic
 
@@ -47,7 +48,7 @@ class RunConfig:
     drop: float = 0.0  # proxy fault rates, per message
     duplicate: float = 0.0
     delay: float = 0.0
-    sabotage: str = ""  # BUS_SABOTAGE for the cluster's processes (nodes/sabotage.py)
+    sabotage: str = ""  # the sabotage switches of the cluster's processes (tests/harness/sabotage.py)
     value_bytes: int = 32
     request_timeout_ms: int = 1_000  # shorter than a pause, so pauses make producers time out and retry
     delivery_timeout_ms: int = 60_000
@@ -97,9 +98,8 @@ def run(config: RunConfig, data_dir: str, log=None) -> RunResult:
     if config.proxy or config.cuts or config.stalls:
         for node_id, port in zip(node_ids, free_ports(config.nodes)):
             proxies[node_id] = FaultProxy(f"tcp://127.0.0.1:{port}", "", seed=config.seed, name=f"node-{node_id}")
-    env = {"BUS_SABOTAGE": config.sabotage, "BUS_LOG_LEVEL": "INFO"} if config.sabotage else {"BUS_SABOTAGE": ""}
-    cluster = LocalCluster(os.path.join(data_dir, "cluster"), config.nodes, env=env, node_args=config.node_args,
-                           advertise={n: p.listen for n, p in proxies.items()})
+    cluster = LocalCluster(os.path.join(data_dir, "cluster"), config.nodes, node_args=config.node_args,
+                           advertise={n: p.listen for n, p in proxies.items()}, **cluster_options(config.sabotage))
     history = History()
     workers: list[ProducerWorker] = []
     nemesis = None
