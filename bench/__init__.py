@@ -3,20 +3,26 @@
 Each system is a ``System`` with ``run_produce(cfg)``, ``run_consume(cfg)`` and ``run_latency(cfg, rate)``
 returning a ``Result``; ``SYSTEMS`` holds the baselines, ``BUS`` (``make_bus_system(BusOptions(...))``) the
 bus, and ``runner.run_bench`` is what ``bus bench`` runs.
+
+The modules: results.py (the workload, the results and their arithmetic), stats.py (the pure statistics),
+pacer.py (fixed-rate pacing), harness.py (the client processes and the servers' sampling), raw.py (the
+ceiling), bus_system.py (the bus), peer.py with redis_peer.py and nats_peer.py (the peers), report.py (the
+table, JSON and plot) and runner.py (the command end to end).
 """
 
 from .bus_system import SYSTEM as BUS
 from .bus_system import BusOptions, make_bus_system
-from .peers import NATS, REDIS
+from .harness import Gate, reap, run_clients, run_interleaved, scratch_dir, stop_processes, storage_notes
+from .nats_peer import NATS
+from .pacer import Pacer
 from .raw import SYSTEM as RAW
+from .redis_peer import REDIS
 from .report import PlotUnavailable, format_table, load_json, plot, to_json, write_json
-from .stats import (
+from .results import (
     MODES,
     BenchConfig,
     BenchError,
     ClientReport,
-    Gate,
-    Pacer,
     PeerUnavailable,
     Result,
     ServerUsage,
@@ -26,20 +32,12 @@ from .stats import (
     expected_per_partition,
     latency_result,
     median_of_runs,
-    percentiles,
     ratio,
     ratios,
-    reap,
     record_partition,
-    run_clients,
-    run_interleaved,
-    scratch_dir,
     split,
-    steadiness,
-    stop_processes,
-    storage_notes,
-    throughput,
 )
+from .stats import percentiles, steadiness, throughput
 
 SYSTEMS = {s.name: s for s in (RAW, REDIS, NATS)}  # the baselines; the bus is BUS (make_bus_system for options)
 

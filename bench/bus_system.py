@@ -1,6 +1,6 @@
 """The bus itself as a ``System`` of the bench: a LocalCluster, producer processes and consumer processes.
 
-``make_bus_system(BusOptions(...))`` returns a ``stats.System`` whose runners measure the bus exactly as
+``make_bus_system(BusOptions(...))`` returns a ``results.System`` whose runners measure the bus exactly as
 the raw ceiling and the peers are measured (same ``BenchConfig``, same start gate, same arithmetic):
 
 - The cluster: a ``LocalCluster`` (a coordinator and ``nodes`` node processes, ``--sync`` from the config)
@@ -16,7 +16,7 @@ the raw ceiling and the peers are measured (same ``BenchConfig``, same start gat
   full), so the bus's figure also holds the linger and the wait for the batch to fill.
 - Consume: the records are loaded first (not measured); then each consumer process reads its share with
   ``poll()``, as a member of one consumer group (``group=True``) or by ``assign()`` over
-  ``stats.assign_partitions``. A group member waits before the gate until the whole group holds every
+  ``results.assign_partitions``. A group member waits before the gate until the whole group holds every
   partition, and parks at the log end, so nobody reads ahead of the gate; after the gate it seeks to 0.
   Consumers leave only after all of them are done, so no partition moves during the measured window.
   Completeness is checked without touching each record: the number returned must equal what was stored
@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import struct
 import time
 import uuid
 from array import array
 from typing import Any
 
-from .stats import (
+from .harness import Gate, run_clients, scratch_dir, storage_notes
+from .pacer import Pacer
+from .results import (
+    SEND_TIME,
     BenchConfig,
     BenchError,
     ClientReport,
-    Gate,
-    Pacer,
     Result,
     System,
     assign_partitions,
@@ -53,15 +53,11 @@ from .stats import (
     expected_per_partition,
     latency_result,
     record_partition,
-    run_clients,
-    scratch_dir,
     split,
-    storage_notes,
 )
 
 SYSTEM_NAME = "bus"
 SEND_MANY_NAME = "bus send_many"
-SEND_TIME = struct.Struct(">q")  # latency mode: the first 8 bytes of a record's value, time.time_ns()
 
 ACK_CHUNK_RECORDS = 1024  # produce mode: records whose acknowledgement one callback times
 SEND_MANY_RECORDS = 1024  # send_many mode: records per call
@@ -515,7 +511,7 @@ def make_bus_system(opts: BusOptions | None = None) -> System:
             ]
             reports, usage = run_clients(consumers + producers, cl.pids, cfg.timeout_s)
             k = len(consumers)
-            result = latency_result(name, cfg, rate, reports[:k], reports[k:], usage, d)
+            result = latency_result(name, cfg, rate, reports[:k], reports[k:], usage, storage_notes(d, cfg.sync))
             return _finish(result, cl, opts, d, cfg)
 
     return System(name, run_produce, run_consume, run_latency)

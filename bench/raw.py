@@ -36,24 +36,21 @@ from typing import Any
 
 import msgpack
 
-from .stats import (
+from .harness import Gate, reap, run_clients, scratch_dir, storage_notes
+from .pacer import Pacer
+from .results import (
+    SEND_TIME,
     BenchConfig,
     BenchError,
     ClientReport,
-    Gate,
-    Pacer,
     Result,
     System,
     assign_partitions,
     build_result,
     expected_per_partition,
     latency_result,
-    reap,
     record_partition,
-    run_clients,
-    scratch_dir,
     split,
-    storage_notes,
 )
 
 SYSTEM_NAME = "raw"
@@ -63,7 +60,6 @@ ACK = struct.Struct(">cQq")
 FETCH = struct.Struct(">cQHqIi")
 DATA = struct.Struct(">cQq")
 KEY = struct.Struct(">Q")
-SEND_TIME = struct.Struct(">q")  # latency mode: the first 8 bytes of a record's value, time.time_ns()
 
 DRAIN_MESSAGES_MAX = 1024  # messages taken off the socket in one loop turn (one write transaction)
 DRAIN_BYTES_MAX = 64 << 20  # ... and their payload bytes
@@ -539,7 +535,8 @@ def run_latency(cfg: BenchConfig, rate_per_s: float | None = None) -> Result:
                 for j, n in enumerate(per_producer)
             ]
             reports, usage = run_clients(consumers + producers, [srv.pid], cfg.timeout_s)
-        return latency_result(SYSTEM_NAME, cfg, rate, reports[: len(consumers)], reports[len(consumers) :], usage, d)
+        k = len(consumers)
+        return latency_result(SYSTEM_NAME, cfg, rate, reports[:k], reports[k:], usage, storage_notes(d, cfg.sync))
 
 
 SYSTEM = System(SYSTEM_NAME, run_produce, run_consume, run_latency)

@@ -20,7 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .stats import MB, BenchError, Result, ratios
+from .results import BenchError, Result, ratios
+from .stats import MB
 
 COLUMNS = (
     "system", "mode", "records/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "ratio", "srv cpu%", "srv rss MB",

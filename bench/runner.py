@@ -2,7 +2,7 @@
 
 ``run_bench(...)`` is what the ``bus bench`` command (bus/cli.py) and ``scripts/bench.py`` call. For each
 mode it interleaves the systems run by run (raw, bus, bus send_many, redis, nats; then nats, redis, bus
-send_many, bus, raw; ...: see ``stats.round_order``), prints one line per run, combines each system's runs by
+send_many, bus, raw; ...: see ``harness.round_order``), prints one line per run, combines each system's runs by
 their median, and at the end prints the ratio table, writes the JSON file and draws the plot if asked to.
 
 A peer that cannot run here (its server or client library missing) gets one line saying how to install
@@ -10,7 +10,7 @@ it and the bench goes on without it; a peer that fails while running is reported
 of the bus or of the raw ceiling is an error: the table of what did finish is still printed, then the
 command exits with status 1.
 
-This module decides nothing about measuring; stats.py does that, for every system alike.
+This module decides nothing about measuring; harness.py, results.py and stats.py do that, for every system alike.
 """
 
 from __future__ import annotations
@@ -22,19 +22,9 @@ from typing import Any, TextIO
 
 from .bus_system import SEND_MANY_NAME, SYSTEM_NAME, BusOptions, make_bus_system
 from .report import PlotUnavailable, format_table, plot, write_json
-from .stats import (
-    MODES,
-    RAW,
-    BenchConfig,
-    BenchError,
-    PeerUnavailable,
-    Result,
-    System,
-    median_of_runs,
-    round_order,
-    showing_progress,
-    steadiness,
-)
+from .harness import round_order, showing_progress
+from .results import MODES, RAW, BenchConfig, BenchError, PeerUnavailable, Result, System, median_of_runs
+from .stats import steadiness
 
 PEER_NAMES = ("raw", "redis", "nats")
 REQUIRED = (RAW, SYSTEM_NAME, SEND_MANY_NAME)  # a failure of these fails the command

@@ -16,30 +16,25 @@ import time
 import psutil
 import pytest
 
-from bench import BusOptions, make_bus_system, peers, raw, report
-from bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
-from bench.stats import (
+from bench import BusOptions, make_bus_system, nats_peer, peer, raw, redis_peer, report
+from bench.harness import round_order, run_interleaved, showing_progress
+from bench.pacer import Pacer
+from bench.results import (
     MODES,
     BenchConfig,
     ClientReport,
-    Pacer,
     PeerUnavailable,
     Result,
     System,
     expected_per_partition,
     median_of_runs,
-    percentiles,
     ratio,
     ratios,
     record_partition,
-    round_order,
-    run_interleaved,
-    showing_progress,
     split,
-    steadiness,
-    throughput,
-    timeline,
 )
+from bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
+from bench.stats import percentiles, steadiness, throughput, timeline
 
 
 def wait_for(cond, timeout_s: float, interval_s: float = 0.05) -> bool:
@@ -276,7 +271,7 @@ def test_raw_array_len_reads_msgpack_headers():
 
 def peer_tiny_workload_or_hint(system, server: str, library_hint: str, cfg: BenchConfig) -> None:
     """Run the tiny workload if the peer is installed; otherwise it must refuse with the install command."""
-    if peers.find_exe(server) is None:
+    if peer.find_exe(server) is None:
         with pytest.raises(PeerUnavailable, match=f"{server} not installed: apt-get install {server}"):
             system.run_produce(cfg)
         return
@@ -291,27 +286,27 @@ def peer_tiny_workload_or_hint(system, server: str, library_hint: str, cfg: Benc
 
 
 def test_redis_tiny_workload_or_install_hint(tmp_path, no_strays):
-    peer_tiny_workload_or_hint(peers.REDIS, "redis-server", "pip install redis hiredis", tiny(tmp_path))
+    peer_tiny_workload_or_hint(redis_peer.REDIS, "redis-server", "pip install redis hiredis", tiny(tmp_path))
 
 
 def test_nats_tiny_workload_or_install_hint(tmp_path, no_strays):
-    peer_tiny_workload_or_hint(peers.NATS, "nats-server", "pip install nats-py", tiny(tmp_path))
+    peer_tiny_workload_or_hint(nats_peer.NATS, "nats-server", "pip install nats-py", tiny(tmp_path))
 
 
 def test_missing_peers_say_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(peers, "find_exe", lambda name: None)
+    monkeypatch.setattr(peer, "find_exe", lambda name: None)
     cfg = tiny(tmp_path)
     with pytest.raises(PeerUnavailable, match=r"redis-server not installed: apt-get install redis-server"):
-        peers.REDIS.run_produce(cfg)
+        redis_peer.REDIS.run_produce(cfg)
     with pytest.raises(PeerUnavailable, match=r"nats-server not installed: apt-get install nats-server"):
-        peers.NATS.run_latency(cfg, 100)
-    monkeypatch.setattr(peers, "find_exe", lambda name: "/usr/bin/" + name)  # servers there, libraries not
+        nats_peer.NATS.run_latency(cfg, 100)
+    monkeypatch.setattr(peer, "find_exe", lambda name: "/usr/bin/" + name)  # servers there, libraries not
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "nats", None)
     with pytest.raises(PeerUnavailable, match=r"redis-py not installed: pip install redis hiredis"):
-        peers.REDIS.run_consume(cfg)
+        redis_peer.REDIS.run_consume(cfg)
     with pytest.raises(PeerUnavailable, match=r"nats-py not installed: pip install nats-py"):
-        peers.NATS.run_produce(cfg)
+        nats_peer.NATS.run_produce(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -13,8 +13,8 @@ import time
 import psutil
 from click.testing import CliRunner
 
-from bench import peers
-from bench.stats import PeerUnavailable
+from bench import nats_peer, peer, redis_peer
+from bench.results import PeerUnavailable
 from bus.cli import main
 
 TINY = [
@@ -87,7 +87,7 @@ def test_bench_command_tiny_workload(tmp_path):
     rows = table_rows(result.output)
     expected = {("raw", m) for m in ("produce", "consume", "latency@2,000/s")}
     expected |= {("bus", m) for m in ("produce", "consume", "latency@2,000/s")} | {("bus send_many", "produce")}
-    for name, system in (("redis", peers.REDIS), ("nats", peers.NATS)):
+    for name, system in (("redis", redis_peer.REDIS), ("nats", nats_peer.NATS)):
         if installed(system):
             expected |= {(name, m) for m in ("produce", "consume", "latency@2,000/s")}
         else:
@@ -110,7 +110,7 @@ def test_bench_command_tiny_workload(tmp_path):
 
 
 def test_missing_peers_are_named_and_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(peers, "find_exe", lambda name: None)  # as if neither server were installed
+    monkeypatch.setattr(peer, "find_exe", lambda name: None)  # as if neither server were installed
     result = CliRunner().invoke(
         main,
         ["bench", *TINY, "--peers", "raw,redis,nats", "--modes", "produce", "--no-send-many",
