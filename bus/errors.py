@@ -6,8 +6,16 @@ Every error says which of three things happened to the request that raised it (S
   producer resolves these by retrying with the same sequence number.
 - ``fenced``: a newer epoch exists; this client (or member) must stop acting on its old view.
 
+Two more class attributes say what a client does next, decided here once for every caller:
+- ``retriable``: sending the same request again may succeed (the producer retries it; the group member
+  retries a join or heartbeat on a fresh socket).
+- ``refresh_metadata``: the client's view of the cluster is stale (the partition moved, the topic is new or
+  gone); fetch the metadata again before the next request for that partition.
+A new error is one class here with its two attributes; no list of codes elsewhere needs to change.
+
 On the wire an error is ``[code, message]``; ``error_for(code, message)`` turns it back into the class
-below, so a code added on the server but unknown to an older client still surfaces as a ``BusError``.
+below, so a code added on the server but unknown to an older client still surfaces as a ``BusError``;
+``error_class(code)`` answers the same for a per-partition result that carries only a code.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ class BusError(Exception):
 
     code = "UNKNOWN_ERROR"
     outcome = DEFINITE
-    retriable = False
+    retriable = False  # the same request may succeed if sent again
+    refresh_metadata = False  # the client's metadata is stale: refresh it before sending again
 
     def __init__(self, message: str = "", *, code: str | None = None):
         super().__init__(message or self.__class__.__name__)
@@ -51,11 +60,17 @@ class UnsupportedVersion(InvalidRequest):
 
 
 class UnknownTopic(BusError):
+    """The node or coordinator does not know the topic (not yet created there, or deleted)."""
+
     code = "UNKNOWN_TOPIC"
+    retriable = True
+    refresh_metadata = True
 
 
 class UnknownPartition(BusError):
     code = "UNKNOWN_PARTITION"
+    retriable = True
+    refresh_metadata = True
 
 
 class TopicExists(BusError):
@@ -92,6 +107,7 @@ class NotOwner(BusError):
 
     code = "NOT_OWNER"
     retriable = True
+    refresh_metadata = True
 
 
 class NodeUnavailable(BusError):
@@ -107,6 +123,7 @@ class Timeout(BusError):
 
     code = "TIMEOUT"
     outcome = INDETERMINATE
+    retriable = True
 
 
 class BufferFull(Timeout):
@@ -114,6 +131,7 @@ class BufferFull(Timeout):
 
     code = "BUFFER_FULL"
     outcome = DEFINITE
+    retriable = False  # the producer's own back-pressure, raised to send()'s caller: how long to wait is theirs
 
 
 class OutOfOrderSequence(BusError):
@@ -183,6 +201,11 @@ def _all_subclasses(cls):
 _BY_CODE: dict[str, type[BusError]] = {}
 for _cls in _all_subclasses(BusError):
     _BY_CODE.setdefault(_cls.code, _cls)
+
+
+def error_class(code: str) -> type[BusError]:
+    """The class of a wire error code; BusError for a code this client does not know (not retriable)."""
+    return _BY_CODE.get(code, BusError)
 
 
 def error_for(code: str, message: str = "") -> BusError:
