@@ -1,40 +1,36 @@
 """The consumer's fetcher thread: keeps one long-poll fetch outstanding per node for the assigned
 partitions, and stores what comes back in the consumer's bounded prefetch buffer.
 
-It owns the node sockets. The user's thread changes assignment and positions under ``Consumer._lock``
-and wakes it; each partition's ``epoch`` goes up on every seek, so data fetched for an older position is
-recognised and dropped rather than returned.
+It owns the node sockets (the loop, the metadata and the node connections are bus/background.py's). The
+user's thread changes assignment and positions under ``Consumer._lock`` and wakes it; each partition's
+``epoch`` goes up on every seek, so data fetched for an older position is recognised and dropped rather
+than returned.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import zmq
 
 from . import wire
-from .connection import Connection, Waker, next_request_id
-from .errors import BusError, OffsetOutOfRange, error_for
+from .background import BackgroundIO
+from .clock import LOOP_WAIT_MS_MAX
+from .connection import next_request_id
+from .errors import OffsetOutOfRange, error_class, error_for
 
 log = logging.getLogger("bus.consumer")
 
-REFRESH_CODES = {"NOT_OWNER", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION"}
-LOOP_WAIT_MS_MAX = 100
 RESET_HOLD_MS = 200  # fetching waits this long at most for positions still being resolved on other nodes
 
 
-class Fetcher(threading.Thread):
+class Fetcher(BackgroundIO):
     def __init__(self, consumer, context: zmq.Context):
-        super().__init__(name="bus-consumer-fetcher", daemon=True)
+        super().__init__(context, name="bus-consumer-fetcher", bootstrap=consumer.bootstrap,
+                         metadata_timeout_ms=consumer.request_timeout_ms, retry_backoff_s=consumer.retry_backoff_s,
+                         log=log)
         self.consumer = consumer
-        self.context = context
-        self.waker = Waker(context, "consumer")
-        self.stopping = False
-        self.metadata = None
-        self.metadata_refresh_s = 0.0
-        self.nodes: dict[int, Connection] = {}
         self.outstanding: dict[int, tuple] = {}  # node id -> (request id, {tp: (offset, epoch)}, deadline_s)
         # node id -> (request id or None while backing off, {tp: (reset spec, epoch)}, deadline_s, hold_s):
         # the list_offsets out to resolve positions. Asynchronous like fetches, so a node that does not
@@ -42,48 +38,24 @@ class Fetcher(threading.Thread):
         # close().
         self.resets: dict[int, tuple] = {}
 
-    def stop(self) -> None:
-        self.stopping = True
-        self.waker()
-        self.join()
-        self.waker.close()
+    # -- the loop (bus/background.py runs it) ------------------------------------------------------
 
-    def run(self) -> None:
-        coordinator = Connection(self.context, self.consumer.bootstrap)
-        self.coordinator = coordinator
-        try:
-            while not self.stopping:
-                self._resolve_positions()
-                self._issue_fetches()
-                self._wait()
-        except Exception:
-            log.exception("consumer fetcher thread failed")
-            raise
-        finally:
-            for connection in self.nodes.values():
-                connection.close()
-            self.coordinator.close()
-            self.waker.pull.close(0)
+    def _step(self) -> None:
+        self._resolve_positions()
+        self._issue_fetches()
+        woke_s = self._poll(LOOP_WAIT_MS_MAX)
+        # A request past its deadline is forgotten, so the next turn asks again. Checked after the replies
+        # that came with this wake-up, so one that arrived just in time is taken.
+        for node_id in [n for n, (_, _, deadline_s) in self.outstanding.items() if deadline_s <= woke_s]:
+            del self.outstanding[node_id]
+        for node_id in [n for n, (_, _, deadline_s, _) in self.resets.items() if deadline_s <= woke_s]:
+            del self.resets[node_id]
+
+    def _node_lost(self, node_id: int, reason: str) -> None:
+        self.outstanding.pop(node_id, None)  # the fetch died with the connection: ask again
+        self.resets.pop(node_id, None)
 
     # -- metadata ----------------------------------------------------------------------------------
-
-    def _refresh_metadata(self, force: bool = False) -> None:
-        if self.metadata is not None and not force:
-            return
-        now_s = time.monotonic()
-        if now_s < self.metadata_refresh_s:
-            return
-        self.metadata_refresh_s = now_s + self.consumer.retry_backoff_s
-        try:
-            result, _ = self.coordinator.request(wire.METADATA, {}, timeout_ms=self.consumer.request_timeout_ms)
-        except BusError as exc:
-            log.warning("metadata refresh failed: %s", exc)
-            self.coordinator.close()
-            self.coordinator = Connection(self.context, self.consumer.bootstrap)
-            return
-        from .metadata import ClusterMetadata
-
-        self.metadata = ClusterMetadata(result)
 
     def _owner(self, tp):
         self._refresh_metadata()
@@ -96,22 +68,11 @@ class Fetcher(threading.Thread):
         node_id = topic["partitions"][tp[1]]
         return node_id if node_id in self.metadata.nodes else None
 
-    def _connection(self, node_id: int) -> Connection:
-        address = self.metadata.address(node_id)
-        connection = self.nodes.get(node_id)
-        if connection is None or connection.address != address:
-            if connection is not None:
-                connection.close()
-                self.outstanding.pop(node_id, None)
-                self.resets.pop(node_id, None)
-            connection = self.nodes[node_id] = Connection(self.context, address, monitor=True)
-        return connection
-
     # -- positions ---------------------------------------------------------------------------------
 
     def _resolve_positions(self) -> None:
         """Partitions whose position is a reset spec (earliest/latest) ask their owner for the offset; the
-        answer is handled by ``_drain`` (``_resolved_reply``)."""
+        answer is handled by ``_on_reply`` (``_resolved_reply``)."""
         pending = self.consumer._pending_resets()
         if not pending:
             return
@@ -146,10 +107,10 @@ class Fetcher(threading.Thread):
                     self.consumer._resolved(tp, epoch, offset)
                 else:
                     retry = True
-                    if code in REFRESH_CODES:
+                    if error_class(code).refresh_metadata:
                         self._refresh_metadata(force=True)
         if retry:  # ask again after a back-off, not at once
-            self.resets[node_id] = (None, parts, time.monotonic() + self.consumer.retry_backoff_s, 0.0)
+            self.resets[node_id] = (None, parts, time.monotonic() + self.retry_backoff_s, 0.0)
 
     # -- fetching ----------------------------------------------------------------------------------
 
@@ -184,57 +145,28 @@ class Fetcher(threading.Thread):
             deadline_s = now_s + (self.consumer.fetch_max_wait_ms + self.consumer.request_timeout_ms) / 1000
             self.outstanding[node_id] = (request_id, parts, deadline_s)
 
-    def _wait(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.waker.pull, zmq.POLLIN)
-        for connection in self.nodes.values():
-            poller.register(connection.socket, zmq.POLLIN)
-            poller.register(connection.monitor, zmq.POLLIN)
-        ready = dict(poller.poll(LOOP_WAIT_MS_MAX))
-        if self.waker.pull in ready:
-            self.waker.drain()
-        now_s = time.monotonic()
-        for node_id, connection in list(self.nodes.items()):
-            if connection.monitor in ready and connection.disconnected():
-                self.outstanding.pop(node_id, None)  # the fetch died with the connection: ask again
-                self.resets.pop(node_id, None)
-            if connection.socket in ready:
-                self._drain(node_id, connection)
-            current = self.outstanding.get(node_id)
-            if current is not None and current[2] <= now_s:
-                del self.outstanding[node_id]
-            reset = self.resets.get(node_id)
-            if reset is not None and reset[2] <= now_s:
-                del self.resets[node_id]
-
-    def _drain(self, node_id: int, connection: Connection) -> None:
-        while connection.socket.poll(0):
-            try:
-                request_id, error, result, bulk = connection.recv()
-            except Exception as exc:
-                log.warning("undecodable fetch reply from node %d: %s", node_id, exc)
-                continue
-            reset = self.resets.get(node_id)
-            if reset is not None and reset[0] == request_id:
-                del self.resets[node_id]
-                self._resolved_reply(node_id, reset[1], error, result)
-                continue
-            current = self.outstanding.get(node_id)
-            if current is None or current[0] != request_id:
-                continue  # superseded: a newer fetch to this node is out
-            del self.outstanding[node_id]
-            if error is not None:
-                log.warning("fetch from node %d failed: %s: %s", node_id, *error)
-                continue
-            parts = current[1]
-            for (topic, partition, code, message, log_start, log_end, next_offset), data in zip(result["parts"], bulk):
-                tp = (topic, partition)
-                offset, epoch = parts[tp]
-                if code is None:
-                    self.consumer._fetched(tp, epoch, offset, bytes(data), next_offset, log_end)
-                elif code == OffsetOutOfRange.code:
-                    self.consumer._out_of_range(tp, epoch, offset, log_start, log_end)
-                elif code in REFRESH_CODES:
-                    self._refresh_metadata(force=True)
-                else:
-                    self.consumer._fetch_error(tp, epoch, error_for(code, message))
+    def _on_reply(self, node_id: int, request_id: int, error, result, bulk) -> None:
+        reset = self.resets.get(node_id)
+        if reset is not None and reset[0] == request_id:
+            del self.resets[node_id]
+            self._resolved_reply(node_id, reset[1], error, result)
+            return
+        current = self.outstanding.get(node_id)
+        if current is None or current[0] != request_id:
+            return  # superseded: a newer fetch to this node is out
+        del self.outstanding[node_id]
+        if error is not None:
+            log.warning("fetch from node %d failed: %s: %s", node_id, *error)
+            return
+        parts = current[1]
+        for (topic, partition, code, message, log_start, log_end, next_offset), data in zip(result["parts"], bulk):
+            tp = (topic, partition)
+            offset, epoch = parts[tp]
+            if code is None:
+                self.consumer._fetched(tp, epoch, offset, bytes(data), next_offset, log_end)
+            elif code == OffsetOutOfRange.code:
+                self.consumer._out_of_range(tp, epoch, offset, log_start, log_end)
+            elif error_class(code).refresh_metadata:
+                self._refresh_metadata(force=True)
+            else:
+                self.consumer._fetch_error(tp, epoch, error_for(code, message))

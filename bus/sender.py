@@ -1,7 +1,8 @@
 """The producer's sender thread: ships closed batches to partition owners, retries, completes futures.
 
-It owns every socket of the producer (ZeroMQ sockets are single-threaded); ``send()`` reaches it only
-through the accumulator (under ``Producer._lock``) and a wake-up message on an inproc socket.
+It owns every socket of the producer (ZeroMQ sockets are single-threaded; the loop, the metadata and the
+node connections are bus/background.py's); ``send()`` reaches it only through the accumulator (under
+``Producer._lock``) and a wake-up message on an inproc socket.
 
 Ordering and exactly-once (idempotent producer, on by default): each partition's batches get
 consecutive sequence numbers under a producer id from the coordinator. Several batches of one partition
@@ -20,23 +21,20 @@ from __future__ import annotations
 
 import bisect
 import logging
-import threading
 import time
 from collections import deque
 
 import zmq
 
 from . import wire
+from .background import BackgroundIO
 from .batch import pack_batch
-from .connection import Connection, Waker, next_request_id
-from .errors import (BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, Timeout, UnknownTopic,
-                     error_for)
-from .metadata import ClusterMetadata
+from .clock import LOOP_WAIT_MS_MAX
+from .connection import Connection, next_request_id
+from .errors import BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, Timeout, UnknownTopic, error_for
 
 log = logging.getLogger("bus.producer")
 
-RETRIABLE_CODES = {"NOT_OWNER", "OUT_OF_ORDER_SEQUENCE", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION",
-                   "NODE_UNAVAILABLE", "TIMEOUT", "NO_NODES_AVAILABLE"}
 REQUEST_BYTES_MAX = 8 << 20  # batches per produce request to one node, beyond the first
 # A node remembers the last IDEMPOTENCE_WINDOW_BATCHES batches of each producer per partition (bus/wire.py):
 # a resent batch older than those would look like a sequence gap, not a retry. So a partition's batches go
@@ -44,7 +42,6 @@ REQUEST_BYTES_MAX = 8 << 20  # batches per produce request to one node, beyond t
 # lost stays in the window even while later ones are acknowledged, and nothing beyond the window is sent
 # until it is settled, so when it is resent the node still knows it.
 PARTITION_IN_FLIGHT_BATCHES_MAX = wire.IDEMPOTENCE_WINDOW_BATCHES
-LOOP_WAIT_MS_MAX = 100
 
 
 class PartitionQueue:
@@ -68,103 +65,45 @@ class PartitionQueue:
         self.not_before_s = 0.0
 
 
-class Sender(threading.Thread):
+class Sender(BackgroundIO):
     def __init__(self, producer, context: zmq.Context, *, request_timeout_ms: int, max_in_flight_per_node: int,
                  idempotent: bool, retry_backoff_ms: int, metadata_timeout_ms: int):
-        super().__init__(name="bus-producer-sender", daemon=True)
+        super().__init__(context, name="bus-producer-sender", bootstrap=producer.bootstrap,
+                         metadata_timeout_ms=metadata_timeout_ms, retry_backoff_s=retry_backoff_ms / 1000, log=log)
         self.producer = producer
-        self.context = context
         self.request_timeout_s = request_timeout_ms / 1000
         self.max_in_flight = max_in_flight_per_node
         self.idempotent = idempotent
-        self.retry_backoff_s = retry_backoff_ms / 1000
-        self.metadata_timeout_ms = metadata_timeout_ms
-        self.waker = Waker(context, "producer")
-        self.stopping = False
-        self.metadata: ClusterMetadata | None = None
-        self.metadata_refresh_s = 0.0
-        self.nodes: dict[int, Connection] = {}
         self.partitions: dict[tuple, PartitionQueue] = {}
         self.in_flight: dict[int, tuple] = {}  # request id -> (node id, batches, deadline_s)
         self.node_in_flight: dict[int, int] = {}
         self.producer_ids: list | None = None  # [producer_id, epoch] for new partition queues
 
-    # -- for the user's threads --------------------------------------------------------------------
+    # -- the loop (bus/background.py runs it) ------------------------------------------------------
 
-    def stop(self) -> None:
-        self.stopping = True
-        # Through wake(): the socket holds one message, and a wake-up already pending does as well (a bare
-        # NOBLOCK send would raise zmq.Again then, failing close()).
-        self.waker()
-        self.join()
-        self.waker.close()
-
-    # -- the loop ----------------------------------------------------------------------------------
-
-    def run(self) -> None:
-        coordinator = Connection(self.context, self.producer.bootstrap)
-        self.coordinator = coordinator
-        try:
-            while not self.stopping:
-                now_s = time.monotonic()
-                held = [key for key, queue in self.partitions.items() if queue.queue]
-                ready, linger_s = self.producer._take_ready(now_s, held)
-                for batch in ready:
-                    self._enqueue(batch)
-                self._expire(now_s)
-                self._send(now_s)
-                if any(not self.partitions[key].queue for key in held):
-                    continue  # a partition whose open batch was held has sent its queue: take that batch now
-                self._wait(linger_s)
-        except Exception:
-            log.exception("producer sender thread failed")
-            raise
-        finally:
-            self._fail_everything(ClosedError("producer closed before the record was acknowledged"))
-            for connection in self.nodes.values():
-                connection.close()
-            coordinator.close()
-            self.waker.pull.close(0)
-
-    def _wait(self, linger_s: float | None) -> None:
+    def _step(self) -> None:
+        now_s = time.monotonic()
+        held = [key for key, queue in self.partitions.items() if queue.queue]
+        ready, linger_s = self.producer._take_ready(now_s, held)
+        for batch in ready:
+            self._enqueue(batch)
+        self._expire(now_s)
+        self._send(now_s)
+        if any(not self.partitions[key].queue for key in held):
+            return  # a partition whose open batch was held has sent its queue: take that batch now
         now_s = time.monotonic()
         wake_s = now_s + LOOP_WAIT_MS_MAX / 1000
         if linger_s is not None:
             wake_s = min(wake_s, linger_s)
-        poller = zmq.Poller()
-        poller.register(self.waker.pull, zmq.POLLIN)
-        for connection in self.nodes.values():
-            poller.register(connection.socket, zmq.POLLIN)
-            poller.register(connection.monitor, zmq.POLLIN)
-        ready = dict(poller.poll(max(0, int((wake_s - now_s) * 1000))))
-        if self.waker.pull in ready:
-            self.waker.drain()
-        for node_id, connection in list(self.nodes.items()):
-            if connection.monitor in ready and connection.disconnected():
-                self._fail_node_requests(node_id, NodeUnavailable(f"lost connection to node {node_id}"))
-            if connection.socket in ready:
-                self._drain_replies(node_id, connection)
+        self._poll(max(0, int((wake_s - now_s) * 1000)))
 
-    # -- metadata and producer ids -----------------------------------------------------------------
+    def _stopped(self) -> None:
+        self._fail_everything(ClosedError("producer closed before the record was acknowledged"))
 
-    def _refresh_metadata(self, force: bool = False) -> None:
-        now_s = time.monotonic()
-        if not force and self.metadata is not None:
-            return
-        if now_s < self.metadata_refresh_s:
-            return
-        self.metadata_refresh_s = now_s + self.retry_backoff_s
-        try:
-            result, _ = self.coordinator.request(wire.METADATA, {}, timeout_ms=self.metadata_timeout_ms)
-        except BusError as exc:
-            log.warning("metadata refresh failed: %s", exc)
-            self._reset_coordinator()
-            return
-        self.metadata = ClusterMetadata(result)
+    def _node_lost(self, node_id: int, reason: str) -> None:
+        self._fail_node_requests(node_id, NodeUnavailable(reason))
 
-    def _reset_coordinator(self) -> None:
-        self.coordinator.close()
-        self.coordinator = Connection(self.context, self.producer.bootstrap)
+    # -- producer ids ------------------------------------------------------------------------------
 
     def _new_producer_id(self) -> tuple[int, int]:
         if not self.idempotent:
@@ -274,16 +213,6 @@ class Sender(threading.Thread):
         window.append(batch)
         return True
 
-    def _connection(self, node_id: int) -> Connection:
-        address = self.metadata.address(node_id)
-        connection = self.nodes.get(node_id)
-        if connection is None or connection.address != address:
-            if connection is not None:
-                connection.close()
-                self._fail_node_requests(node_id, NodeUnavailable(f"node {node_id} moved to {address}"))
-            connection = self.nodes[node_id] = Connection(self.context, address, monitor=True)
-        return connection
-
     def _send_request(self, node_id: int, connection: Connection, batches: list, now_s: float) -> None:
         request_id = next_request_id()
         args = {"acks": self.producer.acks, "parts": [[b.topic, b.partition] for b in batches]}
@@ -306,25 +235,19 @@ class Sender(threading.Thread):
 
     # -- replies -----------------------------------------------------------------------------------
 
-    def _drain_replies(self, node_id: int, connection: Connection) -> None:
-        while connection.socket.poll(0):
-            try:
-                request_id, error, result, _ = connection.recv()
-            except Exception as exc:
-                log.warning("undecodable reply from node %d dropped: %s", node_id, exc)
-                continue
-            entry = self.in_flight.pop(request_id, None)
-            if entry is None:
-                continue  # a reply to a request we already gave up on (it will be resent)
-            self.node_in_flight[node_id] -= 1
-            _, batches, _ = entry
-            if error is not None:
-                exc = error_for(*error)
-                for batch in batches:
-                    self._outcome(batch, exc)
-                continue
-            for batch, (code, message, base_offset, _, append_ts_ms) in zip(batches, result["parts"]):
-                self._outcome(batch, None if code is None else error_for(code, message), base_offset, append_ts_ms)
+    def _on_reply(self, node_id: int, request_id: int, error, result, bulk) -> None:
+        entry = self.in_flight.pop(request_id, None)
+        if entry is None:
+            return  # a reply to a request we already gave up on (it will be resent)
+        self.node_in_flight[node_id] -= 1
+        _, batches, _ = entry
+        if error is not None:
+            exc = error_for(*error)
+            for batch in batches:
+                self._outcome(batch, exc)
+            return
+        for batch, (code, message, base_offset, _, append_ts_ms) in zip(batches, result["parts"]):
+            self._outcome(batch, None if code is None else error_for(code, message), base_offset, append_ts_ms)
 
     def _outcome(self, batch, exc: BusError | None, base_offset: int = -1, append_ts_ms: int = -1) -> None:
         queue = self.partitions[(batch.topic, batch.partition)]
@@ -332,8 +255,8 @@ class Sender(threading.Thread):
         if exc is None:
             queue.acked_sequence = max(queue.acked_sequence, batch.sequence + batch.count)
             self._finish(batch, base_offset, None, append_ts_ms)
-        elif exc.code in RETRIABLE_CODES:
-            if exc.code in ("NOT_OWNER", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION"):
+        elif exc.retriable:
+            if exc.refresh_metadata:
                 self._refresh_metadata(force=True)
                 if self.metadata is not None and batch.topic not in self.metadata.topics:
                     self._fail(queue, batch, UnknownTopic(f"topic {batch.topic!r} no longer exists"))

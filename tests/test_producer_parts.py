@@ -1,13 +1,20 @@
-"""The producer's pure parts: the lazy futures of send_many() and the GIL switch-interval holder."""
+"""The producer's parts that need no cluster: the lazy futures of send_many(), the GIL switch-interval
+holder, and the background I/O thread's hold on its sockets."""
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 
 import pytest
+import zmq
 
 from bus import gil
+from bus.background import BackgroundIO
+from bus.clock import LOOP_WAIT_MS_MAX
 from bus.producer import FutureList, ProducerBatch, RecordFuture
+from tests.conftest import wait_for
 
 
 def _batch(partition: int, count: int) -> ProducerBatch:
@@ -80,3 +87,27 @@ def test_gil_interval_never_raised_and_a_later_setting_is_kept(default_interval)
     sys.setswitchinterval(0.002)  # changed while held: not ours to undo
     gil.release()
     assert sys.getswitchinterval() == pytest.approx(0.002)
+
+
+class _MetadataOnly(BackgroundIO):
+    """Asks for metadata every turn from a coordinator that never answers."""
+
+    def _step(self) -> None:
+        self._refresh_metadata()
+        self._poll(LOOP_WAIT_MS_MAX)
+
+
+def test_background_thread_closes_the_coordinator_it_replaced():
+    context = zmq.Context()
+    thread = _MetadataOnly(context, name="bus-test-background", bootstrap="inproc://bus-test-nobody",
+                           metadata_timeout_ms=20, retry_backoff_s=0.0, log=logging.getLogger("bus.test"))
+    thread.start()
+    first = wait_for(lambda: thread.coordinator, message="the thread's first coordinator")
+    wait_for(lambda: thread.coordinator is not first, message="a coordinator reset after a failed refresh")
+    thread.stop()
+    assert thread.metadata is None
+    # context.term() waits for every socket of the context: one left open would hang close() for ever.
+    terminated = threading.Thread(target=context.term, daemon=True)
+    terminated.start()
+    terminated.join(5.0)
+    assert not terminated.is_alive(), "a socket of the background thread was left open"

@@ -1,0 +1,153 @@
+"""The client's background I/O thread: what the producer's sender and the consumer's fetcher share.
+
+It owns every ZeroMQ socket its client uses after start-up (ZeroMQ sockets are single-threaded): a
+connection to the coordinator for metadata, one monitored connection per node, and the pull side of the
+Waker by which the user's threads wake it. It keeps the cluster metadata, refreshed at most once per
+``retry_backoff_s`` and on demand. The loop calls ``_step()`` until ``stop()``; a step ends in ``_poll()``,
+which sleeps until a reply, a wake-up, a disconnect or its timeout, and hands each to a hook:
+
+- ``_on_reply(node_id, request_id, error, result, bulk)``: one decoded reply from a node;
+- ``_node_lost(node_id, reason)``: whatever was outstanding on that node's connection will never be
+  answered (the connection dropped, or the node moved to another address and got a new socket);
+- ``_stopped()``: the loop ended; settle what is left before the sockets close.
+
+It knows nothing of batches, fetches or the client's locks: those are the subclasses'.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+from . import wire
+from .connection import Connection, Waker
+from .errors import BusError
+from .metadata import ClusterMetadata
+
+
+class BackgroundIO(threading.Thread):
+    def __init__(self, context: zmq.Context, *, name: str, bootstrap: str, metadata_timeout_ms: int,
+                 retry_backoff_s: float, log: logging.Logger):
+        super().__init__(name=name, daemon=True)
+        self.context = context
+        self.bootstrap = bootstrap
+        self.metadata_timeout_ms = metadata_timeout_ms
+        self.retry_backoff_s = retry_backoff_s
+        self.log = log
+        self.waker = Waker(context, name)
+        self.stopping = False
+        self.coordinator: Connection | None = None  # made in run(): a socket belongs to the thread using it
+        self.metadata: ClusterMetadata | None = None
+        self.metadata_refresh_s = 0.0  # monotonic time before which no metadata request goes out
+        self.nodes: dict[int, Connection] = {}
+
+    # -- for the user's threads --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping = True
+        # Through the waker: its socket holds one message, and a wake-up already pending does as well (a
+        # bare NOBLOCK send would raise zmq.Again then, failing close()).
+        self.waker()
+        self.join()
+        self.waker.close()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.coordinator = Connection(self.context, self.bootstrap)
+        try:
+            while not self.stopping:
+                self._step()
+        except Exception:
+            self.log.exception("%s thread failed", self.name)
+            raise
+        finally:
+            self._stopped()
+            for connection in self.nodes.values():
+                connection.close()
+            # The current coordinator, which a failed request may have replaced: an unclosed socket would
+            # keep the client's context.term() waiting for ever.
+            self.coordinator.close()
+            self.waker.pull.close(0)
+
+    def _step(self) -> None:
+        """One turn of the loop, ending in ``_poll()`` (or not, when there is more to do at once)."""
+        raise NotImplementedError
+
+    def _stopped(self) -> None:
+        """The loop ended (stop() or a failure); the node and coordinator sockets are still open."""
+
+    def _poll(self, timeout_ms: int) -> float:
+        """Wait up to ``timeout_ms`` for a wake-up or node traffic and dispatch it to the hooks, node by node:
+        a disconnect first (what was outstanding is lost), then the node's replies. Returns the monotonic
+        time at which the wait ended, before any hook ran."""
+        poller = zmq.Poller()
+        poller.register(self.waker.pull, zmq.POLLIN)
+        for connection in self.nodes.values():
+            poller.register(connection.socket, zmq.POLLIN)
+            poller.register(connection.monitor, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        woke_s = time.monotonic()
+        if self.waker.pull in ready:
+            self.waker.drain()
+        for node_id, connection in list(self.nodes.items()):
+            if connection.monitor in ready and connection.disconnected():
+                self._node_lost(node_id, f"lost connection to node {node_id}")
+            if connection.socket in ready:
+                self._drain(node_id, connection)
+        return woke_s
+
+    def _drain(self, node_id: int, connection: Connection) -> None:
+        while connection.socket.poll(0):
+            try:
+                request_id, error, result, bulk = connection.recv()
+            except Exception as exc:
+                self.log.warning("undecodable reply from node %d dropped: %s", node_id, exc)
+                continue
+            self._on_reply(node_id, request_id, error, result, bulk)
+
+    def _on_reply(self, node_id: int, request_id: int, error, result, bulk) -> None:
+        """One reply from ``node_id``: ``error`` is None or the wire's [code, message]."""
+        raise NotImplementedError
+
+    def _node_lost(self, node_id: int, reason: str) -> None:
+        """No reply will come to what was sent to ``node_id`` on its connection until now."""
+        raise NotImplementedError
+
+    # -- metadata and node connections -------------------------------------------------------------
+
+    def _refresh_metadata(self, force: bool = False) -> None:
+        """Fetch the metadata if there is none yet (or ``force``), at most once per ``retry_backoff_s``."""
+        if self.metadata is not None and not force:
+            return
+        now_s = time.monotonic()
+        if now_s < self.metadata_refresh_s:
+            return
+        self.metadata_refresh_s = now_s + self.retry_backoff_s
+        try:
+            result, _ = self.coordinator.request(wire.METADATA, {}, timeout_ms=self.metadata_timeout_ms)
+        except BusError as exc:
+            self.log.warning("metadata refresh failed: %s", exc)
+            self._reset_coordinator()
+            return
+        self.metadata = ClusterMetadata(result)
+
+    def _reset_coordinator(self) -> None:
+        """A fresh socket after a failed request: nothing queued for a coordinator that did not answer stays
+        in front of the next request."""
+        self.coordinator.close()
+        self.coordinator = Connection(self.context, self.bootstrap)
+
+    def _connection(self, node_id: int) -> Connection:
+        """The connection to ``node_id`` at its current address (metadata must be known)."""
+        address = self.metadata.address(node_id)
+        connection = self.nodes.get(node_id)
+        if connection is None or connection.address != address:
+            if connection is not None:
+                connection.close()
+                self._node_lost(node_id, f"node {node_id} moved to {address}")
+            connection = self.nodes[node_id] = Connection(self.context, address, monitor=True)
+        return connection
