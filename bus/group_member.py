@@ -49,6 +49,7 @@ import time
 import uuid
 
 from . import wire
+from .clock import LOOP_WAIT_MS_MAX, monotonic_ms
 from .connection import Connection
 from .errors import (
     BusError,
@@ -71,7 +72,6 @@ PATTERN_CHARS_MAX = 1_000
 SESSION_TIMEOUT_MS_MAX = 30 * 60 * 1000
 INTERVAL_MS_MAX = 24 * 3600 * 1000
 COMMIT_QUEUE_MAX = 64  # asynchronous commits waiting for the committer thread
-LOOP_WAIT_MS_MAX = 100  # the heartbeat thread re-checks its deadlines at least this often
 RECONCILE_PASSES_MAX = 4  # per poll(): each pass acts on the latest assignment
 CLOSE_WAIT_S_MAX = 5.0  # close() waits at most this long for queued asynchronous commits
 
@@ -80,10 +80,6 @@ MEMBER = "member"  # joined; heartbeating
 LOST = "lost"  # fenced or evicted: the user's thread must drop every partition, then rejoin
 LEFT = "left"  # left for max_poll_interval: as LOST, on the next poll()
 CLOSED = "closed"
-
-
-def _now_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
 
 
 def _check_name(what: str, value, chars_max: int = NAME_CHARS_MAX) -> None:
@@ -181,7 +177,7 @@ class GroupMember:
         self._lost_error: BusError | None = None  # why the member was fenced or evicted
         self._join_error: BusError | None = None  # a join refusal for poll() to raise, once
         self._force_heartbeat = False
-        now_ms = _now_ms()
+        now_ms = monotonic_ms()
         self._last_poll_ms = now_ms  # when poll() last began or ended
         self._poll_until_ms = now_ms  # the latest a poll() in progress may block until (its timeout)
         self._last_attempt_ms = now_ms  # start time of the latest completed heartbeat or join attempt
@@ -242,7 +238,7 @@ class GroupMember:
     def on_poll(self, timeout_ms: int = 0) -> None:
         """Start of every poll() (and again when woken with work): raise a join refusal, notice a lost
         session, reconcile, auto-commit. Time blocked inside poll() counts as polling, as in Kafka."""
-        now_ms = _now_ms()
+        now_ms = monotonic_ms()
         with self._lock:
             self._last_poll_ms = now_ms
             self._poll_until_ms = now_ms + max(0, timeout_ms)
@@ -267,7 +263,7 @@ class GroupMember:
         was frozen (or starved) inside this poll() and the coordinator may have evicted it without it knowing
         yet (the next poll() first waits for a fresh heartbeat, ``_check_session``). The Consumer puts them
         back."""
-        now_ms = _now_ms()
+        now_ms = monotonic_ms()
         with self._lock:
             self._last_poll_ms = self._poll_until_ms = now_ms
             if not records:
@@ -332,7 +328,7 @@ class GroupMember:
                 with self._lock:
                     if self._closing:
                         return
-                    now_ms = _now_ms()
+                    now_ms = monotonic_ms()
                     op = None
                     polled_ms = max(self._last_poll_ms, min(now_ms, self._poll_until_ms))  # now, inside poll()
                     if self._state == MEMBER and now_ms - polled_ms > self.max_poll_interval_ms:
@@ -362,13 +358,13 @@ class GroupMember:
                     member_id = self._member_id
                 if connection is None:
                     connection = Connection(self.consumer._context, self.consumer.bootstrap)
-                started_ms = _now_ms()
+                started_ms = monotonic_ms()
                 try:
                     result, _ = connection.request(op, args, timeout_ms=self._heartbeat_timeout_ms)
                     error = None
                 except BusError as exc:
                     result, error = None, exc
-                if isinstance(error, Timeout) or (error is not None and error.retriable):
+                if error is not None and error.retriable:
                     # A fresh socket: nothing queued for a dead coordinator is delivered late to a new one.
                     connection.close()
                     connection = None
@@ -398,7 +394,7 @@ class GroupMember:
 
     def _joined(self, member_id, result, error, started_ms) -> tuple[int, bool]:
         """Take a join's answer (lock held); returns (next attempt time, whether poll() has work)."""
-        now_ms = _now_ms()
+        now_ms = monotonic_ms()
         if self._state != JOINING or self._member_id != member_id:
             return now_ms, False
         if error is None:
@@ -409,7 +405,7 @@ class GroupMember:
                      self._epoch, len(self._granted))
             self.reconcile_pending = bool(self._granted)
             return started_ms + self.heartbeat_interval_ms, self.reconcile_pending
-        if isinstance(error, Timeout) or error.retriable:
+        if error.retriable:
             log.info("group %s: join not answered (%s); retrying", self.group_id, error)
             return now_ms + self._retry_backoff_ms, False
         if type(error) is InvalidRequest:  # e.g. "member id is being evicted": join under a new id
@@ -421,7 +417,7 @@ class GroupMember:
         return now_ms + max(self._retry_backoff_ms, min(self.session_timeout_ms, 1_000)), True
 
     def _heartbeat_answered(self, member_id, result, error, started_ms) -> tuple[int, bool]:
-        now_ms = _now_ms()
+        now_ms = monotonic_ms()
         if self._state != MEMBER or self._member_id != member_id:
             return now_ms, False
         if error is None:
@@ -459,14 +455,14 @@ class GroupMember:
     def _check_session(self) -> None:
         """After a freeze longer than the session, wait for a fresh heartbeat before reading on."""
         with self._lock:
-            now_ms = _now_ms()
+            now_ms = monotonic_ms()
             if not self._lapsed(now_ms):
                 return
             self._force_heartbeat = True
             self._lock.notify_all()
             deadline_ms = now_ms + self._heartbeat_timeout_ms + 200
             while self._state == MEMBER and self._last_attempt_ms < now_ms and not self._closing:
-                remaining_ms = deadline_ms - _now_ms()
+                remaining_ms = deadline_ms - monotonic_ms()
                 if remaining_ms <= 0:
                     break
                 self._lock.wait(remaining_ms / 1000)
@@ -648,13 +644,13 @@ class GroupMember:
         with self._lock:
             if self._member_id == member_id and self._state == MEMBER and self._epoch != epoch:
                 return self._epoch
-            start_ms = _now_ms()
+            start_ms = monotonic_ms()
             deadline_ms = start_ms + self._heartbeat_timeout_ms + 200
             self._force_heartbeat = True
             self._lock.notify_all()
             while (self._member_id == member_id and self._state == MEMBER and not self._closing
                    and self._last_attempt_ms < start_ms):
-                remaining_ms = deadline_ms - _now_ms()
+                remaining_ms = deadline_ms - monotonic_ms()
                 if remaining_ms <= 0:
                     break
                 self._lock.wait(remaining_ms / 1000)
