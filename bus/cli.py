@@ -408,6 +408,21 @@ def consume(topic_name, group, from_beginning, partition, max_records, timeout_m
 
 # -- benchmarks ----------------------------------------------------------------------------------------
 
+# The bench is its own package (bench/) with its own extra (pyproject.toml: psutil, redis with hiredis,
+# nats-py), which a client install need not have. The command imports it only when it runs, so --help
+# needs neither, and a missing one is a one-line hint rather than a traceback.
+BENCH_PACKAGE = "bench"
+BENCH_EXTRA_MODULES = frozenset({"psutil", "redis", "hiredis", "nats"})  # top-level names, as imported
+BENCH_INSTALL = "pip install -e '.[bench]'"
+
+
+def bench_not_installed(exc: ModuleNotFoundError) -> bool:
+    """Whether ``exc`` says the bench or a module of its extra is missing. Any other missing module is a
+    bug (in the bench or the install) and keeps its traceback."""
+    name = exc.name or ""
+    return name == BENCH_PACKAGE or name.partition(".")[0] in BENCH_EXTRA_MODULES
+
+
 @main.command()
 @click.option("--records", default=200_000, show_default=True, type=click.IntRange(1))
 @click.option("--record-bytes", default=100, show_default=True, type=click.IntRange(8))
@@ -439,12 +454,18 @@ def consume(topic_name, group, from_beginning, partition, max_records, timeout_m
               help="also measure Producer.send_many as its own row")
 def bench(**options):
     """Measure the bus beside the raw pyzmq+LMDB ceiling, Redis Streams and NATS JetStream."""
-    from bench.runner import bench_command
-
     try:
+        from bench.runner import bench_command
+
         status = bench_command(say=click.echo, **options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        if not bench_not_installed(exc):
+            raise
+        click.echo(f"error: bus bench needs the bench extra (no module named {exc.name!r}): {BENCH_INSTALL}",
+                   err=True)
+        sys.exit(1)
     sys.exit(status)
 
 

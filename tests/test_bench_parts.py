@@ -1,5 +1,6 @@
 """Fast tests of the bench's parts: the arithmetic, the pacer, the raw ceiling, the peers, the bus as a system,
-the report, and the producer/consumer fast paths the bench's speed work added.
+the report, the producer/consumer fast paths the bench's speed work added, and ``bus bench`` where the bench
+or its extra is not installed.
 
 Each system test runs a tiny real workload over real processes and then checks that no child process is
 left behind. A peer whose server is not installed must say how to install it (PeerUnavailable), which is
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import sys
 import time
 
@@ -35,6 +38,8 @@ from bench.results import (
 )
 from bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
 from bench.stats import percentiles, steadiness, throughput, timeline
+from bus.cli import bench_not_installed
+from tests.core_helpers import child_env
 
 
 def wait_for(cond, timeout_s: float, interval_s: float = 0.05) -> bool:
@@ -505,3 +510,57 @@ def test_consumer_runs_honour_positions_and_seeks(tmp_path):
             assert back[4].headers == [("i", b"7")] and back[5].headers is None  # offset 7 has one, 8 none
             assert all(r.topic == "seeks" and r.partition == 0 and r.timestamp_ms > 0 for r in back)
             assert consumer.poll(timeout_ms=100) == []
+
+
+# ---------------------------------------------------------------------------------------------- not installed
+
+BUS = [sys.executable, "-m", "bus.cli"]
+BENCH_INSTALL = "pip install -e '.[bench]'"
+
+
+def env_without(tmp_path, module: str) -> dict:
+    """The environment of a child ``python`` in which ``import module`` fails as it does when the module is
+    not installed: a package of that name first on PYTHONPATH whose import raises ModuleNotFoundError."""
+    hiding = tmp_path / "hiding"
+    (hiding / module).mkdir(parents=True)
+    message = f"No module named {module!r}"
+    (hiding / module / "__init__.py").write_text(f"raise ModuleNotFoundError({message!r}, name={module!r})\n")
+    env = child_env()
+    env["PYTHONPATH"] = str(hiding) + os.pathsep + env["PYTHONPATH"]
+    return env
+
+
+def bus_bench(tmp_path, env, *args) -> subprocess.CompletedProcess:
+    # From tmp_path, not the checkout: ``python -m`` puts its working directory first on sys.path.
+    return subprocess.run([*BUS, "bench", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("module", ["psutil", "bench"])
+def test_bench_not_installed_is_one_line_saying_how_to_install(tmp_path, module):
+    done = bus_bench(tmp_path, env_without(tmp_path, module), "--records", "100", "--runs", "1")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert output.strip().splitlines() == [
+        f"error: bus bench needs the bench extra (no module named {module!r}): {BENCH_INSTALL}"
+    ], output
+    assert "Traceback" not in output
+
+
+def test_bench_help_needs_no_extra(tmp_path):
+    done = bus_bench(tmp_path, env_without(tmp_path, "psutil"), "--help")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("Usage: ") and "--latency-rate" in done.stdout and "--peers" in done.stdout
+    assert done.stderr == ""
+
+
+def test_only_the_bench_and_its_extra_count_as_not_installed():
+    def missing(name):
+        return ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in ("psutil", "redis", "hiredis", "nats", "nats.js.api", "bench"):
+        assert bench_not_installed(missing(name)), name
+    # Anything else missing is a bug (a misspelt module of the bench, a broken install): its traceback stays.
+    for name in ("bench.harnes", "msgpack", "psutilx", "natsort"):
+        assert not bench_not_installed(missing(name)), name
+    assert not bench_not_installed(ModuleNotFoundError("no name"))
