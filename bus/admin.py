@@ -1,5 +1,6 @@
-"""Admin: create, delete, list and describe topics (partitions, owners, start and end offsets), and consumer
-groups (list, describe with lag, reset offsets, delete)."""
+"""Admin: create, delete, list and describe topics (per partition: leader, replicas, in-sync replicas, epoch,
+start offset and high watermark), unclean elections, and consumer groups (list, describe with lag, reset
+offsets, delete)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,26 @@ import zmq
 
 from . import wire
 from .connection import Requester
-from .errors import BusError, ConfigError, NodeUnavailable, error_for
+from .errors import BusError, ConfigError, NodeUnavailable, NotLeader, error_for
 from .metadata import check_bootstrap
 from .records import TopicPartition
 
 
 def list_offsets(requester: Requester, specs: dict) -> dict:
-    """{tp: offset} for {tp: "earliest" | "latest" | timestamp_ms}, asking each partition's owner."""
+    """{tp: offset} for {tp: "earliest" | "latest" | timestamp_ms}, asking each partition's leader ("latest"
+    is the high watermark: the end of what consumers can read)."""
     metadata = requester.metadata(sorted({tp[0] for tp in specs}), strict=True)
     by_node: dict[int, list] = {}
     for tp, spec in specs.items():
-        by_node.setdefault(metadata.owner(*tp), []).append((tp, spec))
+        leader = metadata.leader(*tp)
+        if leader not in metadata.nodes:
+            raise NotLeader(f"{tp[0]}/{tp[1]} has no leader now (its in-sync replicas are down); retry later")
+        by_node.setdefault(leader, []).append((tp, spec))
     out = {}
     for node_id, items in by_node.items():
         try:
             result = requester.request(metadata.address(node_id), wire.LIST_OFFSETS,
-                                       {"parts": [[t, p, spec] for (t, p), spec in items]})
+                                       {"parts": [[t, p, spec, metadata.leader_epoch(t, p)] for (t, p), spec in items]})
         except BusError as exc:
             raise NodeUnavailable(f"node {node_id} did not answer: {exc}") from None
         for (tp, _), (code, message, offset, _, _) in zip(items, result["parts"]):
@@ -41,21 +46,25 @@ class Admin:
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
 
-    def create_topic(self, name: str, partitions: int = 1, *, retention_ms: int | None = None,
+    def create_topic(self, name: str, partitions: int = 1, *, replication_factor: int | None = None,
+                     min_insync_replicas: int | None = None, retention_ms: int | None = None,
                      retention_bytes: int | None = None, wait_ms: int = 10_000) -> dict:
-        """Create the topic; then wait up to ``wait_ms`` until every owner node serves it (nodes learn the
-        placement from their next heartbeat), so what follows -- describe, list offsets, a first fetch --
+        """Create the topic with ``replication_factor`` replicas of each partition (default min(3, live
+        nodes)) and ``min_insync_replicas`` (default 2 with 3 or more replicas, else 1: below it, acks="all"
+        produces fail with NotEnoughReplicas). Then wait up to ``wait_ms`` until every leader serves it (the
+        coordinator tells the nodes at once), so what follows -- describe, list offsets, a first fetch --
         does not meet a transient UNKNOWN_TOPIC. Returns the topic entry."""
         created = self._requester.coordinator(wire.CREATE_TOPIC, {
-            "name": name, "partitions": partitions, "retention_ms": retention_ms,
+            "name": name, "partitions": partitions, "replication_factor": replication_factor,
+            "min_insync_replicas": min_insync_replicas, "retention_ms": retention_ms,
             "retention_bytes": retention_bytes})
         if wait_ms > 0:
-            self._wait_until_served(name, created["partitions"], wait_ms)
+            self._wait_until_served(name, [p["leader"] for p in created["partitions"]], wait_ms)
         return created
 
-    def _wait_until_served(self, name: str, owners: list, wait_ms: int) -> None:
+    def _wait_until_served(self, name: str, leaders: list, wait_ms: int) -> None:
         deadline_s = time.monotonic() + wait_ms / 1000
-        waiting = {node_id: owners.index(node_id) for node_id in owners}  # node -> one partition it owns
+        waiting = {node_id: leaders.index(node_id) for node_id in leaders}  # node -> one partition it leads
         addresses = self._requester.metadata([name]).nodes
         while waiting:
             for node_id, partition in list(waiting.items()):
@@ -64,7 +73,7 @@ class Admin:
                     return  # the topic exists; its nodes will serve it once they hear of it
                 try:
                     result = self._requester.request(addresses[node_id]["address"], wire.LIST_OFFSETS,
-                                                     {"parts": [[name, partition, "latest"]]},
+                                                     {"parts": [[name, partition, "earliest"]]},
                                                      timeout_ms=min(remaining_ms, 1_000))
                 except BusError:
                     continue
@@ -77,7 +86,8 @@ class Admin:
         self._requester.coordinator(wire.DELETE_TOPIC, {"name": name})
 
     def list_topics(self) -> dict:
-        """{name: {"id", "partitions": [owner node id, ...], "retention_ms", "retention_bytes"}}"""
+        """{name: {"id", "partitions": [{"leader", "leader_epoch", "replicas", "isr", "partition_epoch"}, ...],
+        "replication_factor", "min_insync_replicas", "retention_ms", "retention_bytes"}}"""
         return self._requester.metadata().topics
 
     def nodes(self) -> dict:
@@ -85,32 +95,54 @@ class Admin:
         return self._requester.metadata().nodes
 
     def describe_topic(self, name: str) -> dict:
-        """The topic's settings and, per partition: owner node, its address and liveness, start and end offsets.
-        Offsets of a partition whose node does not answer are None."""
+        """The topic's settings and, per partition: ``leader`` (node id, -1 while it has none), its address
+        and liveness, ``replicas``, ``isr``, ``leader_epoch``, ``partition_epoch`` (bumped by every change of
+        leader or ISR), ``start_offset`` and ``high_watermark`` (the
+        end of what consumers can read; also as ``end_offset``), ``under_replicated`` (ISR smaller than the
+        replicas) and ``below_min_isr`` (ISR below min_insync_replicas: acks="all" produces fail). Offsets
+        of a partition whose leader does not answer are None."""
         metadata = self._requester.metadata([name], strict=True)
         topic = metadata.topics[name]
         partitions = []
-        for partition, node_id in enumerate(topic["partitions"]):
-            node = metadata.nodes.get(node_id, {})
-            partitions.append({"partition": partition, "node": node_id, "address": node.get("address"),
-                               "alive": node.get("alive", False), "start_offset": None, "end_offset": None})
+        for partition, state in enumerate(topic["partitions"]):
+            node = metadata.nodes.get(state["leader"], {})
+            partitions.append({"partition": partition, "leader": state["leader"], "address": node.get("address"),
+                               "alive": node.get("alive", False), "replicas": state["replicas"],
+                               "isr": state["isr"], "leader_epoch": state["leader_epoch"],
+                               "partition_epoch": state["partition_epoch"],
+                               "under_replicated": len(state["isr"]) < len(state["replicas"]),
+                               "below_min_isr": len(state["isr"]) < topic["min_insync_replicas"],
+                               "start_offset": None, "high_watermark": None, "end_offset": None})
         by_node: dict[int, list] = {}
         for entry in partitions:
-            by_node.setdefault(entry["node"], []).append(entry)
+            by_node.setdefault(entry["leader"], []).append(entry)
         for node_id, entries in by_node.items():
             if not entries[0]["alive"]:
                 continue
             try:
                 result = self._requester.request(
                     entries[0]["address"], wire.LIST_OFFSETS,
-                    {"parts": [[name, e["partition"], "earliest"] for e in entries]}, timeout_ms=3_000)
+                    {"parts": [[name, e["partition"], "earliest", e["leader_epoch"]] for e in entries]},
+                    timeout_ms=3_000)
             except BusError:
                 continue
-            for entry, (code, _, _, start, end) in zip(entries, result["parts"]):
+            for entry, (code, _, _, start, high_watermark) in zip(entries, result["parts"]):
                 if code is None:
-                    entry["start_offset"], entry["end_offset"] = start, end
-        return {"name": name, "id": topic["id"], "retention_ms": topic["retention_ms"],
+                    entry["start_offset"] = start
+                    entry["high_watermark"] = entry["end_offset"] = high_watermark
+        return {"name": name, "id": topic["id"], "replication_factor": topic["replication_factor"],
+                "min_insync_replicas": topic["min_insync_replicas"], "retention_ms": topic["retention_ms"],
                 "retention_bytes": topic["retention_bytes"], "partitions": partitions}
+
+    def elect_unclean(self, name: str, partitions=None) -> dict:
+        """Elect a leader for partitions of ``name`` that have none because no in-sync replica is alive
+        (all such partitions, or ``partitions``): any live replica becomes leader, and the committed records
+        it lacks are LOST. Returns {partition: new leader node id}."""
+        args = {"topic": name, "unclean": True}
+        if partitions is not None:
+            args["partitions"] = list(partitions)
+        result = self._requester.coordinator(wire.ELECT_LEADERS, args)
+        return {partition: leader for partition, leader in result["elected"]}
 
     # -- consumer groups -------------------------------------------------------------------------------
 
@@ -193,7 +225,7 @@ class Admin:
         for tp in tps:
             topic = metadata.topics.get(tp.topic)
             if topic is not None and tp.partition < len(topic["partitions"]):
-                by_node.setdefault(topic["partitions"][tp.partition], []).append(tp)
+                by_node.setdefault(topic["partitions"][tp.partition]["leader"], []).append(tp)
         out = {}
         for node_id, items in by_node.items():
             node = metadata.nodes.get(node_id)
@@ -201,7 +233,8 @@ class Admin:
                 continue
             try:
                 result = self._requester.request(node["address"], wire.LIST_OFFSETS,
-                                                 {"parts": [[t, p, "latest"] for t, p in items]}, timeout_ms=3_000)
+                                                 {"parts": [[t, p, "latest", metadata.leader_epoch(t, p)]
+                                                            for t, p in items]}, timeout_ms=3_000)
             except BusError:
                 continue
             for tp, (code, _, offset, _, _) in zip(items, result["parts"]):

@@ -31,7 +31,7 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except BusError as exc:
             click.echo(f"error: {exc.message}", err=True)
-            if exc.code in ("TIMEOUT", "NODE_UNAVAILABLE"):
+            if exc.outcome == "indeterminate":  # no answer: most often, nothing is listening
                 click.echo("is the cluster running? start one with `bus up`", err=True)
             sys.exit(1)
     return wrapper
@@ -136,17 +136,26 @@ def topic():
 @topic.command("create")
 @click.argument("name")
 @click.option("--partitions", default=1, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--replication-factor", type=click.IntRange(1), default=None,
+              help="replicas of each partition  [default: min(3, live nodes)]")
+@click.option("--min-insync-replicas", type=click.IntRange(1), default=None,
+              help="in-sync replicas an acks=all produce needs  [default: 2 with 3+ replicas, else 1]")
 @click.option("--retention-ms", type=click.IntRange(1), default=None, help="drop batches older than this")
 @click.option("--retention-bytes", type=click.IntRange(1), default=None, help="keep each partition under this")
 @bootstrap_option
 @friendly_errors
-def topic_create(name, partitions, retention_ms, retention_bytes, bootstrap):
+def topic_create(name, partitions, replication_factor, min_insync_replicas, retention_ms, retention_bytes,
+                 bootstrap):
     """Create topic NAME."""
     from .admin import Admin
 
     with Admin(bootstrap) as admin:
-        created = admin.create_topic(name, partitions, retention_ms=retention_ms, retention_bytes=retention_bytes)
-    click.echo(f"created topic {name} with {partitions} partition(s) on nodes {sorted(set(created['partitions']))}")
+        created = admin.create_topic(name, partitions, replication_factor=replication_factor,
+                                     min_insync_replicas=min_insync_replicas, retention_ms=retention_ms,
+                                     retention_bytes=retention_bytes)
+    nodes = sorted({n for p in created["partitions"] for n in p["replicas"]})
+    click.echo(f"created topic {name} with {partitions} partition(s), {created['replication_factor']} replica(s) "
+               f"each (min in-sync {created['min_insync_replicas']}), on nodes {nodes}")
 
 
 @topic.command("list")
@@ -158,8 +167,9 @@ def topic_list(bootstrap):
 
     with Admin(bootstrap) as admin:
         topics = admin.list_topics()
-    print_table(["topic", "partitions", "retention_ms", "retention_bytes"],
-                [[name, len(t["partitions"]), t["retention_ms"], t["retention_bytes"]] for name, t in sorted(topics.items())])
+    print_table(["topic", "partitions", "retention_ms", "retention_bytes", "replicas", "min_isr"],
+                [[name, len(t["partitions"]), t["retention_ms"], t["retention_bytes"], t["replication_factor"],
+                  t["min_insync_replicas"]] for name, t in sorted(topics.items())])
 
 
 @topic.command("describe")
@@ -167,18 +177,51 @@ def topic_list(bootstrap):
 @bootstrap_option
 @friendly_errors
 def topic_describe(name, bootstrap):
-    """Show each partition's owner node and its start and end offsets."""
+    """Show each partition's leader, replicas, in-sync replicas, leader epoch, start offset and high
+    watermark (the end of what consumers can read); flags under-replicated partitions and those below
+    min_insync_replicas (acks=all produces to them fail)."""
     from .admin import Admin
 
     with Admin(bootstrap) as admin:
         info = admin.describe_topic(name)
-    click.echo(f"topic {name}  retention_ms={info['retention_ms']}  retention_bytes={info['retention_bytes']}")
+    click.echo(f"topic {name}  replication_factor={info['replication_factor']}  "
+               f"min_insync_replicas={info['min_insync_replicas']}  retention_ms={info['retention_ms']}  "
+               f"retention_bytes={info['retention_bytes']}")
     rows = []
     for p in info["partitions"]:
-        count = None if p["end_offset"] is None else p["end_offset"] - p["start_offset"]
-        rows.append([p["partition"], p["node"], p["address"], "yes" if p["alive"] else "NO",
-                     p["start_offset"], p["end_offset"], count])
-    print_table(["partition", "node", "address", "alive", "start", "end", "records"], rows)
+        count = None if p["high_watermark"] is None else p["high_watermark"] - p["start_offset"]
+        flags = "NO LEADER" if p["leader"] < 0 else "BELOW MIN ISR" if p["below_min_isr"] else (
+            "under-replicated" if p["under_replicated"] else "")
+        rows.append([p["partition"], p["leader"] if p["leader"] >= 0 else None, p["address"],
+                     "yes" if p["alive"] else "NO", ",".join(map(str, p["replicas"])), ",".join(map(str, p["isr"])),
+                     p["leader_epoch"], p["start_offset"], p["high_watermark"], count, flags])
+    print_table(["partition", "leader", "address", "alive", "replicas", "isr", "epoch", "start", "high_watermark",
+                 "records", ""], rows)
+    missing = [p["partition"] for p in info["partitions"] if p["leader"] < 0]
+    if missing:
+        click.echo(f"partitions {missing} have no leader: no in-sync replica is alive. Start one, or as a last "
+                   f"resort `bus topic elect {name} --unclean` (loses what the live replicas lack)", err=True)
+
+
+@topic.command("elect")
+@click.argument("name")
+@click.option("--unclean", is_flag=True, required=True,
+              help="elect any live replica, losing committed records it lacks (required: say you mean it)")
+@click.option("--partition", type=click.IntRange(0), multiple=True, help="only these partitions")
+@bootstrap_option
+@friendly_errors
+def topic_elect(name, unclean, partition, bootstrap):
+    """Elect leaders for partitions of NAME that have none because no in-sync replica is alive."""
+    from .admin import Admin
+
+    if not unclean:
+        raise click.UsageError("a clean election happens by itself; pass --unclean to elect an out-of-sync replica")
+    with Admin(bootstrap) as admin:
+        elected = admin.elect_unclean(name, list(partition) or None)
+    if not elected:
+        click.echo("every partition has a leader; nothing to do")
+    for p, leader in sorted(elected.items()):
+        click.echo(f"{name}/{p}: node {leader} leads (unclean: records it did not have are gone)")
 
 
 @topic.command("delete")

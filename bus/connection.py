@@ -38,6 +38,9 @@ class Connection:
         self.socket.setsockopt(zmq.RECONNECT_IVL, 50)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1_000)
         self.monitor = None
+        # Disconnected and not connected again since (monitored connections only): a request sent now would
+        # wait in the socket for a node that may never come back, while its partitions' leadership moves.
+        self.down = False
         if monitor:
             self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self.socket.connect(address)
@@ -68,14 +71,17 @@ class Connection:
             return result, reply_bulk
 
     def disconnected(self) -> bool:
-        """True if the monitor saw a disconnect since the last call (drains pending monitor events)."""
+        """True if the monitor saw a disconnect since the last call (drains pending monitor events, and
+        keeps ``down`` current)."""
         if self.monitor is None:
             return False
         seen = False
         while self.monitor.poll(0):
             event = parse_monitor_message(self.monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
-                seen = True
+                seen = self.down = True
+            elif event["event"] == zmq.EVENT_CONNECTED:
+                self.down = False
         return seen
 
     def close(self) -> None:

@@ -416,7 +416,8 @@ class Consumer:
             state = self._states.get(tp)
             if state is None or state.epoch != epoch or state.fetch_offset != offset:
                 return
-            state.log_end = log_end
+            if log_end >= 0:  # -1: a new leader does not know its high watermark yet
+                state.log_end = log_end
             if not data:
                 return
             state.fetch_offset = next_offset

@@ -102,12 +102,74 @@ class NoNodesAvailable(BusError):
     retriable = True
 
 
-class NotOwner(BusError):
-    """The node does not own the partition (placement changed or the client's metadata is stale)."""
+class NotLeader(BusError):
+    """The node is not the partition's leader (leadership moved, or the client's metadata is stale)."""
 
-    code = "NOT_OWNER"
+    code = "NOT_LEADER"
     retriable = True
     refresh_metadata = True
+
+
+class FencedLeaderEpoch(BusError):
+    """The request named a leader epoch older than the partition's: a newer leader was elected since."""
+
+    code = "FENCED_LEADER_EPOCH"
+    retriable = True
+    refresh_metadata = True
+
+
+class UnknownLeaderEpoch(BusError):
+    """The request named a leader epoch newer than the node knows: the node has not heard of it yet."""
+
+    code = "UNKNOWN_LEADER_EPOCH"
+    retriable = True
+
+
+class NotEnoughReplicas(BusError):
+    """acks="all" and the partition's in-sync replicas are fewer than its min_insync_replicas; nothing was
+    written."""
+
+    code = "NOT_ENOUGH_REPLICAS"
+    retriable = True  # the in-sync set may grow back; the producer retries until its delivery timeout
+
+
+class NotEnoughReplicasAfterAppend(BusError):
+    """The batch was written on the leader, but the in-sync replicas fell below min_insync_replicas before
+    it was committed: it may or may not be kept."""
+
+    code = "NOT_ENOUGH_REPLICAS_AFTER_APPEND"
+    outcome = INDETERMINATE
+    retriable = True  # the idempotent producer's retry is recognised if the batch was kept
+
+
+class NotCommitted(BusError):
+    """The leader appended the batch but lost its leadership before the batch was committed: the new
+    leader may or may not hold it (the idempotent producer's retry is recognised if it does)."""
+
+    code = "NOT_COMMITTED"
+    outcome = INDETERMINATE
+    retriable = True
+    refresh_metadata = True
+
+
+class OffsetNotAvailable(BusError):
+    """A new leader cannot answer for its log end yet (its high watermark is still catching up)."""
+
+    code = "OFFSET_NOT_AVAILABLE"
+    retriable = True
+
+
+class InvalidUpdateVersion(BusError):
+    """An ISR change named a partition epoch that is not the current one (compare-and-set lost)."""
+
+    code = "INVALID_UPDATE_VERSION"
+
+
+class IneligibleReplica(BusError):
+    """An ISR change or election named a replica that may not join: not alive, or not the incarnation
+    that caught up (it restarted, maybe with an empty disk)."""
+
+    code = "INELIGIBLE_REPLICA"
 
 
 class NodeUnavailable(BusError):
@@ -116,6 +178,7 @@ class NodeUnavailable(BusError):
     code = "NODE_UNAVAILABLE"
     outcome = INDETERMINATE
     retriable = True
+    refresh_metadata = True  # the node may be down for good: its partitions' leadership moves elsewhere
 
 
 class Timeout(BusError):
@@ -124,6 +187,7 @@ class Timeout(BusError):
     code = "TIMEOUT"
     outcome = INDETERMINATE
     retriable = True
+    refresh_metadata = True  # a node that does not answer may have lost its leadership
 
 
 class BufferFull(Timeout):
@@ -131,6 +195,7 @@ class BufferFull(Timeout):
 
     code = "BUFFER_FULL"
     outcome = DEFINITE
+    refresh_metadata = False
     retriable = False  # the producer's own back-pressure, raised to send()'s caller: how long to wait is theirs
 
 

@@ -57,7 +57,8 @@ class Fetcher(BackgroundIO):
 
     # -- metadata ----------------------------------------------------------------------------------
 
-    def _owner(self, tp):
+    def _leader(self, tp):
+        """(node id, leader epoch) of the partition's leader, or None while unknown (then refresh)."""
         self._refresh_metadata()
         if self.metadata is None:
             return None
@@ -65,8 +66,13 @@ class Fetcher(BackgroundIO):
         if topic is None or tp[1] >= len(topic["partitions"]):
             self._refresh_metadata(force=True)
             return None
-        node_id = topic["partitions"][tp[1]]
-        return node_id if node_id in self.metadata.nodes else None
+        state = topic["partitions"][tp[1]]
+        connection = self.nodes.get(state["leader"])
+        if not self.metadata.nodes.get(state["leader"], {}).get("alive") or (connection is not None and connection.down):
+            # No leader, or one that is down: an election is under way; ask until it is over.
+            self._refresh_metadata(force=True)
+            return None
+        return state["leader"], state["leader_epoch"]
 
     # -- positions ---------------------------------------------------------------------------------
 
@@ -78,9 +84,9 @@ class Fetcher(BackgroundIO):
             return
         by_node: dict[int, dict] = {}
         for tp, spec, epoch in pending:
-            node_id = self._owner(tp)
-            if node_id is not None:
-                by_node.setdefault(node_id, {})[tp] = (spec, epoch)
+            leader = self._leader(tp)
+            if leader is not None:
+                by_node.setdefault(leader[0], {})[tp] = (spec, epoch, leader[1])
         now_s = time.monotonic()
         for node_id, parts in by_node.items():
             current = self.resets.get(node_id)
@@ -89,7 +95,8 @@ class Fetcher(BackgroundIO):
             request_id = next_request_id()
             try:
                 self._connection(node_id).send(
-                    wire.LIST_OFFSETS, {"parts": [[t, p, spec] for (t, p), (spec, _) in parts.items()]},
+                    wire.LIST_OFFSETS, {"parts": [[t, p, spec, leader_epoch]
+                                                  for (t, p), (spec, _, leader_epoch) in parts.items()]},
                     request_id=request_id)
             except zmq.ZMQError:
                 continue
@@ -102,7 +109,7 @@ class Fetcher(BackgroundIO):
             log.warning("list_offsets from node %d failed: %s: %s", node_id, *error)
             retry = True
         else:
-            for (tp, (_, epoch)), (code, _, offset, _, _) in zip(parts.items(), result["parts"]):
+            for (tp, (_, epoch, _)), (code, _, offset, _, _) in zip(parts.items(), result["parts"]):
                 if code is None:
                     self.consumer._resolved(tp, epoch, offset)
                 else:
@@ -123,10 +130,10 @@ class Fetcher(BackgroundIO):
         if not wanted:
             return
         by_node: dict[int, dict] = {}
-        for tp, position in wanted.items():
-            node_id = self._owner(tp)
-            if node_id is not None:
-                by_node.setdefault(node_id, {})[tp] = position
+        for tp, (offset, epoch) in wanted.items():
+            leader = self._leader(tp)
+            if leader is not None:
+                by_node.setdefault(leader[0], {})[tp] = (offset, epoch, leader[1])
         now_s = time.monotonic()
         for node_id, parts in by_node.items():
             current = self.outstanding.get(node_id)
@@ -135,8 +142,8 @@ class Fetcher(BackgroundIO):
             connection = self._connection(node_id)
             args = {"max_wait_ms": self.consumer.fetch_max_wait_ms, "min_bytes": self.consumer.fetch_min_bytes,
                     "max_bytes": self.consumer.fetch_max_bytes,
-                    "parts": [[t, p, offset, self.consumer.max_partition_fetch_bytes]
-                              for (t, p), (offset, _) in parts.items()]}
+                    "parts": [[t, p, offset, self.consumer.max_partition_fetch_bytes, leader_epoch]
+                              for (t, p), (offset, _, leader_epoch) in parts.items()]}
             request_id = next_request_id()
             try:
                 connection.send(wire.FETCH, args, request_id=request_id)
@@ -159,14 +166,19 @@ class Fetcher(BackgroundIO):
             log.warning("fetch from node %d failed: %s: %s", node_id, *error)
             return
         parts = current[1]
+        retry = False
         for (topic, partition, code, message, log_start, log_end, next_offset), data in zip(result["parts"], bulk):
             tp = (topic, partition)
-            offset, epoch = parts[tp]
+            offset, epoch, _ = parts[tp]
             if code is None:
                 self.consumer._fetched(tp, epoch, offset, bytes(data), next_offset, log_end)
             elif code == OffsetOutOfRange.code:
                 self.consumer._out_of_range(tp, epoch, offset, log_start, log_end)
-            elif error_class(code).refresh_metadata:
-                self._refresh_metadata(force=True)
+            elif error_class(code).retriable:
+                retry = True  # leadership moved, or a new leader is not ready yet: ask again shortly
+                if error_class(code).refresh_metadata:
+                    self._refresh_metadata(force=True)
             else:
                 self.consumer._fetch_error(tp, epoch, error_for(code, message))
+        if retry:  # after a back-off: the same question to the same node would get the same answer at once
+            self.outstanding[node_id] = (None, parts, time.monotonic() + self.retry_backoff_s)

@@ -1,7 +1,8 @@
-"""The client's view of the cluster: which node owns which partition, and where each node listens.
+"""The client's view of the cluster: which node leads which partition at which leader epoch, and where
+each node listens.
 
-Built from the coordinator's metadata reply; replaced whole on refresh (after NOT_OWNER, an unknown
-topic, or a node that stopped answering).
+Built from the coordinator's metadata reply; replaced whole on refresh (after NOT_LEADER, a fenced epoch,
+an unknown topic, or a node that stopped answering).
 """
 
 from __future__ import annotations
@@ -49,11 +50,19 @@ class ClusterMetadata:
             raise UnknownTopic(f"unknown topic {topic!r}; create it with `bus topic create {topic}`")
         return len(meta["partitions"])
 
-    def owner(self, topic: str, partition: int) -> int:
+    def _partition(self, topic: str, partition: int) -> dict:
         meta = self.topics.get(topic)
         if meta is None:
             raise UnknownTopic(f"unknown topic {topic!r}; create it with `bus topic create {topic}`")
         return meta["partitions"][partition]
+
+    def leader(self, topic: str, partition: int) -> int:
+        """The node id of the partition's leader (-1 while it has none)."""
+        return self._partition(topic, partition)["leader"]
+
+    def leader_epoch(self, topic: str, partition: int) -> int:
+        """The leader epoch requests to that leader carry, so a deposed or not yet informed leader is told."""
+        return self._partition(topic, partition)["leader_epoch"]
 
     def address(self, node_id: int) -> str:
         return self.nodes[node_id]["address"]

@@ -38,7 +38,7 @@ class ProducerBatch:
 
     __slots__ = ("topic", "partition", "flat", "count", "bytes", "created_s",
                  "deadline_s", "done", "base_offset", "append_ts_ms", "error", "callbacks", "payload",
-                 "producer_id", "producer_epoch", "sequence", "sent", "attempts")
+                 "producer_id", "producer_epoch", "sequence", "sent", "attempts", "maybe_written", "last_error")
 
     def __init__(self, topic, partition, created_s, deadline_s):
         self.topic, self.partition = topic, partition
@@ -53,8 +53,12 @@ class ProducerBatch:
         self.callbacks = None  # [(index, fn)] run by the sender thread on completion
         self.payload = None  # the packed batch, made once by the sender
         self.producer_id = self.producer_epoch = self.sequence = -1
-        self.sent = False  # ever handed to a socket: failure after that is indeterminate
+        self.sent = False  # ever handed to a socket
         self.attempts = 0
+        # Whether an attempt ended without a definite answer (a timeout, a lost connection, an append that
+        # was not committed): only then may the batch be stored although it failed.
+        self.maybe_written = False
+        self.last_error = None  # the last retriable error an attempt met
 
     def complete(self, base_offset: int, error: BaseException | None, append_ts_ms: int = -1) -> None:
         self.base_offset, self.error, self.append_ts_ms = base_offset, error, append_ts_ms
@@ -173,7 +177,7 @@ _map, _add = map, operator.add
 
 
 class Producer:
-    def __init__(self, bootstrap: str | None = None, *, acks=1, linger_ms: int = 2, batch_bytes: int = 1 << 20,
+    def __init__(self, bootstrap: str | None = None, *, acks="all", linger_ms: int = 2, batch_bytes: int = 1 << 20,
                  buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000, request_timeout_ms: int = 30_000,
                  delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
                  max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
@@ -196,7 +200,8 @@ class Producer:
         if idempotent and acks == 0:
             raise ConfigError("the idempotent producer needs acks=1 or 'all' (or pass idempotent=False)")
         self.bootstrap = check_bootstrap(bootstrap)
-        self.acks = 1 if acks in (-1, "all") else acks
+        # On the wire: 0, 1, or -1 for "all" (every in-sync replica has the batch on disk; Kafka's value).
+        self.acks = -1 if acks in (-1, "all") else acks
         self.linger_s = linger_ms / 1000
         self.batch_bytes = batch_bytes
         self.buffer_bytes = buffer_bytes

@@ -177,11 +177,14 @@ class Sender(BackgroundIO):
                     self._renumber(queue)
                 queue.retrying = False
             try:
-                node_id = self.metadata.owner(topic, partition)
+                node_id = self.metadata.leader(topic, partition)
             except UnknownTopic:
                 self._refresh_metadata(force=True)
                 continue
-            if node_id not in self.metadata.nodes:
+            connection = self.nodes.get(node_id)
+            if not self.metadata.nodes.get(node_id, {}).get("alive") or (connection is not None and connection.down):
+                # No leader, or one that is down: an election is under way; ask until it is over.
+                self._refresh_metadata(force=True)
                 continue
             by_node.setdefault(node_id, []).append(queue)
         for node_id, queues in by_node.items():
@@ -215,7 +218,8 @@ class Sender(BackgroundIO):
 
     def _send_request(self, node_id: int, connection: Connection, batches: list, now_s: float) -> None:
         request_id = next_request_id()
-        args = {"acks": self.producer.acks, "parts": [[b.topic, b.partition] for b in batches]}
+        args = {"acks": self.producer.acks, "timeout_ms": int(self.request_timeout_s * 1000),
+                "parts": [[b.topic, b.partition, self.metadata.leader_epoch(b.topic, b.partition)] for b in batches]}
         for batch in batches:
             batch.sent = True
             batch.attempts += 1
@@ -267,6 +271,9 @@ class Sender(BackgroundIO):
 
     def _retry(self, batch, exc: BusError, counted: bool = False) -> None:
         queue = self.partitions[(batch.topic, batch.partition)]
+        batch.last_error = exc
+        if exc.outcome != DEFINITE:
+            batch.maybe_written = True
         if counted:
             queue.in_flight -= 1
         queue.retrying = True
@@ -298,6 +305,12 @@ class Sender(BackgroundIO):
         for queue in self.partitions.values():
             while queue.queue and queue.queue[0].deadline_s <= now_s:
                 batch = queue.queue.pop(0)
+                if batch.sent and not batch.maybe_written and batch.last_error is not None:
+                    # Every attempt was refused before anything was written (e.g. NotEnoughReplicas): say
+                    # which refusal, and that it is definite.
+                    self._fail(queue, batch, error_for(batch.last_error.code, f"{batch.last_error.message} "
+                                                       "(not written; delivery_timeout_ms passed)"))
+                    continue
                 outcome = INDETERMINATE if batch.sent else DEFINITE
                 exc = Timeout(f"record not acknowledged within delivery_timeout_ms "
                               f"({'it may have been written' if batch.sent else 'it was never sent'})")

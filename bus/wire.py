@@ -21,7 +21,9 @@ import msgpack
 from .errors import BusError, InvalidRequest, UnsupportedVersion
 
 # 2: produce results carry the append time; batches are format 2 (bus/batch.py).
-VERSION = 2
+# 3: replication: partitions in metadata are {leader, leader_epoch, replicas, isr, partition_epoch}; produce,
+#    fetch and list-offsets name the leader epoch they believe in; replica_fetch, alter_partition, elect_leaders.
+VERSION = 3
 # The header frame is small by construction; anything bigger is a rogue client, refused before decoding.
 HEADER_BYTES_MAX = 1 << 20
 
@@ -36,12 +38,15 @@ IDEMPOTENCE_WINDOW_BATCHES = 16
 PRODUCE = "produce"
 FETCH = "fetch"
 LIST_OFFSETS = "list_offsets"
+REPLICA_FETCH = "replica_fetch"  # a follower's fetch from its leader
 # Ops served by the coordinator.
 METADATA = "metadata"
 CREATE_TOPIC = "create_topic"
 DELETE_TOPIC = "delete_topic"
 NODE_HEARTBEAT = "node_heartbeat"
 INIT_PRODUCER_ID = "init_producer_id"
+ALTER_PARTITION = "alter_partition"  # a leader's ISR change (compare-and-set on the partition epoch)
+ELECT_LEADERS = "elect_leaders"  # an operator's unclean election
 GROUP_JOIN = "group_join"
 GROUP_HEARTBEAT = "group_heartbeat"
 GROUP_LEAVE = "group_leave"

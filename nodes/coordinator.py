@@ -19,10 +19,10 @@ import zmq
 
 from bus import wire
 from bus.clock import LOOP_WAIT_MS_MAX, monotonic_ms
-from bus.errors import BusError
+from bus.errors import BusError, InvalidRequest
 from store import MetaStore
 
-from .controller import KEY_PREFIXES, NODE_SESSION_TIMEOUT_MS, Controller, Outcome
+from .controller import KEY_PREFIXES, NO_LEADER, NODE_SESSION_TIMEOUT_MS, Controller, Outcome
 from .group_service import GroupService
 from .server import Request, RouterServer, install_stop_handlers
 
@@ -42,17 +42,22 @@ class Coordinator:
         # A new cluster gets its id here, for good: a node that joined another cluster (e.g. this
         # coordinator's data directory was lost and started afresh) refuses to take placement from it
         # rather than drop its logs.
-        self.controller, records = Controller.restore(stored, uuid.uuid4().hex,
+        self.controller, records = Controller.restore(stored, uuid.uuid4().hex, monotonic_ms(),
                                                       node_session_timeout_ms=node_session_timeout_ms)
         self.store.apply(list(records))
+        self.node_identities: dict[int, bytes] = {}  # node id -> its DEALER's identity, to push placement to
         self.groups = self.group_service_class(self.store, lambda: self.controller.topics)
         self.handlers = {
             wire.METADATA: lambda r: self.controller.metadata(r.args.get("topics"), r.args.get("strict"),
                                                               r.received_ms),
             wire.CREATE_TOPIC: self._create_topic,
             wire.DELETE_TOPIC: self._delete_topic,
-            wire.NODE_HEARTBEAT: lambda r: self._persisted(self.controller.node_heartbeat(
-                r.args["node_id"], r.args["address"], r.args.get("instance"), r.args.get("version"), r.received_ms)),
+            wire.NODE_HEARTBEAT: self._node_heartbeat,
+            wire.ALTER_PARTITION: lambda r: self._persisted(self.controller.alter_partition(
+                r.args["node_id"], r.args.get("instance"), r.args["topic"], r.args["partition"],
+                r.args["leader_epoch"], r.args["partition_epoch"], r.args["isr"], r.args.get("incarnations"),
+                r.received_ms)),
+            wire.ELECT_LEADERS: self._elect_leaders,
             wire.INIT_PRODUCER_ID: lambda r: self._persisted(self.controller.init_producer_id(r.received_ms)),
             wire.PING: lambda r: {"coordinator": True},
         }
@@ -71,11 +76,12 @@ class Coordinator:
         try:
             while not self.stopping:
                 timeout_ms = LOOP_WAIT_MS_MAX
-                deadline_ms = self.groups.next_deadline_ms()
-                if deadline_ms is not None:
-                    timeout_ms = max(0, min(timeout_ms, deadline_ms - monotonic_ms()))
+                for deadline_ms in (self.groups.next_deadline_ms(), self.controller.next_deadline_ms()):
+                    if deadline_ms is not None:
+                        timeout_ms = max(0, min(timeout_ms, deadline_ms - monotonic_ms()))
                 if poller.poll(timeout_ms):
                     self.server.serve_turn(self.handlers)
+                self._persisted(self.controller.tick(monotonic_ms()))
                 self.groups.tick(monotonic_ms())
         finally:
             self.close()
@@ -83,17 +89,57 @@ class Coordinator:
     # -- handlers ------------------------------------------------------------------------------------
 
     def _persisted(self, outcome: Outcome):
-        """Write what the controller decided, then hand back its reply."""
+        """Write what the controller decided, then tell the nodes if the placement changed, then hand back
+        its reply: no node and no client hears of a change before it is on disk."""
         self.store.apply(list(outcome.records))
+        if outcome.notify:
+            self._push_placement()
         return outcome.reply
+
+    def _push_placement(self) -> None:
+        """Send the placement down every live node's DEALER (as a reply with no request id), so a new leader
+        learns of its election at once rather than at its next heartbeat."""
+        frames = wire.encode_reply(None, self.controller.placement())
+        for node_id, identity in self.node_identities.items():
+            node = self.controller.nodes.get(node_id)
+            if node is not None and self.controller.alive(node):
+                try:
+                    self.server.socket.send_multipart([identity, *frames], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # gone or not reading: its next heartbeat brings the placement
+
+    def _node_heartbeat(self, request: Request):
+        args = request.args
+        reply = self._persisted(self.controller.node_heartbeat(
+            args["node_id"], args["address"], args.get("instance"), args.get("dir_id"), args.get("version"),
+            request.received_ms))
+        self.node_identities[args["node_id"]] = request.identity
+        return reply
 
     def _create_topic(self, request: Request):
         args = request.args
         reply = self._persisted(self.controller.create_topic(
             args["name"], args.get("partitions", 1), args.get("retention_ms"), args.get("retention_bytes"),
-            request.received_ms))
+            request.received_ms, replication_factor=args.get("replication_factor"),
+            min_insync_replicas=args.get("min_insync_replicas")))
         self.groups.metadata_changed(request.received_ms)
         return reply
+
+    def _elect_leaders(self, request: Request):
+        """The operator's unclean election (``bus topic elect --unclean``) for leaderless partitions."""
+        args = request.args
+        if args.get("unclean") is not True:
+            raise InvalidRequest("only unclean elections are asked for: a clean one happens by itself")
+        topic = args["topic"]
+        partitions = args.get("partitions")
+        if partitions is None:
+            partitions = [i for i, p in enumerate(self.controller.topics.get(topic, {"partitions": []})["partitions"])
+                          if p["leader"] == NO_LEADER]
+        elected = []
+        for partition in partitions:
+            state = self._persisted(self.controller.elect_unclean(topic, partition, request.received_ms))
+            elected.append([partition, state["leader"]])
+        return {"elected": elected}
 
     def _delete_topic(self, request: Request):
         reply = self._persisted(self.controller.delete_topic(request.args["name"], request.received_ms))

@@ -1,14 +1,23 @@
-"""The partition-owner node: one process serving produce, fetch and list-offsets for the partitions it owns.
+"""The partition-owner node: one process serving produce, fetch and list-offsets for the partitions it
+leads, and replicating those it follows (docs/replication.md).
 
-It owns: a ROUTER socket for clients, a DEALER to the coordinator (registration and heartbeats, which
-bring back the placement), and a ``LogStore`` (one LMDB environment). One thread, one loop:
+It owns: a ROUTER socket for clients and for followers' fetches, a DEALER to the coordinator
+(registration, heartbeats and ISR changes; the coordinator pushes placement changes down it), a DEALER to
+each leader it follows (nodes/follower.py), and a ``LogStore`` (one LMDB environment). The decisions of
+replication are the replica core's (nodes/replica.py), one ``Replica`` per partition it holds; this shell
+stores, sends and replies. One thread, one loop:
 
-1. wait for requests, the next long-poll deadline, or the next heartbeat;
-2. drain every request waiting; produces of that turn are appended in ONE transaction, synced once
-   (group commit), and only then acknowledged;
-3. answer parked long-poll fetches whose partitions grew, or whose ``max_wait_ms`` ran out.
+1. wait for requests, replies, the next deadline (long polls, ISR lag, heartbeats);
+2. apply placement pushed by the coordinator before anything else;
+3. drain every request waiting; produces of that turn are appended in ONE transaction, synced once (group
+   commit); acks=1 is answered then, acks=all once the high watermark passes the batches (the
+   purgatory, nodes/purgatory.py), which for a partition with one replica is at once;
+4. store what the leaders sent this node's followers, synced, and ask them again at once (that fetch
+   tells the leader the new log end);
+5. answer long polls that can be answered, expire what is due, propose ISR changes.
 
-It never unpacks a record: batches are stored and served as the producer packed them.
+It never unpacks a record: batches are stored and served as the producer packed them, and followers store
+them byte for byte.
 """
 
 from __future__ import annotations
@@ -20,12 +29,17 @@ import uuid
 
 import zmq
 
+from bus import batch as batch_format
 from bus import wire
 from bus.clock import LOOP_WAIT_MS_MAX, monotonic_ms, now_ms
-from bus.errors import (BusError, NotOwner, OffsetOutOfRange, RecordTooLarge, UnknownPartition,
-                        UnknownTopic, InvalidRequest)
+from bus.errors import (BusError, CorruptRecord, InvalidRequest, NotCommitted, NotLeader, OffsetOutOfRange,
+                        RecordTooLarge, Timeout, UnknownPartition, UnknownTopic)
 from store import LogStore
 
+from .follower import REPLICA_FETCH_PART_BYTES_MAX, FollowerLinks
+from .purgatory import Purgatory
+from .replica import (ACKS_ALL, BECAME_FOLLOWER, BECAME_LEADER, FOLLOWER, ISR_CHANGED, LEADER, STOPPED,
+                      Assignment, Replica, divergence)
 from .server import LATER, Reply, Request, RouterServer, install_stop_handlers
 
 log = logging.getLogger("bus.node")
@@ -36,6 +50,9 @@ RETENTION_CHECK_INTERVAL_MS = 1_000
 BATCH_BYTES_MAX = 16 << 20  # the largest batch a node stores; producers default to 1 MiB
 MESSAGE_BYTES_MAX = 64 << 20  # zmq refuses larger messages outright (a rogue client cannot OOM us)
 FETCH_WAIT_MS_MAX = 60_000
+PRODUCE_TIMEOUT_MS_DEFAULT = 30_000  # how long an acks=all produce waits for its batches to be committed
+PRODUCE_TIMEOUT_MS_MAX = 300_000
+ALTER_TIMEOUT_MS = 5_000  # an ISR change unanswered this long is forgotten (the replica asks again)
 MAP_SIZE_INITIAL_BYTES = 1 << 28  # the LMDB map starts here (or at --map-size-max if lower) and doubles
 # keep_freed_memory(): allocations up to this size come from the heap, not their own mapping ...
 MALLOC_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc accepts no more
@@ -43,28 +60,34 @@ MALLOC_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc accepts no more
 MALLOC_TRIM_THRESHOLD_BYTES = 512 << 20
 MALLOC_TOP_PAD_BYTES = 64 << 20
 
+ACKS = {0: 0, 1: 1, -1: ACKS_ALL, "all": ACKS_ALL}
 
-class ParkedFetch:
-    """A long-poll fetch waiting for ``min_bytes`` to arrive or its deadline to pass."""
 
-    __slots__ = ("identity", "request_id", "parts", "min_bytes", "max_bytes", "deadline_s", "logs")
-
-    def __init__(self, identity, request_id, parts, min_bytes, max_bytes, deadline_s, logs):
-        self.identity, self.request_id, self.parts = identity, request_id, parts
-        self.min_bytes, self.max_bytes, self.deadline_s, self.logs = min_bytes, max_bytes, deadline_s, logs
+def _error_part(exc: BusError) -> list:
+    return [exc.code, exc.message, -1, False, -1]
 
 
 class Node:
-    store_class = LogStore  # a subclass may run on a subclass of the store (the fault harness's builds do)
+    # A subclass may run on subclasses of the store and of the replica core (the fault harness's builds do).
+    store_class = LogStore
+    replica_class = Replica
 
     def __init__(self, node_id: int, data_dir: str, bind: str, coordinator: str, *, advertise: str | None = None,
                  sync: str = "always", map_size_max_bytes: int = 1 << 40,
                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
                  retention_check_interval_ms: int = RETENTION_CHECK_INTERVAL_MS):
         self.node_id = node_id
-        self.store = self.store_class(data_dir, sync=sync, map_size_bytes=min(MAP_SIZE_INITIAL_BYTES, map_size_max_bytes),
-                              map_size_max_bytes=map_size_max_bytes)
+        # The high watermark is the replica core's to move (nodes/replica.py), not the store's on append.
+        self.store = self.store_class(data_dir, sync=sync,
+                                      map_size_bytes=min(MAP_SIZE_INITIAL_BYTES, map_size_max_bytes),
+                                      map_size_max_bytes=map_size_max_bytes, high_watermark_follows_append=False)
         self.store.claim_identity(f"node-{node_id}")
+        # Who this data directory is: a node back under its id with another one (it lost its disk) must not
+        # be taken for a replica holding its old data (KIP-903).
+        self.dir_id = self.store.get_meta(b"n:dir_id")
+        if self.dir_id is None:
+            self.dir_id = uuid.uuid4().hex
+            self.store.put_meta(b"n:dir_id", self.dir_id)
         self.context = zmq.Context()
         self.context.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
         self.server = RouterServer(self.context, bind, role="node")
@@ -72,9 +95,10 @@ class Node:
         self.coordinator = self.context.socket(zmq.DEALER)
         self.coordinator.setsockopt(zmq.LINGER, 0)
         self.coordinator.setsockopt(zmq.IMMEDIATE, 1)  # don't queue heartbeats for a coordinator that is down
-        self.coordinator.setsockopt(zmq.SNDHWM, 4)
+        self.coordinator.setsockopt(zmq.SNDHWM, 64)
         self.coordinator.connect(coordinator)
-        self.instance = uuid.uuid4().hex  # tells the coordinator this is a new incarnation
+        self.instance = uuid.uuid4().hex  # this incarnation: the coordinator tells a restart by it
+        self.links = FollowerLinks(self.context, node_id, self.instance)
         self.heartbeat_interval_s = heartbeat_interval_ms / 1000
         self.retention_interval_s = retention_check_interval_ms / 1000
         self.next_heartbeat_s = 0.0
@@ -83,52 +107,95 @@ class Node:
         self.stopping = False
         self.refused = None  # why the coordinator refused this node, which then stops (exit status 1)
         self.request_seq = 0
+        self.alters: dict[int, tuple] = {}  # request id -> (tp, deadline_s): ISR changes out to the coordinator
+        self.hw_waiters = Purgatory()  # consumer fetches and acks=all produces: woken when the high watermark moves
+        self.append_waiters = Purgatory()  # followers' fetches: woken by an append
+        self.handlers = {wire.PRODUCE: self._produce, wire.FETCH: self._fetch, wire.LIST_OFFSETS: self._list_offsets,
+                         wire.REPLICA_FETCH: self._replica_fetch, wire.PING: lambda request: {"node_id": self.node_id}}
+        self.produces: list = []  # this turn's produce requests, committed together at its end
         # The placement as last heard from the coordinator, cached on disk so a restarted node serves its
         # partitions even while the coordinator is down.
         self.placement_version = -1
         self.topics: dict[str, dict] = {}
-        self.owned: dict[tuple[str, int], object] = {}  # (topic, partition) -> PartitionLog
+        self.addresses: dict[int, str] = {}  # node id -> address, for following leaders
+        self.logs: dict[tuple, object] = {}  # (topic, partition) -> PartitionLog, for the partitions held here
+        self.replicas: dict[tuple, Replica] = {}
         self.cluster_id = self.store.get_meta(b"n:cluster_id")  # the cluster whose coordinator this node follows
         cached = self.store.get_meta(b"n:placement")
         if cached is not None:
-            self._apply_placement(cached["version"], cached["topics"], persist=False)
-        self.parked: dict[int, ParkedFetch] = {}
-        self.parked_by_log: dict[str, set[int]] = {}
-        self.parked_seq = 0
-        self.handlers = {wire.PRODUCE: self._produce, wire.FETCH: self._fetch, wire.LIST_OFFSETS: self._list_offsets,
-                         wire.PING: lambda request: {"node_id": self.node_id}}
-        self.produces: list = []  # this turn's produce requests, committed together at its end
+            self._apply_placement(cached["version"], cached["topics"], cached.get("nodes", {}), persist=False)
 
     # -- placement ---------------------------------------------------------------------------------
 
-    def _apply_placement(self, version: int, topics: dict, persist: bool = True) -> None:
-        mine = {}  # (topic, partition) -> log name, for the partitions this node owns
+    def _apply_placement(self, version: int, topics: dict, addresses: dict, persist: bool = True) -> None:
+        wanted = {}  # (topic, partition) -> (log name, min ISR, Assignment), for the partitions held here
         for name, topic in topics.items():
-            for partition, owner in enumerate(topic["partitions"]):
-                if owner == self.node_id:
-                    mine[(name, partition)] = f"{topic['id']}/{partition}"
-        live_names = set(mine.values())
+            for index, state in enumerate(topic["partitions"]):
+                if self.node_id in state["replicas"]:
+                    wanted[(name, index)] = (f"{topic['id']}/{index}", topic["min_insync_replicas"],
+                                             Assignment.from_wire(state))
+        live_names = {log_name for log_name, _, _ in wanted.values()}
+        for tp in [tp for tp in self.logs if tp not in wanted]:
+            self._release(tp)
         # Drop before opening: LMDB holds a fixed number of partition databases (store.log_store.PARTITIONS_MAX).
         for stale in [name for name in self.store.logs if name not in live_names]:
             # Its topic was deleted (ids are never reused, so a re-created topic gets fresh logs).
-            self._unpark_log(stale)
             self.store.drop_partition(stale)
-        owned = {key: self.store.open_partition(log_name) for key, log_name in mine.items()}
-        self.topics, self.owned, self.placement_version = topics, owned, version
+        self.topics, self.placement_version = topics, version
+        self.addresses = {int(k): v for k, v in addresses.items()}
+        now = monotonic_ms()
+        for tp, (log_name, min_insync, assignment) in wanted.items():
+            plog = self.logs.get(tp)
+            if plog is None or plog.name != log_name:
+                plog = self.logs[tp] = self.store.open_partition(log_name)
+                self.replicas[tp] = self.replica_class(self.node_id, min_insync, high_watermark=plog.high_watermark)
+            self._apply_assignment(tp, assignment, now)
+        self._follow()
         if persist:
-            self.store.put_meta(b"n:placement", {"version": version, "topics": topics})
+            self.store.put_meta(b"n:placement", {"version": version, "topics": topics, "nodes": addresses})
 
-    def _log_for(self, topic, partition):
-        plog = self.owned.get((topic, partition))
-        if plog is not None:
-            return plog
+    def _apply_assignment(self, tp: tuple, assignment: Assignment, now: int) -> None:
+        replica, plog = self.replicas[tp], self.logs[tp]
+        change = replica.apply(assignment, plog.next_offset, now)
+        if change == BECAME_LEADER:
+            self.store.begin_epoch(plog, assignment.leader_epoch)
+            log.info("node %d leads %s/%s at epoch %d, ISR %s", self.node_id, *tp, assignment.leader_epoch,
+                     list(assignment.isr))
+        elif change == BECAME_FOLLOWER:
+            log.info("node %d follows node %d for %s/%s at epoch %d", self.node_id, assignment.leader, *tp,
+                     assignment.leader_epoch)
+        elif change == ISR_CHANGED:
+            log.info("node %d: the ISR of %s/%s is now %s", self.node_id, *tp, list(assignment.isr))
+        if change in (BECAME_LEADER, ISR_CHANGED):
+            self._advance(tp)
+        if change in (BECAME_LEADER, BECAME_FOLLOWER, STOPPED):
+            # What waits on this partition answers now, with the new role's word (NOT_LEADER for a follower).
+            self.hw_waiters.check(tp)
+            self.append_waiters.check(tp)
+
+    def _release(self, tp: tuple) -> None:
+        """This node no longer holds ``tp``: answer what waits on it and forget it."""
+        self.replicas.pop(tp, None)
+        self.logs.pop(tp, None)
+        self.hw_waiters.expire_all(tp)
+        self.append_waiters.expire_all(tp)
+
+    def _follow(self) -> None:
+        self.links.follow({tp: r.leader for tp, r in self.replicas.items() if r.role == FOLLOWER}, self.addresses)
+
+    def _replica_for(self, topic, partition) -> Replica:
+        """The replica of ``topic``/``partition`` held here, or the typed error a client acts on."""
+        replica = self.replicas.get((topic, partition))
+        if replica is not None:
+            return replica
         meta = self.topics.get(topic)
         if meta is None:
             self._ask_placement_soon()
             raise UnknownTopic(f"topic {topic!r} is not known to node {self.node_id}")
         if not isinstance(partition, int) or not 0 <= partition < len(meta["partitions"]):
             raise UnknownPartition(f"topic {topic!r} has no partition {partition!r}")
-        raise NotOwner(f"node {self.node_id} does not own {topic}/{partition}")
+        leader = meta["partitions"][partition]["leader"]
+        raise NotLeader(f"node {self.node_id} holds no replica of {topic}/{partition} (the leader is node {leader})")
 
     def _ask_placement_soon(self) -> None:
         """A client named a topic this node has not heard of: it may have just been created, so heartbeat now
@@ -138,45 +205,64 @@ class Node:
             self.placement_ask_s = now_s + PLACEMENT_ASK_INTERVAL_MS / 1000
             self.next_heartbeat_s = min(self.next_heartbeat_s, now_s)
 
+    def _advance(self, tp: tuple) -> None:
+        """The leader's high watermark may move (an append, a follower's fetch, an ISR change)."""
+        replica = self.replicas[tp]
+        if replica.advance(self.logs[tp].next_offset):
+            self._high_watermark_moved(tp)
+
+    def _high_watermark_moved(self, tp: tuple) -> None:
+        self.store.set_high_watermark(self.logs[tp], self.replicas[tp].high_watermark)
+        self.hw_waiters.check(tp)
+
     # -- the loop ----------------------------------------------------------------------------------
 
     def stop(self) -> None:
         self.stopping = True
 
     def serve_forever(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.server.socket, zmq.POLLIN)
-        poller.register(self.coordinator, zmq.POLLIN)
         log.info("node %d serving on %s (advertised %s)", self.node_id, self.server.bind, self.advertise)
         try:
             while not self.stopping:
+                poller = zmq.Poller()
+                poller.register(self.coordinator, zmq.POLLIN)
+                poller.register(self.server.socket, zmq.POLLIN)
+                for socket in self.links.sockets():
+                    poller.register(socket, zmq.POLLIN)
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if self.coordinator in ready:
                     self._drain_coordinator()
                 if self.server.socket in ready:
                     self._turn()
+                for link, error, result, bulk in self.links.replies(ready):
+                    self._replica_fetched(link, error, result, bulk)
                 self._timers()
+                self.links.send_due(time.monotonic(), self._fetch_parts)
         finally:
             self.close()
 
     def _poll_timeout_ms(self) -> int:
         now_s = time.monotonic()
         wake_s = min(self.next_heartbeat_s, now_s + LOOP_WAIT_MS_MAX / 1000)
-        if self.parked:
-            wake_s = min(wake_s, min(p.deadline_s for p in self.parked.values()))
+        for deadline_s in (self.hw_waiters.next_deadline_s(), self.append_waiters.next_deadline_s(),
+                           self.links.next_deadline_s(now_s)):
+            if deadline_s is not None:
+                wake_s = min(wake_s, deadline_s)
         return max(0, int((wake_s - now_s) * 1000) + 1)
 
     def _timers(self) -> None:
         now_s = time.monotonic()
-        if self.parked:
-            for key in [k for k, p in self.parked.items() if p.deadline_s <= now_s]:
-                self._answer_parked(key)
+        self.hw_waiters.expire(now_s)
+        self.append_waiters.expire(now_s)
         if now_s >= self.next_heartbeat_s:
             self._send_heartbeat()
             self.next_heartbeat_s = now_s + self.heartbeat_interval_s
         if now_s >= self.next_retention_s:
             self._retention()
             self.next_retention_s = now_s + self.retention_interval_s
+        for request_id in [r for r, (_, deadline_s) in self.alters.items() if deadline_s <= now_s]:
+            del self.alters[request_id]
+        self._propose(monotonic_ms())
         self.store.flush_due(monotonic_ms())
 
     def _turn(self) -> None:
@@ -190,125 +276,329 @@ class Node:
 
     def _produce(self, request: Request):
         """Check a produce and hold it for this turn's group commit (``_commit`` replies)."""
-        parts, bulk = request.args["parts"], request.bulk
-        acks = request.args.get("acks", 1)
+        args, bulk = request.args, request.bulk
+        parts, raw_acks = args["parts"], args.get("acks", 1)
+        acks = ACKS.get(raw_acks) if isinstance(raw_acks, (int, str)) else None
+        if acks is None:
+            raise InvalidRequest(f"acks must be 0, 1 or \"all\", not {args.get('acks')!r}")
+        timeout_ms = min(int(args.get("timeout_ms", PRODUCE_TIMEOUT_MS_DEFAULT)), PRODUCE_TIMEOUT_MS_MAX)
         if not isinstance(parts, list) or len(parts) != len(bulk):
             raise InvalidRequest(f"produce names {len(parts) if isinstance(parts, list) else '?'} "
                                  f"partitions but carries {len(bulk)} batches")
         results, items = [None] * len(parts), []
-        for index, ((topic, partition), buf) in enumerate(zip(parts, bulk)):
+        for index, (part, buf) in enumerate(zip(parts, bulk)):
+            topic, partition, *epoch = part
             try:
-                plog = self._log_for(topic, partition)
+                replica = self._replica_for(topic, partition)
+                replica.check_produce(epoch[0] if epoch else None, acks)
                 if len(buf) > BATCH_BYTES_MAX:
                     raise RecordTooLarge(f"batch of {len(buf)} bytes exceeds the node's {BATCH_BYTES_MAX}")
-                items.append((index, plog, buf))
+                items.append((index, (topic, partition), buf))
             except BusError as exc:
-                results[index] = [exc.code, exc.message, -1, False, -1]
-        self.produces.append((request.identity, request.request_id, acks, results, items))
+                results[index] = _error_part(exc)
+        self.produces.append((request.identity, request.request_id, acks, timeout_ms, results, items))
         return LATER
 
     def _commit(self, produces: list) -> None:
-        flat = [(plog, buf) for *_, items in produces for _, plog, buf in items]
+        flat = [(self.logs[tp], buf) for *_, items in produces for _, tp, buf in items]
         outcomes = iter(self.store.append(flat) if flat else ())
-        grown = set()
-        for identity, request_id, acks, results, items in produces:
-            for index, plog, _ in items:
+        appended = set()
+        waiting = []
+        for identity, request_id, acks, timeout_ms, results, items in produces:
+            required = {}  # index -> (tp, leader epoch, end offset): what acks=all waits for
+            for index, tp, buf in items:
                 outcome = next(outcomes)
                 if isinstance(outcome, BusError):
-                    results[index] = [outcome.code, outcome.message, -1, False, -1]
-                else:
-                    base_offset, append_ts_ms, duplicate = outcome
-                    results[index] = [None, None, base_offset, duplicate, append_ts_ms]
-                    grown.add(plog.name)
-            if acks != 0:
+                    results[index] = _error_part(outcome)
+                    continue
+                base_offset, append_ts_ms, duplicate = outcome
+                results[index] = [None, None, base_offset, duplicate, append_ts_ms]
+                appended.add(tp)
+                if acks == ACKS_ALL:
+                    end_offset = base_offset + batch_format.read_header(buf).record_count
+                    required[index] = (tp, self.replicas[tp].leader_epoch, end_offset)
+            waiting.append((identity, request_id, acks, timeout_ms, results, required))
+        for tp in appended:
+            self.append_waiters.check(tp)  # followers waiting for data
+            self._advance(tp)  # one replica: committed at once
+        for identity, request_id, acks, timeout_ms, results, required in waiting:
+            if acks == 0:
+                continue
+            if not required:
                 self.server.reply(identity, request_id, {"parts": results})
-        for name in grown:
-            for key in list(self.parked_by_log.get(name, ())):
-                self._answer_parked(key, only_if_ready=True)
+            else:
+                self._wait_for_commit(identity, request_id, timeout_ms, results, required)
+
+    def _wait_for_commit(self, identity, request_id, timeout_ms: int, results: list, required: dict) -> None:
+        """Answer an acks=all produce once the high watermark passed each of its batches (in the leader's
+        epoch that appended it), or with the error its partition gives meanwhile."""
+
+        def try_complete() -> bool:
+            for index, (tp, epoch, end_offset) in list(required.items()):
+                replica = self.replicas.get(tp)
+                if replica is None or replica.role != LEADER or replica.leader_epoch != epoch:
+                    results[index] = _error_part(NotCommitted(
+                        f"leadership of {tp[0]}/{tp[1]} moved before the batch was committed (it may or may not be kept)"))
+                elif replica.high_watermark >= end_offset:
+                    pass  # committed: the result already holds its offset
+                else:
+                    continue
+                del required[index]
+            if required:
+                return False
+            self.server.reply(identity, request_id, {"parts": results})
+            return True
+
+        def expire() -> None:
+            for index in required:
+                results[index] = _error_part(Timeout("the batch was not committed within the produce timeout "
+                                                     "(it may or may not be kept)"))
+            self.server.reply(identity, request_id, {"parts": results})
+
+        if not try_complete():
+            self.hw_waiters.add({tp for tp, _, _ in required.values()}, time.monotonic() + timeout_ms / 1000,
+                                try_complete, expire)
 
     # -- fetch -------------------------------------------------------------------------------------
 
     def _fetch(self, request: Request):
         args = request.args
-        parts = [(topic, partition, int(offset), int(part_bytes_max))
-                 for topic, partition, offset, part_bytes_max in args["parts"]]
+        parts = []
+        for part in args["parts"]:
+            topic, partition, offset, part_bytes_max, *epoch = part
+            parts.append((topic, partition, int(offset), int(part_bytes_max), epoch[0] if epoch else None))
         max_wait_ms = min(int(args.get("max_wait_ms", 0)), FETCH_WAIT_MS_MAX)
         min_bytes = int(args.get("min_bytes", 1))
         max_bytes = int(args.get("max_bytes", 50 << 20))
         result, bulk, total = self._read_parts(parts, max_bytes)
         if total >= min_bytes or max_wait_ms <= 0 or any(r[2] for r in result):
             return Reply({"parts": result}, bulk)
-        logs = [self.owned[(t, p)].name for t, p, _, _ in parts]
-        self.parked_seq += 1
-        key = self.parked_seq
-        self.parked[key] = ParkedFetch(request.identity, request.request_id, parts, min_bytes, max_bytes,
-                                       time.monotonic() + max_wait_ms / 1000, logs)
-        for name in logs:
-            self.parked_by_log.setdefault(name, set()).add(key)
+
+        def answer(final: bool) -> bool:
+            result, bulk, total = self._read_parts(parts, max_bytes)
+            if not final and total < min_bytes and not any(r[2] for r in result):
+                return False
+            self.server.reply(request.identity, request.request_id, {"parts": result}, bulk)
+            return True
+
+        self.hw_waiters.add({(t, p) for t, p, *_ in parts}, time.monotonic() + max_wait_ms / 1000,
+                            lambda: answer(False), lambda: answer(True))
         return LATER
 
     def _read_parts(self, parts, max_bytes):
+        """A consumer's read: from the leader, up to the high watermark. The end offset reported is the
+        high watermark, or -1 while a new leader's is not known yet (clients keep the one they had)."""
         result, bulk, total = [], [], 0
-        for topic, partition, offset, part_bytes_max in parts:
+        for topic, partition, offset, part_bytes_max, epoch in parts:
+            plog = self.logs.get((topic, partition))
             try:
-                plog = self._log_for(topic, partition)
-                data, next_offset = self.store.read(plog, offset, max(1, min(part_bytes_max, max_bytes - total)))
-                result.append([topic, partition, None, None, plog.start_offset, plog.next_offset, next_offset])
+                replica = self._replica_for(topic, partition)
+                replica.check_epoch(epoch)
+                data, next_offset = self.store.read(plog, offset, max(1, min(part_bytes_max, max_bytes - total)),
+                                                    self._readable_end(replica, plog))
+                end = replica.high_watermark if replica.high_watermark_known else -1
+                result.append([topic, partition, None, None, plog.start_offset, end, next_offset])
                 bulk.append(data)
                 total += len(data)
             except BusError as exc:
-                plog = self.owned.get((topic, partition))
                 start, end = (plog.start_offset, plog.next_offset) if plog is not None else (-1, -1)
-                if plog is not None and not isinstance(exc, OffsetOutOfRange):
+                if isinstance(exc, CorruptRecord):
                     log.error("serving %s/%s failed: %s", topic, partition, exc)  # corrupt: loud, never served
                 result.append([topic, partition, exc.code, exc.message, start, end, offset])
                 bulk.append(b"")
         return result, bulk, total
 
-    def _answer_parked(self, key: int, only_if_ready: bool = False) -> None:
-        parked = self.parked[key]
-        result, bulk, total = self._read_parts(parked.parts, parked.max_bytes)
-        if only_if_ready and total < parked.min_bytes and not any(r[2] for r in result):
-            return
-        del self.parked[key]
-        for name in parked.logs:
-            waiting = self.parked_by_log.get(name)
-            if waiting is not None:
-                waiting.discard(key)
-                if not waiting:
-                    del self.parked_by_log[name]
-        self.server.reply(parked.identity, parked.request_id, {"parts": result}, bulk)
-
-    def _unpark_log(self, name: str) -> None:
-        for key in list(self.parked_by_log.get(name, ())):
-            self._answer_parked(key)
+    def _readable_end(self, replica: Replica, plog) -> int:
+        """Where a consumer's read stops: the high watermark, so a record read is never lost afterwards."""
+        return replica.high_watermark
 
     # -- list offsets --------------------------------------------------------------------------------
 
     def _list_offsets(self, request: Request) -> dict:
         out = []
-        for topic, partition, spec in request.args["parts"]:
+        for part in request.args["parts"]:
+            topic, partition, spec, *epoch = part
             try:
-                plog = self._log_for(topic, partition)
+                replica = self._replica_for(topic, partition)
+                plog = self.logs[(topic, partition)]
                 if spec == "earliest":
+                    replica.check_epoch(epoch[0] if epoch else None)
                     offset = plog.start_offset
                 elif spec == "latest":
-                    offset = plog.next_offset
-                elif isinstance(spec, int):
-                    offset = max(self.store.offset_for_time(plog, spec), plog.start_offset)
+                    replica.check_list_offsets(epoch[0] if epoch else None)
+                    offset = replica.high_watermark
+                elif isinstance(spec, int) and not isinstance(spec, bool):
+                    replica.check_list_offsets(epoch[0] if epoch else None)
+                    offset = max(self.store.offset_for_time(plog, spec, replica.high_watermark), plog.start_offset)
                 else:
                     raise InvalidRequest(f"offset spec must be 'earliest', 'latest' or a timestamp, not {spec!r}")
-                out.append([None, None, offset, plog.start_offset, plog.next_offset])
+                out.append([None, None, offset, plog.start_offset, replica.high_watermark])
             except BusError as exc:
                 out.append([exc.code, exc.message, -1, -1, -1])
         return {"parts": out}
 
+    # -- replication: the leader's side --------------------------------------------------------------
+
+    def _replica_fetch(self, request: Request):
+        """A follower's fetch: its log end per partition tells this leader how far it holds the log (and so
+        moves the high watermark); the answer carries what follows, up to the log end, or where the
+        follower's log diverged from this one (KIP-279)."""
+        args = request.args
+        follower, incarnation = args["replica_id"], args.get("incarnation")
+        max_wait_ms = min(int(args.get("max_wait_ms", 0)), FETCH_WAIT_MS_MAX)
+        max_bytes = int(args.get("max_bytes", 16 << 20))
+        now = monotonic_ms()
+        parts = []
+        for topic, partition, leader_epoch, fetch_offset, last_epoch, part_bytes_max in args["parts"]:
+            tp, fetch_offset = (topic, partition), int(fetch_offset)
+            parts.append((tp, leader_epoch, fetch_offset, int(last_epoch), int(part_bytes_max)))
+            try:
+                replica = self._replica_for(topic, partition)
+                replica.check_epoch(leader_epoch)
+                if follower not in replica.assignment.replicas or follower == self.node_id:
+                    continue  # answered as an error by _read_for_follower
+                plog = self.logs[tp]
+                if (divergence(plog, int(last_epoch), fetch_offset) is None
+                        and plog.start_offset <= fetch_offset <= plog.next_offset):
+                    if replica.follower_fetched(follower, incarnation, fetch_offset, plog.next_offset, now):
+                        self._high_watermark_moved(tp)
+            except BusError:
+                continue  # answered as an error by _read_for_follower
+        result, bulk, total, settled = self._read_for_follower(follower, parts, max_bytes)
+        if total > 0 or settled or max_wait_ms <= 0:
+            return Reply({"parts": result}, bulk)
+
+        def answer(final: bool) -> bool:
+            result, bulk, total, settled = self._read_for_follower(follower, parts, max_bytes)
+            if not final and total == 0 and not settled:
+                return False
+            self.server.reply(request.identity, request.request_id, {"parts": result}, bulk)
+            return True
+
+        self.append_waiters.add({tp for tp, *_ in parts}, time.monotonic() + max_wait_ms / 1000,
+                                lambda: answer(False), lambda: answer(True))
+        return LATER
+
+    def _read_for_follower(self, follower: int, parts, max_bytes: int):
+        """Per part ``[topic, partition, code, message, high watermark, log start, diverging epoch, diverging
+        end offset]`` and its batches. ``settled``: some part is an error or a divergence (answer now)."""
+        result, bulk, total, settled = [], [], 0, False
+        for tp, leader_epoch, fetch_offset, last_epoch, part_bytes_max in parts:
+            plog = self.logs.get(tp)
+            data, row = b"", None
+            try:
+                replica = self._replica_for(*tp)
+                replica.check_epoch(leader_epoch)
+                if follower not in replica.assignment.replicas or follower == self.node_id:
+                    raise NotLeader(f"node {follower} is not a follower of {tp[0]}/{tp[1]}")
+                diverged = divergence(plog, last_epoch, fetch_offset)
+                if diverged is not None:
+                    row = [*tp, None, None, replica.high_watermark, plog.start_offset, *diverged]
+                    settled = True
+                else:
+                    data, _ = self.store.read(plog, fetch_offset, max(1, min(part_bytes_max, max_bytes - total)))
+                    row = [*tp, None, None, replica.high_watermark, plog.start_offset, None, None]
+            except BusError as exc:
+                start = plog.start_offset if plog is not None else -1
+                row = [*tp, exc.code, exc.message, -1, start, None, None]
+                settled = True
+            result.append(row)
+            bulk.append(data)
+            total += len(data)
+        return result, bulk, total, settled
+
+    def _propose(self, now: int) -> None:
+        """Send the ISR changes the leaders here want (one in flight per partition)."""
+        for tp, replica in self.replicas.items():
+            if replica.role != LEADER:
+                continue
+            proposal = replica.proposal(self.logs[tp].next_offset, now)
+            if proposal is None:
+                continue
+            self.request_seq += 1
+            args = {"node_id": self.node_id, "instance": self.instance, "topic": tp[0], "partition": tp[1],
+                    "leader_epoch": proposal.leader_epoch, "partition_epoch": proposal.partition_epoch,
+                    "isr": list(proposal.isr), "incarnations": proposal.incarnations}
+            try:
+                self.coordinator.send_multipart(
+                    wire.encode_request(wire.ALTER_PARTITION, self.request_seq, args), zmq.NOBLOCK)
+            except zmq.Again:
+                continue  # the coordinator is unreachable: the replica asks again later
+            self.alters[self.request_seq] = (tp, time.monotonic() + ALTER_TIMEOUT_MS / 1000)
+            log.info("node %d proposes ISR %s for %s/%s (was %s)", self.node_id, list(proposal.isr), *tp,
+                     list(replica.assignment.isr))
+
+    def _altered(self, tp: tuple, error, result) -> None:
+        replica = self.replicas.get(tp)
+        if replica is None:
+            return
+        if error is not None:
+            log.info("node %d: ISR change of %s/%s refused: %s: %s", self.node_id, *tp, *error)
+            replica.proposal_refused(monotonic_ms())
+            self._advance(tp)  # an expansion no longer pending no longer holds the high watermark
+            return
+        self._apply_assignment(tp, Assignment.from_wire(result), monotonic_ms())
+
+    # -- replication: the follower's side ------------------------------------------------------------
+
+    def _fetch_parts(self, tps) -> list:
+        parts = []
+        for tp in tps:
+            replica, plog = self.replicas.get(tp), self.logs.get(tp)
+            if replica is None or replica.role != FOLLOWER:
+                continue
+            parts.append([*tp, replica.leader_epoch, plog.next_offset, plog.latest_epoch(),
+                          REPLICA_FETCH_PART_BYTES_MAX])
+        return parts
+
+    def _replica_fetched(self, link, error, result, bulk) -> None:
+        """Store what a leader sent: cut a diverged tail, append batches byte for byte (one synced
+        transaction each), take the leader's high watermark. The link then asks again at once."""
+        if error is not None:
+            log.warning("node %d: replica fetch from node %d failed: %s: %s", self.node_id, link.leader, *error)
+            self.links.back_off(link)
+            return
+        backing_off = False
+        for (topic, partition, code, message, leader_hw, leader_start, div_epoch, div_end), data in zip(
+                result["parts"], bulk):
+            tp = (topic, partition)
+            replica, plog = self.replicas.get(tp), self.logs.get(tp)
+            if replica is None or replica.role != FOLLOWER or replica.leader != link.leader:
+                continue  # the placement moved on since this fetch left
+            try:
+                if code == OffsetOutOfRange.code and leader_start > plog.next_offset:
+                    # The leader's retention passed this log's end: start again at the leader's log start.
+                    self.store.reset_to(plog, leader_start)
+                    replica.log_rewritten(plog.high_watermark)
+                    continue
+                if code is not None:
+                    backing_off = True  # NOT_LEADER, an epoch not yet known here...: the placement settles it
+                    continue
+                if div_epoch is not None:
+                    offset, _ = plog.truncation_offset(div_epoch, div_end)
+                    if offset < replica.high_watermark:
+                        log.error("node %d: %s/%s diverged below its high watermark %d (truncating to %d)",
+                                  self.node_id, *tp, replica.high_watermark, offset)
+                    log.info("node %d: %s/%s diverged from node %d's log; truncating %d -> %d", self.node_id, *tp,
+                             link.leader, plog.next_offset, offset)
+                    self.store.truncate_to(plog, offset)
+                    replica.log_rewritten(plog.high_watermark)
+                    continue
+                if len(data):
+                    self.store.append_replica(plog, data)
+                if replica.follow(leader_hw, plog.next_offset):
+                    self.store.set_high_watermark(plog, replica.high_watermark)
+            except BusError as exc:
+                log.error("node %d: storing %s/%s from node %d failed: %s", self.node_id, *tp, link.leader, exc)
+                backing_off = True
+        if backing_off:
+            self.links.back_off(link)
     # -- coordinator link ----------------------------------------------------------------------------
 
     def _send_heartbeat(self) -> None:
         self.request_seq += 1
         args = {"node_id": self.node_id, "address": self.advertise, "instance": self.instance,
-                "version": self.placement_version}
+                "dir_id": self.dir_id, "version": self.placement_version}
         try:
             self.coordinator.send_multipart(wire.encode_request(wire.NODE_HEARTBEAT, self.request_seq, args),
                                             zmq.NOBLOCK)
@@ -316,15 +606,20 @@ class Node:
             pass  # the coordinator is unreachable; the next heartbeat tries again
 
     def _drain_coordinator(self) -> None:
+        """Heartbeat replies, placement the coordinator pushed (request id None), answers to ISR changes."""
         while True:
             try:
                 frames = self.coordinator.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                _, error, result, _ = wire.decode_reply(frames)
+                request_id, error, result, _ = wire.decode_reply(frames)
             except Exception:
                 log.warning("undecodable reply from the coordinator dropped")
+                continue
+            alter = self.alters.pop(request_id, None) if request_id is not None else None
+            if alter is not None:
+                self._altered(alter[0], error, result)
                 continue
             if error is not None:
                 log.error("coordinator refused node %d: %s: %s", self.node_id, *error)
@@ -332,31 +627,42 @@ class Node:
                     self.refused = error[1]
                     self.stopping = True
                 continue
-            cluster_id = result.get("cluster_id")
-            if cluster_id is not None and cluster_id != self.cluster_id:
-                if self.cluster_id is not None:
-                    # Its placement would drop or, worse, reuse this node's logs (topic ids start again).
-                    self.refused = (f"data directory {self.store.path} belongs to cluster {self.cluster_id}, but the "
-                                    f"coordinator is cluster {cluster_id} (did it lose its data directory?); "
-                                    "nothing was changed")
-                    log.error("node %d: %s", self.node_id, self.refused)
-                    self.stopping = True
-                    return
-                self.cluster_id = cluster_id
-                self.store.put_meta(b"n:cluster_id", cluster_id)
-            if result.get("topics") is not None and result["version"] != self.placement_version:
-                self._apply_placement(result["version"], result["topics"])
+            if not self._same_cluster(result.get("cluster_id")):
+                return
+            log.debug("node %d: from the coordinator: version %s (have %s), topics %s", self.node_id,
+                      result.get("version"), self.placement_version, result.get("topics") is not None)
+            # Only a newer placement: a heartbeat reply sent before a push may arrive after it.
+            if result.get("topics") is not None and result["version"] > self.placement_version:
+                self._apply_placement(result["version"], result["topics"], result.get("nodes", {}))
+
+    def _same_cluster(self, cluster_id) -> bool:
+        if cluster_id is None or cluster_id == self.cluster_id:
+            return True
+        if self.cluster_id is not None:
+            # Its placement would drop or, worse, reuse this node's logs (topic ids start again).
+            self.refused = (f"data directory {self.store.path} belongs to cluster {self.cluster_id}, but the "
+                            f"coordinator is cluster {cluster_id} (did it lose its data directory?); "
+                            "nothing was changed")
+            log.error("node %d: %s", self.node_id, self.refused)
+            self.stopping = True
+            return False
+        self.cluster_id = cluster_id
+        self.store.put_meta(b"n:cluster_id", cluster_id)
+        return True
 
     # -- retention -----------------------------------------------------------------------------------
 
     def _retention(self) -> None:
         now = now_ms()
-        for (topic, _), plog in self.owned.items():
+        for (topic, _), plog in self.logs.items():
             meta = self.topics.get(topic, {})
             if meta.get("retention_ms") is not None or meta.get("retention_bytes") is not None:
                 self.store.apply_retention(plog, now, meta.get("retention_ms"), meta.get("retention_bytes"))
 
     def close(self) -> None:
+        self.hw_waiters.expire_all()  # every held request gets its answer before the sockets close
+        self.append_waiters.expire_all()
+        self.links.close()
         self.server.close()
         self.coordinator.close()
         self.context.term()

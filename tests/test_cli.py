@@ -120,7 +120,8 @@ def test_topics_produce_and_consume(bus_up):
 
     listed = bus("topic", "list", bootstrap=bootstrap)
     assert listed.returncode == 0, listed.stderr
-    assert ["cli-events", "3", "-", "-"] in [line.split() for line in listed.stdout.decode().splitlines()]
+    # topic, partitions, retention_ms, retention_bytes, then the replicas (2 live nodes) and min in-sync replicas
+    assert ["cli-events", "3", "-", "-", "2", "1"] in [line.split() for line in listed.stdout.decode().splitlines()]
 
     again = bus("topic", "create", "cli-events", bootstrap=bootstrap)
     assert again.returncode == 1 and b"already exists" in again.stderr

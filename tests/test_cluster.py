@@ -29,7 +29,8 @@ def end_offsets(bootstrap, topic) -> list:
 
 def test_acknowledged_records_survive_kill_9_and_offsets_continue(cluster):
     with Admin(cluster.bootstrap) as admin:
-        owners = admin.create_topic("durable", 3)["partitions"]
+        # One replica each: what is proved here is the owner's own disk (replication: test_replication.py).
+        owners = [p["leader"] for p in admin.create_topic("durable", 3, replication_factor=1)["partitions"]]
     victim = owners[1]
     with Producer(cluster.bootstrap) as producer:
         futures = [producer.send("durable", b"before-%d" % i, partition=i % 3) for i in range(3_000)]
@@ -59,7 +60,7 @@ def test_acknowledged_records_survive_kill_9_and_offsets_continue(cluster):
 def test_a_producer_sending_across_kill_9_and_restart_loses_and_duplicates_nothing(cluster):
     """A producer keeps sending and a consumer keeps reading while a node is killed and restarted."""
     with Admin(cluster.bootstrap) as admin:
-        owners = admin.create_topic("steady", 6)["partitions"]
+        owners = [p["leader"] for p in admin.create_topic("steady", 6, replication_factor=1)["partitions"]]
     victim = owners[0]
     total, futures, sent, stop = 30_000, [], threading.Event(), threading.Event()
     producer = Producer(cluster.bootstrap, request_timeout_ms=2_000, linger_ms=5)
@@ -114,7 +115,7 @@ def test_a_producer_sending_across_kill_9_and_restart_loses_and_duplicates_nothi
 
 def test_a_dead_node_holds_up_only_its_own_partitions(cluster):
     with Admin(cluster.bootstrap) as admin:
-        owners = admin.create_topic("partial", 3)["partitions"]
+        owners = [p["leader"] for p in admin.create_topic("partial", 3, replication_factor=1)["partitions"]]
     with Producer(cluster.bootstrap) as producer:
         for f in [producer.send("partial", b"%d" % i, partition=i % 3) for i in range(300)]:
             f.get(10)
@@ -266,7 +267,7 @@ def test_resending_many_batches_of_one_partition_is_deduplicated(cluster):
     """Requests time out while the node is stopped, so each is resent while the node still holds the
     earlier copies: the node sees the same batches two or three times, and writes each once."""
     with Admin(cluster.bootstrap) as admin:
-        owner = admin.create_topic("resent", 1)["partitions"][0]
+        owner = admin.create_topic("resent", 1, replication_factor=1)["partitions"][0]["leader"]
     producer = Producer(cluster.bootstrap, linger_ms=0, batch_bytes=64, request_timeout_ms=300,
                         max_in_flight_per_node=1, retry_backoff_ms=10)
     try:

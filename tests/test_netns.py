@@ -154,7 +154,7 @@ def test_partitioned_node_loses_nothing_and_producers_get_clear_errors(namespace
         # ~24 s of steady producing: long enough for both cuts and their recoveries.
         history_path, result_path = tmp_path / "history.jsonl", tmp_path / "result.json"
         client = procs.start("client", namespaces.name("cli"), "-m", "tests.harness.client", "run",
-                             "--bootstrap", bootstrap, "--create-topic", "--partitions", "6",
+                             "--bootstrap", bootstrap, "--create-topic", "--partitions", "6", "--replication-factor", "1",
                              "--records", "36000", "--rate", "1500",
                              "--delivery-timeout-ms", str(DELIVERY_TIMEOUT_MS), "--request-timeout-ms", "500",
                              "--history", str(history_path), "--result", str(result_path),

@@ -210,7 +210,7 @@ def test_a_consumer_without_a_position_and_no_reset_says_so(cluster):
 
 def test_buffer_full_after_max_block_ms_when_the_node_is_stopped(cluster):
     with Admin(cluster.bootstrap) as admin:
-        owner = admin.create_topic("stuck", 1)["partitions"][0]
+        owner = admin.create_topic("stuck", 1, replication_factor=1)["partitions"][0]["leader"]
     producer = Producer(cluster.bootstrap, buffer_bytes=4_096, batch_bytes=1_024, max_block_ms=300, linger_ms=0)
     try:
         producer.send("stuck", b"warm-up").get(10)  # metadata and producer id in place

@@ -25,10 +25,10 @@ from .workload import ProducerWorker, drain, wait_serving_topic
 def _run(args) -> int:
     if args.create_topic:
         with Admin(args.bootstrap) as admin:
-            admin.create_topic(args.topic, args.partitions)
+            admin.create_topic(args.topic, args.partitions, replication_factor=args.replication_factor)
     wait_serving_topic(args.bootstrap, args.topic, args.partitions, timeout_s=60)
     with Admin(args.bootstrap) as admin:
-        owners = dict(enumerate(admin.list_topics()[args.topic]["partitions"]))
+        owners = {i: p["leader"] for i, p in enumerate(admin.list_topics()[args.topic]["partitions"])}
     history = History()
     options = {"request_timeout_ms": args.request_timeout_ms, "delivery_timeout_ms": args.delivery_timeout_ms,
                "linger_ms": 5, "retry_backoff_ms": 20}
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     run.add_argument("--topic", default="netns")
     run.add_argument("--partitions", type=int, default=6)
     run.add_argument("--create-topic", action="store_true")
+    run.add_argument("--replication-factor", type=int, default=None, help="of the topic created (default: the cluster's)")
     run.add_argument("--records", type=int, required=True)
     run.add_argument("--rate", type=float, required=True, help="sends per second in all")
     run.add_argument("--producers", type=int, default=2)

@@ -35,6 +35,8 @@ class RunConfig:
     records: int = 200_000  # sends over the whole run, split across the producers
     partitions: int = 12
     nodes: int = 3
+    replication_factor: int | None = None  # None: the cluster's default, min(3, nodes)
+    min_insync_replicas: int | None = None
     producers: int = 4
     seed: int = 0
     kills: int = 5  # kill -9 + restart of a random node
@@ -75,7 +77,8 @@ class RunResult:
 
     def summary(self) -> str:
         c = self.config
-        lines = [f"records={c.records} partitions={c.partitions} nodes={c.nodes} producers={c.producers} "
+        lines = [f"records={c.records} partitions={c.partitions} nodes={c.nodes} "
+                 f"replication_factor={c.replication_factor or 'default'} producers={c.producers} "
                  f"seed={c.seed} kills={c.kills} pauses={c.pauses} coordinator_kills={c.coordinator_kills} "
                  f"cuts={c.cuts} stalls={c.stalls} proxy={c.proxy} drop={c.drop} duplicate={c.duplicate} "
                  f"delay={c.delay} delivery_timeout_ms={c.delivery_timeout_ms} "
@@ -110,7 +113,8 @@ def run(config: RunConfig, data_dir: str, log=None) -> RunResult:
             proxy.start()
         cluster.start()
         with Admin(cluster.bootstrap) as admin:
-            admin.create_topic(TOPIC, config.partitions)
+            admin.create_topic(TOPIC, config.partitions, replication_factor=config.replication_factor,
+                               min_insync_replicas=config.min_insync_replicas)
         wait_serving_topic(cluster.bootstrap, TOPIC, config.partitions)
         timings["start"] = time.monotonic() - started_s
 

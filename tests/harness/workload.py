@@ -27,7 +27,7 @@ from bus import Consumer, Producer, wire
 from bus.admin import list_offsets
 from bus.batch import pack_batch
 from bus.connection import Requester
-from bus.errors import DEFINITE, FENCED, BusError, Timeout
+from bus.errors import DEFINITE, FENCED, BusError, Timeout, error_class
 
 GATE_EVERY = 256  # a producer reports progress (and may wait at a gate) every this many sends
 
@@ -243,15 +243,16 @@ class ZombieWorker(threading.Thread):
         for _ in range(self.attempts_max):
             try:
                 metadata = self._requester.metadata([self.topic])
-                address = metadata.address(metadata.owner(self.topic, partition))
+                address = metadata.address(metadata.leader(self.topic, partition))
+                epoch = metadata.leader_epoch(self.topic, partition)
                 result = self._requester.request(address, wire.PRODUCE,
-                                                 {"acks": 1, "parts": [[self.topic, partition]]}, [batch])
+                                                 {"acks": 1, "parts": [[self.topic, partition, epoch]]}, [batch])
             except BusError as exc:
                 message = f"{exc.code}: {exc.message}"
                 time.sleep(0.1)
                 continue
             code, message, offset, _, _ = result["parts"][0]
-            if code in ("NOT_OWNER", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION", "STORAGE_FULL"):
+            if code == "STORAGE_FULL" or (code is not None and error_class(code).refresh_metadata):
                 time.sleep(0.1)
                 continue
             return code, message, offset
