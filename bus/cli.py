@@ -81,6 +81,9 @@ def up(data_dir, nodes, port, host, sync):
         click.echo(f"bootstrap: {cluster.bootstrap}")
         for node_id in cluster.node_ports:
             click.echo(f"node {node_id}: {cluster.node_address(node_id)}")
+        replicas = min(3, nodes)
+        click.echo(f"new topics get {replicas} replica(s) of each partition by default "
+                   f"(min in-sync {2 if replicas >= 3 else 1}; `bus topic create --replication-factor` to choose)")
         click.echo(f"ready: bus is up (sync={sync}); Ctrl-C to stop")
         while not stop["now"]:
             time.sleep(0.2)
@@ -470,11 +473,19 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
 @click.option("--records", default=200_000, show_default=True, type=click.IntRange(1))
 @click.option("--record-bytes", default=100, show_default=True, type=click.IntRange(8))
 @click.option("--partitions", default=1, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--nodes", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="nodes of the cluster the bench starts (ignored with --bootstrap)")
+@click.option("--nodes", default=None, type=click.IntRange(1, 64),
+              help="nodes of the cluster the bench starts (default: the largest --replication-factor; "
+                   "ignored with --bootstrap)")
+@click.option("--replication-factor", default="1", show_default=True,
+              help="replicas of each partition of the bench's topic; a list (1,3) measures one bus system "
+                   "per value, side by side in the same run")
+@click.option("--min-insync-replicas", default=None, type=click.IntRange(1),
+              help="of the bench's topic (default: the bus's, 2 with 3 or more replicas, else 1)")
 @click.option("--producers", default=1, show_default=True, type=click.IntRange(1), help="producer processes")
 @click.option("--consumers", default=1, show_default=True, type=click.IntRange(1), help="consumer processes")
-@click.option("--acks", default="1", show_default=True, type=click.Choice(["0", "1", "all"]))
+@click.option("--acks", default="1", show_default=True,
+              help="0, 1 or all: the bench producer's (1, as the figures before replication were taken; the "
+                   "Producer's own default is all); a list (1,all) measures one bus system per value")
 @click.option("--linger-ms", default=5.0, show_default=True, type=click.FloatRange(0),
               help="how long a producer waits for a batch to fill (the bus takes whole ms)")
 @click.option("--batch-bytes", default=1 << 20, show_default=True, type=click.IntRange(8))
@@ -482,11 +493,15 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
               help="always: every system acknowledges only after fsync")
 @click.option("--runs", default=1, show_default=True, type=click.IntRange(1), help="runs per system; the median counts")
 @click.option("--latency-rate", default=5000, show_default=True, type=click.IntRange(1),
-              help="records/s offered in latency mode")
+              help="records/s offered in latency and failover modes")
 @click.option("--latency-seconds", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--kills", default=20, show_default=True, type=click.IntRange(1),
+              help="failover mode: kill -9 of the partition's leader this many times per run, while a producer "
+                   "offers --latency-rate records/s")
 @click.option("--peers", default="raw,redis,nats", show_default=True,
               help="baselines beside the bus: raw,redis,nats (or none); missing ones are skipped with a note")
-@click.option("--modes", default="produce,consume,latency", show_default=True)
+@click.option("--modes", default="produce,consume,latency", show_default=True,
+              help="produce,consume,latency,failover (failover: only the bus, with a replication factor >= 2)")
 @click.option("--bootstrap", default=None, help="bench this running cluster instead of starting one")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write all results here")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="draw latency and throughput (png)")

@@ -133,15 +133,6 @@ class NotEnoughReplicas(BusError):
     retriable = True  # the in-sync set may grow back; the producer retries until its delivery timeout
 
 
-class NotEnoughReplicasAfterAppend(BusError):
-    """The batch was written on the leader, but the in-sync replicas fell below min_insync_replicas before
-    it was committed: it may or may not be kept."""
-
-    code = "NOT_ENOUGH_REPLICAS_AFTER_APPEND"
-    outcome = INDETERMINATE
-    retriable = True  # the idempotent producer's retry is recognised if the batch was kept
-
-
 class NotCommitted(BusError):
     """The leader appended the batch but lost its leadership before the batch was committed: the new
     leader may or may not hold it (the idempotent producer's retry is recognised if it does)."""

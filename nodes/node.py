@@ -53,6 +53,7 @@ FETCH_WAIT_MS_MAX = 60_000
 PRODUCE_TIMEOUT_MS_DEFAULT = 30_000  # how long an acks=all produce waits for its batches to be committed
 PRODUCE_TIMEOUT_MS_MAX = 300_000
 ALTER_TIMEOUT_MS = 5_000  # an ISR change unanswered this long is forgotten (the replica asks again)
+ISR_CHECK_INTERVAL_MS = 100  # how often every led partition's ISR is looked at (for lagging followers)
 MAP_SIZE_INITIAL_BYTES = 1 << 28  # the LMDB map starts here (or at --map-size-max if lower) and doubles
 # keep_freed_memory(): allocations up to this size come from the heap, not their own mapping ...
 MALLOC_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc accepts no more
@@ -108,6 +109,7 @@ class Node:
         self.refused = None  # why the coordinator refused this node, which then stops (exit status 1)
         self.request_seq = 0
         self.alters: dict[int, tuple] = {}  # request id -> (tp, deadline_s): ISR changes out to the coordinator
+        self.next_isr_check_ms = 0
         self.hw_waiters = Purgatory()  # consumer fetches and acks=all produces: woken when the high watermark moves
         self.append_waiters = Purgatory()  # followers' fetches: woken by an append
         self.handlers = {wire.PRODUCE: self._produce, wire.FETCH: self._fetch, wire.LIST_OFFSETS: self._list_offsets,
@@ -462,6 +464,8 @@ class Node:
                         and plog.start_offset <= fetch_offset <= plog.next_offset):
                     if replica.follower_fetched(follower, incarnation, fetch_offset, plog.next_offset, now):
                         self._high_watermark_moved(tp)
+                    if follower not in replica.assignment.isr:
+                        self._propose_for(tp, replica, now)  # it may have just caught up
             except BusError:
                 continue  # answered as an error by _read_for_follower
         result, bulk, total, settled = self._read_for_follower(follower, parts, max_bytes)
@@ -508,13 +512,20 @@ class Node:
         return result, bulk, total, settled
 
     def _propose(self, now: int) -> None:
-        """Send the ISR changes the leaders here want (one in flight per partition)."""
+        """Send the ISR changes the leaders here want (one in flight per partition): every
+        ISR_CHECK_INTERVAL_MS over all of them (lag is measured in seconds), and at once for a partition
+        whose follower outside the ISR just fetched (``_replica_fetch``), so a caught-up replica rejoins
+        without waiting."""
+        if now < self.next_isr_check_ms:
+            return
+        self.next_isr_check_ms = now + ISR_CHECK_INTERVAL_MS
         for tp, replica in self.replicas.items():
-            if replica.role != LEADER:
-                continue
-            proposal = replica.proposal(self.logs[tp].next_offset, now)
-            if proposal is None:
-                continue
+            if replica.role == LEADER:
+                self._propose_for(tp, replica, now)
+
+    def _propose_for(self, tp: tuple, replica: Replica, now: int) -> None:
+        proposal = replica.proposal(self.logs[tp].next_offset, now)
+        if proposal is not None:
             self.request_seq += 1
             args = {"node_id": self.node_id, "instance": self.instance, "topic": tp[0], "partition": tp[1],
                     "leader_epoch": proposal.leader_epoch, "partition_epoch": proposal.partition_epoch,
@@ -523,7 +534,7 @@ class Node:
                 self.coordinator.send_multipart(
                     wire.encode_request(wire.ALTER_PARTITION, self.request_seq, args), zmq.NOBLOCK)
             except zmq.Again:
-                continue  # the coordinator is unreachable: the replica asks again later
+                return  # the coordinator is unreachable: the replica asks again later
             self.alters[self.request_seq] = (tp, time.monotonic() + ALTER_TIMEOUT_MS / 1000)
             log.info("node %d proposes ISR %s for %s/%s (was %s)", self.node_id, list(proposal.isr), *tp,
                      list(replica.assignment.isr))

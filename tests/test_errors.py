@@ -13,7 +13,7 @@ from bus.errors import BusError, error_class, error_for
 
 # Every error a producer retries: the same batch, with the same sequence, may be written if sent again.
 RETRIABLE = {"NOT_LEADER", "FENCED_LEADER_EPOCH", "UNKNOWN_LEADER_EPOCH", "NOT_ENOUGH_REPLICAS",
-             "NOT_ENOUGH_REPLICAS_AFTER_APPEND", "NOT_COMMITTED", "OFFSET_NOT_AVAILABLE", "OUT_OF_ORDER_SEQUENCE",
+             "NOT_COMMITTED", "OFFSET_NOT_AVAILABLE", "OUT_OF_ORDER_SEQUENCE",
              "UNKNOWN_TOPIC", "UNKNOWN_PARTITION", "NODE_UNAVAILABLE", "TIMEOUT", "NO_NODES_AVAILABLE"}
 # The errors that mean the client's view of the cluster may be stale: leadership moved, or a node went quiet.
 REFRESH_METADATA = {"NOT_LEADER", "FENCED_LEADER_EPOCH", "NOT_COMMITTED", "UNKNOWN_TOPIC", "UNKNOWN_PARTITION",
