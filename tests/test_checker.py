@@ -182,8 +182,8 @@ def test_duplicates():
 
 def test_inconsistent_offsets_between_poll_and_drain():
     h, drain = clean_scenario()
-    poll(h, "consumer-2", 1, 1, b"other", group="audit")
-    assert_counts(check(h, drain), inconsistent_offsets=1)
+    poll(h, "consumer-2", 1, 1, b"other", group="audit")  # a read the log did not keep, too
+    assert_counts(check(h, drain), inconsistent_offsets=1, phantom_reads=1)
 
 
 def test_inconsistent_offsets_when_an_ack_names_an_occupied_offset():
@@ -436,6 +436,128 @@ def test_failed_then_retried_value_is_not_failed_but_present():
 # --- recorder ----------------------------------------------------------------------------------
 
 
+def reader_poll(h: History, partition: int, offset: int, value: bytes, process: str = "reader") -> None:
+    """One record read during the run by a consumer outside any group (workload.ReaderWorker)."""
+    h.record(process, "poll", topic=T, partition=partition, offset=offset, value=value)
+
+
+def hw(h: History, partition: int, offset: int, process: str = "monitor", node: int | None = None) -> int:
+    """An observed high watermark, invoked and answered (workload.HighWatermarkMonitor)."""
+    op = h.invoke(process, "hw", topic=T, partition=partition, node=node)
+    h.ok(op, offset=offset)
+    return op
+
+
+def replica(h: History, partition: int, node: int, below: int, digest: str, end: int | None = None) -> None:
+    h.record("replicas", "replica", topic=T, partition=partition, offset=below, node=node, digest=digest,
+             end=below if end is None else end)
+
+
+def test_phantom_read_of_a_record_the_drain_does_not_hold():
+    h, drain = clean_scenario()
+    for offset, value in enumerate((b"a", b"b", b"c")):  # confirmed by the drain
+        reader_poll(h, 0, offset, value)
+    reader_poll(h, 0, 3, b"uncommitted")  # read past the high watermark, then truncated: nothing there
+    reader_poll(h, 1, 1, b"z")
+    assert_counts(check(h, drain), phantom_reads=1)
+
+
+def test_phantom_read_overwritten_in_the_drain_is_also_an_inconsistent_offset():
+    h, drain = clean_scenario()
+    reader_poll(h, 0, 3, b"old-leader-tail")
+    send(h, "producer-1", b"e", 0, 3)  # the new leader's record at that offset
+    assert_counts(check(h, drain + [(T, 0, 3, b"e")]), phantom_reads=1, inconsistent_offsets=1)
+
+
+def test_phantom_reads_count_each_value_read_once_however_often_it_was_read():
+    h, drain = clean_scenario()
+    for _ in range(3):
+        reader_poll(h, 0, 3, b"gone")
+    reader_poll(h, 0, 3, b"gone", process="reader-2")
+    assert_counts(check(h, drain), phantom_reads=1)
+
+
+def test_without_a_drain_a_later_read_of_another_value_judges_a_phantom_read():
+    h = History(clock_ms=StepClock())
+    reader_poll(h, 0, 5, b"first")
+    reader_poll(h, 0, 5, b"first")  # the same again: fine
+    reader_poll(h, 0, 5, b"second")
+    assert_counts(check(h), phantom_reads=1, inconsistent_offsets=1)
+
+
+def test_reads_below_the_log_start_are_judged_by_later_reads_only():
+    h = History(clock_ms=StepClock())
+    reader_poll(h, 0, 0, b"v0")
+    reader_poll(h, 0, 1, b"v1")
+    drain = [(T, 0, 2, b"v2")]
+    assert_counts(check(h, drain, log_start={(T, 0): 2}))  # gone by retention, not phantoms
+    reader_poll(h, 0, 1, b"other")
+    assert_counts(check(h, drain, log_start={(T, 0): 2}), phantom_reads=1, inconsistent_offsets=1)
+
+
+def test_concurrent_reads_of_different_values_without_a_drain_are_not_judged_by_each_other():
+    h = History(clock_ms=StepClock())
+    a = h.invoke("reader", "poll", topic=T, partition=0)
+    reader_poll(h, 0, 0, b"x", process="reader-2")
+    h.ok(a, offset=0, value=b"y")  # invoked before the other completed: neither read is later
+    assert_counts(check(h), inconsistent_offsets=1)
+
+
+def test_hw_regression():
+    h = History(clock_ms=StepClock())
+    hw(h, 0, 10, node=1)
+    hw(h, 0, 12, node=1)
+    hw(h, 1, 3, node=2)  # another partition: its own
+    hw(h, 0, 11, process="monitor-2", node=3)  # a new leader that knows less
+    hw(h, 0, 11, node=3)  # the same stale answer again: one regression
+    hw(h, 0, 9, node=3)  # lower still: another
+    report = check(h)
+    assert_counts(report, hw_regressions=2)
+    assert "node 3" in report.examples["hw_regressions"][0]
+
+
+def test_hw_observations_that_overlap_may_be_answered_in_either_order():
+    h = History(clock_ms=StepClock())
+    slow = h.invoke("monitor", "hw", topic=T, partition=0)
+    hw(h, 0, 20, process="monitor-2")
+    h.ok(slow, offset=15)  # invoked before the higher one completed: answered first, delivered late
+    assert_counts(check(h))
+    hw(h, 0, 19)
+    assert_counts(check(h), hw_regressions=1)
+
+
+def test_unknown_and_refused_hw_observations_are_ignored():
+    h = History(clock_ms=StepClock())
+    hw(h, 0, 10)
+    refused = h.invoke("monitor", "hw", topic=T, partition=0)
+    h.fail(refused, error="OFFSET_NOT_AVAILABLE")
+    h.invoke("monitor", "hw", topic=T, partition=0)  # never answered
+    hw(h, 0, -1)  # "not known yet", as a fetch reports it
+    assert_counts(check(h))
+
+
+def test_replica_divergence():
+    h = History(clock_ms=StepClock())
+    for node in (1, 2, 3):
+        replica(h, 0, node, 100, "aaaa")  # the same bytes below the high watermark
+    replica(h, 1, 1, 50, "bbbb")
+    replica(h, 1, 2, 50, "cccc")  # differs
+    replica(h, 1, 3, 50, "bbbb")
+    replica(h, 2, 1, 70, "dddd")
+    replica(h, 2, 2, 70, "eeee", end=60)  # lacks committed records
+    report = check(h)
+    assert_counts(report, replica_divergence=2)
+    assert report.examples["replica_divergence"][0].startswith("t/1 below 50: node 1 bbbb")
+
+
+def test_replicas_equal_below_the_high_watermark_are_no_divergence_whatever_their_number():
+    h = History(clock_ms=StepClock())
+    replica(h, 0, 1, 0, "e3b0c442")  # an empty partition
+    replica(h, 0, 2, 0, "e3b0c442")
+    replica(h, 1, 3, 9, "ffff")  # one replica alone
+    assert_counts(check(h))
+
+
 def test_save_load_round_trip(tmp_path):
     h, drain = clean_scenario()
     send(h, "producer-3", b"e", 0, 3)  # lost
@@ -533,6 +655,7 @@ class Sim:
         self.inflight: dict[str, list] = {p: [] for p in PRODUCERS}
         self.values_n = 0
         self.late: list[tuple[str, int]] = []  # (member, partition) evicted, not yet told
+        self.diverged: set[int] = set()  # partitions whose second replica ends up differing
 
     def value(self) -> bytes:
         self.values_n += 1
@@ -655,6 +778,14 @@ class Sim:
             self.poll(p, self.rng.randint(1, 3))
         else:
             self.commit(p)
+        if self.rng.random() < 0.1:
+            self.observe_hw(p)
+
+    def observe_hw(self, p: int, offset: int | None = None) -> None:
+        """A monitor reads the partition's end offset (here its log's length, which only grows)."""
+        op = self.h.invoke("monitor", "hw", topic=T, partition=p)
+        self.now_ms += self.rng.choice([0, 1])
+        self.h.ok(op, offset=len(self.log[p]) if offset is None else offset)
 
     def finish(self) -> list[tuple]:
         while self.late:
@@ -662,6 +793,13 @@ class Sim:
         for producer in PRODUCERS:
             while self.inflight[producer]:
                 self.send_complete(producer)
+        for p in self.partitions:  # two replicas of each partition, read at the end
+            digest = repr(self.log[p])
+            for node in (1, 2):
+                if node == 2 and p in self.diverged:
+                    digest += "!"
+                self.h.record("replicas", "replica", topic=T, partition=p, offset=len(self.log[p]), node=node,
+                              digest=digest, end=len(self.log[p]))
         return [(T, p, o, v) for p in self.partitions for o, v in enumerate(self.log[p])
                 if v is not None]
 
@@ -745,6 +883,15 @@ class Sim:
             op = self.h.invoke(FAULTY, "send", topic=T, partition=p, value=v)
             self.log[p].append(v)
             self.h.fail(op)
+        elif kind == "phantom_reads":
+            # Read past the end of what the log keeps (an uncommitted record, truncated later).
+            self.h.record("reader-rogue", "poll", topic=T, partition=p, offset=len(self.log[p]) + 5,
+                          value=self.value())
+        elif kind == "hw_regressions":
+            self.observe_hw(p, len(self.log[p]) + 1)
+            self.observe_hw(p)
+        elif kind == "replica_divergence":
+            self.diverged.add(p)
         else:
             raise AssertionError(kind)
 

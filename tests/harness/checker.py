@@ -13,7 +13,8 @@ Assignments and revocations take effect at their completion key.
 The final drain is every record read from the log start to the end of each partition, as
 (topic, partition, offset, value) tuples, passed as `final_drain=` or recorded into the history
 with `History.record_drain`. Anomalies that need the drain (lost, unseen, duplicates,
-drain_gaps, poll_skips, undelivered_below_commit) are skipped when there is none. `log_start`
+drain_gaps, poll_skips, undelivered_below_commit) are skipped when there is none; phantom_reads
+then compares polls with later polls only. `log_start`
 maps (topic, partition) to the first offset retention kept (default 0): acked sends below it
 are not lost, and the drain must be consecutive from it.
 
@@ -64,6 +65,22 @@ an acked record missing from the log is both lost and unseen):
                     group (or a poll recorded without a group) returned
   failed_but_present  per failed send whose value is in the drain or was polled, unless
                     another send of the same value succeeded or is unknown
+  phantom_reads     per (topic, partition, offset, value) returned by an ok poll that the log
+                    does not keep: the final drain holds another value at that offset, or
+                    nothing. Where the drain cannot tell (none was given, or the offset is below
+                    the log start, gone by retention), a later read judges instead: an ok poll
+                    invoked after this one completed that returned another value there. A
+                    consumer must only ever read what stays: committed records
+  hw_regressions    per drop of an observed high watermark ("hw" events, ok, offset >= 0: the
+                    end offset a client was told; unknowns such as a new leader's -1 are not
+                    recorded): an observation lower than the highest one of the same (topic,
+                    partition) completed before it was invoked. Counted once per (partition,
+                    highest, lower) pair, so a leader that keeps answering the same stale value
+                    is one regression
+  replica_divergence  per (topic, partition) whose "replica" events (one per replica, taken
+                    from each node's stopped data directory at the end of a run) disagree below
+                    the high watermark they were compared under (``offset``): digests of the
+                    bytes below it differ, or a replica's log ends (``end``) below it
 """
 
 from __future__ import annotations
@@ -89,6 +106,9 @@ ANOMALIES = (
     "double_ownership",
     "undelivered_below_commit",
     "failed_but_present",
+    "phantom_reads",
+    "hw_regressions",
+    "replica_divergence",
 )
 EXAMPLES_PER_ANOMALY_MAX = 3
 EXAMPLE_CHARS_MAX = 120  # the table truncates longer examples; Report.examples keeps them whole
@@ -302,6 +322,9 @@ def check(history: History | Iterable[Event], final_drain: Iterable[Any] | None 
     if drain is not None:
         _check_undelivered_below_commit(commits, resets, polls, drain, starts, tally)
     _check_failed_but_present(sends, polls, drain, tally)
+    _check_phantom_reads(polls, drain, starts, tally)
+    _check_hw_regressions([op for op in ops if op.f == "hw" and op.type == "ok"], tally)
+    _check_replica_divergence([op for op in ops if op.f == "replica" and op.type == "ok"], tally)
     return tally.report(drain_checked=drain is not None)
 
 
@@ -578,3 +601,76 @@ def _check_failed_but_present(sends: list[Op], polls: list[Op], drain: _Drain | 
         v = op.get("value")
         if op.type == "fail" and v in present and v not in explained:
             tally.add("failed_but_present", f"{op}: value was written")
+
+
+def _check_phantom_reads(polls: list[Op], drain: _Drain | None, starts: dict, tally: _Tally) -> None:
+    by_tpo: dict[tuple, list[Op]] = defaultdict(list)  # (t, p, o) -> ok polls there, by start
+    for op in polls:  # already in start order
+        by_tpo[(op.get("topic"), op.get("partition"), op.get("offset"))].append(op)
+    for (t, p, o), reads in by_tpo.items():
+        reported = set()
+        for op in reads:
+            v = op.get("value")
+            if v in reported:
+                continue
+            if drain is not None and o >= starts.get((t, p), 0):
+                if v in drain.at.get((t, p, o), ()):
+                    continue
+                there = sorted(drain.at.get((t, p, o), ()), key=repr)
+                why = f"the final drain has {there or 'nothing'} there"
+            else:
+                later = next((b for b in reads if b.start > op.end and b.get("value") != v), None)
+                if later is None:
+                    continue
+                why = f"op#{later.op_id} by {later.process} read {later.get('value')!r} there later"
+            reported.add(v)
+            tally.add("phantom_reads", f"{op.process} read {v!r} at {_tp(t, p)}@{o} (op#{op.op_id}); {why}")
+
+
+def _check_hw_regressions(observations: list[Op], tally: _Tally) -> None:
+    # Sweep in key order, as committed_regression does: an observation is compared with the
+    # highest one completed before it was invoked; concurrent ones may have been answered in
+    # either order.
+    stream = []
+    for op in observations:
+        if not isinstance(op.get("offset"), int) or op.get("offset") < 0 or None in (op.get("topic"), op.get("partition")):
+            continue
+        stream.append((op.start, 0, op))
+        stream.append((op.end, 1, op))
+    stream.sort(key=lambda x: (x[0], x[1]))
+    high: dict[tuple, Op] = {}  # (topic, partition) -> highest completed observation
+    at_invoke: dict[int, Op | None] = {}
+    reported = set()
+    for _key, phase, op in stream:
+        tp = (op.get("topic"), op.get("partition"))
+        if phase == 0:
+            at_invoke[op.op_id] = high.get(tp)
+            continue
+        before = at_invoke.pop(op.op_id)
+        o = op.get("offset")
+        if before is not None and o < before.get("offset") and (tp, before.get("offset"), o) not in reported:
+            reported.add((tp, before.get("offset"), o))
+            tally.add("hw_regressions", f"{_tp(*tp)}: {op.process} saw {o} (op#{op.op_id}{_whom(op)}) after "
+                      f"{before.process} saw {before.get('offset')} (op#{before.op_id}{_whom(before)})")
+        if tp not in high or o > high[tp].get("offset"):
+            high[tp] = op
+
+
+def _whom(op: Op) -> str:
+    node = op.get("node")
+    return "" if node is None else f" from node {node}"
+
+
+def _check_replica_divergence(replicas: list[Op], tally: _Tally) -> None:
+    by_tp: dict[tuple, list[Op]] = defaultdict(list)
+    for op in replicas:
+        by_tp[(op.get("topic"), op.get("partition"))].append(op)
+    for (t, p), ops in by_tp.items():
+        below = max(op.get("offset") or 0 for op in ops)
+        short = [op for op in ops if op.get("end") is not None and op.get("end") < below]
+        if len({op.get("digest") for op in ops}) > 1 or short:
+            shown = ", ".join(
+                f"node {op.get('node')} {str(op.get('digest'))[:12]} to {op.get('end')}"
+                + (f" (differs from {op.get('diverges_at')})" if op.get("diverges_at") is not None else "")
+                for op in sorted(ops, key=lambda op: repr(op.get("node"))))
+            tally.add("replica_divergence", f"{_tp(t, p)} below {below}: {shown}")

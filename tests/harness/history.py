@@ -35,6 +35,15 @@ Operations (`f`) and the fields the checker reads from them:
             written by `record_drain`, so that a saved history can be re-checked on its own
     nemesis a fault the harness injected (tests/harness/nemesis.py): what, target and
             timings in `extra`; the checker ignores it, a reader of a failing history needs it
+    hw      topic, partition; the ok completion adds offset: the high watermark (end offset)
+            a client was told by the partition's leader (`node` in extra), invoked before the
+            request, ok after its answer; a refusal (a new leader's OFFSET_NOT_AVAILABLE) is a
+            fail and is not an observation
+    replica topic, partition, offset (the high watermark it was compared under): one replica's
+            log at the end of a run, read from its node's stopped data directory; extra:
+            `node`, `digest` (of the bytes below offset), `end` (where the bytes read ended,
+            below offset when the replica lacks records), `diverges_at` (the first batch where
+            it differs from the leader's, if it does)
 
 `member` defaults to the recording process when absent. Any other keyword is kept in
 `extra` (free-form, e.g. `error="timeout"`).
@@ -65,7 +74,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 TYPES = ("invoke", "ok", "fail", "unknown")
 COMPLETIONS = ("ok", "fail", "unknown")
-FUNCTIONS = ("send", "poll", "commit", "assign", "revoke", "reset", "drain", "nemesis")
+FUNCTIONS = ("send", "poll", "commit", "assign", "revoke", "reset", "drain", "nemesis", "hw", "replica")
 # Named fields: stored as attributes so the checker reads them without dict lookups or typos.
 FIELDS = ("topic", "partition", "value", "offset", "member", "epoch", "group", "time_ms")
 # Keys that would collide with an event's own attributes in the JSON layout.
