@@ -1,13 +1,15 @@
 """``bus bench``: the multi-process benchmark of the bus against its raw ceiling and its peers.
 
 Each system is a ``System`` with ``run_produce(cfg)``, ``run_consume(cfg)`` and ``run_latency(cfg, rate)``
-returning a ``Result``; ``SYSTEMS`` holds the baselines, ``BUS`` (``make_bus_system(BusOptions(...))``) the
-bus, and ``runner.run_bench`` is what ``bus bench`` runs.
+(and, for a replicated bus, ``run_failover(cfg)``) returning a ``Result``; ``SYSTEMS`` holds the baselines,
+``BUS`` (``make_bus_system(BusOptions(...))``: one replica, acks=1 unless told) the bus, and
+``runner.run_bench`` is what ``bus bench`` runs.
 
 The modules: results.py (the workload, the results and their arithmetic), stats.py (the pure statistics),
 pacer.py (fixed-rate pacing), harness.py (the client processes and the servers' sampling), raw.py (the
-ceiling), bus_system.py (the bus), peer.py with redis_peer.py and nats_peer.py (the peers), report.py (the
-table, JSON and plot) and runner.py (the command end to end).
+ceiling), bus_system.py (the bus), failover.py (the bus's leaders killed while it produces), peer.py with
+redis_peer.py and nats_peer.py (the peers), report.py (the table, JSON and plot) and runner.py (the command
+end to end).
 """
 
 from .bus_system import SYSTEM as BUS

@@ -80,18 +80,49 @@ ACK_LATENCY_NOTE = (
 class BusOptions:
     """How the bus is run: what the BenchConfig (shared with every system) does not say."""
 
-    nodes: int = 1  # node processes of the LocalCluster the bench starts
+    nodes: int | None = None  # node processes of the LocalCluster the bench starts (None: replication_factor)
     bootstrap: str | None = None  # use this running cluster instead of starting one
-    acks: Any = 1  # 0, 1 or "all" (one copy per partition: "all" == 1)
+    # The bench producer's acks, always given explicitly: the Producer's own default is "all", but every
+    # figure in docs/benchmarks.md before replication was taken with 1.
+    acks: Any = 1  # 0, 1 or "all" (every in-sync replica has the batch on disk; with one replica: as 1)
+    replication_factor: int = 1  # replicas of each partition of the bench's topic (always given explicitly)
+    min_insync_replicas: int | None = None  # None: the bus's default (2 with 3 or more replicas, else 1)
     group: bool = True  # consumers as one consumer group; False: assign() over a split of the partitions
     send_many: bool = False  # produce with send_many() (the bulk path) instead of send() per record
 
+    @property
+    def node_count(self) -> int:
+        """The nodes of the cluster the bench starts: as many as asked, else enough for the replicas."""
+        return self.nodes if self.nodes is not None else self.replication_factor
+
     def validate(self) -> BusOptions:
-        if self.nodes < 1:
+        if self.nodes is not None and self.nodes < 1:
             raise ValueError("nodes must be >= 1")
-        if self.acks not in (0, 1, "all", -1):
+        if self.acks not in (0, 1, "all"):
             raise ValueError(f"acks must be 0, 1 or 'all', not {self.acks!r}")
+        if self.replication_factor < 1:
+            raise ValueError("replication_factor must be >= 1")
+        if self.bootstrap is None and self.replication_factor > self.node_count:
+            raise ValueError(f"replication factor {self.replication_factor} needs at least as many nodes, "
+                             f"not {self.node_count}")
+        m = self.min_insync_replicas
+        if m is not None and not 1 <= m <= self.replication_factor:
+            raise ValueError(f"min_insync_replicas must be in 1..{self.replication_factor}, not {m}")
         return self
+
+
+def system_name(opts: BusOptions) -> str:
+    """The row's name: the path (``bus`` or ``bus send_many``), then the replication factor (and its
+    min_insync_replicas when given) and acks, so rows of one run with different settings tell apart:
+    ``bus R=3 acks=all``, ``bus send_many R=1 acks=1``."""
+    base = SEND_MANY_NAME if opts.send_many else SYSTEM_NAME
+    isr = "" if opts.min_insync_replicas is None else f" M={opts.min_insync_replicas}"
+    return f"{base} R={opts.replication_factor}{isr} acks={opts.acks}"
+
+
+def is_bus(name: str) -> bool:
+    """Whether a row's system name is one of the bus's (``system_name``)."""
+    return name == SYSTEM_NAME or name.startswith(SYSTEM_NAME + " ")
 
 
 def rss_peak_mb() -> float:
@@ -113,7 +144,8 @@ def _linger_ms(cfg: BenchConfig) -> int:
     return max(0, round(cfg.linger_ms))
 
 
-def _producer(bootstrap: str, cfg: BenchConfig, acks: Any) -> Any:
+def bench_producer(bootstrap: str, cfg: BenchConfig, acks: Any) -> Any:
+    """The producer every bench client uses: the user's defaults but for what the BenchConfig and acks say."""
     from bus import Producer
 
     return Producer(
@@ -147,7 +179,7 @@ class BusCluster:
                 from nodes.cluster import LocalCluster
 
                 path = os.path.join(self.data_dir, "cluster")
-                self._cluster = LocalCluster(path, self.opts.nodes, sync=self.cfg.sync)
+                self._cluster = LocalCluster(path, self.opts.node_count, sync=self.cfg.sync)
                 self._cluster.start(CLUSTER_START_TIMEOUT_S)
                 self.bootstrap = self._cluster.bootstrap
                 self.pids = [p.pid for p in self._cluster.nodes.values()]
@@ -165,17 +197,25 @@ class BusCluster:
         from bus import Admin
 
         with Admin(self.bootstrap) as admin:
-            admin.create_topic(self.topic, self.cfg.partitions)
-            # Wait until every partition's owner serves it, so no client starts against a node that has not
-            # heard the placement yet.
+            # The replication factor is always given: the bus's default (min(3, live nodes)) would make a
+            # three-node run replicated without saying so.
+            admin.create_topic(self.topic, self.cfg.partitions, replication_factor=self.opts.replication_factor,
+                               min_insync_replicas=self.opts.min_insync_replicas)
+            # Wait until every partition's leader serves it and every replica is in sync, so no client starts
+            # against a node that has not heard the placement yet, nor while the ISR is still forming.
             deadline = time.monotonic() + TOPIC_READY_TIMEOUT_S
             while True:
                 parts = admin.describe_topic(self.topic)["partitions"]
-                if all(p["end_offset"] is not None for p in parts):
+                if all(p["end_offset"] is not None and not p["under_replicated"] for p in parts):
                     return
                 if time.monotonic() > deadline:
                     raise BenchError(f"topic {self.topic} not served by its nodes within {TOPIC_READY_TIMEOUT_S} s")
                 time.sleep(0.02)
+
+    @property
+    def local(self) -> Any:
+        """The LocalCluster the bench started (None with ``bootstrap``): failover mode kills its nodes."""
+        return self._cluster
 
     def stored(self) -> list[int]:
         """Records stored in each partition (log end - log start)."""
@@ -245,7 +285,7 @@ def produce_client(
     bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, bulk: bool, count: int, gate: Gate
 ) -> ClientReport:
     """Send ``count`` records of ``cfg.record_bytes``: ``send()`` per record, or ``send_many`` with ``bulk``."""
-    producer = _producer(bootstrap, cfg, acks)
+    producer = bench_producer(bootstrap, cfg, acks)
     value = b"x" * cfg.record_bytes
     report = ClientReport(0, 0, 0, latency_counts=array("q"))
     acked = _Acks(report)
@@ -290,7 +330,7 @@ def latency_produce_client(
     bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, index: int, count: int, rate_per_s: float, gate: Gate
 ) -> ClientReport:
     """Offer ``count`` records at ``rate_per_s``, each handed to ``send()`` when due, carrying its due time."""
-    producer = _producer(bootstrap, cfg, acks)
+    producer = bench_producer(bootstrap, cfg, acks)
     pad = b"\0" * (cfg.record_bytes - SEND_TIME.size)
     pack = SEND_TIME.pack
     partitions = cfg.partitions
@@ -461,14 +501,14 @@ def _finish(result: Result, cl: BusCluster, opts: BusOptions, d: str, cfg: Bench
     else:
         result.notes += [n for n in storage_notes(d, cfg.sync) if n not in result.notes]
     result.notes = cl.notes + result.notes
-    result.config["bus"] = dataclasses.asdict(opts)
+    result.config["bus"] = {**dataclasses.asdict(opts), "nodes": opts.node_count}
     return result
 
 
 def make_bus_system(opts: BusOptions | None = None) -> System:
     """The bus as a bench ``System``, run as ``opts`` says."""
     opts = (opts or BusOptions()).validate()
-    name = SEND_MANY_NAME if opts.send_many else SYSTEM_NAME
+    name = system_name(opts)
 
     def run_produce(cfg: BenchConfig) -> Result:
         cfg.validate()
@@ -486,8 +526,11 @@ def make_bus_system(opts: BusOptions | None = None) -> System:
     def run_consume(cfg: BenchConfig) -> Result:
         cfg.validate()
         with scratch_dir(cfg, "bus") as d, BusCluster(cfg, opts, d) as cl:
-            load = [  # acks=1 whatever opts.acks says: the load must be stored before it is read
-                (produce_client, (cl.bootstrap, cl.topic, cfg, 1, True, n)) for n in split(cfg.records, cfg.producers)
+            # acks="all" whatever opts.acks says: the load must be under the high watermark (readable) before
+            # it is read; with one replica that is the same wait as acks=1.
+            load = [
+                (produce_client, (cl.bootstrap, cl.topic, cfg, "all", True, n))
+                for n in split(cfg.records, cfg.producers)
             ]
             run_clients(load, cl.pids, cfg.timeout_s)
             stored = cl.stored()
@@ -514,7 +557,13 @@ def make_bus_system(opts: BusOptions | None = None) -> System:
             result = latency_result(name, cfg, rate, reports[:k], reports[k:], usage, storage_notes(d, cfg.sync))
             return _finish(result, cl, opts, d, cfg)
 
-    return System(name, run_produce, run_consume, run_latency)
+    def run_failover(cfg: BenchConfig) -> Result:
+        from .failover import run_failover as run
+
+        return run(name, opts, cfg)
+
+    return System(name, run_produce, run_consume, run_latency,
+                  run_failover=run_failover if opts.replication_factor >= 2 and not opts.send_many else None)
 
 
 SYSTEM = make_bus_system()

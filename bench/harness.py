@@ -127,6 +127,12 @@ def showing_progress(sink: Callable[[int], None] | None) -> Iterator[None]:
         _progress_sink = before
 
 
+def progress_sink() -> Callable[[int], None] | None:
+    """What ``showing_progress`` set, if anything: a run that counts its progress in something other than
+    records (failover: kills) wraps it."""
+    return _progress_sink
+
+
 class Gate:
     """Handed to each client process. ``wait()`` reports "ready" and blocks until every client is ready.
 

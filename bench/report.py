@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .results import BenchError, Result, ratios
+from .results import BenchError, Result, ratios, replication_pairs, replication_ratio
 from .stats import MB
 
 COLUMNS = (
@@ -29,7 +29,9 @@ COLUMNS = (
 )  # fmt: skip
 LEFT_ALIGNED = {"system", "mode"}
 LEGEND = (
-    "latency: produce = batch sent -> acked (per record); latency = end to end at the target rate; consume: none.\n"
+    "latency: produce = batch sent -> acked (per record); latency = end to end at the target rate; consume: none;\n"
+    "failover = the longest wait between acknowledgements around each leader kill (one sample per kill).\n"
+    "bus rows: R = replicas of each partition, M = min_insync_replicas when given, acks = the producer's.\n"
     "ratio: fraction of the raw ceiling in the same mode (records/s; latency mode: raw p99 / p99). "
     f"MB = {MB:,} bytes of record payload. srv anon: the servers' resident memory less file-backed pages "
     "(a memory-mapped log's, which the kernel reclaims)."
@@ -62,6 +64,8 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
     rows = [COLUMNS]
     for r, q in zip(results, ratios(results)):
         mode = r.mode if r.target_rate is None else f"{r.mode}@{r.target_rate:,.0f}/s"
+        if r.mode == "failover":
+            mode += f" x{r.latency_samples} kills"
         if r.runs > 1:
             mode += f" (median of {r.runs})"
         rows.append(
@@ -94,12 +98,31 @@ def format_table(results: Sequence[Result], legend: bool = True) -> str:
 
     out = [line(rows[0]), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in rows[1:]]
+    pairs = replication_lines(results)
+    if pairs:
+        out += ["", "against fewer replicas (same run):", *pairs]
     notes = [f"  {r.system} {r.mode}: {n}" for r in results for n in r.notes]
     if notes:
         out += ["", "notes:", *notes]
     if legend:
         out += ["", LEGEND]
     return "\n".join(out)
+
+
+def replication_lines(results: Sequence[Result]) -> list[str]:
+    """One line per replicated bus row: its figure over the same bus's on fewer replicas in the same run."""
+    out = []
+    for r, base in replication_pairs(results):
+        q = replication_ratio(r, base)
+        if q is None:
+            continue
+        if r.mode == "latency":
+            p50 = f", p50 {r.p50_ms / base.p50_ms:.2f}x" if r.p50_ms is not None and base.p50_ms else ""
+            what = f"p99 {q:.2f}x{p50} (end to end; above 1 is slower)"
+        else:
+            what = f"{q:.2f}x the records/s"
+        out.append(f"  {r.system} {r.mode}: {what} of {base.system}")
+    return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -121,10 +144,15 @@ def machine_info() -> dict[str, Any]:
 
 def to_json(results: Sequence[Result], meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything measured, as one JSON-ready dict (each result with its ``ratio`` to raw)."""
+    against = {id(r): base for r, base in replication_pairs(results)}
     items = []
     for r, q in zip(results, ratios(results)):
         d = r.to_dict()
         d["ratio"] = q
+        base = against.get(id(r))
+        if base is not None:  # the same bus on fewer replicas, in the same run (replication_ratio)
+            d["replication_base"] = base.system
+            d["replication_ratio"] = replication_ratio(r, base)
         items.append(d)
     return {"format": 1, "machine": machine_info(), "meta": meta or {}, "results": items}
 

@@ -5,7 +5,8 @@ client processes' reports become those figures.
   ``expected_per_partition`` say which process does which part of it.
 - ``ClientReport`` is what one client process measured; ``ServerUsage`` what the servers used meanwhile.
 - ``build_result`` (``latency_result`` in latency mode) turns the reports into a ``Result``;
-  ``median_of_runs`` combines repeated runs; ``ratio`` / ``ratios`` compare a result with the raw ceiling.
+  ``median_of_runs`` combines repeated runs; ``ratio`` / ``ratios`` compare a result with the raw ceiling,
+  ``replication_pairs`` / ``replication_ratio`` a replicated bus with the same bus on fewer replicas.
 - ``System`` bundles a system's three runners (``run_produce(cfg)``, ``run_consume(cfg)``,
   ``run_latency(cfg, rate_per_s)``) with a check that it can run here; ``BenchError`` and
   ``PeerUnavailable`` are how a run or a system fails.
@@ -26,7 +27,8 @@ from typing import Any, ClassVar
 
 from .stats import percentiles, throughput, timeline
 
-MODES = ("produce", "consume", "latency")
+MODES = ("produce", "consume", "latency", "failover")
+DEFAULT_MODES = ("produce", "consume", "latency")  # failover kills nodes: only when asked for
 SYNC_MODES = ("always", "none")
 RAW = "raw"  # the system every ratio is taken against
 # Latency mode: a record's value starts with its send time, time.time_ns() as a big-endian i64 (so
@@ -65,6 +67,7 @@ class BenchConfig:
     linger_ms: float = 5  # how long a latency-mode producer waits for a batch to fill
     latency_rate: int = 5000  # records/s offered in latency mode, across all producers
     latency_seconds: float = 5  # how long latency mode offers them
+    kills: int = 20  # failover mode: leader kills per run (failover offers latency_rate records/s meanwhile)
     data_dir: str | None = None  # parent of each run's scratch directory; None: the system temp dir
     inflight_batches_max: int = 8  # batches a producer may have sent and not yet seen acked
     timeout_s: float = 600  # a run still going after this fails loudly
@@ -84,6 +87,8 @@ class BenchConfig:
             raise ValueError("batch_bytes must hold at least one record")
         if self.linger_ms < 0 or self.latency_rate <= 0 or self.latency_seconds <= 0:
             raise ValueError("linger_ms must be >= 0; latency_rate and latency_seconds > 0")
+        if self.kills < 1:
+            raise ValueError("kills must be >= 1")
         if self.inflight_batches_max < 1 or self.timeout_s <= 0:
             raise ValueError("inflight_batches_max must be >= 1 and timeout_s > 0")
         return self
@@ -175,8 +180,8 @@ class ServerUsage:
 class Result:
     """One run of one system in one mode (or the median of several: ``runs``)."""
 
-    system: str  # "raw", "redis", "nats", "bus"
-    mode: str  # "produce", "consume" or "latency"
+    system: str  # "raw", "redis", "nats", "bus R=1 acks=1", ...
+    mode: str  # "produce", "consume", "latency" or "failover"
     records: int  # records measured
     bytes: int  # payload bytes measured (records * record_bytes)
     elapsed_s: float  # first send to last ack (produce), first fetch to last record (consume), ...
@@ -186,7 +191,9 @@ class Result:
     p99_ms: float | None = None
     p999_ms: float | None = None
     max_ms: float | None = None
-    latency_kind: str = ""  # "ack": batch sent -> acked, per record; "end_to_end": sent -> consumed
+    # "ack": batch sent -> acked, per record; "end_to_end": sent -> consumed; "ack_gap" (failover): the
+    # longest wait between acknowledgements around each leader kill, one sample per kill
+    latency_kind: str = ""
     latency_samples: int = 0  # records the percentiles were taken over
     server_cpu_pct: float | None = None  # percent of one core
     server_rss_mb: float | None = None  # peak
@@ -214,6 +221,7 @@ class System:
     run_consume: Callable[[BenchConfig], Result]
     run_latency: Callable[..., Result]  # (cfg, rate_per_s=None) -> Result
     check: Callable[[], None] = lambda: None  # raises PeerUnavailable (with the install hint) if not runnable
+    run_failover: Callable[[BenchConfig], Result] | None = None  # None: no failover mode (not replicated)
 
     def run(self, mode: str, cfg: BenchConfig, rate_per_s: float | None = None) -> Result:
         if mode == "produce":
@@ -222,6 +230,10 @@ class System:
             return self.run_consume(cfg)
         if mode == "latency":
             return self.run_latency(cfg, rate_per_s)
+        if mode == "failover":
+            if self.run_failover is None:
+                raise BenchError(f"{self.name} has no failover mode")
+            return self.run_failover(cfg)
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
 
     def run_median(self, mode: str, cfg: BenchConfig, runs: int = 1, rate_per_s: float | None = None) -> Result:
@@ -289,6 +301,37 @@ def ratios(results: Sequence[Result]) -> list[float | None]:
     """``ratio`` of each result to the raw result of the same mode in ``results`` (None where there is none)."""
     raw_by_mode = {r.mode: r for r in results if r.system == RAW}
     return [ratio(r, raw_by_mode[r.mode]) if r.mode in raw_by_mode else None for r in results]
+
+
+def replication_pairs(results: Sequence[Result]) -> list[tuple[Result, Result]]:
+    """Each bus result with more than one replica, paired with the one it is compared with in the same run:
+    the same path (``send`` or ``send_many``) and mode with the fewest replicas in ``results``, and the same
+    acks if there is one (else the first with the fewest replicas). Results without ``config["bus"]`` (the
+    baselines) are never paired."""
+    def key(r: Result) -> tuple:
+        bus = r.config["bus"]
+        return bus["send_many"], r.mode
+
+    buses = [r for r in results if "bus" in r.config]
+    pairs = []
+    for r in buses:
+        same = [b for b in buses if key(b) == key(r)]
+        fewest = min(b.config["bus"]["replication_factor"] for b in same)
+        if r.config["bus"]["replication_factor"] <= fewest:
+            continue
+        bases = [b for b in same if b.config["bus"]["replication_factor"] == fewest]
+        pairs.append((r, next((b for b in bases if b.config["bus"]["acks"] == r.config["bus"]["acks"]), bases[0])))
+    return pairs
+
+
+def replication_ratio(result: Result, base: Result) -> float | None:
+    """``result`` over ``base``: records/s in the throughput modes, p99 in latency mode (so here, unlike
+    ``ratio``, a latency ratio above 1 is worse); None without figures to divide."""
+    if result.mode != base.mode:
+        raise ValueError(f"cannot compare mode {result.mode} with {base.mode}")
+    if result.mode == "latency":
+        return result.p99_ms / base.p99_ms if result.p99_ms is not None and base.p99_ms else None
+    return result.records_per_s / base.records_per_s if base.records_per_s > 0 else None
 
 
 def build_result(

@@ -5,6 +5,11 @@ mode it interleaves the systems run by run (raw, bus, bus send_many, redis, nats
 send_many, bus, raw; ...: see ``harness.round_order``), prints one line per run, combines each system's runs by
 their median, and at the end prints the ratio table, writes the JSON file and draws the plot if asked to.
 
+The bus is one system per (replication factor, acks) that ``--replication-factor`` and ``--acks`` list
+(``bus_variants``), all on the same number of nodes, each row named for its settings (``bus R=3 acks=all``),
+so replicated and unreplicated rows of the same run can be compared (report.py prints those ratios).
+Failover mode runs only the replicated bus systems.
+
 A peer that cannot run here (its server or client library missing) gets one line saying how to install
 it and the bench goes on without it; a peer that fails while running is reported the same way. A failure
 of the bus or of the raw ceiling is an error: the table of what did finish is still printed, then the
@@ -15,36 +20,47 @@ This module decides nothing about measuring; harness.py, results.py and stats.py
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .bus_system import SEND_MANY_NAME, SYSTEM_NAME, BusOptions, make_bus_system
+from .bus_system import BusOptions, is_bus, make_bus_system
 from .report import PlotUnavailable, format_table, plot, write_json
 from .harness import round_order, showing_progress
-from .results import MODES, RAW, BenchConfig, BenchError, PeerUnavailable, Result, System, median_of_runs
+from .results import (
+    DEFAULT_MODES,
+    MODES,
+    RAW,
+    BenchConfig,
+    BenchError,
+    PeerUnavailable,
+    Result,
+    System,
+    median_of_runs,
+)
 from .stats import steadiness
 
 PEER_NAMES = ("raw", "redis", "nats")
-REQUIRED = (RAW, SYSTEM_NAME, SEND_MANY_NAME)  # a failure of these fails the command
+ACKS = ("0", "1", "all")
 STEADINESS_SECONDS_MIN = 3.0  # shorter runs are too noisy to say whether throughput held up
 PROGRESS_BAR_CELLS = 24
 
 
-def progress_line(label: str, done: int, total: int, per_s: float) -> str:
+def progress_line(label: str, done: int, total: int, per_s: float, unit: str = "records") -> str:
     """``  produce  bus  run 1/3  [#######.........] 1,200,000 / 2,000,000 records  1,950,000/s``"""
     filled = int(PROGRESS_BAR_CELLS * min(1.0, done / total)) if total > 0 else 0
-    rate = f"  {per_s:,.0f}/s" if per_s > 0 else ""
-    return f"  {label}  [{'#' * filled}{'.' * (PROGRESS_BAR_CELLS - filled)}] {done:,} / {total:,} records{rate}"
+    rate = f"  {per_s:,.0f}/s" if per_s > 0 and unit == "records" else ""
+    return f"  {label}  [{'#' * filled}{'.' * (PROGRESS_BAR_CELLS - filled)}] {done:,} / {total:,} {unit}{rate}"
 
 
 class ProgressBar:
-    """A run's progress on one terminal line, redrawn in place as its clients report records done, and
-    wiped when the run ends (its summary line is printed in its place)."""
+    """A run's progress on one terminal line, redrawn in place as its clients report records done (a
+    failover run: kills done), and wiped when the run ends (its summary line is printed in its place)."""
 
-    def __init__(self, stream: TextIO, label: str, total: int):
-        self.stream, self.label, self.total = stream, label, total
+    def __init__(self, stream: TextIO, label: str, total: int, unit: str = "records"):
+        self.stream, self.label, self.total, self.unit = stream, label, total, unit
         self._since: tuple[float, int] | None = None  # (time, done) the rate is measured from
         self._last, self._width = 0, 0
 
@@ -55,7 +71,7 @@ class ProgressBar:
         self._last = done
         since_s, since_done = self._since
         per_s = (done - since_done) / (now - since_s) if now > since_s else 0.0
-        line = progress_line(self.label, done, self.total, per_s)
+        line = progress_line(self.label, done, self.total, per_s, self.unit)
         self.stream.write("\r" + line.ljust(self._width))
         self.stream.flush()
         self._width = max(self._width, len(line))
@@ -117,6 +133,9 @@ def run_mode(
     With ``progress`` (a terminal), each run shows a progress bar there while it runs.
     """
     total = cfg.latency_records(cfg.latency_rate) if mode == "latency" else cfg.records
+    unit = "records"
+    if mode == "failover":
+        total, unit = cfg.kills, "kills"
     rounds: dict[str, list[Result]] = {s.name: [] for s in systems}
     failed: set[str] = set()
     width = max(len(s.name) for s in systems)
@@ -126,7 +145,7 @@ def run_mode(
                 continue
             t0 = time.monotonic()
             label = f"{mode:<8} {s.name:<{width}}  run {i + 1}/{runs}"
-            bar = ProgressBar(progress, label, total) if progress is not None else None
+            bar = ProgressBar(progress, label, total, unit) if progress is not None else None
             try:
                 with showing_progress(bar):
                     r = s.run(mode, cfg)
@@ -145,7 +164,7 @@ def run_mode(
             say(f"  {label}  {_summary(r)}  ({time.monotonic() - t0:.1f} s)")
     results = [median_of_runs(rounds[s.name]) for s in systems if rounds[s.name] and s.name not in failed]
     for r in results:
-        flat = steadiness(r) if r.mode != "latency" and r.elapsed_s >= STEADINESS_SECONDS_MIN else None
+        flat = steadiness(r) if r.mode in ("produce", "consume") and r.elapsed_s >= STEADINESS_SECONDS_MIN else None
         if flat is not None:
             r.notes.append(f"throughput in the run's last third is {flat:.2f}x its first third (1.00: flat)")
         if "client_rss_peak_mb" in r.config:
@@ -153,12 +172,43 @@ def run_mode(
     return results
 
 
+def parse_acks(text: str) -> list[Any]:
+    """``"1,all"`` -> ``[1, "all"]``: the acks of each bus system, checked."""
+    return [x if x == "all" else int(x) for x in parse_list(text, ACKS, "acks")]
+
+
+def parse_counts(text: str, what: str) -> list[int]:
+    """``"1,3"`` -> ``[1, 3]`` (each >= 1, in the order given, duplicates dropped)."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items or not all(x.isdigit() and int(x) >= 1 for x in items):
+        raise ValueError(f"{what} must be a number >= 1 or a list of them (1,3), not {text!r}")
+    return list(dict.fromkeys(int(x) for x in items))
+
+
+def bus_variants(base: BusOptions, replication_factors: Sequence[int], acks: Sequence[Any]) -> list[BusOptions]:
+    """One bus system per (replication factor, acks), all on the same number of nodes: ``base.nodes`` if
+    given, else enough for the largest replication factor (so rows with R=1 and R=3 differ only by the
+    replicas, not by the cluster they run on)."""
+    nodes = base.nodes if base.nodes is not None or base.bootstrap is not None else max(replication_factors)
+    return [dataclasses.replace(base, nodes=nodes, replication_factor=r, acks=a).validate()
+            for r in replication_factors for a in acks]
+
+
+def _describe(buses: Sequence[BusOptions], cfg: BenchConfig) -> str:
+    first = buses[0]
+    where = f"cluster at {first.bootstrap}" if first.bootstrap else f"{first.node_count} node(s), sync={cfg.sync}"
+    factors = ",".join(str(r) for r in dict.fromkeys(b.replication_factor for b in buses))
+    acks = ",".join(str(a) for a in dict.fromkeys(b.acks for b in buses))
+    isr = "" if first.min_insync_replicas is None else f", min_insync_replicas {first.min_insync_replicas}"
+    return f"{where}, replication factor {factors}{isr}, acks={acks}"
+
+
 def run_bench(
     cfg: BenchConfig,
-    bus: BusOptions,
+    bus: BusOptions | Sequence[BusOptions],
     *,
     peers: Sequence[str] = PEER_NAMES,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] = DEFAULT_MODES,
     runs: int = 1,
     send_many: bool = True,
     json_path: str | None = None,
@@ -168,26 +218,40 @@ def run_bench(
     progress: TextIO | None = None,
 ) -> tuple[list[Result], dict[str, str]]:
     """Run the bench; print progress and the table through ``say`` (and progress bars on ``progress``, a
-    terminal, while each run runs). Returns (results, failures)."""
+    terminal, while each run runs). ``bus``: the bus's options, or several (one system each: e.g. one per
+    replication factor, ``bus_variants``). Returns (results, failures)."""
     cfg.validate()
-    bus.validate()
+    buses = [bus] if isinstance(bus, BusOptions) else list(bus)
+    if not buses:
+        raise ValueError("no bus options")
+    for b in buses:
+        b.validate()
     if runs < 1:
         raise ValueError("runs must be >= 1")
     baselines = available_systems(peers, say)
-    the_bus = make_bus_system(bus)
-    bulk = make_bus_system(BusOptions(**{**bus.__dict__, "send_many": True}))
-    where = f"cluster at {bus.bootstrap}" if bus.bootstrap else f"{bus.nodes} node(s), sync={cfg.sync}"
+    the_buses = [make_bus_system(b) for b in buses]
+    bulks = [make_bus_system(dataclasses.replace(b, send_many=True)) for b in buses]
     say(
         f"bus bench: {cfg.records:,} records of {cfg.record_bytes} bytes, {cfg.partitions} partition(s), "
-        f"{cfg.producers} producer(s), {cfg.consumers} consumer(s), {where}, acks={bus.acks}, "
+        f"{cfg.producers} producer(s), {cfg.consumers} consumer(s), {_describe(buses, cfg)}, "
         f"linger {cfg.linger_ms:g} ms, {runs} run(s) each (median)"
     )
     results: list[Result] = []
     failures: dict[str, str] = {}
     for mode in modes:
-        systems = [s for s in baselines if s.name == RAW] + [the_bus]
+        if mode == "failover":
+            systems = [s for s in the_buses if s.run_failover is not None]
+            skipped = [s.name for s in the_buses if s.run_failover is None]
+            if skipped:
+                say(f"failover: not run for {', '.join(skipped)} (one replica: no other to fail over to)")
+            if not systems:
+                continue
+            say(f"{mode}: {cfg.kills} leader kills, {cfg.latency_rate:,} records/s offered meanwhile")
+            results += run_mode(systems, mode, cfg, runs, say, failures, progress)
+            continue
+        systems = [s for s in baselines if s.name == RAW] + the_buses
         if mode == "produce" and send_many:
-            systems.append(bulk)
+            systems += bulks
         systems += [s for s in baselines if s.name != RAW]
         if mode == "latency":
             say(f"{mode}: {cfg.latency_rate:,} records/s for {cfg.latency_seconds:g} s")
@@ -211,7 +275,8 @@ def run_bench(
 
 def exit_status(failures: dict[str, str]) -> int:
     """1 if the bus or the raw ceiling failed (peers may fail without failing the command)."""
-    return 1 if any(key.rsplit(" ", 1)[0] in REQUIRED for key in failures) else 0
+    systems = [key.rsplit(" ", 1)[0] for key in failures]
+    return 1 if any(name == RAW or is_bus(name) for name in systems) else 0
 
 
 def command_line(options: dict[str, Any]) -> str:
@@ -231,7 +296,9 @@ def bench_command(
     records: int,
     record_bytes: int,
     partitions: int,
-    nodes: int,
+    nodes: int | None,
+    replication_factor: str,
+    min_insync_replicas: int | None,
     producers: int,
     consumers: int,
     acks: str,
@@ -241,6 +308,7 @@ def bench_command(
     runs: int,
     latency_rate: int,
     latency_seconds: float,
+    kills: int,
     peers: str,
     modes: str,
     bootstrap: str | None,
@@ -265,20 +333,28 @@ def bench_command(
         linger_ms=linger_ms,
         latency_rate=latency_rate,
         latency_seconds=latency_seconds,
+        kills=kills,
         data_dir=data_dir,
     ).validate()
-    bus = BusOptions(nodes=nodes, bootstrap=bootstrap, acks="all" if acks == "all" else int(acks), group=group)
-    bus.validate()
+    factors = parse_counts(replication_factor, "--replication-factor")
+    acks_list = parse_acks(acks)
+    if not acks_list:
+        raise ValueError("--acks names no acks")
+    base = BusOptions(nodes=nodes, bootstrap=bootstrap, min_insync_replicas=min_insync_replicas, group=group)
+    buses = bus_variants(base, factors, acks_list)
     peer_list = parse_list(peers, PEER_NAMES, "peer")
     mode_list = parse_list(modes, MODES, "mode")
     if not mode_list:
         raise ValueError("--modes names no mode")
+    if "failover" in mode_list and bootstrap is not None:
+        raise ValueError("--modes failover kills nodes: it needs the cluster the bench starts (not --bootstrap)")
     options = dict(records=records, record_bytes=record_bytes, partitions=partitions, nodes=nodes,
+                   replication_factor=replication_factor, min_insync_replicas=min_insync_replicas,
                    producers=producers, consumers=consumers, acks=acks, linger_ms=linger_ms, batch_bytes=batch_bytes,
-                   sync=sync, runs=runs, latency_rate=latency_rate, latency_seconds=latency_seconds, peers=peers,
-                   modes=modes, bootstrap=bootstrap, data_dir=data_dir, group=group, send_many=send_many)
+                   sync=sync, runs=runs, latency_rate=latency_rate, latency_seconds=latency_seconds, kills=kills,
+                   peers=peers, modes=modes, bootstrap=bootstrap, data_dir=data_dir, group=group, send_many=send_many)
     meta = {"command": command_line(options), "options": options}
-    _, failures = run_bench(cfg, bus, peers=peer_list, modes=mode_list, runs=runs, send_many=send_many,
+    _, failures = run_bench(cfg, buses, peers=peer_list, modes=mode_list, runs=runs, send_many=send_many,
                             json_path=json_path, plot_path=plot_path, say=say, meta=meta,
                             progress=sys.stderr if sys.stderr.isatty() else None)
     for key, message in failures.items():

@@ -1,9 +1,11 @@
-"""The bench's pure statistics: percentiles, throughput, the throughput timeline and its steadiness.
+"""The bench's pure statistics: percentiles, throughput, the throughput timeline, its steadiness, and the
+longest waits between acknowledgements around a fault.
 
 Every figure the bench reports for any system is computed here, from plain numbers, the same way:
 nearest-rank ``percentiles`` (exact on small samples, never interpolated), ``throughput`` in records/s and
 MB/s, the records-per-bin ``timeline`` and ``steadiness`` (how the last third of a run compares with its
-first). results.py builds a ``Result`` from these.
+first), and ``longest_gaps`` (failover mode: the longest wait between acknowledgements around each leader
+kill). results.py and failover.py build a ``Result`` from these.
 
 This module must never run, time or start anything: no processes, no clocks, no files.
 """
@@ -11,7 +13,7 @@ This module must never run, time or start anything: no processes, no clocks, no 
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from itertools import accumulate
@@ -99,3 +101,33 @@ def steadiness(result: Result, bins_min: int = 9) -> float | None:
     third = len(middle) // 3
     first, last = sum(middle[:third]), sum(middle[-third:])
     return last / first if first > 0 else None
+
+
+def longest_gaps(times_ns: Sequence[int], marks_ns: Sequence[int], end_ns: int) -> list[tuple[int, int, bool]]:
+    """Around each mark (a leader kill), the longest wait between acknowledgements: ``(from_ns, to_ns, open)``.
+
+    Mark ``i``'s window runs from the last acknowledgement at or before it (the mark itself if there is none)
+    to the next mark (``end_ns`` after the last), so what its restart costs later in the window counts too.
+    The gap is the longest interval between consecutive acknowledgements in the window. ``open`` is True when
+    no acknowledgement followed the mark within its window: the gap then runs to the window's end and is
+    only a lower bound. ``times_ns`` need not be sorted; ``marks_ns`` must be increasing.
+    """
+    if any(b <= a for a, b in zip(marks_ns, marks_ns[1:])):
+        raise ValueError("marks must be increasing")
+    times = sorted(times_ns)
+    out = []
+    for i, mark in enumerate(marks_ns):
+        window_end = marks_ns[i + 1] if i + 1 < len(marks_ns) else max(end_ns, mark)
+        before = bisect_right(times, mark) - 1
+        last = bisect_right(times, window_end)
+        prev = times[before] if before >= 0 else mark
+        best = (prev, prev)
+        for t in times[before + 1 : last]:
+            if t - prev > best[1] - best[0]:
+                best = (prev, t)
+            prev = t
+        if last <= before + 1:  # nothing acknowledged after the mark in its window
+            out.append((best[0], window_end, True))
+        else:
+            out.append((best[0], best[1], False))
+    return out

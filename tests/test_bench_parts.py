@@ -37,7 +37,7 @@ from bench.results import (
     split,
 )
 from bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
-from bench.stats import percentiles, steadiness, throughput, timeline
+from bench.stats import longest_gaps, percentiles, steadiness, throughput, timeline
 from bus.cli import bench_not_installed
 from tests.core_helpers import child_env
 
@@ -404,9 +404,88 @@ def test_runner_options_are_checked():
         runner.parse_list("produce,latncy", MODES, "mode")
     assert runner.exit_status({"redis produce": "boom"}) == 0  # a peer may fail without failing the bench
     assert runner.exit_status({"bus send_many produce": "boom"}) == 1
+    assert runner.exit_status({"bus R=3 acks=all failover": "boom"}) == 1
     assert runner.exit_status({"raw latency": "boom"}) == 1
+    assert runner.exit_status({"busy produce": "boom"}) == 0  # only the bus's own names
     with pytest.raises(ValueError):
         BusOptions(acks=2).validate()
+    assert runner.parse_counts("1, 3,3", "f") == [1, 3] and runner.parse_acks("1,all") == [1, "all"]
+    for bad in ("0", "x", "", "1,-2"):
+        with pytest.raises(ValueError):
+            runner.parse_counts(bad, "f")
+    with pytest.raises(ValueError, match="unknown acks 2"):
+        runner.parse_acks("1,2")
+
+
+def test_replication_options_make_one_system_each_on_the_same_cluster():
+    from bench import runner
+    from bench.bus_system import system_name
+
+    variants = runner.bus_variants(BusOptions(), [1, 3], [1, "all"])
+    assert [(b.replication_factor, b.acks, b.node_count) for b in variants] == [
+        (1, 1, 3), (1, "all", 3), (3, 1, 3), (3, "all", 3)]  # all on enough nodes for the largest
+    assert [system_name(b) for b in variants] == [
+        "bus R=1 acks=1", "bus R=1 acks=all", "bus R=3 acks=1", "bus R=3 acks=all"]
+    assert system_name(BusOptions(replication_factor=3, min_insync_replicas=3, acks="all", send_many=True,
+                                  nodes=3)) == "bus send_many R=3 M=3 acks=all"
+    assert [b.node_count for b in runner.bus_variants(BusOptions(nodes=5), [2], [1])] == [5]
+    assert BusOptions().node_count == 1  # the default is one node and one replica, as before replication
+    with pytest.raises(ValueError, match="needs at least as many nodes"):
+        runner.bus_variants(BusOptions(nodes=2), [3], [1])
+    with pytest.raises(ValueError, match="min_insync_replicas"):
+        BusOptions(replication_factor=2, min_insync_replicas=3, nodes=2).validate()
+    assert make_bus_system(BusOptions()).run_failover is None  # one replica: nothing to fail over to
+    assert make_bus_system(BusOptions(replication_factor=2, nodes=2)).run_failover is not None
+    with pytest.raises(Exception, match="no failover mode"):
+        make_bus_system(BusOptions()).run("failover", BenchConfig())
+
+
+def test_longest_gaps_around_each_kill():
+    s = 1_000_000_000
+    acks = [0, 1 * s, 2 * s, 6 * s, 7 * s, 8 * s, 9 * s, 13 * s, 14 * s]
+    # Kill at 2.5 s: acks stop from 2 s to 6 s. Kill at 8.5 s: from 8 s... then 9 s, then 9 -> 13 s is longer.
+    assert longest_gaps(list(reversed(acks)), [int(2.5 * s), int(8.5 * s)], 15 * s) == [
+        (2 * s, 6 * s, False), (9 * s, 13 * s, False)]
+    # The window of a kill runs to the next kill: a pause caused by the restart later in it counts.
+    assert longest_gaps(acks, [int(0.5 * s)], 15 * s) == [(2 * s, 6 * s, False)]
+    # No acknowledgement after the kill: the gap is open, to the end of the window (a lower bound).
+    assert longest_gaps([0, s], [int(1.5 * s)], 5 * s) == [(s, 5 * s, True)]
+    assert longest_gaps([0, s], [int(1.5 * s), 3 * s], 5 * s) == [(s, 3 * s, True), (s, 5 * s, True)]
+    # Nothing acknowledged before the kill: the gap starts at the kill.
+    assert longest_gaps([4 * s], [s], 5 * s) == [(s, 4 * s, False)]
+    assert longest_gaps([], [], 5 * s) == []
+    with pytest.raises(ValueError):
+        longest_gaps([0], [2, 1], 5)
+
+
+def test_replicated_rows_are_compared_with_fewer_replicas_of_the_same_run():
+    from bench.results import replication_pairs, replication_ratio
+
+    def res(r, acks, mode="produce", rps=100.0, p99=None, send_many=False):
+        system = f"bus{' send_many' if send_many else ''} R={r} acks={acks}"
+        config = {"bus": {"replication_factor": r, "acks": acks, "send_many": send_many}}
+        return Result(system, mode, 1, 1, 1.0, rps, 1.0, p50_ms=p99, p99_ms=p99, config=config)
+
+    raw_p = Result("raw", "produce", 1, 1, 1.0, 500.0, 1.0)
+    r1, r1all, r3 = res(1, 1, rps=200.0), res(1, "all", rps=180.0), res(3, "all", rps=90.0)
+    bulk1, bulk3 = res(1, 1, rps=400.0, send_many=True), res(3, 1, rps=100.0, send_many=True)
+    lat1, lat3 = res(1, "all", "latency", p99=2.0), res(3, "all", "latency", p99=3.0)
+    pairs = replication_pairs([raw_p, r1, r1all, r3, bulk1, bulk3, lat1, lat3])
+    assert [(a.system, b.system) for a, b in pairs] == [
+        ("bus R=3 acks=all", "bus R=1 acks=all"),  # the same acks when there is one
+        ("bus send_many R=3 acks=1", "bus send_many R=1 acks=1"),  # send_many with send_many
+        ("bus R=3 acks=all", "bus R=1 acks=all")]
+    assert replication_ratio(r3, r1all) == 0.5 and replication_ratio(lat3, lat1) == 1.5  # latency: p99 over p99
+    assert [b.system for _, b in replication_pairs([r1, r3])] == ["bus R=1 acks=1"]  # else any acks
+    assert replication_pairs([raw_p, r3]) == []  # nothing with fewer replicas to compare with
+    text = report.format_table([raw_p, r1all, r3, lat1, lat3], legend=False)
+    assert "  bus R=3 acks=all produce: 0.50x the records/s of bus R=1 acks=all" in text
+    assert ("  bus R=3 acks=all latency: p99 1.50x, p50 1.50x (end to end; above 1 is slower) of bus R=1 acks=all"
+            in text)
+    data = report.to_json([r1all, r3])
+    assert data["results"][1]["replication_ratio"] == 0.5
+    assert data["results"][1]["replication_base"] == "bus R=1 acks=all"
+    assert "replication_ratio" not in data["results"][0]
 
 
 def test_bus_tiny_workload_as_a_group_and_by_assign(tmp_path, no_strays):
@@ -417,7 +496,8 @@ def test_bus_tiny_workload_as_a_group_and_by_assign(tmp_path, no_strays):
         assert produce.config["client_rss_peak_mb"] > 0
     bulk = make_bus_system(BusOptions(send_many=True)).run("produce", cfg)
     check_sane(bulk, cfg, "produce")
-    assert bulk.system == "bus send_many"
+    assert bulk.system == "bus send_many R=1 acks=1"  # the bench's defaults, said in every row
+    assert bulk.config["bus"]["replication_factor"] == 1 and bulk.config["bus"]["nodes"] == 1
     assert list(tmp_path.iterdir()) == []
 
 

@@ -27,6 +27,7 @@ TINY = [
     "--linger-ms", "1",
 ]  # fmt: skip
 SMOKE_SECONDS_MAX = 30.0
+BUS, BULK = "bus R=1 acks=1", "bus send_many R=1 acks=1"  # the bench's defaults: one replica, acks=1
 INSTALL_HINTS = {
     "redis": "redis-server not installed: apt-get install redis-server",
     "nats": "nats-server not installed: apt-get install nats-server",
@@ -52,17 +53,21 @@ def wait_no_strays(timeout_s: float = 5.0) -> list[str]:
     return stray_children()
 
 
+MODE_WORDS = ("produce", "consume", "latency", "failover")
+
+
 def table_rows(output: str) -> dict[tuple[str, str], str]:
-    """{(system, mode): row} from the printed table (the block under the dashed rule)."""
+    """{(system, mode): row} from the printed table (the block under the dashed rule). A system's name may
+    have several words (``bus send_many R=1 acks=1``): it ends where the mode begins."""
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("system ") and "records/s" in line)
     rows = {}
     for line in lines[start + 2 :]:
         if not line.strip():
             break
-        system = "bus send_many" if line.startswith("bus send_many") else line.split()[0]
-        mode = line[len(system) :].split()[0]
-        rows[(system, mode)] = line
+        words = line.split()
+        at = next(i for i, w in enumerate(words) if w.startswith(MODE_WORDS))
+        rows[(" ".join(words[:at]), words[at])] = line
     return rows
 
 
@@ -86,7 +91,7 @@ def test_bench_command_tiny_workload(tmp_path):
 
     rows = table_rows(result.output)
     expected = {("raw", m) for m in ("produce", "consume", "latency@2,000/s")}
-    expected |= {("bus", m) for m in ("produce", "consume", "latency@2,000/s")} | {("bus send_many", "produce")}
+    expected |= {(BUS, m) for m in ("produce", "consume", "latency@2,000/s")} | {(BULK, "produce")}
     for name, system in (("redis", redis_peer.REDIS), ("nats", nats_peer.NATS)):
         if installed(system):
             expected |= {(name, m) for m in ("produce", "consume", "latency@2,000/s")}
@@ -103,8 +108,10 @@ def test_bench_command_tiny_workload(tmp_path):
         r = by_key[(system, mode)]
         assert r["records_per_s"] > 0 and r["mb_per_s"] > 0, r
         assert r["records"] == (2000 if mode != "latency" else 1000)
-    assert by_key[("bus", "produce")]["ratio"] > 0
-    assert by_key[("bus", "latency")]["p99_ms"] > 0
+    assert by_key[(BUS, "produce")]["ratio"] > 0
+    assert by_key[(BUS, "latency")]["p99_ms"] > 0
+    assert by_key[(BUS, "produce")]["config"]["bus"]["replication_factor"] == 1
+    assert by_key[(BUS, "produce")]["config"]["bus"]["acks"] == 1
     assert list(tmp_path.glob("bus-bench-*")) == []  # every run's scratch space is removed
     assert wait_no_strays() == []
 
@@ -120,7 +127,7 @@ def test_missing_peers_are_named_and_skipped(tmp_path, monkeypatch):
     for name, hint in INSTALL_HINTS.items():
         assert f"{name}: not run: {hint}" in result.output
     rows = table_rows(result.output)
-    assert set(rows) == {("raw", "produce"), ("bus", "produce")}
+    assert set(rows) == {("raw", "produce"), (BUS, "produce")}
     assert wait_no_strays() == []
 
 
@@ -130,3 +137,37 @@ def test_bad_options_are_usage_errors():
     assert result.exit_code == 2 and "unknown peer kafka" in result.output
     result = runner.invoke(main, ["bench", "--partitions", "1", "--consumers", "2"])
     assert result.exit_code == 2 and "consumers must be <= partitions" in result.output
+
+
+def test_replication_factors_side_by_side_and_a_failover(tmp_path):
+    """``--replication-factor 1,2``: one bus system per value, on the same two nodes, each row saying its
+    replicas and acks, the replicated rows compared with R=1; and one leader kill in failover mode (R=1
+    has no failover and says so)."""
+    out_json = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        main,
+        ["bench", *TINY, "--peers", "none", "--replication-factor", "1,2", "--acks", "all", "--no-send-many",
+         "--modes", "produce,consume,latency,failover", "--kills", "1", "--json", str(out_json),
+         "--data-dir", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "2 node(s)" in result.output and "replication factor 1,2" in result.output
+    rows = table_rows(result.output)
+    r1, r2 = "bus R=1 acks=all", "bus R=2 acks=all"
+    assert {(r1, "produce"), (r2, "produce"), (r1, "consume"), (r2, "consume"), (r1, "latency@2,000/s"),
+            (r2, "latency@2,000/s"), (r2, "failover@2,000/s")} == set(rows), result.output
+    assert "failover: not run for bus R=1 acks=all" in result.output
+    for mode in ("produce", "consume"):
+        assert f"  {r2} {mode}: " in result.output and f"the records/s of {r1}" in result.output
+    assert f"  {r2} latency: p99 " in result.output
+    data = json.loads(out_json.read_text())
+    by_key = {(r["system"], r["mode"]): r for r in data["results"]}
+    assert by_key[(r2, "produce")]["config"]["bus"]["nodes"] == 2
+    assert by_key[(r2, "produce")]["replication_base"] == r1 and by_key[(r2, "produce")]["replication_ratio"] > 0
+    failover = by_key[(r2, "failover")]
+    assert failover["latency_kind"] == "ack_gap" and failover["latency_samples"] == 1
+    (kill,) = failover["config"]["failover"]
+    assert kill["new_leader"] != kill["node"] and not kill["gap_open"]
+    assert 0 < failover["max_ms"] < 60_000 and failover["records"] > 0
+    assert "--replication-factor 1,2" in data["meta"]["command"] and "--kills 1" in data["meta"]["command"]
+    assert wait_no_strays() == []
