@@ -11,7 +11,7 @@ import zmq
 
 from . import wire
 from .connection import Requester
-from .errors import BusError, ConfigError, NodeUnavailable, NotLeader, error_for
+from .errors import BusError, ConfigError, NodeUnavailable, NotLeader, TopicExists, error_for
 from .metadata import check_bootstrap
 from .records import TopicPartition
 
@@ -48,16 +48,23 @@ class Admin:
 
     def create_topic(self, name: str, partitions: int = 1, *, replication_factor: int | None = None,
                      min_insync_replicas: int | None = None, retention_ms: int | None = None,
-                     retention_bytes: int | None = None, wait_ms: int = 10_000) -> dict:
+                     retention_bytes: int | None = None, exist_ok: bool = False, wait_ms: int = 10_000) -> dict:
         """Create the topic with ``replication_factor`` replicas of each partition (default min(3, live
         nodes)) and ``min_insync_replicas`` (default 2 with 3 or more replicas, else 1: below it, acks="all"
         produces fail with NotEnoughReplicas). Then wait up to ``wait_ms`` until every leader serves it (the
         coordinator tells the nodes at once), so what follows -- describe, list offsets, a first fetch --
-        does not meet a transient UNKNOWN_TOPIC. Returns the topic entry."""
-        created = self._requester.coordinator(wire.CREATE_TOPIC, {
-            "name": name, "partitions": partitions, "replication_factor": replication_factor,
-            "min_insync_replicas": min_insync_replicas, "retention_ms": retention_ms,
-            "retention_bytes": retention_bytes})
+        does not meet a transient UNKNOWN_TOPIC. Returns the topic entry. With ``exist_ok``, a topic of that
+        name that exists already is no error: its entry is returned as it is (its settings are not changed,
+        nor compared with these)."""
+        try:
+            created = self._requester.coordinator(wire.CREATE_TOPIC, {
+                "name": name, "partitions": partitions, "replication_factor": replication_factor,
+                "min_insync_replicas": min_insync_replicas, "retention_ms": retention_ms,
+                "retention_bytes": retention_bytes})
+        except TopicExists:
+            if not exist_ok:
+                raise
+            return {"name": name, **self._requester.metadata([name], strict=True).topics[name]}
         if wait_ms > 0:
             self._wait_until_served(name, [p["leader"] for p in created["partitions"]], wait_ms)
         return created

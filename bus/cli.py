@@ -7,7 +7,6 @@ errors print one line saying what to do and exit with status 1; bad arguments ar
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ import click
 
 from .errors import BusError
 from .metadata import DEFAULT_BOOTSTRAP
+from .printing import FORMAT_TOKENS, check_format, record_formatted, record_json
 
 
 def bootstrap_option(fn):
@@ -145,17 +145,19 @@ def topic():
               help="in-sync replicas an acks=all produce needs  [default: 2 with 3+ replicas, else 1]")
 @click.option("--retention-ms", type=click.IntRange(1), default=None, help="drop batches older than this")
 @click.option("--retention-bytes", type=click.IntRange(1), default=None, help="keep each partition under this")
+@click.option("--if-not-exists", is_flag=True, help="a topic NAME that exists already is no error (left as it is)")
 @bootstrap_option
 @friendly_errors
 def topic_create(name, partitions, replication_factor, min_insync_replicas, retention_ms, retention_bytes,
-                 bootstrap):
+                 if_not_exists, bootstrap):
     """Create topic NAME."""
     from .admin import Admin
 
     with Admin(bootstrap) as admin:
         created = admin.create_topic(name, partitions, replication_factor=replication_factor,
                                      min_insync_replicas=min_insync_replicas, retention_ms=retention_ms,
-                                     retention_bytes=retention_bytes)
+                                     retention_bytes=retention_bytes, exist_ok=if_not_exists)
+        partitions = len(created["partitions"])
     nodes = sorted({n for p in created["partitions"] for n in p["replicas"]})
     click.echo(f"created topic {name} with {partitions} partition(s), {created['replication_factor']} replica(s) "
                f"each (min in-sync {created['min_insync_replicas']}), on nodes {nodes}")
@@ -398,12 +400,22 @@ def produce(topic_name, key_separator, partition, bootstrap):
 @click.option("--partition", type=click.IntRange(0), multiple=True, help="only these partitions (no group)")
 @click.option("--max-records", type=click.IntRange(1), default=None, help="stop after this many")
 @click.option("--timeout-ms", type=click.IntRange(0), default=None, help="stop after this long without a record")
-@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]))
+@click.option("--format", "fmt", default="text", show_default=True,
+              help="text: the value; json: one lossless object per line (base64 where not UTF-8); or a kcat-style "
+                   "format string of " + " ".join(f"%{t} ({what})" for t, what in FORMAT_TOKENS.items())
+                   + r", with \n and \t, e.g. '%p %o %k %s\n'")
+@click.option("--print-key", is_flag=True, help="text: print KEY<tab>VALUE (an absent key as empty)")
 @bootstrap_option
 @friendly_errors
-def consume(topic_name, group, from_beginning, partition, max_records, timeout_ms, fmt, bootstrap):
-    """Print records of TOPIC as they arrive (text: the value; json: one object per line)."""
+def consume(topic_name, group, from_beginning, partition, max_records, timeout_ms, fmt, print_key, bootstrap):
+    """Print records of TOPIC as they arrive, until --max-records or --timeout-ms (or Ctrl-C)."""
     from .consumer import Consumer
+
+    if fmt not in ("text", "json"):
+        try:
+            check_format(fmt)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--format") from None
 
     reset = "earliest" if from_beginning else "latest"
     if group is not None and partition:
@@ -435,15 +447,11 @@ def consume(topic_name, group, from_beginning, partition, max_records, timeout_m
             last_s = time.monotonic()
             for record in records:
                 if fmt == "json":
-                    out.write(json.dumps({
-                        "topic": record.topic, "partition": record.partition, "offset": record.offset,
-                        "timestamp_ms": record.timestamp_ms,
-                        "key": None if record.key is None else record.key.decode(errors="replace"),
-                        "value": record.value.decode(errors="replace"),
-                        "headers": None if record.headers is None else {
-                            k: v.decode(errors="replace") for k, v in record.headers}}) + "\n")
+                    out.write(record_json(record) + "\n")
+                elif fmt == "text":
+                    out.write(record_formatted(record, "%k\t%s\n" if print_key else "%s\n"))
                 else:
-                    out.write(record.value.decode(errors="replace") + "\n")
+                    out.write(record_formatted(record, fmt))
             seen += len(records)
             out.flush()
     except KeyboardInterrupt:

@@ -164,7 +164,7 @@ def retention_cut(log: PartitionLog, batches, now_ms: int, retention_ms: int | N
 
 class LogContract:
     """The partition logs of one store. ``log_class`` makes each partition's bookkeeping: a subclass may
-    change a decision of ``PartitionLog`` (the fault harness's sabotaged builds do), never the writes.
+    change a decision of ``PartitionLog`` (the fault harness's builds of its own do), never the writes.
 
     ``clock_ms`` gives the append time (wall clock, ms; a simulator passes its own). With
     ``high_watermark_follows_append`` (the default: a node without followers, whose leader is its whole

@@ -110,6 +110,16 @@ def test_topics_produce_and_consume(bus_up):
                bootstrap=bootstrap)
     assert text.returncode == 0, text.stderr
     assert text.stdout.decode().splitlines() == [r["value"] for r in records if r["partition"] == 0]
+    keyed = bus("consume", "cli-events", "--from-beginning", "--partition", "0", "--timeout-ms", "300",
+                "--print-key", bootstrap=bootstrap)
+    assert keyed.stdout.decode().splitlines() == [f"{r['key']}\t{r['value']}" for r in records if r["partition"] == 0]
+    formatted = bus("consume", "cli-events", "--from-beginning", "--partition", "0", "--timeout-ms", "300",
+                    "--format", r"%p:%o:%k:%s\n", bootstrap=bootstrap)
+    assert formatted.returncode == 0, formatted.stderr
+    assert formatted.stdout.decode().splitlines() == [f"0:{r['offset']}:{r['key']}:{r['value']}"
+                                                      for r in records if r["partition"] == 0]
+    unknown = bus("consume", "cli-events", "--format", "%q", bootstrap=bootstrap)
+    assert unknown.returncode == 2 and b"unknown format token %q" in unknown.stderr
 
     described = bus("topic", "describe", "cli-events", bootstrap=bootstrap)
     assert described.returncode == 0, described.stderr
@@ -125,6 +135,8 @@ def test_topics_produce_and_consume(bus_up):
 
     again = bus("topic", "create", "cli-events", bootstrap=bootstrap)
     assert again.returncode == 1 and b"already exists" in again.stderr
+    kept = bus("topic", "create", "cli-events", "--partitions", "5", "--if-not-exists", bootstrap=bootstrap)
+    assert kept.returncode == 0 and b"with 3 partition(s)" in kept.stdout  # left as it was
 
 
 @pytest.mark.parametrize("args", [
