@@ -16,8 +16,9 @@ thread of the bench process (``Killer``) repeats, ``kills`` times:
 Afterwards ``stats.longest_gaps`` takes, for each kill, the longest interval between consecutive
 acknowledgements from the last one before the kill to the next kill (so the killed node's restart and
 return to the ISR count against the kill that caused them). The table's latency columns are those gaps,
-one sample per kill (p99 of 20 kills is nearly their maximum); the notes split them into kill -> new leader
-in the metadata and kill -> acknowledgements again.
+one sample per kill (p99 of 20 kills is nearly their maximum); ``kill_notes``, which the runner adds once
+over all of a system's runs, pools every kill and splits its gap into kill -> new leader in the metadata
+and kill -> acknowledged again.
 
 The node processes change under it, so their CPU and memory are not sampled. This module imports the bus
 and nodes only inside the functions that run the cluster or the client, as bus_system.py does.
@@ -190,25 +191,35 @@ def _seconds(values_ns: list[int]) -> str:
     return f"p50 {statistics.median(values_ns) / 1e9:.2f} s, max {max(values_ns) / 1e9:.2f} s"
 
 
-def failover_notes(cycles: list[dict], gaps: list[tuple[int, int, bool]], acks: Any, rate: float,
-                   errors: int, first_error: str | None) -> list[str]:
-    """What the failover row's figures are, and the steps of each kill summed up."""
+def describe_failover(acks: Any, rate: float) -> str:
+    """The note that says what a failover row's figures are."""
     from nodes.controller import NODE_SESSION_TIMEOUT_MS
 
+    return (f"kill -9 of partition {PARTITION}'s leader while one producer offered {rate:,.0f} records/s there "
+            f"with acks={acks}; p50/p99/max ms = the longest wait between acknowledgements around each kill, "
+            f"one sample per kill (node session timeout {NODE_SESSION_TIMEOUT_MS / 1000:g} s)")
+
+
+def kill_notes(results: list[Result]) -> list[str]:
+    """The steps of every kill of ``results`` (one system's failover runs) pooled: how long until the
+    metadata named a new leader, how long until acknowledgements came again, and the gaps over all kills."""
+    cycles = [c for r in results for c in r.config.get("failover", [])]
+    if not cycles:
+        return []
+    gaps = sorted(c["gap_to_ns"] - c["gap_from_ns"] for c in cycles)
+    p99 = gaps[max(0, -(-99 * len(gaps) // 100) - 1)]  # nearest rank, as stats.percentiles
+    runs = f" of {len(results)} runs" if len(results) > 1 else ""
     notes = [
-        f"failover: kill -9 of partition {PARTITION}'s leader {len(cycles)} times while one producer offered "
-        f"{rate:,.0f} records/s there with acks={acks}; p50/p99/max ms = the longest wait between "
-        f"acknowledgements around each kill (node session timeout {NODE_SESSION_TIMEOUT_MS / 1000:g} s)",
+        f"all {len(cycles)} kills{runs}: longest ack gap p50 {statistics.median(gaps) / 1e6:,.0f} ms, "
+        f"p99 {p99 / 1e6:,.0f} ms, max {gaps[-1] / 1e6:,.0f} ms",
         "kill -> new leader in the metadata: " + _seconds([c["elected_ns"] - c["kill_ns"] for c in cycles
                                                            if "elected_ns" in c]),
-        "kill -> acknowledged again (end of its longest gap): " + _seconds(
-            [end - c["kill_ns"] for c, (_, end, _) in zip(cycles, gaps)]),
+        "kill -> acknowledged again (the end of its longest gap): " + _seconds(
+            [c["gap_to_ns"] - c["kill_ns"] for c in cycles]),
     ]
-    unended = sum(1 for _, _, is_open in gaps if is_open)
+    unended = sum(1 for c in cycles if c["gap_open"])
     if unended:
         notes.append(f"{unended} kill(s) with no acknowledgement before the next: their gaps are lower bounds")
-    if errors:
-        notes.append(f"{errors} record(s) failed; first: {first_error}")
     return notes
 
 
@@ -242,8 +253,9 @@ def run_failover(name: str, opts: BusOptions, cfg: BenchConfig) -> Result:
         report.latencies_ns = array("q", [end - start for start, end, _ in gaps])
         result = build_result(name, "failover", cfg, reports, None, latency_kind="ack_gap",
                               target_rate=float(cfg.latency_rate))
-        result.notes += failover_notes(killer.cycles, gaps, opts.acks, cfg.latency_rate, report.extra["errors"],
-                                       report.extra["first_error"])
+        result.notes.append(describe_failover(opts.acks, cfg.latency_rate))
+        if report.extra["errors"]:
+            result.notes.append(f"{report.extra['errors']} record(s) failed; first: {report.extra['first_error']}")
         result.config["bus"] = {**opts.__dict__, "nodes": opts.node_count}
         result.config["failover"] = [
             {**c, "gap_from_ns": g[0], "gap_to_ns": g[1], "gap_open": g[2]}

@@ -163,6 +163,11 @@ def run_mode(
             rounds[s.name].append(r)
             say(f"  {label}  {_summary(r)}  ({time.monotonic() - t0:.1f} s)")
     results = [median_of_runs(rounds[s.name]) for s in systems if rounds[s.name] and s.name not in failed]
+    if mode == "failover":
+        from .failover import kill_notes
+
+        for r in results:  # the median run's kills are in r.config; the notes pool every run's
+            r.notes += kill_notes(rounds[r.system])
     for r in results:
         flat = steadiness(r) if r.mode in ("produce", "consume") and r.elapsed_s >= STEADINESS_SECONDS_MIN else None
         if flat is not None:

@@ -458,6 +458,23 @@ def test_longest_gaps_around_each_kill():
         longest_gaps([0], [2, 1], 5)
 
 
+def test_kill_notes_pool_every_run():
+    from bench.failover import kill_notes
+
+    ms = 1_000_000
+
+    def run(*gaps_ms):
+        cycles = [{"node": 1, "kill_ns": 0, "elected_ns": (g - 100) * ms, "gap_from_ns": -10 * ms,
+                   "gap_to_ns": (g - 10) * ms, "gap_open": False} for g in gaps_ms]
+        return Result("bus R=3 acks=all", "failover", 1, 1, 1.0, 1.0, 1.0, config={"failover": cycles})
+
+    notes = kill_notes([run(3000, 3100), run(2900, 4000)])
+    assert notes[0] == "all 4 kills of 2 runs: longest ack gap p50 3,050 ms, p99 4,000 ms, max 4,000 ms"
+    assert notes[1] == "kill -> new leader in the metadata: p50 2.95 s, max 3.90 s"
+    assert notes[2] == "kill -> acknowledged again (the end of its longest gap): p50 3.04 s, max 3.99 s"
+    assert kill_notes([Result("bus", "failover", 1, 1, 1.0, 1.0, 1.0)]) == []
+
+
 def test_replicated_rows_are_compared_with_fewer_replicas_of_the_same_run():
     from bench.results import replication_pairs, replication_ratio
 

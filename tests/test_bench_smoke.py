@@ -169,5 +169,6 @@ def test_replication_factors_side_by_side_and_a_failover(tmp_path):
     (kill,) = failover["config"]["failover"]
     assert kill["new_leader"] != kill["node"] and not kill["gap_open"]
     assert 0 < failover["max_ms"] < 60_000 and failover["records"] > 0
+    assert f"  {r2} failover: all 1 kills: longest ack gap p50 " in result.output
     assert "--replication-factor 1,2" in data["meta"]["command"] and "--kills 1" in data["meta"]["command"]
     assert wait_no_strays() == []
