@@ -64,8 +64,12 @@ def main():
 @click.option("--sync", default="always", show_default=True, type=click.Choice(["always", "interval", "none"]),
               help="always: an ack means the record is on disk")
 def up(data_dir, nodes, port, host, sync):
-    """Start a local cluster (a coordinator and NODES nodes) in the foreground; Ctrl-C stops it."""
-    from nodes.cluster import LocalCluster
+    """Start a local cluster (a coordinator and NODES nodes) in the foreground; Ctrl-C stops it.
+
+    A port or data directory in use (another `bus up`) is refused before anything starts. A process that
+    exits is started again after a back-off (1 s, doubling to 30 s); one that exits 6 times within 2 minutes
+    stops the cluster, with its log's last lines."""
+    from nodes.cluster import ClusterInUse, LocalCluster
 
     cluster = LocalCluster(data_dir, nodes, port=port, host=host, sync=sync)
     stop = {"now": False}
@@ -75,7 +79,13 @@ def up(data_dir, nodes, port, host, sync):
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    click.echo(f"starting a coordinator and {nodes} node(s) in {os.path.abspath(data_dir)} ...")
+    try:
+        cluster.check_free()
+    except ClusterInUse as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"starting a coordinator and {nodes} node(s) in {os.path.abspath(data_dir)} "
+               f"(logs in {cluster.log_dir}) ...")
     try:
         cluster.start()
         click.echo(f"bootstrap: {cluster.bootstrap}")
@@ -85,13 +95,7 @@ def up(data_dir, nodes, port, host, sync):
         click.echo(f"new topics get {replicas} replica(s) of each partition by default "
                    f"(min in-sync {2 if replicas >= 3 else 1}; `bus topic create --replication-factor` to choose)")
         click.echo(f"ready: bus is up (sync={sync}); Ctrl-C to stop")
-        while not stop["now"]:
-            time.sleep(0.2)
-            for node_id, proc in cluster.nodes.items():
-                if proc.poll() is not None:
-                    click.echo(f"node {node_id} exited ({proc.returncode}); restarting; log: "
-                               f"{cluster.data_dir}/logs/node-{node_id}.log", err=True)
-                    cluster.start_node(node_id)
+        _supervise(cluster, stop)
     except (TimeoutError, RuntimeError, BusError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -99,6 +103,43 @@ def up(data_dir, nodes, port, host, sync):
         click.echo("stopping ...")
         cluster.stop()
         click.echo("stopped")
+
+
+RESTART_BACKOFF_S = (1, 2, 4, 8, 16, 30)
+RESTARTS_MAX = 5  # within RESTART_WINDOW_S: then the cluster stops rather than restart a crashing process forever
+RESTART_WINDOW_S = 120
+
+
+def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restarts_max: int = RESTARTS_MAX,
+               window_s: float = RESTART_WINDOW_S, poll_s: float = 0.2) -> None:
+    """Restart what exits, with a back-off and a limit, until ``stop["now"]``."""
+    restarts: dict[str, list[float]] = {}  # process name -> when it was restarted, within the window
+    due: dict[str, float] = {}  # process name -> when to start it again
+    while not stop["now"]:
+        time.sleep(poll_s)
+        now_s = time.monotonic()
+        children = [("coordinator", cluster.coordinator), *((f"node-{n}", p) for n, p in cluster.nodes.items())]
+        for name, proc in children:
+            if proc.poll() is None or name in due and now_s < due[name]:
+                continue
+            if name not in due:
+                recent = [t for t in restarts.get(name, []) if now_s - t < window_s]
+                restarts[name] = recent
+                if len(recent) >= restarts_max:
+                    raise RuntimeError(f"{name} exited {len(recent) + 1} times within {window_s:g} s; "
+                                       f"giving up. Its last lines ({cluster.log_path(name)}):\n"
+                                       f"{cluster.log_tail(name)}")
+                wait_s = backoff_s[min(len(recent), len(backoff_s) - 1)]
+                due[name] = now_s + wait_s
+                click.echo(f"{name} exited ({proc.returncode}); restarting in {wait_s:g} s. Its last lines "
+                           f"({cluster.log_path(name)}):\n{cluster.log_tail(name, 5)}", err=True)
+                continue
+            del due[name]
+            restarts[name].append(now_s)
+            if name == "coordinator":
+                cluster.start_coordinator()
+            else:
+                cluster.start_node(int(name.split("-")[1]))
 
 
 @main.command()

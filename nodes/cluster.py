@@ -76,6 +76,10 @@ def _popen(**kwargs) -> subprocess.Popen:
     return box[0]
 
 
+class ClusterInUse(RuntimeError):
+    """A port or data directory of the cluster is taken by another process."""
+
+
 class LocalCluster:
     def __init__(self, data_dir: str, nodes: int = 3, *, port: int = 0, host: str = "127.0.0.1",
                  sync: str = "always", node_args: tuple = (), coordinator_args: tuple = (),
@@ -98,13 +102,21 @@ class LocalCluster:
         self.env["PYTHONPATH"] = REPO_ROOT + os.pathsep + self.env.get("PYTHONPATH", "")
         self.coordinator: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
-        os.makedirs(os.path.join(self.data_dir, "logs"), exist_ok=True)
+        self.log_dir = os.path.join(self.data_dir, "logs")
+        # Where each process's log stood when this cluster last started it: logs are appended to across runs,
+        # and an error should show this run's lines, not an earlier one's.
+        self._log_starts: dict[str, int] = {}
+        os.makedirs(self.log_dir, exist_ok=True)
 
     # -- processes ---------------------------------------------------------------------------------
 
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, f"{name}.log")
+
     def _spawn(self, name: str, argv: list) -> subprocess.Popen:
-        log_path = os.path.join(self.data_dir, "logs", f"{name}.log")
+        log_path = self.log_path(name)
         with open(log_path, "ab") as log_file:
+            self._log_starts[name] = log_file.tell()
             return _popen(args=[sys.executable, *argv], env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                           stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=self.data_dir)
 
@@ -124,6 +136,25 @@ class LocalCluster:
             *self.node_command, "--node-id", str(node_id), "--data-dir", os.path.join(self.data_dir, f"node-{node_id}"),
             "--bind", self.node_address(node_id), "--coordinator", self.bootstrap, "--sync", self.sync,
             *(("--advertise", self.advertise[node_id]) if node_id in self.advertise else ()), *self.node_args])
+
+    def check_free(self) -> None:
+        """Raise ClusterInUse, saying which, if a port or a data directory of this cluster is taken (another
+        cluster running there): starting anyway would find the other cluster's processes answering."""
+        for port in [self.coordinator_port, *self.node_ports.values()]:
+            with socket.socket() as probe:
+                try:
+                    probe.bind((self.host, port))
+                except OSError:
+                    raise ClusterInUse(f"port {port} on {self.host} is in use (another `bus up`?); stop it, or "
+                                       f"choose other ports with --port") from None
+        from store.dir_lock import lock_data_dir, unlock_data_dir
+
+        for name in ["coordinator", *(f"node-{n}" for n in self.node_ports)]:
+            path = os.path.join(self.data_dir, name)
+            try:
+                unlock_data_dir(lock_data_dir(path))
+            except Exception as exc:
+                raise ClusterInUse(f"data directory {path} is in use: {exc}") from None
 
     def start(self, timeout_s: float = 30.0) -> "LocalCluster":
         self.start_coordinator()
@@ -146,11 +177,12 @@ class LocalCluster:
                 try:
                     nodes = requester.metadata().nodes
                     if all(nodes.get(n, {}).get("alive") for n in wanted):
+                        self._check_children()  # ours, not another cluster's on the same ports
                         return
                 except Exception:
                     pass
                 if time.monotonic() > deadline_s:
-                    raise TimeoutError(f"cluster not ready within {timeout_s} s; see {self.data_dir}/logs")
+                    raise TimeoutError(f"cluster not ready within {timeout_s} s; see {self.log_dir}")
                 time.sleep(0.05)
         finally:
             requester.close()
@@ -160,12 +192,14 @@ class LocalCluster:
         for name, proc in [("coordinator", self.coordinator), *((f"node-{n}", p) for n, p in self.nodes.items())]:
             if proc is not None and proc.poll() is not None and proc.returncode not in (0, -9, -15, -19):
                 tail = self.log_tail(name)
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+                raise RuntimeError(f"{name} exited with {proc.returncode} (log: {self.log_path(name)}):\n{tail}")
 
     def log_tail(self, name: str, lines: int = 20) -> str:
+        """The last ``lines`` lines ``name`` logged since this cluster last started it."""
         try:
-            with open(os.path.join(self.data_dir, "logs", f"{name}.log"), errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
+            with open(self.log_path(name), "rb") as f:
+                f.seek(self._log_starts.get(name, 0))
+                return "".join(f.read().decode(errors="replace").splitlines(keepends=True)[-lines:])
         except OSError:
             return ""
 

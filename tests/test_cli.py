@@ -190,3 +190,66 @@ def test_sigterm_stops_bus_up_and_all_its_children(bus_up):
         return not child.is_running()
 
     wait_for(lambda: all(gone(c) for c in children), 10, message="bus up's children gone")
+
+
+def test_a_second_bus_up_on_a_port_or_directory_in_use_fails_before_ready_and_a_crashed_node_restarts(tmp_path):
+    data_dir, port = tmp_path / "data", free_port_block(3)
+    first = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
+    try:
+        banner = read_until(first, b"ready:", 30)
+        assert f"logs in {data_dir}/logs".encode() in banner
+        same_port = subprocess.run([*BUS, "up", "--data-dir", str(tmp_path / "other"), "--port", str(port),
+                                    "--nodes", "2"], capture_output=True, timeout=30, env=child_env())
+        assert same_port.returncode == 1 and b"ready" not in same_port.stdout
+        assert same_port.stderr.decode().strip().splitlines() == [
+            f"error: port {port} on 127.0.0.1 is in use (another `bus up`?); stop it, or choose other ports "
+            "with --port"]
+        same_dir = subprocess.run([*BUS, "up", "--data-dir", str(data_dir), "--port", str(free_port_block(3)),
+                                   "--nodes", "2"], capture_output=True, timeout=30, env=child_env())
+        assert same_dir.returncode == 1 and b"ready" not in same_dir.stdout
+        assert f"data directory {data_dir}/coordinator is in use".encode() in same_dir.stderr
+        assert len(same_dir.stderr.decode().strip().splitlines()) == 1
+        # A node killed under it is started again after a back-off, and the line names its log.
+        node_pid = int(subprocess.run(["pgrep", "-f", f"node-id 1 --data-dir {data_dir}/node-1"],
+                                      capture_output=True, text=True).stdout.split()[0])
+        os.kill(node_pid, signal.SIGKILL)
+        said = read_until(first, b"restarting in 1 s", 10)
+        assert f"{data_dir}/logs/node-1.log".encode() in said
+        wait_for(lambda: subprocess.run(["pgrep", "-f", f"node-id 1 --data-dir {data_dir}/node-1"],
+                                        capture_output=True).returncode == 0, 10, message="node 1 started again")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        try:
+            first.wait(20)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+            first.stdout.close()
+
+
+def test_a_process_that_keeps_exiting_stops_the_cluster_with_its_last_lines(tmp_path):
+    """bus up's supervisor, on a cluster whose node 1 exits at once every time it starts."""
+    from bus.cli import _supervise
+    from nodes.cluster import LocalCluster
+
+    cluster = LocalCluster(str(tmp_path / "data"), 1)
+    failing = [sys.executable, "-c", "import sys; print('node 1 cannot start: boom', flush=True); sys.exit(3)"]
+    cluster.start_node = lambda node_id: cluster.nodes.__setitem__(node_id, cluster._spawn("node-1", failing[1:]))
+    cluster.start_coordinator = None  # must not be needed
+    cluster.coordinator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cluster.start_node(1)
+        started_s = time.monotonic()
+        with pytest.raises(RuntimeError) as gave_up:
+            _supervise(cluster, {"now": False}, backoff_s=(0.05, 0.1), restarts_max=3, window_s=60, poll_s=0.01)
+        assert time.monotonic() - started_s < 10
+        message = str(gave_up.value)
+        assert "node-1 exited 4 times within 60 s; giving up" in message
+        assert str(tmp_path / "data" / "logs" / "node-1.log") in message and "cannot start: boom" in message
+    finally:
+        cluster.coordinator.kill()
+        cluster.coordinator.wait()
+        for proc in cluster.nodes.values():
+            proc.wait()
