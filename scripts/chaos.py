@@ -3,9 +3,13 @@
 the checker's table. Exit status 0 only when the run is clean (no anomaly of any kind).
 
     python scripts/chaos.py --records 1000000 --seed 7 --kills 20 --pauses 10
+    python scripts/chaos.py --records 1000000 --replication-factor 3 --kills 0 --kill-leaders 20 --wipes 5 \
+        --isolations 10 --pauses 20 --coordinator-kills 3
     python scripts/chaos.py --records 100000 --proxy --drop 0.01 --duplicate 0.02 --delay 0.05 --cuts 2
     python scripts/chaos.py --records 100000 --stalls 4 --stall-hold-s 3.5 5 --delivery-timeout-ms 3000
     python scripts/chaos.py --records 40000 --kills 2 --pauses 0 --sabotage ack_before_sync   # must fail
+    python scripts/chaos.py --records 20000 --rate 4000 --kills 0 --pauses 0 --isolations 1 \
+        --sabotage ack_all_on_leader_fsync                                                # must fail
 
     python scripts/chaos.py --groups --seed 3 --consumer-kills 4 --consumer-pauses 4 --coordinator-kills 2
     python scripts/chaos.py --groups --records 100000 --produce-rate 4000 --kills 2   # consume while producing
@@ -47,6 +51,21 @@ def main(argv=None) -> int:
                                                    f"--groups: {group_defaults.pauses})")
     parser.add_argument("--coordinator-kills", type=int, help="kill -9 + restart of the coordinator (default 0; "
                                                               f"--groups: {group_defaults.coordinator_kills})")
+    parser.add_argument("--kill-leaders", type=int, default=0,
+                        help="kill -9 + restart of a random partition's current leader")
+    parser.add_argument("--wipes", type=int, default=0,
+                        help="kill -9 a node, delete its data directory, restart it empty (once every ISR is full)")
+    parser.add_argument("--isolations", type=int, default=0,
+                        help="cut a random partition's leader off from the coordinator and the other nodes for a "
+                             "while (its clients still reach it)")
+    parser.add_argument("--isolate-hold-s", type=float, nargs=2, default=defaults.isolate_hold_s,
+                        metavar=("MIN", "MAX"), help="how long an isolation lasts (past the session timeout)")
+    parser.add_argument("--cascades", type=int, default=0,
+                        help="KIP-101's double failover: a leader killed, its successor cut off as it takes over")
+    parser.add_argument("--replication-factor", type=int, help="of the topic (default: the cluster's, min(3, nodes))")
+    parser.add_argument("--min-insync-replicas", type=int, help="of the topic (default: 2 with 3 replicas or more)")
+    parser.add_argument("--readers", type=int, default=defaults.readers,
+                        help="consumers reading every partition during the run (phantom_reads)")
     parser.add_argument("--cuts", type=int, default=0, help="a node's proxy drops everything for a while")
     parser.add_argument("--stalls", type=int, default=0,
                         help="a node's proxy holds everything for a while, then delivers it late")
@@ -87,8 +106,10 @@ def main(argv=None) -> int:
     if (args.drop or args.duplicate or args.delay) and not args.proxy:
         parser.error("--drop, --duplicate and --delay need --proxy")
     if args.groups:
-        if args.proxy or args.cuts or args.stalls or args.zombies:
+        if args.proxy or args.cuts or args.stalls or args.zombies or args.isolations or args.cascades:
             parser.error("--groups runs without proxies or zombie producers")
+        if args.kill_leaders or args.wipes or args.replication_factor or args.min_insync_replicas:
+            parser.error("--groups runs with the cluster's default topic and node faults (--kills, --pauses)")
         return _run(lambda data_dir, log: run_groups(GroupRunConfig(
             records=_given(args.records, group_defaults.records), seed=args.seed,
             kills=_given(args.kills, group_defaults.kills), pauses=_given(args.pauses, group_defaults.pauses),
@@ -103,7 +124,10 @@ def main(argv=None) -> int:
     config = RunConfig(records=_given(args.records, defaults.records), seed=args.seed,
                        kills=_given(args.kills, defaults.kills), pauses=_given(args.pauses, defaults.pauses),
                        coordinator_kills=_given(args.coordinator_kills, 0), cuts=args.cuts, stalls=args.stalls,
-                       stall_hold_s=tuple(args.stall_hold_s), proxy=args.proxy,
+                       stall_hold_s=tuple(args.stall_hold_s), proxy=args.proxy, kill_leaders=args.kill_leaders,
+                       wipes=args.wipes, isolations=args.isolations, isolate_hold_s=tuple(args.isolate_hold_s),
+                       cascades=args.cascades, replication_factor=args.replication_factor,
+                       min_insync_replicas=args.min_insync_replicas, readers=args.readers,
                        drop=args.drop, duplicate=args.duplicate, delay=args.delay, zombies=args.zombies,
                        nodes=args.nodes, partitions=args.partitions, producers=args.producers, rate=args.rate,
                        value_bytes=args.value_bytes, request_timeout_ms=args.request_timeout_ms,

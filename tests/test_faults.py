@@ -1,10 +1,12 @@
 """The fault suite: real processes under kill -9, SIGSTOP, a lossy network, full disks and flipped bits.
 
-Each run records a History of every send (tests/harness/workload.py) while the nemesis injects a seeded
-fault schedule (tests/harness/nemesis.py), drains every partition and checks it (tests/harness/checker.py).
-The harness proves it has teeth: with each sabotage switch on (tests/harness/sabotage.py) the same kind of run must
-report the anomaly the switch causes. A failing run leaves its history (JSON lines) in the test's tmp_path
-and prints the checker's table; ``python scripts/chaos.py --seed S ...`` replays a schedule by seed.
+Each run records a History of every send, every record read during the run and every high watermark
+observed (tests/harness/workload.py) while the nemesis injects a seeded fault schedule
+(tests/harness/nemesis.py), then drains every partition, compares every replica's log below the high
+watermark and checks it all (tests/harness/checker.py). The harness proves it has teeth: with each sabotage
+switch on (tests/harness/sabotage.py) the same kind of run must report the anomaly the switch causes. A
+failing run leaves its history (JSON lines) in the test's tmp_path and prints the checker's table;
+``python scripts/chaos.py --seed S ...`` replays a schedule by seed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from bus.errors import CorruptRecord, StorageFull
 from store import LogStore
 from tests.conftest import wait_for
 from tests.harness import History, check
-from tests.harness.runner import RunConfig, run
+from tests.harness.runner import RunConfig, _describe, record_replicas, run
+from tests.harness.workload import wait_in_sync
 
 ZERO = {"lost", "unseen", "duplicates", "inconsistent_offsets", "reordered", "drain_gaps", "failed_but_present"}
 
@@ -38,8 +41,11 @@ def _assert_clean(result):
     assert result.report.drain_checked
     assert result.report.ok, result.summary()
     assert all(result.report.counts[name] == 0 for name in ZERO)
-    assert len(result.faults) == (result.config.kills + result.config.pauses + result.config.coordinator_kills
-                                  + result.config.cuts + result.config.stalls), "every planned fault must have happened"
+    c = result.config
+    assert len(result.faults) == (c.kills + c.pauses + c.coordinator_kills + c.cuts + c.stalls + c.kill_leaders
+                                  + c.wipes + c.isolations + c.cascades), "every planned fault must have happened"
+    assert result.in_sync, "every ISR must be full again after the heal"
+    assert result.replicas_compared == c.partitions
 
 
 # -- the main run ------------------------------------------------------------------------------------
@@ -70,6 +76,61 @@ def test_lossy_network_coordinator_kills_and_zombie_producers(tmp_path):
     assert sum(stats["duplicated"] for stats in result.proxy_stats.values()) > 0
 
 
+def test_replicated_log_under_leader_kills_a_wipe_pauses_an_isolation_and_a_cascade(tmp_path):
+    """Replication factor 3, min_insync_replicas 2, acks="all" (the producer's default): leaders killed -9,
+    a node's disk wiped, nodes paused, a leader cut off from the coordinator and the other nodes while its
+    clients still reach it, and KIP-101's double failover. Nothing acknowledged is lost, nothing read during
+    the run is later missing, no high watermark goes back, and the replicas agree byte for byte."""
+    result = _run(tmp_path, records=60_000, rate=6_000, replication_factor=3, min_insync_replicas=2, kills=0,
+                  kill_leaders=2, wipes=1, pauses=2, isolations=1, cascades=1, seed=11)
+    _assert_clean(result)
+    assert result.outcomes["ok"] == 60_000 and result.drained == 60_000
+    assert result.reads > 10_000 and result.hw_observed > 100  # the run was watched as it went
+    wiped = [e for e in result.history.events() if e.f == "nemesis" and e.extra.get("action") == "wipe"]
+    assert len(wiped) == 1
+    isolated = [e for e in result.history.events() if e.f == "nemesis" and e.type == "invoke"
+                and e.extra.get("action") in ("isolate", "kill_leader", "cascade")]
+    assert all(e.extra.get("node") in (1, 2, 3) for e in isolated)  # each found the partition's leader
+
+
+def test_replica_divergence_is_found_in_the_stopped_data_directories(make_cluster):
+    """The end-of-run comparison reads each node's LMDB directory: a follower whose log holds another batch
+    below the high watermark (written there behind the node's back) is one replica_divergence, located."""
+    cluster = make_cluster(3)
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic("copies", 2)
+    with Producer(cluster.bootstrap, linger_ms=0) as producer:
+        for i in range(20):
+            producer.send("copies", b"%d" % i, partition=i % 2).get(10)
+    described = {"id": None, "partitions": wait_in_sync(cluster.bootstrap, "copies", 30)}
+    assert described["partitions"] is not None
+    described["id"] = _describe(cluster.bootstrap, "copies")["id"]
+    cluster.stop()
+    state = described["partitions"][1]
+    follower = next(n for n in state["replicas"] if n != state["leader"])
+    store = LogStore(os.path.join(cluster.data_dir, f"node-{follower}"))
+    try:
+        plog = store.open_partition(f"{described['id']}/1")
+        assert plog.next_offset == 10
+        data, _ = store.read(plog, 5, 1 << 20)  # the batches at 5..9, one record each
+        header = batch_format.read_header(data)
+        after = bytes(data[batch_format.HEADER_BYTES + header.payload_len:])
+        # Offset 5 onwards again, with another record at 5 (same leader epoch) and the same batches after it.
+        store.truncate_to(plog, 5)
+        forged, _ = batch_format.stamp(batch_format.pack_batch([None, None, b"X", None], 1), 5,
+                                       header.append_ts_ms, header.leader_epoch)
+        store.append_replica(plog, bytes(forged) + after)
+        assert plog.next_offset == 10
+    finally:
+        store.close()
+    history = History()
+    assert record_replicas(history, cluster.data_dir, "copies", described) == 2
+    report = check(history)
+    assert report.counts["replica_divergence"] == 1, report.table()
+    assert "copies/1 below 10" in report.examples["replica_divergence"][0]
+    assert "(differs from 5)" in report.examples["replica_divergence"][0]
+
+
 # -- the harness has teeth ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("switch, options, anomalies", [
@@ -82,6 +143,18 @@ def test_lossy_network_coordinator_kills_and_zombie_producers(tmp_path):
     # A zombie's late request lands on its newer incarnation's state.
     ("skip_epoch_check", dict(records=5_000, kills=0, pauses=0, zombies=10),
      ("duplicates", "lost", "inconsistent_offsets")),
+    # Replication. An isolated leader, whose clients still reach it for a session timeout: answered alone
+    # (after its own sync, or counting itself alone as the ISR), what it acknowledged is lost when it
+    # rejoins and truncates; read past its high watermark, what it served was never committed.
+    ("ack_all_on_leader_fsync", dict(records=20_000, rate=4_000, kills=0, pauses=0, isolations=1), ("lost",)),
+    ("shrink_isr_without_controller", dict(records=20_000, rate=4_000, kills=0, pauses=0, isolations=1),
+     ("lost", "hw_regressions")),
+    ("read_past_hw", dict(records=20_000, rate=4_000, kills=0, pauses=0, isolations=1), ("phantom_reads",)),
+    # KIP-101: the follower that cut its log at its (lagging) high watermark when the successor took over is
+    # elected next, before it could fetch what it cut. Its producers then meet sequence gaps until their
+    # delivery timeout, kept short.
+    ("truncate_to_hw_on_rejoin", dict(records=40_000, rate=5_000, kills=0, pauses=0, cascades=2,
+                                      delivery_timeout_ms=8_000), ("lost",)),
 ])
 def test_each_sabotage_is_caught(tmp_path, switch, options, anomalies):
     result = _run(tmp_path, sabotage=switch, seed=3, **options)

@@ -1,8 +1,10 @@
 """The fault harness's workload as a process of its own, for runs whose clients live elsewhere (e.g. in a
 network namespace, tests/test_netns.py): ``python -m tests.harness.client run ...`` produces at a steady
 rate, drains, checks, and leaves the history (JSON lines) and a JSON summary in files; ``metadata`` prints
-the coordinator's view of the nodes. The parent reads the files; the two share CLOCK_MONOTONIC, so the
-history's ``time_ms`` compares with the parent's ``time.monotonic()``.
+the coordinator's view of the nodes, ``describe`` its view of a topic's partitions (leader, ISR), and
+``hw`` one node's own answer for its high watermarks (whatever the coordinator says: a leader cut off from
+it still answers). The parent reads the files; the two share CLOCK_MONOTONIC, so the history's
+``time_ms`` compares with the parent's ``time.monotonic()``.
 
 This module only wires workload.py to a command line; it owns no logic of its own.
 """
@@ -76,6 +78,48 @@ def _metadata(args) -> int:
         context.term()
 
 
+def _describe(args) -> int:
+    import zmq
+
+    context = zmq.Context()
+    requester = Requester(context, args.bootstrap, args.timeout_ms)
+    try:
+        metadata = requester.metadata([args.topic])
+        partitions = [{"leader": p["leader"], "leader_epoch": p["leader_epoch"], "isr": p["isr"],
+                       "replicas": p["replicas"]} for p in metadata.topics[args.topic]["partitions"]]
+        print(json.dumps({"partitions": partitions,
+                          "alive": {str(k): v.get("alive") for k, v in metadata.nodes.items()}}))
+        return 0
+    except Exception as exc:  # reported, not raised: the parent polls
+        print(json.dumps({"error": repr(exc)}))
+        return 1
+    finally:
+        requester.close()
+        context.term()
+
+
+def _hw(args) -> int:
+    import zmq
+
+    from bus import wire
+
+    context = zmq.Context()
+    requester = Requester(context, args.address, args.timeout_ms)
+    try:
+        partitions = [int(p) for p in args.partitions.split(",")]
+        result = requester.request(args.address, wire.LIST_OFFSETS,
+                                   {"parts": [[args.topic, p, "latest"] for p in partitions]})
+        print(json.dumps({str(p): (offset if code is None else code)
+                          for p, (code, _, offset, _, _) in zip(partitions, result["parts"])}))
+        return 0
+    except Exception as exc:
+        print(json.dumps({"error": repr(exc)}))
+        return 1
+    finally:
+        requester.close()
+        context.term()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.harness.client")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,8 +140,17 @@ def main(argv=None) -> int:
     metadata = commands.add_parser("metadata", help="print the coordinator's view of the nodes")
     metadata.add_argument("--bootstrap", required=True)
     metadata.add_argument("--timeout-ms", type=int, default=2_000)
+    describe = commands.add_parser("describe", help="print the coordinator's view of a topic's partitions")
+    describe.add_argument("--bootstrap", required=True)
+    describe.add_argument("--topic", default="netns")
+    describe.add_argument("--timeout-ms", type=int, default=2_000)
+    hw = commands.add_parser("hw", help="print one node's high watermarks, as it answers them itself")
+    hw.add_argument("--address", required=True, help="the node's address")
+    hw.add_argument("--topic", default="netns")
+    hw.add_argument("--partitions", required=True, help="comma-separated")
+    hw.add_argument("--timeout-ms", type=int, default=2_000)
     args = parser.parse_args(argv)
-    return _run(args) if args.command == "run" else _metadata(args)
+    return {"run": _run, "metadata": _metadata, "describe": _describe, "hw": _hw}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ does not claim to handle. Pass ``reorder=True`` to explore it anyway.
 ``cut()`` drops everything until ``heal()``: the node is partitioned from its clients (not from the
 coordinator). ``stall()`` holds everything instead, and delivers it, in order, at ``heal()`` (or
 ``unstall()``): a partition as TCP lives through it, where requests sent long ago arrive after the client
-gave up on them. This module owns only the relay; it never reads or decodes what it carries.
+gave up on them.
+
+Peers: ``classify(frames)``, if given, names the peer behind each connection from the first message it
+sends (the harness's ``topology.peer_of`` says which node a replica fetch comes from; anything else is a
+client, None). ``block(peers)`` then drops everything to and from those peers alone, until ``unblock()``:
+a node cut off from some of its peers while the others still reach it. This module owns only the relay;
+apart from that first look through ``classify`` it never reads or decodes what it carries.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ POLL_MS = 5
 
 class FaultProxy(threading.Thread):
     def __init__(self, listen: str, upstream: str, *, seed: int = 0, drop: float = 0.0, duplicate: float = 0.0,
-                 delay: float = 0.0, delay_ms: tuple = (1, 50), reorder: bool = False, name: str = "proxy"):
+                 delay: float = 0.0, delay_ms: tuple = (1, 50), reorder: bool = False, name: str = "proxy",
+                 classify=None):
         super().__init__(name=f"fault-proxy-{name}", daemon=True)
         self.listen, self.upstream = listen, upstream
         self.rng = random.Random(f"{seed}/{name}")
@@ -45,7 +52,11 @@ class FaultProxy(threading.Thread):
         self.set_faults(drop=drop, duplicate=duplicate, delay=delay, delay_ms=delay_ms)
         self.cut_off = False
         self.stalled = False
-        self.stats = {"forwarded": 0, "dropped": 0, "duplicated": 0, "delayed": 0, "stalled": 0, "clients": 0}
+        self.classify = classify  # frames of a connection's first message -> its peer (None: a client)
+        self.blocked = frozenset()  # peers whose traffic is dropped both ways (swapped whole, never mutated)
+        self.stats = {"forwarded": 0, "dropped": 0, "duplicated": 0, "delayed": 0, "stalled": 0, "clients": 0,
+                      "blocked": 0}
+        self._peers: dict[bytes, object] = {}  # client identity -> its peer, as classified (proxy thread only)
         self._stopping = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -62,6 +73,7 @@ class FaultProxy(threading.Thread):
 
     def heal(self) -> None:
         self.cut_off = self.stalled = False
+        self.blocked = frozenset()
         self.set_faults()
 
     def cut(self) -> None:
@@ -69,6 +81,14 @@ class FaultProxy(threading.Thread):
 
     def stall(self) -> None:
         self.stalled = True
+
+    def block(self, peers) -> None:
+        """Drop everything to and from these peers (as ``classify`` names them) until ``unblock()``."""
+        assert self.classify is not None, "blocking peers needs a classify function"
+        self.blocked = frozenset(peers)
+
+    def unblock(self) -> None:
+        self.blocked = frozenset()
 
     def unstall(self) -> None:
         self.stalled = False
@@ -135,6 +155,7 @@ class FaultProxy(threading.Thread):
                             identities[back] = identity
                             poller.register(back, zmq.POLLIN)
                             self.stats["clients"] += 1
+                            self._peers[identity] = self.classify(frames[1:]) if self.classify else None
                         if self.stalled:
                             stalled.append((("up", identity), frames[1:]))
                             self.stats["stalled"] += 1
@@ -165,6 +186,9 @@ class FaultProxy(threading.Thread):
         """Decide one message's fate; due messages are delivered by the loop, in due order."""
         if self.cut_off:
             self.stats["dropped"] += 1
+            return
+        if self.blocked and self._peers.get(path[1]) in self.blocked:
+            self.stats["blocked"] += 1
             return
         drop, duplicate, delay, delay_ms = self._faults
         draw = self.rng.random()

@@ -25,6 +25,25 @@ Switches, the guarantee each breaks, and what the checker should report:
   zombie's late request lands on the newer incarnation's state): ``duplicates`` or ``lost``.
 - ``skip_member_epoch_check``: the coordinator accepts a consumer-group commit from a stale member epoch
   (``stale_epoch_commit_accepted``).
+
+Replication (each caught in tests/test_faults.py with the faults named):
+
+- ``truncate_to_hw_on_rejoin``: a replica that becomes a follower cuts its log at its own high watermark
+  at once, the pre-KIP-101 rule, instead of keeping it until the leader says where the logs part. A
+  follower's high watermark lags the leader's by a fetch, so it drops committed records; if it is elected
+  before it fetched them again (nemesis ``cascade``) they are gone: ``lost``.
+- ``shrink_isr_without_controller``: the leader stops counting a follower that has not caught up for
+  ``SHRINK_AFTER_MS`` toward its high watermark at once, without the controller's word (Kafka's leader
+  waits for AlterPartition). Cut off (``isolate``), it commits and acknowledges alone what the new leader
+  never had: ``lost``, and ``hw_regressions`` (its high watermark passed the new leader's).
+- ``ack_all_on_leader_fsync``: acks="all" is answered once the leader synced the batch, not once the high
+  watermark passed it (``Node._wait_for_commit``). A leader killed or isolated loses what it acknowledged
+  and no follower had: ``lost``.
+- ``read_past_hw``: consumers read up to the log end, not the high watermark (``Node._readable_end``). An
+  isolated leader serves records it will cut when it rejoins: ``phantom_reads``.
+- ``skip_divergence_check``: a log answers that every epoch lasts to its end (``end_offset_for_epoch``), so
+  a leader never finds where a follower's log parted from its own: an isolated leader's uncommitted tail
+  stays in its log under what it fetches from the new leader: ``replica_divergence``.
 """
 
 from __future__ import annotations
@@ -40,13 +59,17 @@ from nodes import groups as core
 from nodes.coordinator import Coordinator
 from nodes.group_service import GroupService
 from nodes.node import Node
+from nodes.replica import FOLLOWER, Replica
 from store.log_store import LogStore
 from store.meta_store import PUT
 from store.partition_log import APPEND, DUPLICATE, PartitionLog
 
-SWITCHES = ("ack_before_sync", "skip_dedup", "skip_epoch_check", "skip_member_epoch_check")
+SWITCHES = ("ack_before_sync", "skip_dedup", "skip_epoch_check", "skip_member_epoch_check",
+            "truncate_to_hw_on_rejoin", "shrink_isr_without_controller", "ack_all_on_leader_fsync", "read_past_hw",
+            "skip_divergence_check")
 ENV_VAR = "BUS_SABOTAGE"
 DEFERRED_WRITE_MS = 500  # ack_before_sync: how long acknowledged batches wait in memory before LMDB
+SHRINK_AFTER_MS = 1_000  # shrink_isr_without_controller: a follower not caught up this long stops counting
 
 log = logging.getLogger("bus.sabotage")
 
@@ -87,6 +110,14 @@ class SkipEpochCheckLog(PartitionLog):
         if entry is not None and epoch < entry[0]:
             epoch = entry[0]
         return super().check_sequence(producer_id, epoch, base_sequence, record_count)
+
+
+class SkipDivergenceCheckLog(PartitionLog):
+    """skip_divergence_check: every epoch this log has seen is said to last to its end."""
+
+    def end_offset_for_epoch(self, epoch):
+        found, end_offset = super().end_offset_for_epoch(epoch)
+        return (epoch, self.next_offset) if found != -1 else (found, end_offset)
 
 
 # -- the store's writes ------------------------------------------------------------------------------
@@ -137,6 +168,80 @@ class AckBeforeSyncStore(LogStore):
         super().close()
 
 
+# -- the node's replication decisions ----------------------------------------------------------------
+
+class TruncateToHighWatermarkNode(Node):
+    """truncate_to_hw_on_rejoin: on becoming a follower (a new leader epoch, or a restart), the log is cut at
+    the replica's own high watermark before anything is fetched."""
+
+    def _apply_assignment(self, tp, assignment, now):
+        replica = self.replicas[tp]
+        was = (replica.role, replica.leader_epoch)
+        super()._apply_assignment(tp, assignment, now)
+        if replica.role == FOLLOWER and was != (FOLLOWER, replica.leader_epoch):
+            plog = self.logs[tp]
+            cut = _boundary_at_or_below(self.store, plog, max(replica.high_watermark, plog.start_offset))
+            if cut < plog.next_offset:
+                log.warning("SABOTAGE: %s/%s cut at its high watermark %d on following node %d (log end %d)",
+                            *tp, cut, assignment.leader, plog.next_offset)
+                self.store.truncate_to(plog, cut)
+                replica.log_rewritten(plog.high_watermark)
+
+
+def _boundary_at_or_below(store, plog, offset: int) -> int:
+    """The largest batch boundary of ``plog`` at or below ``offset`` (a high watermark always is one)."""
+    if offset >= plog.next_offset:
+        return plog.next_offset
+    boundary, at = plog.start_offset, plog.start_offset
+    while at <= offset:
+        data, _ = store.read(plog, at, 1 << 20)
+        if not data:
+            break
+        for header, _ in batch_format.iter_batches(data):
+            if header.base_offset > offset:
+                return boundary
+            boundary, at = header.base_offset, header.next_offset
+    return boundary
+
+
+class ShrinkWithoutControllerReplica(Replica):
+    """shrink_isr_without_controller: the high watermark counts only the followers caught up within
+    SHRINK_AFTER_MS, whatever the controller's ISR says. (The core has no clock: it keeps the latest
+    ``now_ms`` the node gave it, which it does at every follower fetch and every ISR check.)"""
+
+    _now_ms = 0
+
+    def follower_fetched(self, follower, incarnation, fetch_offset, leo, now_ms):
+        self._now_ms = max(self._now_ms, now_ms)
+        return super().follower_fetched(follower, incarnation, fetch_offset, leo, now_ms)
+
+    def proposal(self, leo, now_ms):
+        self._now_ms = max(self._now_ms, now_ms)
+        return super().proposal(leo, now_ms)
+
+    def maximal_isr(self):
+        counted = []
+        for member in super().maximal_isr():
+            progress = self.followers.get(member)
+            if member == self.node_id or progress is None or self._now_ms - progress.caught_up_ms <= SHRINK_AFTER_MS:
+                counted.append(member)
+        return tuple(counted)
+
+
+class AckOnLeaderFsyncNode(Node):
+    """ack_all_on_leader_fsync: an acks="all" produce is answered as soon as the leader's turn synced it."""
+
+    def _wait_for_commit(self, identity, request_id, timeout_ms, results, required):
+        self.server.reply(identity, request_id, {"parts": results})
+
+
+class ReadPastHighWatermarkNode(Node):
+    """read_past_hw: a consumer's fetch reads up to the log end."""
+
+    def _readable_end(self, replica, plog):
+        return plog.next_offset
+
+
 # -- the coordinator's group commits -----------------------------------------------------------------
 
 class StaleCommitGroupService(GroupService):
@@ -164,13 +269,19 @@ class StaleCommitGroupService(GroupService):
 # -- the builds ----------------------------------------------------------------------------------------
 
 def node_class(switches: frozenset) -> type:
-    """Node, with its store and partition logs sabotaged by ``switches``."""
-    log_bases = tuple(cls for name, cls in (("skip_dedup", SkipDedupLog), ("skip_epoch_check", SkipEpochCheckLog))
+    """Node, with its store, partition logs, replica core and own decisions sabotaged by ``switches``."""
+    log_bases = tuple(cls for name, cls in (("skip_dedup", SkipDedupLog), ("skip_epoch_check", SkipEpochCheckLog),
+                                            ("skip_divergence_check", SkipDivergenceCheckLog))
                       if name in switches)
     store_base = AckBeforeSyncStore if "ack_before_sync" in switches else LogStore
     store = type("SabotagedLogStore", (store_base,),
                  {"log_class": type("SabotagedPartitionLog", log_bases or (PartitionLog,), {})})
-    return type("SabotagedNode", (Node,), {"store_class": store})
+    node_bases = tuple(cls for name, cls in (("truncate_to_hw_on_rejoin", TruncateToHighWatermarkNode),
+                                             ("ack_all_on_leader_fsync", AckOnLeaderFsyncNode),
+                                             ("read_past_hw", ReadPastHighWatermarkNode))
+                       if name in switches)
+    replica = ShrinkWithoutControllerReplica if "shrink_isr_without_controller" in switches else Replica
+    return type("SabotagedNode", node_bases or (Node,), {"store_class": store, "replica_class": replica})
 
 
 def coordinator_class(switches: frozenset) -> type:

@@ -23,7 +23,7 @@ from collections import deque
 
 import zmq
 
-from bus import Consumer, Producer, wire
+from bus import Admin, Consumer, Producer, wire
 from bus.admin import list_offsets
 from bus.batch import pack_batch
 from bus.connection import Requester
@@ -212,7 +212,7 @@ class ZombieWorker(threading.Thread):
 
     def _round(self, round_: int) -> None:
         partition = self.rng.randrange(self.partitions)
-        producer_id = self._requester.coordinator(wire.INIT_PRODUCER_ID, {})["producer_id"]
+        producer_id = self._init_producer_id()
         zombie, incarnation = f"zombie-{round_}", f"incarnation-{round_}"
         value = lambda name: f"{zombie}-{name}".encode()  # noqa: E731
         self._send(zombie, partition, value("a"), producer_id, 0, 0)
@@ -221,6 +221,17 @@ class ZombieWorker(threading.Thread):
         if round_ % 2 == 0:
             self._send(incarnation, partition, value("c"), producer_id, 1, 1)
         self._send(zombie, partition, value("b"), producer_id, 0, 1, op_id=held)
+
+    def _init_producer_id(self) -> int:
+        """A fresh producer id from the coordinator, asking again while it is down (the nemesis kills it)."""
+        for attempt in range(self.attempts_max):
+            try:
+                return self._requester.coordinator(wire.INIT_PRODUCER_ID, {})["producer_id"]
+            except BusError:
+                if attempt == self.attempts_max - 1:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
 
     def _send(self, process, partition, value, producer_id, epoch, sequence, op_id=None) -> None:
         if op_id is None:
@@ -245,8 +256,9 @@ class ZombieWorker(threading.Thread):
                 metadata = self._requester.metadata([self.topic])
                 address = metadata.address(metadata.leader(self.topic, partition))
                 epoch = metadata.leader_epoch(self.topic, partition)
+                # acks="all": with replicas, only a committed batch is sure to survive its leader.
                 result = self._requester.request(address, wire.PRODUCE,
-                                                 {"acks": 1, "parts": [[self.topic, partition, epoch]]}, [batch])
+                                                 {"acks": "all", "parts": [[self.topic, partition, epoch]]}, [batch])
             except BusError as exc:
                 message = f"{exc.code}: {exc.message}"
                 time.sleep(0.1)
@@ -259,15 +271,19 @@ class ZombieWorker(threading.Thread):
         return "TIMEOUT", f"no definite answer after {self.attempts_max} attempts ({message})", -1
 
 
-def drain(bootstrap: str, topic: str, partitions: int, timeout_s: float = 120.0):
+def drain(bootstrap: str, topic: str, partitions: int, timeout_s: float = 120.0, history=None):
     """Every record of every partition, from its log start to its end now, as (topic, partition, offset,
-    value) tuples; and {(topic, partition): log start offset}. Raises TimeoutError if it cannot finish."""
+    value) tuples; and {(topic, partition): log start offset}. Raises TimeoutError if it cannot finish.
+    With ``history``, the end offsets it drains to are recorded as observed high watermarks ("hw")."""
     tps = [(topic, p) for p in range(partitions)]
     consumer = Consumer(bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=100)
     try:
         consumer.assign(tps)
         deadline_s = time.monotonic() + timeout_s
+        asked = [history.invoke("drain", "hw", topic=t, partition=p) for t, p in tps] if history is not None else []
         ends, starts = _offsets(consumer, tps, deadline_s)
+        for op_id, tp in zip(asked, tps):
+            history.ok(op_id, offset=ends[tp])
         next_offsets = dict(starts)
         records = []
         while any(next_offsets[tp] < ends[tp] for tp in tps):
@@ -293,6 +309,143 @@ def _offsets(consumer, tps, deadline_s):
             if time.monotonic() > deadline_s:
                 raise
             time.sleep(0.2)
+
+
+class ReaderWorker(threading.Thread):
+    """A consumer outside any group that reads every partition from its start while the workload runs, and
+    records each record it is handed as a one-shot ``poll`` (topic, partition, offset, value): what the
+    checker's ``phantom_reads`` holds against the final drain. It follows leaders as any consumer does;
+    what it reads must be committed, so it must still be there at the end."""
+
+    def __init__(self, name: str, bootstrap: str, topic: str, partitions: int, history, *,
+                 fetch_max_wait_ms: int = 100, request_timeout_ms: int = 2_000):
+        super().__init__(name=f"workload-{name}", daemon=True)
+        self.process, self.bootstrap, self.topic, self.partitions = name, bootstrap, topic, partitions
+        self.history = history
+        self.options = {"auto_offset_reset": "earliest", "fetch_max_wait_ms": fetch_max_wait_ms,
+                        "request_timeout_ms": request_timeout_ms}
+        self.read = 0  # records recorded
+        self.errors: dict[str, int] = {}  # error code -> how often poll() raised it (read on regardless)
+        self.error: BaseException | None = None  # what stopped it, if anything did
+        self._halt = threading.Event()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._halt.set()
+        self.join(timeout_s)
+
+    def run(self) -> None:
+        try:
+            consumer = self._consumer()
+            if consumer is None:
+                return
+            try:
+                while not self._halt.is_set():
+                    try:
+                        records = consumer.poll(timeout_ms=100)
+                    except BusError as exc:  # e.g. a partition's fetch error; the consumer goes on
+                        self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
+                        continue
+                    for r in records:
+                        self.history.record(self.process, "poll", topic=r.topic, partition=r.partition,
+                                            offset=r.offset, value=r.value)
+                    self.read += len(records)
+            finally:
+                consumer.close()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def _consumer(self):
+        """An assigned Consumer, asking again while the coordinator is down; None if stopped first."""
+        while not self._halt.is_set():
+            consumer = Consumer(self.bootstrap, **self.options)
+            try:
+                consumer.assign([(self.topic, p) for p in range(self.partitions)])
+                return consumer
+            except BusError:
+                consumer.close()
+                self._halt.wait(0.2)
+        return None
+
+
+class HighWatermarkMonitor(threading.Thread):
+    """Asks every partition's leader, as the coordinator names it now, for its high watermark ("latest")
+    every ``interval_s``, and records each question and answer as an ``hw`` op (invoke before the request,
+    ok with the offset, fail for a refusal such as a new leader's OFFSET_NOT_AVAILABLE, unknown without an
+    answer): what the checker's ``hw_regressions`` compares. Each round asks the coordinator first, so it
+    never asks a leader of an older epoch than one it already asked."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, history, *, interval_s: float = 0.1,
+                 request_timeout_ms: int = 500, name: str = "monitor"):
+        super().__init__(name=f"workload-{name}", daemon=True)
+        self.process, self.bootstrap, self.topic, self.partitions = name, bootstrap, topic, partitions
+        self.history, self.interval_s, self.request_timeout_ms = history, interval_s, request_timeout_ms
+        self.observed = 0  # ok answers recorded
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._halt.set()
+        self.join(timeout_s)
+
+    def run(self) -> None:
+        context = zmq.Context()
+        requester = Requester(context, self.bootstrap, self.request_timeout_ms)
+        try:
+            while not self._halt.wait(self.interval_s):
+                self._round(requester)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            requester.close()
+            context.term()
+
+    def _round(self, requester) -> None:
+        try:
+            metadata = requester.metadata([self.topic])
+            states = metadata.topics[self.topic]["partitions"]
+        except (BusError, KeyError):
+            return  # the coordinator is down, or does not know the topic yet: next round
+        by_leader: dict[int, list] = {}
+        for partition, state in enumerate(states[:self.partitions]):
+            if state["leader"] in metadata.nodes:
+                by_leader.setdefault(state["leader"], []).append((partition, state["leader_epoch"]))
+        for node_id, parts in sorted(by_leader.items()):
+            op_ids = [self.history.invoke(self.process, "hw", topic=self.topic, partition=p, node=node_id)
+                      for p, _ in parts]
+            try:
+                result = requester.request(metadata.address(node_id), wire.LIST_OFFSETS,
+                                           {"parts": [[self.topic, p, "latest", epoch] for p, epoch in parts]})
+            except BusError as exc:
+                for op_id in op_ids:
+                    self.history.unknown(op_id, error=exc.code)
+                continue
+            for op_id, (code, _message, offset, _start, _hw) in zip(op_ids, result["parts"]):
+                if code is None:
+                    self.history.ok(op_id, offset=offset)
+                    self.observed += 1
+                else:
+                    self.history.fail(op_id, error=code)
+
+
+def wait_in_sync(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list | None:
+    """Wait until every partition of ``topic`` has a live leader that answers and every replica in its ISR;
+    the described partitions then (Admin.describe_topic), or None if that did not happen within
+    ``timeout_s``."""
+    deadline_s = time.monotonic() + timeout_s
+    with Admin(bootstrap, request_timeout_ms=2_000) as admin:
+        while True:
+            try:
+                parts = admin.describe_topic(topic)["partitions"]
+                if all(p["alive"] and p["high_watermark"] is not None and sorted(p["isr"]) == sorted(p["replicas"])
+                       for p in parts):
+                    return parts
+            except BusError:
+                pass
+            if time.monotonic() > deadline_s:
+                return None
+            time.sleep(0.1)
 
 
 def wait_serving_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float = 30.0) -> None:
