@@ -33,8 +33,9 @@ Faults:
 ``consumers`` (tests/harness/group_workload.py) is anything with ``kill(slot)``, ``restart(slot)``,
 ``pause(slot)`` and ``resume(slot)``; a consumer fault's target is ``consumer-<slot>``. A fault aimed at a
 partition's leader has the target ``leader-<partition>``: the node is the leader the coordinator names
-when the fault strikes (recorded as ``node`` in the nemesis op), which needs ``bootstrap`` and ``topic``;
-isolate and cascade need a ``topology`` with coordinator links.
+when the fault strikes (recorded as ``node`` in the nemesis op, with ``successor``: the in-sync replica the
+controller would elect next), which needs ``topic``; so does a wipe, which waits for every ISR of it to be
+full. Isolate and cascade need a ``topology`` with coordinator links.
 
 This module owns the schedule and its execution; it never judges the outcome (checker.py).
 """

@@ -1,9 +1,11 @@
-"""The fault harness's client side: producers that record every send in a History, and the final drain.
+"""The fault harness's client side: producers that record every send in a History, readers and a monitor
+that record what clients saw during the run, and the final drain.
 
 This module owns how a send becomes history (invoke before ``send()``, then ok / fail / unknown from its
-future), the progress gates that let the nemesis fire at a given point of the workload, and the drain that
-reads every partition from its log start to its end. It never injects faults (nemesis.py) and never judges
-a history (checker.py).
+future), how a record read during the run becomes a ``poll`` event and a leader's high watermark an ``hw``
+op, the progress gates that let the nemesis fire at a given point of the workload, the wait until every
+ISR is full, and the drain that reads every partition from its log start to its end. It never injects
+faults (nemesis.py) and never judges a history (checker.py).
 
 Outcome of a send, from its future:
     ok        acknowledged: offset recorded
