@@ -18,13 +18,15 @@ import subprocess
 
 import pytest
 
-from bus import Admin, Consumer, Producer
+from bus import Admin, Consumer, Producer, wire
 from bus import batch as batch_format
 from bus.errors import CorruptRecord, StorageFull
 from store import LogStore
 from tests.conftest import wait_for
 from tests.harness import History, check
-from tests.harness.runner import RunConfig, _describe, record_replicas, run
+from tests.harness.nemesis import LEADER_KINDS, plan
+from tests.harness.runner import RunConfig, describe_topic, record_replicas, run
+from tests.harness.topology import peer_of
 from tests.harness.workload import wait_in_sync
 
 ZERO = {"lost", "unseen", "duplicates", "inconsistent_offsets", "reordered", "drain_gaps", "failed_but_present"}
@@ -93,6 +95,26 @@ def test_replicated_log_under_leader_kills_a_wipe_pauses_an_isolation_and_a_casc
     assert all(e.extra.get("node") in (1, 2, 3) for e in isolated)  # each found the partition's leader
 
 
+def test_the_schedule_aims_leader_faults_at_partitions_and_keeps_older_seeds_as_they_were():
+    assert plan(5, [1, 2, 3], kills=3, pauses=2) == plan(5, [1, 2, 3], kills=3, pauses=2, partitions=12)
+    faults = plan(5, [1, 2, 3], kill_leaders=3, wipes=2, isolations=2, cascades=1, partitions=12)
+    assert faults == plan(5, [1, 2, 3], kill_leaders=3, wipes=2, isolations=2, cascades=1, partitions=12)
+    assert sorted(f.kind for f in faults) == ["cascade", "isolate", "isolate", "kill_leader", "kill_leader",
+                                              "kill_leader", "wipe", "wipe"]
+    assert all(0 <= f.partition < 12 and f.node_id is None for f in faults if f.kind in LEADER_KINDS)
+    assert all(f.node_id in (1, 2, 3) for f in faults if f.kind == "wipe")
+    assert [f.at_fraction for f in faults] == sorted(f.at_fraction for f in faults)
+    with pytest.raises(ValueError):
+        plan(5, [1, 2, 3], isolations=1)  # no partition count to aim at
+
+
+def test_a_front_proxy_tells_a_follower_from_a_client_by_its_first_message():
+    fetch = wire.encode_request(wire.REPLICA_FETCH, 1, {"replica_id": 3, "incarnation": "x", "parts": []})
+    assert peer_of(fetch) == 3
+    assert peer_of(wire.encode_request(wire.PRODUCE, 1, {"acks": "all", "parts": []}, [b"batch"])) is None
+    assert peer_of([b"\xc1 not msgpack"]) is None
+
+
 def test_replica_divergence_is_found_in_the_stopped_data_directories(make_cluster):
     """The end-of-run comparison reads each node's LMDB directory: a follower whose log holds another batch
     below the high watermark (written there behind the node's back) is one replica_divergence, located."""
@@ -104,7 +126,7 @@ def test_replica_divergence_is_found_in_the_stopped_data_directories(make_cluste
             producer.send("copies", b"%d" % i, partition=i % 2).get(10)
     described = {"id": None, "partitions": wait_in_sync(cluster.bootstrap, "copies", 30)}
     assert described["partitions"] is not None
-    described["id"] = _describe(cluster.bootstrap, "copies")["id"]
+    described["id"] = describe_topic(cluster.bootstrap, "copies")["id"]
     cluster.stop()
     state = described["partitions"][1]
     follower = next(n for n in state["replicas"] if n != state["leader"])

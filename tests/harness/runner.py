@@ -214,7 +214,7 @@ def run(config: RunConfig, data_dir: str, log=None) -> RunResult:
         compared = 0
         if config.compare_replicas:
             phase_s = time.monotonic()
-            described = _describe(cluster.bootstrap, TOPIC)
+            described = describe_topic(cluster.bootstrap, TOPIC)
             cluster.stop()  # a clean stop: every replica's log and high watermark are on disk
             compared = record_replicas(history, cluster.data_dir, TOPIC, described)
             timings["replicas"] = time.monotonic() - phase_s
@@ -247,7 +247,7 @@ def run(config: RunConfig, data_dir: str, log=None) -> RunResult:
             topology.stop()
 
 
-def _describe(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict:
+def describe_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict:
     """The topic as the coordinator and its leaders describe it (Admin.describe_topic), once it answers."""
     deadline_s = time.monotonic() + timeout_s
     with Admin(bootstrap, request_timeout_ms=2_000) as admin:
