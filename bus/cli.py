@@ -14,6 +14,7 @@ import time
 
 import click
 
+from . import wire
 from .errors import BusError
 from .metadata import DEFAULT_BOOTSTRAP
 from .printing import FORMAT_TOKENS, check_format, record_formatted, record_json
@@ -63,7 +64,9 @@ def main():
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--sync", default="always", show_default=True, type=click.Choice(["always", "interval", "none"]),
               help="always: an ack means the record is on disk")
-def up(data_dir, nodes, port, host, sync):
+@click.option("--metrics-port", default=9400, show_default=True, type=click.IntRange(0, 65535 - 65),
+              help="Prometheus metrics: the coordinator on this port, node N on this port + N (0: none)")
+def up(data_dir, nodes, port, host, sync, metrics_port):
     """Start a local cluster (a coordinator and NODES nodes) in the foreground; Ctrl-C stops it.
 
     A port or data directory in use (another `bus up`) is refused before anything starts. A process that
@@ -71,7 +74,7 @@ def up(data_dir, nodes, port, host, sync):
     stops the cluster, with its log's last lines."""
     from nodes.cluster import ClusterInUse, LocalCluster
 
-    cluster = LocalCluster(data_dir, nodes, port=port, host=host, sync=sync)
+    cluster = LocalCluster(data_dir, nodes, port=port, host=host, sync=sync, metrics_port=metrics_port or None)
     stop = {"now": False}
 
     def request_stop(*_):
@@ -91,6 +94,9 @@ def up(data_dir, nodes, port, host, sync):
         click.echo(f"bootstrap: {cluster.bootstrap}")
         for node_id in cluster.node_ports:
             click.echo(f"node {node_id}: {cluster.node_address(node_id)}")
+        if metrics_port:
+            click.echo("metrics: " + "  ".join(f"{name} {cluster.metrics_url(name)}" for name in
+                                               ["coordinator", *(f"node-{n}" for n in cluster.node_ports)]))
         replicas = min(3, nodes)
         click.echo(f"new topics get {replicas} replica(s) of each partition by default "
                    f"(min in-sync {2 if replicas >= 3 else 1}; `bus topic create --replication-factor` to choose)")
@@ -145,12 +151,14 @@ def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restar
 @main.command()
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--bind", default="tcp://127.0.0.1:7400", show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus metrics here")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="the address metrics are served on")
 @friendly_errors
-def coordinator(data_dir, bind):
+def coordinator(data_dir, bind, metrics_port, metrics_addr):
     """Run a coordinator (for a cluster over several hosts)."""
     from nodes.coordinator import run_coordinator
 
-    run_coordinator(data_dir, bind)
+    run_coordinator(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr)
 
 
 @main.command()
@@ -160,14 +168,65 @@ def coordinator(data_dir, bind):
 @click.option("--advertise", default=None, help="address clients use (default: --bind)")
 @click.option("--coordinator", "coordinator_address", required=True, help="e.g. tcp://host:7400")
 @click.option("--sync", default="always", show_default=True, type=click.Choice(["always", "interval", "none"]))
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus metrics here")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="the address metrics are served on")
 @friendly_errors
-def node(node_id, data_dir, bind, advertise, coordinator_address, sync):
+def node(node_id, data_dir, bind, advertise, coordinator_address, sync, metrics_port, metrics_addr):
     """Run a partition-owner node."""
     from nodes.node import main as node_main
 
     argv = ["--node-id", str(node_id), "--data-dir", data_dir, "--bind", bind, "--coordinator",
-            coordinator_address, "--sync", sync] + (["--advertise", advertise] if advertise else [])
+            coordinator_address, "--sync", sync, "--metrics-addr", metrics_addr]
+    argv += ["--advertise", advertise] if advertise else []
+    argv += ["--metrics-port", str(metrics_port)] if metrics_port else []
     node_main(argv)
+
+
+@main.command()
+@click.option("--address", default=None,
+              help="check this one process (a node's or the coordinator's address), as a container probe does")
+@click.option("--timeout-ms", default=2_000, show_default=True, type=click.IntRange(1))
+@bootstrap_option
+def health(address, timeout_ms, bootstrap):
+    """Exit 0 if the cluster (the coordinator and every node it knows) answers, else 1, with a table.
+
+    With --address, only that process must answer (a liveness probe for one container)."""
+    import zmq
+
+    from .connection import Requester
+    from .metadata import ClusterMetadata
+
+    context = zmq.Context()
+    requester = Requester(context, bootstrap, timeout_ms)
+
+    def answers(where: str) -> bool:
+        try:
+            requester.request(where, wire.PING, {}, timeout_ms=timeout_ms)
+            return True
+        except BusError:
+            return False
+
+    try:
+        if address is not None:
+            ok = answers(address)
+            click.echo(f"{'ok' if ok else 'DOWN'}: {address}{'' if ok else f' did not answer within {timeout_ms} ms'}")
+            sys.exit(0 if ok else 1)
+        try:
+            metadata = ClusterMetadata(requester.coordinator(wire.METADATA, {}, timeout_ms=timeout_ms))
+        except BusError as exc:
+            click.echo(f"DOWN: the coordinator at {bootstrap} did not answer ({exc.message}); is the cluster "
+                       "running? start one with `bus up`", err=True)
+            sys.exit(1)
+        rows, ok = [["coordinator", bootstrap, "yes", "-"]], True
+        for node_id, node in sorted(metadata.nodes.items()):
+            up = answers(node["address"])
+            ok = ok and up and node["alive"]
+            rows.append([f"node {node_id}", node["address"], "yes" if up else "NO", "yes" if node["alive"] else "NO"])
+        print_table(["process", "address", "answers", "alive (coordinator's view)"], rows)
+        sys.exit(0 if ok else 1)
+    finally:
+        requester.close()
+        context.term()
 
 
 # -- topics ------------------------------------------------------------------------------------------

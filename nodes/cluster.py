@@ -84,7 +84,8 @@ class LocalCluster:
     def __init__(self, data_dir: str, nodes: int = 3, *, port: int = 0, host: str = "127.0.0.1",
                  sync: str = "always", node_args: tuple = (), coordinator_args: tuple = (),
                  env: dict | None = None, advertise: dict | None = None,
-                 node_command: tuple = ("-m", "nodes.node"), coordinator_command: tuple = ("-m", "nodes.coordinator")):
+                 node_command: tuple = ("-m", "nodes.node"), coordinator_command: tuple = ("-m", "nodes.coordinator"),
+                 metrics_port: int | None = None):
         assert nodes >= 1
         self.data_dir = os.path.abspath(data_dir)
         self.host = host
@@ -93,6 +94,8 @@ class LocalCluster:
         # How a child is started (the interpreter's arguments before the process's own): the fault harness
         # starts builds of its own through a test entry point.
         self.node_command, self.coordinator_command = tuple(node_command), tuple(coordinator_command)
+        # Prometheus metrics: the coordinator on metrics_port, node i on metrics_port + i (None: not served).
+        self.metrics_port = metrics_port
         # node id -> the address a node tells clients instead of its bind address (e.g. a fault proxy's)
         self.advertise = dict(advertise or {})
         ports = list(range(port, port + nodes + 1)) if port else free_ports(nodes + 1, host)
@@ -127,7 +130,7 @@ class LocalCluster:
         assert self.coordinator is None or self.coordinator.poll() is not None
         self.coordinator = self._spawn("coordinator", [
             *self.coordinator_command, "--data-dir", os.path.join(self.data_dir, "coordinator"),
-            "--bind", self.bootstrap, *self.coordinator_args])
+            "--bind", self.bootstrap, *self._metrics_args(0), *self.coordinator_args])
 
     def start_node(self, node_id: int) -> None:
         current = self.nodes.get(node_id)
@@ -135,18 +138,33 @@ class LocalCluster:
         self.nodes[node_id] = self._spawn(f"node-{node_id}", [
             *self.node_command, "--node-id", str(node_id), "--data-dir", os.path.join(self.data_dir, f"node-{node_id}"),
             "--bind", self.node_address(node_id), "--coordinator", self.bootstrap, "--sync", self.sync,
-            *(("--advertise", self.advertise[node_id]) if node_id in self.advertise else ()), *self.node_args])
+            *(("--advertise", self.advertise[node_id]) if node_id in self.advertise else ()),
+            *self._metrics_args(node_id), *self.node_args])
+
+    def _metrics_args(self, offset: int) -> tuple:
+        if self.metrics_port is None:
+            return ()
+        return ("--metrics-port", str(self.metrics_port + offset), "--metrics-addr", self.host)
+
+    def metrics_url(self, name: str) -> str | None:
+        """Where ``name`` ("coordinator" or "node-<id>") serves its metrics, if it does."""
+        if self.metrics_port is None:
+            return None
+        offset = 0 if name == "coordinator" else int(name.split("-")[1])
+        return f"http://{self.host}:{self.metrics_port + offset}/metrics"
 
     def check_free(self) -> None:
         """Raise ClusterInUse, saying which, if a port or a data directory of this cluster is taken (another
         cluster running there): starting anyway would find the other cluster's processes answering."""
-        for port in [self.coordinator_port, *self.node_ports.values()]:
+        metrics = [] if self.metrics_port is None else [self.metrics_port + i for i in range(len(self.node_ports) + 1)]
+        for port in [self.coordinator_port, *self.node_ports.values(), *metrics]:
             with socket.socket() as probe:
                 try:
                     probe.bind((self.host, port))
                 except OSError:
+                    option = "--metrics-port" if port in metrics else "--port"
                     raise ClusterInUse(f"port {port} on {self.host} is in use (another `bus up`?); stop it, or "
-                                       f"choose other ports with --port") from None
+                                       f"choose other ports with {option}") from None
         from store.dir_lock import lock_data_dir, unlock_data_dir
 
         for name in ["coordinator", *(f"node-{n}" for n in self.node_ports)]:

@@ -112,6 +112,7 @@ class Controller:
         self.version = 0  # the placement version: nodes and clients compare it to know they are current
         self.last_topic_id = 0
         self.last_producer_id = 0
+        self.elections = 0  # changes of leader decided since this controller started (for metrics)
         self._now_ms = 0  # the latest time seen; time never runs backwards here
 
     @classmethod
@@ -256,10 +257,10 @@ class Controller:
                 return r
         return NO_LEADER
 
-    @staticmethod
-    def _set(p: dict, leader: int, isr: list) -> None:
+    def _set(self, p: dict, leader: int, isr: list) -> None:
         if leader != p["leader"]:
             p["leader_epoch"] += 1
+            self.elections += 1
         p["leader"], p["isr"] = leader, list(isr)
         p["partition_epoch"] += 1
 

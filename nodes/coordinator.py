@@ -24,6 +24,7 @@ from store import MetaStore
 
 from .controller import KEY_PREFIXES, NO_LEADER, NODE_SESSION_TIMEOUT_MS, Controller, Outcome
 from .group_service import GroupService
+from .metrics import CoordinatorMetrics, serve
 from .server import Request, RouterServer, install_stop_handlers
 
 log = logging.getLogger("bus.coordinator")
@@ -32,11 +33,13 @@ log = logging.getLogger("bus.coordinator")
 class Coordinator:
     group_service_class = GroupService  # a subclass may run another (the fault harness's builds do)
 
-    def __init__(self, data_dir: str, bind: str, *, node_session_timeout_ms: int = NODE_SESSION_TIMEOUT_MS):
+    def __init__(self, data_dir: str, bind: str, *, node_session_timeout_ms: int = NODE_SESSION_TIMEOUT_MS,
+                 metrics_port: int | None = None, metrics_addr: str = "127.0.0.1"):
+        self.metrics = CoordinatorMetrics(self)
         self.store = MetaStore(data_dir)
         self.context = zmq.Context()
         self.context.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
-        self.server = RouterServer(self.context, bind, role="coordinator")
+        self.server = RouterServer(self.context, bind, role="coordinator", observe=self.metrics.answered)
         self.stopping = False
         stored = [item for prefix in KEY_PREFIXES for item in self.store.items(prefix)]
         # A new cluster gets its id here, for good: a node that joined another cluster (e.g. this
@@ -46,7 +49,10 @@ class Coordinator:
                                                       node_session_timeout_ms=node_session_timeout_ms)
         self.store.apply(list(records))
         self.node_identities: dict[int, bytes] = {}  # node id -> its DEALER's identity, to push placement to
-        self.groups = self.group_service_class(self.store, lambda: self.controller.topics)
+        # (topic, partition) -> its high watermark as its leader last reported it in a heartbeat: soft state,
+        # for consumer lag in the metrics
+        self.end_offsets: dict[tuple, int] = {}
+        self.groups = self.group_service_class(self.store, lambda: self.controller.topics, metrics=self.metrics)
         self.handlers = {
             wire.METADATA: lambda r: self.controller.metadata(r.args.get("topics"), r.args.get("strict"),
                                                               r.received_ms),
@@ -63,6 +69,7 @@ class Coordinator:
         }
         for op, handler in self.groups.handlers().items():
             self.handlers[op] = lambda r, handler=handler: handler(r.args, r.received_ms)
+        serve(self.metrics.registry, metrics_port, metrics_addr)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -83,6 +90,7 @@ class Coordinator:
                     self.server.serve_turn(self.handlers)
                 self._persisted(self.controller.tick(monotonic_ms()))
                 self.groups.tick(monotonic_ms())
+                self.groups.refresh_snapshot(monotonic_ms())
         finally:
             self.close()
 
@@ -114,6 +122,8 @@ class Coordinator:
             args["node_id"], args["address"], args.get("instance"), args.get("dir_id"), args.get("version"),
             request.received_ms))
         self.node_identities[args["node_id"]] = request.identity
+        for topic, partition, high_watermark in args.get("ends") or ():
+            self.end_offsets[(topic, partition)] = high_watermark
         return reply
 
     def _create_topic(self, request: Request):
@@ -143,6 +153,8 @@ class Coordinator:
 
     def _delete_topic(self, request: Request):
         reply = self._persisted(self.controller.delete_topic(request.args["name"], request.received_ms))
+        for tp in [tp for tp in self.end_offsets if tp[0] == request.args["name"]]:
+            del self.end_offsets[tp]
         self.groups.metadata_changed(request.received_ms)
         return reply
 
@@ -152,12 +164,13 @@ class Coordinator:
         self.store.close()
 
 
-def run_coordinator(data_dir: str, bind: str, coordinator_class: type = Coordinator) -> None:
+def run_coordinator(data_dir: str, bind: str, coordinator_class: type = Coordinator, *,
+                    metrics_port: int | None = None, metrics_addr: str = "127.0.0.1") -> None:
     logging.basicConfig(level=os.environ.get("BUS_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        coordinator = coordinator_class(data_dir, bind)
-    except (BusError, zmq.ZMQError) as exc:
+        coordinator = coordinator_class(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr)
+    except (BusError, zmq.ZMQError, OSError) as exc:
         log.error("coordinator cannot start: %s", exc)  # one clear line, e.g. its data directory is in use
         raise SystemExit(1) from None
     install_stop_handlers(coordinator.stop)
@@ -171,8 +184,11 @@ def main(argv=None, coordinator_class: type = Coordinator) -> None:
     parser = argparse.ArgumentParser(description="the coordinator of the bus")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--bind", required=True)
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--metrics-addr", default="127.0.0.1")
     args = parser.parse_args(argv)
-    run_coordinator(args.data_dir, args.bind, coordinator_class)
+    run_coordinator(args.data_dir, args.bind, coordinator_class, metrics_port=args.metrics_port,
+                    metrics_addr=args.metrics_addr)
 
 
 if __name__ == "__main__":

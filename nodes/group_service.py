@@ -41,6 +41,8 @@ from .groups import GroupError, Groups
 log = logging.getLogger("bus.groups")
 
 EVICTIONS_DESCRIBED_MAX = 20  # latest evictions shown by group_describe
+SNAPSHOT_INTERVAL_MS = 1_000  # how fresh the groups' figures in the metrics are
+_GROUP_RECORD = core.KEY_PREFIX + b"g\x00"  # the key prefix of a group's record (nodes/groups.py), epoch inside
 
 
 def _tp(item) -> tuple:
@@ -49,10 +51,17 @@ def _tp(item) -> tuple:
 
 
 class GroupService:
-    def __init__(self, store, topics, *, clock_ms=monotonic_ms):
-        """``store``: the coordinator's MetaStore; ``topics()``: its {name: {"partitions": [...], ...}}."""
+    def __init__(self, store, topics, *, clock_ms=monotonic_ms, metrics=None):
+        """``store``: the coordinator's MetaStore; ``topics()``: its {name: {"partitions": [...], ...}};
+        ``metrics``: the coordinator's (nodes/metrics.py), counting rebalances and evictions, or None."""
         self.store = store
         self.topics = topics
+        self.metrics = metrics
+        self.epochs: dict[str, int] = {}  # group id -> its epoch as last persisted: a change is a rebalance
+        # (group id, {tp: committed offset}, live members) per group, refreshed by the loop at most every
+        # SNAPSHOT_INTERVAL_MS and read by the metrics thread: never the state machine's own dicts.
+        self._snapshot: tuple = ()
+        self._snapshot_due_ms = 0
         now_ms = clock_ms()
         self.groups = Groups.restore(store.items(core.KEY_PREFIX), now_ms)
         self._run(lambda: self.groups.metadata(self._topic_counts(), now_ms=now_ms))
@@ -93,7 +102,33 @@ class GroupService:
         for eviction in outcome.evictions:
             log.info("group %s: member %s (instance %s) removed: %s", eviction.group_id, eviction.member_id,
                      eviction.group_instance_id, eviction.reason)
+            if self.metrics is not None:
+                self.metrics.evictions.labels(eviction.group_id, eviction.reason).inc()
+        self._count_rebalances(outcome.records)
         return outcome.reply
+
+    def _count_rebalances(self, records) -> None:
+        """A persisted group record with a new epoch is a rebalance (the target assignment was recomputed)."""
+        for record in records:
+            if record[0] == core.PUT and record[1].startswith(_GROUP_RECORD):
+                group_id = record[1][len(_GROUP_RECORD):].decode()
+                epoch = record[2]["epoch"]
+                if self.epochs.get(group_id, epoch) != epoch and self.metrics is not None:
+                    self.metrics.rebalances.labels(group_id).inc()
+                self.epochs[group_id] = epoch
+
+    def refresh_snapshot(self, now_ms: int) -> None:
+        """Take the groups' committed offsets and member counts for the metrics thread (at most every
+        SNAPSHOT_INTERVAL_MS: scrapes come every few seconds)."""
+        if now_ms < self._snapshot_due_ms:
+            return
+        self._snapshot_due_ms = now_ms + SNAPSHOT_INTERVAL_MS
+        self._snapshot = tuple(
+            (g["group_id"], {tp: offset for tp, (offset, _) in self.groups.committed(g["group_id"]).items()},
+             g["members"]) for g in self.groups.list_groups())
+
+    def snapshot(self) -> tuple:
+        return self._snapshot
 
     def _topic_counts(self) -> dict:
         return {name: len(topic["partitions"]) for name, topic in self.topics().items()}

@@ -37,6 +37,7 @@ from bus.errors import (BusError, CorruptRecord, InvalidRequest, NotCommitted, N
 from store import LogStore
 
 from .follower import REPLICA_FETCH_PART_BYTES_MAX, FollowerLinks
+from .metrics import NodeMetrics, serve
 from .purgatory import Purgatory
 from .replica import (ACKS_ALL, BECAME_FOLLOWER, BECAME_LEADER, FOLLOWER, ISR_CHANGED, LEADER, STOPPED,
                       Assignment, Replica, divergence)
@@ -54,6 +55,7 @@ PRODUCE_TIMEOUT_MS_DEFAULT = 30_000  # how long an acks=all produce waits for it
 PRODUCE_TIMEOUT_MS_MAX = 300_000
 ALTER_TIMEOUT_MS = 5_000  # an ISR change unanswered this long is forgotten (the replica asks again)
 ISR_CHECK_INTERVAL_MS = 100  # how often every led partition's ISR is looked at (for lagging followers)
+ENDS_FULL_EVERY = 10  # heartbeats: every this many, a node reports all its partitions' ends, not only moved ones
 MAP_SIZE_INITIAL_BYTES = 1 << 28  # the LMDB map starts here (or at --map-size-max if lower) and doubles
 # keep_freed_memory(): allocations up to this size come from the heap, not their own mapping ...
 MALLOC_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc accepts no more
@@ -76,8 +78,10 @@ class Node:
     def __init__(self, node_id: int, data_dir: str, bind: str, coordinator: str, *, advertise: str | None = None,
                  sync: str = "always", map_size_max_bytes: int = 1 << 40,
                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
-                 retention_check_interval_ms: int = RETENTION_CHECK_INTERVAL_MS):
+                 retention_check_interval_ms: int = RETENTION_CHECK_INTERVAL_MS, metrics_port: int | None = None,
+                 metrics_addr: str = "127.0.0.1"):
         self.node_id = node_id
+        self.metrics = NodeMetrics(self)
         # The high watermark is the replica core's to move (nodes/replica.py), not the store's on append.
         self.store = self.store_class(data_dir, sync=sync,
                                       map_size_bytes=min(MAP_SIZE_INITIAL_BYTES, map_size_max_bytes),
@@ -91,7 +95,7 @@ class Node:
             self.store.put_meta(b"n:dir_id", self.dir_id)
         self.context = zmq.Context()
         self.context.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
-        self.server = RouterServer(self.context, bind, role="node")
+        self.server = RouterServer(self.context, bind, role="node", observe=self.metrics.answered)
         self.advertise = advertise or self.server.bind
         self.coordinator = self.context.socket(zmq.DEALER)
         self.coordinator.setsockopt(zmq.LINGER, 0)
@@ -123,9 +127,12 @@ class Node:
         self.logs: dict[tuple, object] = {}  # (topic, partition) -> PartitionLog, for the partitions held here
         self.replicas: dict[tuple, Replica] = {}
         self.cluster_id = self.store.get_meta(b"n:cluster_id")  # the cluster whose coordinator this node follows
+        self.heartbeats_sent = 0
+        self.reported_ends: dict[tuple, int] = {}  # what heartbeats last told the coordinator of each partition
         cached = self.store.get_meta(b"n:placement")
         if cached is not None:
             self._apply_placement(cached["version"], cached["topics"], cached.get("nodes", {}), persist=False)
+        serve(self.metrics.registry, metrics_port, metrics_addr)
 
     # -- placement ---------------------------------------------------------------------------------
 
@@ -298,15 +305,18 @@ class Node:
                 items.append((index, (topic, partition), buf))
             except BusError as exc:
                 results[index] = _error_part(exc)
-        self.produces.append((request.identity, request.request_id, acks, timeout_ms, results, items))
+        self.produces.append((request, acks, timeout_ms, results, items))
         return LATER
 
     def _commit(self, produces: list) -> None:
         flat = [(self.logs[tp], buf) for *_, items in produces for _, tp, buf in items]
+        started_s = time.monotonic()
         outcomes = iter(self.store.append(flat) if flat else ())
+        if flat:
+            self.metrics.commit.labels("produce").observe(time.monotonic() - started_s)
         appended = set()
         waiting = []
-        for identity, request_id, acks, timeout_ms, results, items in produces:
+        for request, acks, timeout_ms, results, items in produces:
             required = {}  # index -> (tp, leader epoch, end offset): what acks=all waits for
             for index, tp, buf in items:
                 outcome = next(outcomes)
@@ -316,22 +326,30 @@ class Node:
                 base_offset, append_ts_ms, duplicate = outcome
                 results[index] = [None, None, base_offset, duplicate, append_ts_ms]
                 appended.add(tp)
+                record_count = batch_format.read_header(buf).record_count
+                if not duplicate:
+                    self.metrics.produced_records.labels(tp[0]).inc(record_count)
+                    self.metrics.produced_bytes.labels(tp[0]).inc(len(buf))
                 if acks == ACKS_ALL:
-                    end_offset = base_offset + batch_format.read_header(buf).record_count
-                    required[index] = (tp, self.replicas[tp].leader_epoch, end_offset)
-            waiting.append((identity, request_id, acks, timeout_ms, results, required))
+                    required[index] = (tp, self.replicas[tp].leader_epoch, base_offset + record_count)
+            waiting.append((request, acks, timeout_ms, results, required))
         for tp in appended:
             self.append_waiters.check(tp)  # followers waiting for data
             self._advance(tp)  # one replica: committed at once
-        for identity, request_id, acks, timeout_ms, results, required in waiting:
+        for request, acks, timeout_ms, results, required in waiting:
             if acks == 0:
                 continue
             if not required:
-                self.server.reply(identity, request_id, {"parts": results})
+                self._answer(request, {"parts": results})
             else:
-                self._wait_for_commit(identity, request_id, timeout_ms, results, required)
+                self._wait_for_commit(request, timeout_ms, results, required)
 
-    def _wait_for_commit(self, identity, request_id, timeout_ms: int, results: list, required: dict) -> None:
+    def _answer(self, request: Request, result, bulk=(), error: str | None = None) -> None:
+        """Reply to a request held past its turn, and count it as the turn counts the others."""
+        self.server.reply(request.identity, request.request_id, result, bulk)
+        self.metrics.answered(request.op, time.monotonic() - request.received_s, error)
+
+    def _wait_for_commit(self, request: Request, timeout_ms: int, results: list, required: dict) -> None:
         """Answer an acks=all produce once the high watermark passed each of its batches (in the leader's
         epoch that appended it), or with the error its partition gives meanwhile."""
 
@@ -348,14 +366,14 @@ class Node:
                 del required[index]
             if required:
                 return False
-            self.server.reply(identity, request_id, {"parts": results})
+            self._answer(request, {"parts": results})
             return True
 
         def expire() -> None:
             for index in required:
                 results[index] = _error_part(Timeout("the batch was not committed within the produce timeout "
                                                      "(it may or may not be kept)"))
-            self.server.reply(identity, request_id, {"parts": results})
+            self._answer(request, {"parts": results}, error=Timeout.code)
 
         if not try_complete():
             self.hw_waiters.add({tp for tp, _, _ in required.values()}, time.monotonic() + timeout_ms / 1000,
@@ -374,18 +392,26 @@ class Node:
         max_bytes = int(args.get("max_bytes", 50 << 20))
         result, bulk, total = self._read_parts(parts, max_bytes)
         if total >= min_bytes or max_wait_ms <= 0 or any(r[2] for r in result):
+            self._count_fetched(parts, result, bulk)
             return Reply({"parts": result}, bulk)
 
         def answer(final: bool) -> bool:
             result, bulk, total = self._read_parts(parts, max_bytes)
             if not final and total < min_bytes and not any(r[2] for r in result):
                 return False
-            self.server.reply(request.identity, request.request_id, {"parts": result}, bulk)
+            self._count_fetched(parts, result, bulk)
+            self._answer(request, {"parts": result}, bulk)
             return True
 
         self.hw_waiters.add({(t, p) for t, p, *_ in parts}, time.monotonic() + max_wait_ms / 1000,
                             lambda: answer(False), lambda: answer(True))
         return LATER
+
+    def _count_fetched(self, parts, result, bulk) -> None:
+        for (topic, _, offset, _, _), row, data in zip(parts, result, bulk):
+            if data:
+                self.metrics.fetched_records.labels(topic).inc(max(0, row[6] - offset))  # next offset - asked
+                self.metrics.fetched_bytes.labels(topic).inc(len(data))
 
     def _read_parts(self, parts, max_bytes):
         """A consumer's read: from the leader, up to the high watermark. The end offset reported is the
@@ -476,7 +502,7 @@ class Node:
             result, bulk, total, settled = self._read_for_follower(follower, parts, max_bytes)
             if not final and total == 0 and not settled:
                 return False
-            self.server.reply(request.identity, request.request_id, {"parts": result}, bulk)
+            self._answer(request, {"parts": result}, bulk)
             return True
 
         self.append_waiters.add({tp for tp, *_ in parts}, time.monotonic() + max_wait_ms / 1000,
@@ -596,7 +622,10 @@ class Node:
                     replica.log_rewritten(plog.high_watermark)
                     continue
                 if len(data):
+                    started_s = time.monotonic()
                     self.store.append_replica(plog, data)
+                    self.metrics.commit.labels("replica").observe(time.monotonic() - started_s)
+                    self.metrics.replicated_bytes.labels(topic).inc(len(data))
                 if replica.follow(leader_hw, plog.next_offset):
                     self.store.set_high_watermark(plog, replica.high_watermark)
             except BusError as exc:
@@ -609,12 +638,25 @@ class Node:
     def _send_heartbeat(self) -> None:
         self.request_seq += 1
         args = {"node_id": self.node_id, "address": self.advertise, "instance": self.instance,
-                "dir_id": self.dir_id, "version": self.placement_version}
+                "dir_id": self.dir_id, "version": self.placement_version, "ends": self._ends_to_report()}
         try:
             self.coordinator.send_multipart(wire.encode_request(wire.NODE_HEARTBEAT, self.request_seq, args),
                                             zmq.NOBLOCK)
         except zmq.Again:
             pass  # the coordinator is unreachable; the next heartbeat tries again
+
+    def _ends_to_report(self) -> list:
+        """[[topic, partition, high watermark], ...] of the partitions this node leads whose high watermark
+        moved since the last heartbeat (all of them every ENDS_FULL_EVERY heartbeats, so a lost one is made
+        good): the coordinator computes consumer lag from them without asking the nodes."""
+        self.heartbeats_sent += 1
+        everything = self.heartbeats_sent % ENDS_FULL_EVERY == 1
+        ends = []
+        for tp, replica in self.replicas.items():
+            if replica.role == LEADER and (everything or self.reported_ends.get(tp) != replica.high_watermark):
+                ends.append([*tp, replica.high_watermark])
+                self.reported_ends[tp] = replica.high_watermark
+        return ends
 
     def _drain_coordinator(self) -> None:
         """Heartbeat replies, placement the coordinator pushed (request id None), answers to ISR changes."""
@@ -694,6 +736,8 @@ def main(argv=None, node_class: type = Node) -> None:
     parser.add_argument("--map-size-max", type=int, default=1 << 40)
     parser.add_argument("--heartbeat-interval-ms", type=int, default=HEARTBEAT_INTERVAL_MS)
     parser.add_argument("--retention-check-interval-ms", type=int, default=RETENTION_CHECK_INTERVAL_MS)
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--metrics-addr", default="127.0.0.1")
     args = parser.parse_args(argv)
     run_node(args, node_class)
 
@@ -730,8 +774,10 @@ def run_node(args, node_class: type = Node) -> None:
         node = node_class(args.node_id, args.data_dir, args.bind, args.coordinator, advertise=args.advertise,
                           sync=args.sync, map_size_max_bytes=args.map_size_max,
                           heartbeat_interval_ms=args.heartbeat_interval_ms,
-                          retention_check_interval_ms=args.retention_check_interval_ms)
-    except (BusError, zmq.ZMQError) as exc:
+                          retention_check_interval_ms=args.retention_check_interval_ms,
+                          metrics_port=getattr(args, "metrics_port", None),
+                          metrics_addr=getattr(args, "metrics_addr", "127.0.0.1"))
+    except (BusError, zmq.ZMQError, OSError) as exc:
         # One clear line (e.g. another node's data directory), not a traceback.
         log.error("node %d cannot start: %s", args.node_id, exc)
         raise SystemExit(1) from None

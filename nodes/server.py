@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from typing import Callable, NamedTuple
 
 import zmq
 
 from bus import wire
-from bus.clock import monotonic_ms
 from bus.errors import BusError, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,15 @@ MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, Overfl
 
 
 class Request(NamedTuple):
-    """One decoded request. ``received_ms`` is the monotonic clock when its turn began."""
+    """One decoded request. ``received_ms`` / ``received_s`` are the monotonic clock when its turn began."""
 
     identity: bytes  # the client's ROUTER identity, to address the reply
     op: str
     request_id: object  # chosen by the client, echoed in the reply
     args: dict
     bulk: list  # bulk frames (record batches), as buffers
-    received_ms: int
+    received_ms: int  # what the pure cores take as now_ms
+    received_s: float  # for measuring how long its answer took
 
 
 class Reply(NamedTuple):
@@ -60,8 +61,11 @@ Handler = Callable[[Request], object]
 
 
 class RouterServer:
-    def __init__(self, context: zmq.Context, bind: str, *, role: str):
+    def __init__(self, context: zmq.Context, bind: str, *, role: str, observe=None):
         self.role = role  # "node" or "coordinator": named in the refusal of an unknown op
+        # observe(op, seconds, error code or None) after each answer given in the turn (metrics); a handler
+        # that answers LATER reports its own.
+        self.observe = observe
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.SNDHWM, SOCKET_HWM_MESSAGES)
@@ -76,9 +80,10 @@ class RouterServer:
         """Handle every request waiting now (up to REQUESTS_PER_TURN_MAX), in arrival order. Only ops in
         ``bulk_ops`` may carry bulk frames. Returns how many messages were taken."""
         messages = self._recv_batch()
-        received_ms = monotonic_ms()
+        received_s = time.monotonic()
+        received_ms = int(received_s * 1000)
         for frames in messages:
-            request = self._decode(frames, received_ms)
+            request = self._decode(frames, received_ms, received_s)
             if request is not None:
                 self._dispatch(request, handlers, bulk_ops)
         return len(messages)
@@ -95,8 +100,11 @@ class RouterServer:
             answer = handler(request)
         except BusError as exc:
             self.reply(request.identity, request.request_id, error=exc)
+            error = exc.code
         except MALFORMED as exc:
-            self.reply(request.identity, request.request_id, error=as_invalid(exc))
+            error = as_invalid(exc)
+            self.reply(request.identity, request.request_id, error=error)
+            error = error.code
         else:
             if answer is LATER:
                 return
@@ -104,6 +112,11 @@ class RouterServer:
                 self.reply(request.identity, request.request_id, answer.result, answer.bulk)
             else:
                 self.reply(request.identity, request.request_id, answer)
+            error = None
+        if self.observe is not None:
+            # An op no handler knows is counted as "unknown": a rogue client's op names must not become labels.
+            self.observe(request.op if request.op in handlers else "unknown", time.monotonic() - request.received_s,
+                         error)
 
     def _recv_batch(self) -> list:
         """Every message waiting now, up to REQUESTS_PER_TURN_MAX, without blocking."""
@@ -115,7 +128,7 @@ class RouterServer:
                 break
         return messages
 
-    def _decode(self, frames: list, received_ms: int) -> Request | None:
+    def _decode(self, frames: list, received_ms: int, received_s: float) -> Request | None:
         """The request, or None after answering a malformed message."""
         if len(frames) < 2:
             return None  # not even an identity and a header; a ROUTER always gives an identity frame
@@ -125,7 +138,7 @@ class RouterServer:
         except InvalidRequest as exc:
             self.reply(identity, getattr(exc, "request_id", None), error=exc)
             return None
-        return Request(identity, op, request_id, args, bulk, received_ms)
+        return Request(identity, op, request_id, args, bulk, received_ms, received_s)
 
     # -- replies -----------------------------------------------------------------------------------
 

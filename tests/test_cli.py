@@ -15,32 +15,9 @@ import psutil
 import pytest
 
 from tests.conftest import wait_for
-from tests.core_helpers import child_env
+from tests.core_helpers import child_env, free_port_block
 
 BUS = [sys.executable, "-m", "bus.cli"]
-
-
-def free_port_block(count: int) -> int:
-    """A base port such that base .. base+count-1 are all free now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65_000:
-            continue
-        held = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no block of free ports")
 
 
 def read_until(proc, marker: bytes, timeout_s: float) -> bytes:
@@ -60,8 +37,8 @@ def read_until(proc, marker: bytes, timeout_s: float) -> bytes:
 def bus_up(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cli") / "data"
     port = free_port_block(3)
-    proc = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
+    proc = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2",
+                             "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
     try:
         banner = read_until(proc, b"ready:", 30)
         assert f"bootstrap: tcp://127.0.0.1:{port}".encode() in banner
@@ -193,20 +170,30 @@ def test_sigterm_stops_bus_up_and_all_its_children(bus_up):
 
 
 def test_a_second_bus_up_on_a_port_or_directory_in_use_fails_before_ready_and_a_crashed_node_restarts(tmp_path):
-    data_dir, port = tmp_path / "data", free_port_block(3)
-    first = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2"],
+    data_dir, port, metrics_port = tmp_path / "data", free_port_block(3), free_port_block(3)
+    first = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2",
+                              "--metrics-port", str(metrics_port)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
     try:
         banner = read_until(first, b"ready:", 30)
         assert f"logs in {data_dir}/logs".encode() in banner
+        assert f"node-2 http://127.0.0.1:{metrics_port + 2}/metrics".encode() in banner
         same_port = subprocess.run([*BUS, "up", "--data-dir", str(tmp_path / "other"), "--port", str(port),
-                                    "--nodes", "2"], capture_output=True, timeout=30, env=child_env())
+                                    "--nodes", "2", "--metrics-port", "0"], capture_output=True, timeout=30,
+                                   env=child_env())
         assert same_port.returncode == 1 and b"ready" not in same_port.stdout
         assert same_port.stderr.decode().strip().splitlines() == [
             f"error: port {port} on 127.0.0.1 is in use (another `bus up`?); stop it, or choose other ports "
             "with --port"]
         same_dir = subprocess.run([*BUS, "up", "--data-dir", str(data_dir), "--port", str(free_port_block(3)),
-                                   "--nodes", "2"], capture_output=True, timeout=30, env=child_env())
+                                   "--nodes", "2", "--metrics-port", "0"], capture_output=True, timeout=30,
+                                  env=child_env())
+        assert same_dir.returncode == 1 and b"ready" not in same_dir.stdout
+        assert f"data directory {data_dir}/coordinator is in use".encode() in same_dir.stderr
+        same_metrics = subprocess.run([*BUS, "up", "--data-dir", str(tmp_path / "third"), "--port",
+                                       str(free_port_block(3)), "--nodes", "2", "--metrics-port", str(metrics_port)],
+                                      capture_output=True, timeout=30, env=child_env())
+        assert same_metrics.returncode == 1 and b"choose other ports with --metrics-port" in same_metrics.stderr
         assert same_dir.returncode == 1 and b"ready" not in same_dir.stdout
         assert f"data directory {data_dir}/coordinator is in use".encode() in same_dir.stderr
         assert len(same_dir.stderr.decode().strip().splitlines()) == 1
