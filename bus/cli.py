@@ -51,17 +51,21 @@ def print_table(headers: list, rows: list) -> None:
 @click.group()
 @click.version_option(package_name="bus")
 def main():
-    """the bus: a durable, partitioned event log on ZeroMQ and LMDB."""
+    """the bus: a durable, partitioned, replicated event log on ZeroMQ and LMDB.
+
+    Start a local cluster with `bus up`; every client command takes --bootstrap (default $BUS_BOOTSTRAP,
+    else tcp://127.0.0.1:7400). `bus COMMAND --help` tells more."""
 
 
 # -- servers -----------------------------------------------------------------------------------------
 
 @main.command()
-@click.option("--data-dir", default="./bus-data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 64))
+@click.option("--data-dir", default="./bus-data", show_default=True, type=click.Path(file_okay=False),
+              help="the coordinator's and the nodes' LMDB directories, and logs/, go here")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 64), help="partition-owner nodes")
 @click.option("--port", default=7400, show_default=True, type=click.IntRange(1, 65535 - 65),
               help="coordinator port; nodes listen on the next ones")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="the address every process binds and advertises")
 @click.option("--sync", default="always", show_default=True, type=click.Choice(["always", "interval", "none"]),
               help="always: an ack means the record is on disk")
 @click.option("--metrics-port", default=9400, show_default=True, type=click.IntRange(0, 65535 - 65),
@@ -149,8 +153,9 @@ def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restar
 
 
 @main.command()
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
-@click.option("--bind", default="tcp://127.0.0.1:7400", show_default=True)
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="its LMDB directory (one coordinator per directory)")
+@click.option("--bind", default="tcp://127.0.0.1:7400", show_default=True, help="the address clients and nodes reach")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus metrics here")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="the address metrics are served on")
 @friendly_errors
@@ -162,12 +167,14 @@ def coordinator(data_dir, bind, metrics_port, metrics_addr):
 
 
 @main.command()
-@click.option("--node-id", required=True, type=click.IntRange(0))
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--node-id", required=True, type=click.IntRange(0), help="unique in the cluster, for good")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="its LMDB directory (bound to this node id forever)")
 @click.option("--bind", required=True, help="e.g. tcp://0.0.0.0:7401")
 @click.option("--advertise", default=None, help="address clients use (default: --bind)")
 @click.option("--coordinator", "coordinator_address", required=True, help="e.g. tcp://host:7400")
-@click.option("--sync", default="always", show_default=True, type=click.Choice(["always", "interval", "none"]))
+@click.option("--sync", default="always", show_default=True, type=click.Choice(["always", "interval", "none"]),
+              help="always: an ack means the record is on disk; interval: synced every 100 ms; none: by the OS")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus metrics here")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="the address metrics are served on")
 @friendly_errors
@@ -185,7 +192,8 @@ def node(node_id, data_dir, bind, advertise, coordinator_address, sync, metrics_
 @main.command()
 @click.option("--address", default=None,
               help="check this one process (a node's or the coordinator's address), as a container probe does")
-@click.option("--timeout-ms", default=2_000, show_default=True, type=click.IntRange(1))
+@click.option("--timeout-ms", default=2_000, show_default=True, type=click.IntRange(1),
+              help="how long each process has to answer")
 @bootstrap_option
 def health(address, timeout_ms, bootstrap):
     """Exit 0 if the cluster (the coordinator and every node it knows) answers, else 1, with a table.
@@ -238,7 +246,8 @@ def topic():
 
 @topic.command("create")
 @click.argument("name")
-@click.option("--partitions", default=1, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--partitions", default=1, show_default=True, type=click.IntRange(1, 10_000),
+              help="ordered logs the topic is split into; a key always goes to the same one")
 @click.option("--replication-factor", type=click.IntRange(1), default=None,
               help="replicas of each partition  [default: min(3, live nodes)]")
 @click.option("--min-insync-replicas", type=click.IntRange(1), default=None,
@@ -466,7 +475,8 @@ def group_delete(name, bootstrap):
 @main.command()
 @click.argument("topic_name", metavar="TOPIC")
 @click.option("--key-separator", default=None, help="split each line into KEY<sep>VALUE")
-@click.option("--partition", type=click.IntRange(0), default=None)
+@click.option("--partition", type=click.IntRange(0), default=None,
+              help="send every record to this partition (default: by key, or spread when no key)")
 @bootstrap_option
 @friendly_errors
 def produce(topic_name, key_separator, partition, bootstrap):

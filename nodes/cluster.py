@@ -85,7 +85,7 @@ class LocalCluster:
                  sync: str = "always", node_args: tuple = (), coordinator_args: tuple = (),
                  env: dict | None = None, advertise: dict | None = None,
                  node_command: tuple = ("-m", "nodes.node"), coordinator_command: tuple = ("-m", "nodes.coordinator"),
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, coordinator_for: dict | None = None):
         assert nodes >= 1
         self.data_dir = os.path.abspath(data_dir)
         self.host = host
@@ -98,6 +98,8 @@ class LocalCluster:
         self.metrics_port = metrics_port
         # node id -> the address a node tells clients instead of its bind address (e.g. a fault proxy's)
         self.advertise = dict(advertise or {})
+        # node id -> the address it reaches the coordinator at instead of the bootstrap (e.g. a fault proxy's)
+        self.coordinator_for = dict(coordinator_for or {})
         ports = list(range(port, port + nodes + 1)) if port else free_ports(nodes + 1, host)
         self.coordinator_port, self.node_ports = ports[0], dict(zip(range(1, nodes + 1), ports[1:]))
         self.bootstrap = f"tcp://{host}:{self.coordinator_port}"
@@ -137,7 +139,8 @@ class LocalCluster:
         assert current is None or current.poll() is not None, f"node {node_id} is running"
         self.nodes[node_id] = self._spawn(f"node-{node_id}", [
             *self.node_command, "--node-id", str(node_id), "--data-dir", os.path.join(self.data_dir, f"node-{node_id}"),
-            "--bind", self.node_address(node_id), "--coordinator", self.bootstrap, "--sync", self.sync,
+            "--bind", self.node_address(node_id), "--coordinator", self.coordinator_for.get(node_id, self.bootstrap),
+            "--sync", self.sync,
             *(("--advertise", self.advertise[node_id]) if node_id in self.advertise else ()),
             *self._metrics_args(node_id), *self.node_args])
 

@@ -628,11 +628,14 @@ class Node:
                     self.metrics.replicated_bytes.labels(topic).inc(len(data))
                 if replica.follow(leader_hw, plog.next_offset):
                     self.store.set_high_watermark(plog, replica.high_watermark)
-            except BusError as exc:
+            except (BusError, ValueError) as exc:
+                # A store refusal (full, a batch that does not continue the log, a cut inside a batch): never
+                # a crash, since only a broken leader or a corrupt log could cause it; said loudly, retried.
                 log.error("node %d: storing %s/%s from node %d failed: %s", self.node_id, *tp, link.leader, exc)
                 backing_off = True
         if backing_off:
             self.links.back_off(link)
+
     # -- coordinator link ----------------------------------------------------------------------------
 
     def _send_heartbeat(self) -> None:

@@ -27,7 +27,6 @@ This module owns the wiring only; the nemesis decides when to cut what (nemesis.
 
 from __future__ import annotations
 
-import threading
 
 from bus import wire
 from nodes.cluster import LocalCluster, free_ports
@@ -45,30 +44,6 @@ def peer_of(frames):
     if op == wire.REPLICA_FETCH and isinstance(args, dict):
         return args.get("replica_id")
     return None
-
-
-class ProxiedCluster(LocalCluster):
-    """A LocalCluster whose node ``n`` reaches the coordinator at ``coordinator_for[n]`` (its coordinator
-    proxy) instead of the bootstrap address."""
-
-    def __init__(self, *args, coordinator_for: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.coordinator_for = dict(coordinator_for or {})
-        self._start_lock = threading.Lock()
-
-    def start_node(self, node_id: int) -> None:
-        address = self.coordinator_for.get(node_id)
-        if address is None:
-            super().start_node(node_id)
-            return
-        # The node's own arguments come last on its command line, and a repeated option's last value wins.
-        with self._start_lock:
-            saved = self.node_args
-            self.node_args = saved + ("--coordinator", address)
-            try:
-                super().start_node(node_id)
-            finally:
-                self.node_args = saved
 
 
 class Topology:
@@ -89,7 +64,7 @@ class Topology:
 
     def cluster(self, data_dir: str, nodes: int, **options) -> ProxiedCluster:
         """The cluster wired through these proxies (not started); the proxies learn their upstreams."""
-        cluster = ProxiedCluster(data_dir, nodes, advertise={n: p.listen for n, p in self.front.items()},
+        cluster = LocalCluster(data_dir, nodes, advertise={n: p.listen for n, p in self.front.items()},
                                  coordinator_for={n: p.listen for n, p in self.coordinator.items()}, **options)
         for n, proxy in self.front.items():
             proxy.upstream = cluster.node_address(n)
