@@ -324,7 +324,9 @@ class Consumer:
         reassignment during the decode shows as a changed epoch, and then the runs are dropped.
 
         Records are built at C speed: ``map`` over ``zip`` of the payload's columns (timestamps, keys,
-        values, headers; bus/batch.py), no Python code per record.
+        values, headers; bus/batch.py), no Python code per record. A compressed batch's payload is
+        decompressed here, in the caller's thread, one batch at a time (bus/batch.py bounds each to
+        UNCOMPRESSED_BYTES_MAX).
         """
         tp, epoch, fetched_offset, data = chunk
         self._chunk_bytes -= len(data)
@@ -372,7 +374,7 @@ class Consumer:
             if skip >= count:
                 continue
             stamps, keys, values, headers = (c if c is None or not skip else c[skip:]
-                                             for c in read_columns(payload, count))
+                                             for c in read_columns(payload, count, header.attributes))
             # A column that is None: no record of the batch has one (the usual batch has values only).
             if stamps is None:
                 timestamps = _repeat(header.append_ts_ms)  # one int shared by the batch's records

@@ -8,6 +8,12 @@ waited ``linger_ms``, or on ``flush()``.
 Memory is bounded: records held (open, waiting, or in flight) never exceed ``buffer_bytes``; a ``send()``
 that finds no room waits up to ``max_block_ms`` and then raises BufferFull (nothing was sent).
 
+Compression (``compression="lz4" | "zstd"``, default None): each batch's payload is compressed as a whole
+when the sender packs it (bus/batch.py), off the ``send()`` path. ``batch_bytes`` and ``buffer_bytes`` stay
+in uncompressed bytes, as Kafka's batch.size does: what the buffer holds until a batch is acknowledged
+is its records as sent (the packed batch is a smaller copy made from them), and a batch is the unit of
+compression, so ``batch_bytes`` is what each compression sees.
+
 Lock order: ``Producer._lock`` is the only lock; the sender thread takes it only to move batches out of
 the accumulator and to release buffer space.
 """
@@ -25,6 +31,7 @@ from itertools import accumulate as _accumulate, repeat as _repeat
 import zmq
 
 from . import gil
+from .batch import CODECS, UNCOMPRESSED_BYTES_MAX
 from .connection import Requester
 from .errors import BufferFull, ClosedError, ConfigError, RecordTooLarge, Timeout, UnknownPartition
 from .metadata import check_bootstrap, partition_for_key
@@ -181,9 +188,11 @@ class Producer:
                  buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000, request_timeout_ms: int = 30_000,
                  delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
                  max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
-                 metadata_timeout_ms: int = 10_000):
+                 metadata_timeout_ms: int = 10_000, compression: str | None = None):
         if acks not in (0, 1, -1, "all"):
             raise ConfigError(f"acks must be 0, 1 or 'all', not {acks!r}")
+        if compression not in CODECS:
+            raise ConfigError(f"compression must be one of {list(CODECS)}, not {compression!r}")
         for name, value, low in (("linger_ms", linger_ms, 0), ("batch_bytes", batch_bytes, 1),
                                  ("buffer_bytes", buffer_bytes, 1), ("max_block_ms", max_block_ms, 0),
                                  ("request_timeout_ms", request_timeout_ms, 1),
@@ -195,6 +204,11 @@ class Producer:
                 raise ConfigError(f"{name} must be an integer >= {low}, not {value!r}")
         if buffer_bytes < batch_bytes:
             raise ConfigError(f"buffer_bytes ({buffer_bytes}) must be at least batch_bytes ({batch_bytes})")
+        if compression is not None and batch_bytes + max_record_bytes > UNCOMPRESSED_BYTES_MAX:
+            # A batch closes once it reaches batch_bytes, so its last record may take it up to max_record_bytes
+            # past that; a larger payload than this no reader decompresses (bus/batch.py).
+            raise ConfigError(f"with compression, batch_bytes + max_record_bytes ({batch_bytes + max_record_bytes})"
+                              f" must be at most {UNCOMPRESSED_BYTES_MAX} (bus.batch.UNCOMPRESSED_BYTES_MAX)")
         if delivery_timeout_ms < request_timeout_ms + linger_ms:
             raise ConfigError("delivery_timeout_ms must be at least request_timeout_ms + linger_ms")
         if idempotent and acks == 0:
@@ -208,6 +222,7 @@ class Producer:
         self.max_block_s = max_block_ms / 1000
         self.delivery_timeout_s = delivery_timeout_ms / 1000
         self.max_record_bytes = max_record_bytes
+        self.compression = compression  # the codec name the sender packs every batch with (bus.batch.CODECS)
         self._record_bytes_max = min(max_record_bytes, buffer_bytes)
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # signalled when buffer space is released

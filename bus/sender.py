@@ -31,7 +31,8 @@ from .background import BackgroundIO
 from .batch import pack_batch
 from .clock import LOOP_WAIT_MS_MAX
 from .connection import Connection, next_request_id
-from .errors import BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, Timeout, UnknownTopic, error_for
+from .errors import (BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, RecordTooLarge, Timeout,
+                     UnknownTopic, error_for)
 
 log = logging.getLogger("bus.producer")
 
@@ -127,15 +128,26 @@ class Sender(BackgroundIO):
                 self.producer_ids = list(self._new_producer_id())
             producer_id, epoch = self.producer_ids if self.idempotent else (-1, -1)
             queue = self.partitions[key] = PartitionQueue(producer_id, epoch)
-        self._number(queue, batch)
+        try:
+            self._number(queue, batch)
+        except RecordTooLarge as exc:
+            # A compressed payload larger than any reader takes (bus/batch.py): failed before it was sent, as
+            # the node fails a batch above its limit. It took no sequence number.
+            self._finish(batch, -1, exc)
+            return
         queue.queue.append(batch)
 
     def _number(self, queue: PartitionQueue, batch) -> None:
+        """Pack ``batch`` as the partition's next (compressing it if the producer does); its sequence is
+        taken only once it is packed. (A renumbered batch is packed again: rare, so not worth keeping a
+        compressed payload apart from its header.)"""
+        producer_id, producer_epoch, sequence = ((queue.producer_id, queue.producer_epoch, queue.next_sequence)
+                                                 if self.idempotent else (-1, -1, -1))
+        batch.payload = pack_batch(batch.flat, batch.count, producer_id, producer_epoch, sequence,
+                                   self.producer.compression)
+        batch.producer_id, batch.producer_epoch, batch.sequence = producer_id, producer_epoch, sequence
         if self.idempotent:
-            batch.producer_id, batch.producer_epoch = queue.producer_id, queue.producer_epoch
-            batch.sequence = queue.next_sequence
             queue.next_sequence += batch.count
-        batch.payload = pack_batch(batch.flat, batch.count, batch.producer_id, batch.producer_epoch, batch.sequence)
 
     def _renumber(self, queue: PartitionQueue) -> None:
         """Give the queued batches fresh consecutive sequences (after a definite or unknown failure)."""

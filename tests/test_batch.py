@@ -13,13 +13,18 @@ from bus.errors import CorruptRecord
 TS = 1_700_000_000_000
 
 
-def make_batch(count=3, producer_id=7, epoch=2, base_sequence=10):
+def make_batch(count=3, producer_id=7, epoch=2, base_sequence=10, compression=None):
     """Records 0, 2, 4, ... carry timestamps of their own (TS, TS + 10, ...); 1, 3, ... take the append time."""
     flat = []
     for i in range(count):
         flat += [TS + 5 * i if i % 2 == 0 else None, b"k%d" % i if i % 2 == 0 else None, b"value-%d" % i,
                  [["h", b"x%d" % i]] if i == 1 else None]
-    return bf.pack_batch(flat, count, producer_id, epoch, base_sequence)
+    return bf.pack_batch(flat, count, producer_id, epoch, base_sequence, compression)
+
+
+# The exhaustive bit-flip tests run over an uncompressed batch and a small compressed one of each codec: the
+# CRC covers the stored (compressed) bytes, so no flip reaches a decompressor.
+CODECS = pytest.mark.parametrize("compression", [None, "lz4", "zstd"])
 
 
 def test_pack_then_verify_reads_every_header_field():
@@ -115,10 +120,12 @@ def test_iter_batches_walks_a_concatenation():
         list(bf.iter_batches(b"".join(stored)[:-3]))  # a truncated last batch
 
 
-def test_every_single_bit_flip_of_a_stored_batch_is_detected():
-    stored, _ = bf.stamp(make_batch(2), 42, TS)
+@CODECS
+def test_every_single_bit_flip_of_a_stored_batch_is_detected(compression):
+    stored, _ = bf.stamp(make_batch(2, compression=compression), 42, TS)
     stored = bytes(stored)
     assert bf.verify(stored).base_offset == 42
+    assert bf.verify(stored).attributes & bf.CODEC_MASK == bf.CODECS[compression] << bf.CODEC_SHIFT
     flipped = bytearray(stored)
     for bit in range(len(stored) * 8):
         byte, mask = bit // 8, 1 << (bit % 8)
@@ -131,8 +138,9 @@ def test_every_single_bit_flip_of_a_stored_batch_is_detected():
     assert bytes(flipped) == stored
 
 
-def test_every_single_bit_flip_of_a_produced_batch_is_refused_by_stamp():
-    buf = make_batch(2)
+@CODECS
+def test_every_single_bit_flip_of_a_produced_batch_is_refused_by_stamp(compression):
+    buf = make_batch(2, compression=compression)
     flipped = bytearray(buf)
     for bit in range(len(buf) * 8):
         byte, mask = bit // 8, 1 << (bit % 8)

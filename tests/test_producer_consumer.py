@@ -178,7 +178,8 @@ def test_bad_records_are_refused_before_anything_is_sent(cluster):
     {"acks": 2}, {"linger_ms": -1}, {"linger_ms": "fast"}, {"batch_bytes": 0}, {"buffer_bytes": 10, "batch_bytes": 100},
     {"max_block_ms": -5}, {"request_timeout_ms": 0}, {"delivery_timeout_ms": 10, "request_timeout_ms": 100},
     {"max_in_flight_per_node": 0}, {"acks": 0}, {"max_record_bytes": 0.5}, {"bootstrap": "not-an-address"},
-    {"bootstrap": "tcp://127.0.0.1"},
+    {"bootstrap": "tcp://127.0.0.1"}, {"compression": "gzip"}, {"compression": "LZ4"},
+    {"compression": "zstd", "batch_bytes": 16 << 20, "buffer_bytes": 64 << 20},  # batches no reader could take
 ])
 def test_absurd_producer_arguments_are_config_errors(kwargs):
     kwargs = {"bootstrap": "tcp://127.0.0.1:1", **kwargs}
