@@ -132,7 +132,10 @@ def offset_at_time(batches, timestamp_ms: int, end_offset: int) -> int:
         if header.max_ts_ms < timestamp_ms:
             continue
         batch_format.verify(value)
-        stamps = batch_format.read_columns(value[batch_format.HEADER_BYTES:], header.record_count)[0]
+        # A compressed payload is decompressed to read its timestamps: only for this one batch, the first
+        # whose max_ts_ms (in the header) reaches the time asked for.
+        stamps = batch_format.read_columns(value[batch_format.HEADER_BYTES:], header.record_count,
+                                           header.attributes)[0]
         if stamps is None:  # every record has the append time, which is then max_ts_ms: new enough
             return header.base_offset
         for index, own_ts_ms in enumerate(stamps):
