@@ -44,6 +44,7 @@ KILL_WARM_S = 1.0  # acknowledgements flow this long before each kill (and after
 RESTART_AFTER_S = 1.0  # after acknowledgements come again from the new leader, before the old one restarts
 STEP_TIMEOUT_S = 60.0  # each step of a kill's cycle (in sync, new leader, acks again, serving) within this
 POLL_INTERVAL_S = 0.02  # how often the killer looks at the metadata and the acknowledgement count
+LOG_TAIL_LINES = 15  # of each process's log, in the error of a failed run
 SEND_SPIN_S = 0.0005  # the producer sleeps until this close to its next due record, then spins with sleep(0)
 
 
@@ -223,6 +224,16 @@ def kill_notes(results: list[Result]) -> list[str]:
     return notes
 
 
+def failure_context(cluster: Any, killer: Killer, lines: int = LOG_TAIL_LINES) -> str:
+    """What a failed failover run leaves to go on (its scratch directory is removed): the kill under way,
+    and the last lines each process of the cluster logged."""
+    out = [f"after {killer.done} kill(s); the last: {killer.cycles[-1] if killer.cycles else None}"]
+    for name in ["coordinator", *(f"node-{n}" for n in sorted(cluster.nodes))]:
+        tail = cluster.log_tail(name, lines).rstrip()
+        out.append(f"--- {name} (last {lines} lines) ---\n{tail or '(nothing)'}")
+    return "\n".join(out)
+
+
 def run_failover(name: str, opts: BusOptions, cfg: BenchConfig) -> Result:
     """One failover run of the bus as ``opts`` says (``kills`` leader kills): see the module docstring."""
     cfg.validate()
@@ -246,7 +257,7 @@ def run_failover(name: str, opts: BusOptions, cfg: BenchConfig) -> Result:
             stop.set()
             thread.join()
         if killer.error is not None:
-            raise BenchError(f"failover: {killer.error}") from killer.error
+            raise BenchError(f"{killer.error}\n{failure_context(cl.local, killer)}") from killer.error
         report = reports[0]
         kill_ns = [c["kill_ns"] for c in killer.cycles]
         gaps = longest_gaps(report.events_t_ns, kill_ns, killer.stopped_ns)

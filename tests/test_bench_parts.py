@@ -475,6 +475,23 @@ def test_kill_notes_pool_every_run():
     assert kill_notes([Result("bus", "failover", 1, 1, 1.0, 1.0, 1.0)]) == []
 
 
+def test_a_failed_failover_says_where_it_was_and_what_the_cluster_logged():
+    from bench.failover import Killer, failure_context
+
+    class Cluster:
+        nodes = {2: None, 1: None}
+
+        def log_tail(self, name, lines):
+            return "" if name == "node-2" else f"{name}: last words\n"
+
+    killer = Killer(Cluster(), "tcp://x", "t", 3, None, None)
+    killer.done, killer.cycles = 1, [{"node": 1, "kill_ns": 5}, {"node": 2, "kill_ns": 9}]
+    text = failure_context(Cluster(), killer)
+    assert text.splitlines()[0] == "after 1 kill(s); the last: {'node': 2, 'kill_ns': 9}"
+    assert "--- coordinator (last 15 lines) ---\ncoordinator: last words" in text
+    assert text.index("node-1: last words") < text.index("--- node-2") and "(nothing)" in text
+
+
 def test_replicated_rows_are_compared_with_fewer_replicas_of_the_same_run():
     from bench.results import replication_pairs, replication_ratio
 
