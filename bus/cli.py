@@ -588,9 +588,12 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
 
 
 @main.command()
-@click.option("--records", default=200_000, show_default=True, type=click.IntRange(1))
-@click.option("--record-bytes", default=100, show_default=True, type=click.IntRange(8))
-@click.option("--partitions", default=1, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--records", default=200_000, show_default=True, type=click.IntRange(1),
+              help="records per produce run (all producers together), and per consume run (loaded, then read)")
+@click.option("--record-bytes", default=100, show_default=True, type=click.IntRange(8),
+              help="bytes of each record's value (no key); latency mode writes its send time in the first 8")
+@click.option("--partitions", default=1, show_default=True, type=click.IntRange(1, 10_000),
+              help="partitions of the bench's topic (streams / subjects for the peers); records are spread over them")
 @click.option("--nodes", default=None, type=click.IntRange(1, 64),
               help="nodes of the cluster the bench starts (default: the largest --replication-factor; "
                    "ignored with --bootstrap)")
@@ -606,13 +609,15 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
                    "Producer's own default is all); a list (1,all) measures one bus system per value")
 @click.option("--linger-ms", default=5.0, show_default=True, type=click.FloatRange(0),
               help="how long a producer waits for a batch to fill (the bus takes whole ms)")
-@click.option("--batch-bytes", default=1 << 20, show_default=True, type=click.IntRange(8))
+@click.option("--batch-bytes", default=1 << 20, show_default=True, type=click.IntRange(8),
+              help="payload bytes a producer packs into one batch (every system; before compression)")
 @click.option("--sync", default="always", show_default=True, type=click.Choice(["always", "none"]),
               help="always: every system acknowledges only after fsync")
 @click.option("--runs", default=1, show_default=True, type=click.IntRange(1), help="runs per system; the median counts")
 @click.option("--latency-rate", default=5000, show_default=True, type=click.IntRange(1),
               help="records/s offered in latency and failover modes")
-@click.option("--latency-seconds", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--latency-seconds", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="how long latency mode offers --latency-rate records/s")
 @click.option("--kills", default=20, show_default=True, type=click.IntRange(1),
               help="failover mode: kill -9 of the partition's leader this many times per run, while a producer "
                    "offers --latency-rate records/s")
