@@ -5,8 +5,8 @@ Each system is a ``System`` with ``run_produce(cfg)``, ``run_consume(cfg)`` and 
 ``BUS`` (``make_bus_system(BusOptions(...))``: one replica, acks=1 unless told) the bus, and
 ``runner.run_bench`` is what ``bus bench`` runs.
 
-The modules: results.py (the workload, the results and their arithmetic), stats.py (the pure statistics),
-pacer.py (fixed-rate pacing), harness.py (the client processes and the servers' sampling), raw.py (the
+The modules: results.py (the workload, the results and their arithmetic), values.py (what the records
+hold), stats.py (the pure statistics), pacer.py (fixed-rate pacing), harness.py (the client processes and the servers' sampling), raw.py (the
 ceiling), bus_system.py (the bus), failover.py (the bus's leaders killed while it produces), peer.py with
 redis_peer.py and nats_peer.py (the peers), report.py (the table, JSON and plot) and runner.py (the command
 end to end).

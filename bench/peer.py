@@ -5,7 +5,8 @@ latency runs that every peer goes through.
 A peer is a ``Peer``: its check, its server (a ``PeerServer``: a free loopback port, a fresh data
 directory, stopped and reaped on the way out) and the client functions its processes run through the
 peer's usual Python client. ``peer_system()`` turns it into a bench ``System``. A record is
-``record_bytes`` of value; in latency mode the value starts with its send time (``stamp``).
+``record_bytes`` of value, one of ``BenchConfig.client_values`` (values.py); in latency mode the value
+starts with its send time (``stamp``).
 
 This module must never know a peer's protocol, nor import a peer's client library.
 """
@@ -93,9 +94,9 @@ def send_time_ns(value: bytes) -> int:
     return SEND_TIME.unpack_from(value)[0]
 
 
-def stamp(t_ns: int, pad: bytes) -> bytes:
-    """A latency-mode record's value: its send time ``t_ns``, then ``pad``."""
-    return SEND_TIME.pack(t_ns) + pad
+def stamp(t_ns: int, rest: bytes) -> bytes:
+    """A latency-mode record's value: its send time ``t_ns``, then ``rest`` (``BenchConfig.latency_tails``)."""
+    return SEND_TIME.pack(t_ns) + rest
 
 
 def paced_start(
@@ -104,7 +105,7 @@ def paced_start(
     """A latency-mode producer's start: wait at the gate, then pace ``count`` records from the release.
 
     Returns the ``Pacer`` and the offset from its (monotonic) clock to the wall clock, so that record ``k``
-    carries ``stamp(pacer.due_ns(k) + wall_offset_ns, pad)``: the wall time it was due, not when it went."""
+    carries ``stamp(pacer.due_ns(k) + wall_offset_ns, rest)``: the wall time it was due, not when it went."""
     start_ns = gate.wait()
     wall_offset_ns = time.time_ns() - start_ns
     report.start_ns = start_ns

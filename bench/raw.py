@@ -313,7 +313,7 @@ def produce_client(endpoint: str, cfg: BenchConfig, index: int, count: int, gate
 
     zctx, sock = _dealer(endpoint)
     pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-    full = [b"x" * cfg.record_bytes] * cfg.batch_records
+    full = cfg.client_values(index)[: cfg.batch_records]  # one batch of distinct values, sent again and again
     per_partition = [0] * cfg.partitions
     inflight: dict[int, tuple[int, int]] = {}  # request_id -> (sent at ns, records)
     report = ClientReport(0, 0, 0, latency_counts=array("q"))
@@ -434,7 +434,7 @@ def latency_produce_client(
 
     zctx, sock = _dealer(endpoint)
     pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-    pad = b"\0" * (cfg.record_bytes - SEND_TIME.size)
+    tails = cfg.latency_tails(index)
     inflight: dict[int, int] = {}  # request_id -> records
     report = ClientReport(0, 0, 0)
     req = 0
@@ -453,7 +453,7 @@ def latency_produce_client(
                 for k in batch:
                     sent_at = wall0 + (pacer.due_ns(k) - start)
                     part = record_partition(k, index, cfg.partitions)
-                    by_part.setdefault(part, []).append(SEND_TIME.pack(sent_at) + pad)
+                    by_part.setdefault(part, []).append(SEND_TIME.pack(sent_at) + tails[k % len(tails)])
                 for part, values in by_part.items():
                     sock.send_multipart([PRODUCE.pack(b"P", req, part), pack(values)], copy=False)
                     inflight[req] = len(values)

@@ -14,6 +14,7 @@ imports redis only inside functions, so the bench runs without it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 from .harness import Gate
 from .peer import PeerServer, free_port, paced_start, peer_system, send_time_ns, server_exe, stamp, wait_ready
-from .results import SEND_TIME, BenchConfig, BenchError, ClientReport, PeerUnavailable, record_partition
+from .results import BenchConfig, BenchError, ClientReport, PeerUnavailable, record_partition
 
 REDIS_SERVER_INSTALL = "apt-get install redis-server"
 REDIS_PIPELINE_RECORDS_MAX = 1000  # XADDs per pipeline
@@ -92,7 +93,7 @@ def _redis(port: int) -> Any:
 def redis_produce_client(port: int, cfg: BenchConfig, index: int, count: int, gate: Gate) -> ClientReport:
     """``count`` XADDs in pipelines of ``REDIS_PIPELINE_RECORDS_MAX``, round robin over the partitions' streams."""
     r = _redis(port)
-    value = b"x" * cfg.record_bytes
+    values = itertools.cycle(cfg.client_values(index))
     per_pipeline = min(REDIS_PIPELINE_RECORDS_MAX, cfg.batch_records)
     per_partition = [0] * cfg.partitions
     report = ClientReport(0, 0, 0, latency_counts=array("q"))
@@ -106,7 +107,7 @@ def redis_produce_client(port: int, cfg: BenchConfig, index: int, count: int, ga
             pipe = r.pipeline(transaction=False)
             t0 = time.monotonic_ns()
             for _ in range(n):
-                pipe.execute_command("XADD", stream, "*", "v", value)
+                pipe.execute_command("XADD", stream, "*", "v", next(values))
             pipe.execute()
             now = time.monotonic_ns()
             report.latencies_ns.append(now - t0)
@@ -193,7 +194,7 @@ def redis_latency_produce_client(
 ) -> ClientReport:
     """Offer ``count`` records at ``rate_per_s``; each flush of the pacer is one pipeline."""
     r = _redis(port)
-    pad = b"\0" * (cfg.record_bytes - SEND_TIME.size)
+    tails = cfg.latency_tails(index)
     report = ClientReport(0, 0, 0)
     try:
         per_pipeline = min(REDIS_PIPELINE_RECORDS_MAX, cfg.batch_records)
@@ -206,7 +207,8 @@ def redis_latency_produce_client(
             pipe = r.pipeline(transaction=False)
             for k in batch:
                 stream = _redis_stream(record_partition(k, index, cfg.partitions))
-                pipe.execute_command("XADD", stream, "*", "v", stamp(pacer.due_ns(k) + wall_offset_ns, pad))
+                value = stamp(pacer.due_ns(k) + wall_offset_ns, tails[k % len(tails)])
+                pipe.execute_command("XADD", stream, "*", "v", value)
             pipe.execute()
             report.records += len(batch)
         report.end_ns = time.monotonic_ns()

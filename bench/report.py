@@ -1,8 +1,10 @@
 """Showing bench results: the plain-text table, the JSON file and the optional plot.
 
 ``format_table(results)`` is what ``bus bench`` prints: one row per (system, mode), numbers right-aligned,
-every latency in milliseconds, the ratio to the raw ceiling of the same mode, and the notes that qualify a
-figure (a peer that cannot fsync, data on tmpfs, a producer that fell behind) underneath.
+every latency in milliseconds, the ratio to the raw ceiling of the same mode; then the replicated and the
+compressed rows against the same bus on fewer replicas or uncompressed, what each bus produce run left on
+disk (``storage_rows``), and the notes that qualify a figure (a peer that cannot fsync, data on tmpfs, a
+producer that fell behind).
 ``write_json(path, results)`` writes everything, including the series, for later comparison;
 ``plot(path, results)`` draws the latency distributions and throughput over time with matplotlib, which
 is imported only here and only when asked for.
@@ -20,7 +22,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .results import BenchError, Result, ratios, replication_pairs, replication_ratio
+from .results import (
+    BenchError,
+    Result,
+    compression_pairs,
+    ratios,
+    replication_pairs,
+    replication_ratio,
+    stored_per_record,
+    stored_ratio,
+)
 from .stats import MB
 
 COLUMNS = (
@@ -31,11 +42,15 @@ LEFT_ALIGNED = {"system", "mode"}
 LEGEND = (
     "latency: produce = batch sent -> acked (per record); latency = end to end at the target rate; consume: none;\n"
     "failover = the longest wait between acknowledgements around each leader kill (one sample per kill).\n"
-    "bus rows: R = replicas of each partition, M = min_insync_replicas when given, acks = the producer's.\n"
+    "bus rows: R = replicas of each partition, M = min_insync_replicas when given, acks = the producer's, then its\n"
+    "compression if any (lz4, zstd: each batch's payload compressed whole).\n"
     "ratio: fraction of the raw ceiling in the same mode (records/s; latency mode: raw p99 / p99). "
     f"MB = {MB:,} bytes of record payload. srv anon: the servers' resident memory less file-backed pages "
-    "(a memory-mapped log's, which the kernel reclaims)."
+    "(a memory-mapped log's, which the kernel reclaims).\n"
+    "on disk: the bytes of record batches the nodes store after a produce run (headers included, over every "
+    "replica),\nper record, and over the same bus's uncompressed in the same run; LMDB MB: the nodes' files."
 )
+STORAGE_COLUMNS = ("system", "stored MB", "B/record", "stored vs none", "records/s vs none", "LMDB MB")
 PLOT_HINT = "matplotlib not installed: pip install 'bus[plot]'"
 
 
@@ -87,20 +102,49 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
     return rows
 
 
-def format_table(results: Sequence[Result], legend: bool = True) -> str:
-    """The results as an aligned plain-text table, then each result's notes."""
-    rows = table_rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+def aligned(rows: Sequence[Sequence[str]], columns: Sequence[str], indent: str = "") -> list[str]:
+    """``rows`` (header first) as lines of aligned cells, a dashed rule under the header; the ``system`` and
+    ``mode`` columns left-aligned, the numbers right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
 
     def line(row: Sequence[str]) -> str:
-        cells = [c.ljust(w) if name in LEFT_ALIGNED else c.rjust(w) for c, w, name in zip(row, widths, COLUMNS)]
-        return "  ".join(cells).rstrip()
+        cells = [c.ljust(w) if name in LEFT_ALIGNED else c.rjust(w) for c, w, name in zip(row, widths, columns)]
+        return (indent + "  ".join(cells)).rstrip()
 
-    out = [line(rows[0]), "  ".join("-" * w for w in widths)]
-    out += [line(row) for row in rows[1:]]
+    return [line(rows[0]), indent + "  ".join("-" * w for w in widths)] + [line(row) for row in rows[1:]]
+
+
+def storage_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
+    """What each produce run with a stored-bytes figure left on disk (``STORAGE_COLUMNS``, header first):
+    stored MB, bytes per record, and for a compressed row its stored bytes and records/s over the same bus
+    uncompressed in the same run (``compression_pairs``). Just the header when no result has the figure."""
+    against = {id(r): base for r, base in compression_pairs(results)}
+    rows = [STORAGE_COLUMNS]
+    for r in results:
+        if r.stored_bytes is None:
+            continue
+        base = against.get(id(r))
+        q = stored_ratio(r, base) if base is not None else None
+        speed = replication_ratio(r, base) if base is not None else None
+        rows.append((r.system, f"{r.stored_bytes / MB:,.1f}", _num(stored_per_record(r), ",.0f"),
+                     "-" if q is None else f"{q:.2f}x", "-" if speed is None else f"{speed:.2f}x",
+                     "-" if r.disk_bytes is None else f"{r.disk_bytes / MB:,.1f}"))
+    return rows
+
+
+def format_table(results: Sequence[Result], legend: bool = True) -> str:
+    """The results as an aligned plain-text table, then the comparisons within the run, what the produce
+    runs left on disk, and each result's notes."""
+    out = aligned(table_rows(results), COLUMNS)
     pairs = replication_lines(results)
     if pairs:
         out += ["", "against fewer replicas (same run):", *pairs]
+    pairs = compression_lines(results)
+    if pairs:
+        out += ["", "against no compression (same run):", *pairs]
+    stored = storage_rows(results)
+    if len(stored) > 1:
+        out += ["", "on disk after each produce run:", *aligned(stored, STORAGE_COLUMNS, "  ")]
     notes = [f"  {r.system} {r.mode}: {n}" for r in results for n in r.notes]
     if notes:
         out += ["", "notes:", *notes]
@@ -121,6 +165,18 @@ def replication_lines(results: Sequence[Result]) -> list[str]:
             what = f"p99 {q:.2f}x{p50} (end to end; above 1 is slower)"
         else:
             what = f"{q:.2f}x the records/s"
+        out.append(f"  {r.system} {r.mode}: {what} of {base.system}")
+    return out
+
+
+def compression_lines(results: Sequence[Result]) -> list[str]:
+    """One line per compressed bus row: its figure over the same bus's uncompressed in the same run."""
+    out = []
+    for r, base in compression_pairs(results):
+        q = replication_ratio(r, base)
+        if q is None:
+            continue
+        what = f"p99 {q:.2f}x (end to end; above 1 is slower)" if r.mode == "latency" else f"{q:.2f}x the records/s"
         out.append(f"  {r.system} {r.mode}: {what} of {base.system}")
     return out
 
@@ -148,6 +204,7 @@ def machine_info() -> dict[str, Any]:
 def to_json(results: Sequence[Result], meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything measured, as one JSON-ready dict (each result with its ``ratio`` to raw)."""
     against = {id(r): base for r, base in replication_pairs(results)}
+    plain = {id(r): base for r, base in compression_pairs(results)}
     items = []
     for r, q in zip(results, ratios(results)):
         d = r.to_dict()
@@ -156,6 +213,13 @@ def to_json(results: Sequence[Result], meta: dict[str, Any] | None = None) -> di
         if base is not None:  # the same bus on fewer replicas, in the same run (replication_ratio)
             d["replication_base"] = base.system
             d["replication_ratio"] = replication_ratio(r, base)
+        if r.stored_bytes is not None:
+            d["stored_bytes_per_record"] = stored_per_record(r)
+        base = plain.get(id(r))
+        if base is not None:  # the same bus uncompressed, in the same run
+            d["compression_base"] = base.system
+            d["compression_ratio"] = replication_ratio(r, base)  # records/s (latency mode: p99) over base's
+            d["stored_ratio"] = stored_ratio(r, base)
         items.append(d)
     return {"format": 1, "machine": machine_info(), "meta": meta or {}, "results": items}
 

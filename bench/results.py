@@ -6,7 +6,8 @@ client processes' reports become those figures.
 - ``ClientReport`` is what one client process measured; ``ServerUsage`` what the servers used meanwhile.
 - ``build_result`` (``latency_result`` in latency mode) turns the reports into a ``Result``;
   ``median_of_runs`` combines repeated runs; ``ratio`` / ``ratios`` compare a result with the raw ceiling,
-  ``replication_pairs`` / ``replication_ratio`` a replicated bus with the same bus on fewer replicas.
+  ``replication_pairs`` / ``replication_ratio`` a replicated bus with the same bus on fewer replicas,
+  ``compression_pairs`` / ``stored_ratio`` a compressing bus with the same bus uncompressed.
 - ``System`` bundles a system's three runners (``run_produce(cfg)``, ``run_consume(cfg)``,
   ``run_latency(cfg, rate_per_s)``) with a check that it can run here; ``BenchError`` and
   ``PeerUnavailable`` are how a run or a system fails.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .stats import percentiles, throughput, timeline
+from .values import JSON_BYTES_MIN, VALUE_KINDS, client_values
 
 MODES = ("produce", "consume", "latency", "failover")
 DEFAULT_MODES = ("produce", "consume", "latency")  # failover kills nodes: only when asked for
@@ -59,6 +61,7 @@ class BenchConfig:
 
     record_bytes: int = 100  # payload bytes of each record (>= 8: latency mode stores the send time in it)
     records: int = 200_000  # records written (produce) or stored then read (consume)
+    values: str = "random"  # what a record's value holds (values.VALUE_KINDS): opaque random bytes, or JSON
     partitions: int = 1  # streams / partitions the records are spread over
     producers: int = 1  # producer processes
     consumers: int = 1  # consumer processes (<= partitions: an idle consumer measures nothing)
@@ -77,6 +80,10 @@ class BenchConfig:
             raise ValueError("record_bytes must be >= 8 (latency mode carries an 8-byte send time)")
         if self.records < 1:
             raise ValueError("records must be >= 1")
+        if self.values not in VALUE_KINDS:
+            raise ValueError(f"values must be one of {', '.join(VALUE_KINDS)}, not {self.values!r}")
+        if self.values == "json" and self.record_bytes < JSON_BYTES_MIN:
+            raise ValueError(f"JSON values need record_bytes >= {JSON_BYTES_MIN} (room for an event's fields)")
         if self.partitions < 1 or self.producers < 1 or self.consumers < 1:
             raise ValueError("partitions, producers and consumers must each be >= 1")
         if self.consumers > self.partitions:
@@ -92,6 +99,16 @@ class BenchConfig:
         if self.inflight_batches_max < 1 or self.timeout_s <= 0:
             raise ValueError("inflight_batches_max must be >= 1 and timeout_s > 0")
         return self
+
+    def client_values(self, client_index: int) -> list[bytes]:
+        """The distinct values client process ``client_index`` cycles through (values.py): made before its
+        start gate, the same in every run and for every system."""
+        return client_values(self.values, self.record_bytes, self.batch_bytes, client_index)
+
+    def latency_tails(self, client_index: int) -> list[bytes]:
+        """``client_values`` without their first ``SEND_TIME.size`` bytes: in latency mode a record's value
+        is its send time, then one of these."""
+        return [v[SEND_TIME.size:] for v in self.client_values(client_index)]
 
     @property
     def batch_records(self) -> int:
@@ -205,6 +222,12 @@ class Result:
     latency_cdf: list[tuple[float, float]] = field(default_factory=list)  # (percentile, ms) for plots
     runs: int = 1
     records_per_s_runs: list[float] = field(default_factory=list)  # every run's figure, when runs > 1
+    # Produce mode, the bus on a cluster the bench started (else None): after the run, the bytes of record
+    # batches its nodes store, summed over every replica (the nodes' own count, the one retention by size
+    # uses: headers and payloads as written, compressed where the producer compressed), and the space
+    # their LMDB files take (allocated blocks: the batches, LMDB's pages around them and its free pages).
+    stored_bytes: float | None = None
+    disk_bytes: float | None = None
     notes: list[str] = field(default_factory=list)  # anything that qualifies the figures
     config: dict = field(default_factory=dict)
 
@@ -268,7 +291,7 @@ def median_of_runs(results: Sequence[Result]) -> Result:
 
     scalars = (
         "elapsed_s records_per_s mb_per_s p50_ms p99_ms p999_ms max_ms server_cpu_pct server_rss_mb server_anon_mb "
-        "client_cpu_pct"
+        "client_cpu_pct stored_bytes disk_bytes"
     ).split()
     notes = list(dict.fromkeys(n for r in results for n in r.notes))
     return dataclasses.replace(
@@ -305,12 +328,12 @@ def ratios(results: Sequence[Result]) -> list[float | None]:
 
 def replication_pairs(results: Sequence[Result]) -> list[tuple[Result, Result]]:
     """Each bus result with more than one replica, paired with the one it is compared with in the same run:
-    the same path (``send`` or ``send_many``) and mode with the fewest replicas in ``results``, and the same
-    acks if there is one (else the first with the fewest replicas). Results without ``config["bus"]`` (the
-    baselines) are never paired."""
+    the same path (``send`` or ``send_many``), compression and mode with the fewest replicas in
+    ``results``, and the same acks if there is one (else the first with the fewest replicas). Results
+    without ``config["bus"]`` (the baselines) are never paired."""
     def key(r: Result) -> tuple:
         bus = r.config["bus"]
-        return bus["send_many"], r.mode
+        return bus["send_many"], bus.get("compression"), r.mode
 
     buses = [r for r in results if "bus" in r.config]
     pairs = []
@@ -326,12 +349,37 @@ def replication_pairs(results: Sequence[Result]) -> list[tuple[Result, Result]]:
 
 def replication_ratio(result: Result, base: Result) -> float | None:
     """``result`` over ``base``: records/s in the throughput modes, p99 in latency mode (so here, unlike
-    ``ratio``, a latency ratio above 1 is worse); None without figures to divide."""
+    ``ratio``, a latency ratio above 1 is worse); None without figures to divide. (Any two rows of the
+    same mode: compression's rows are compared with it too.)"""
     if result.mode != base.mode:
         raise ValueError(f"cannot compare mode {result.mode} with {base.mode}")
     if result.mode == "latency":
         return result.p99_ms / base.p99_ms if result.p99_ms is not None and base.p99_ms else None
     return result.records_per_s / base.records_per_s if base.records_per_s > 0 else None
+
+
+def compression_pairs(results: Sequence[Result]) -> list[tuple[Result, Result]]:
+    """Each bus result whose producer compressed, paired with the same bus uncompressed in ``results``
+    (the same path, replicas, min_insync_replicas, acks and mode); one without such a row is left out."""
+    def key(r: Result) -> tuple:
+        bus = r.config["bus"]
+        return bus["send_many"], bus["replication_factor"], bus.get("min_insync_replicas"), bus["acks"], r.mode
+
+    buses = [r for r in results if "bus" in r.config]
+    plain = {key(r): r for r in reversed(buses) if r.config["bus"].get("compression") is None}  # the first
+    return [(r, plain[key(r)]) for r in buses if r.config["bus"].get("compression") is not None and key(r) in plain]
+
+
+def stored_ratio(result: Result, base: Result) -> float | None:
+    """``result``'s stored bytes over ``base``'s (below 1: it took less space), None unless both have them."""
+    if result.stored_bytes is None or not base.stored_bytes:
+        return None
+    return result.stored_bytes / base.stored_bytes
+
+
+def stored_per_record(result: Result) -> float | None:
+    """Stored bytes per record measured (over every replica: with R=3, three copies of each)."""
+    return result.stored_bytes / result.records if result.stored_bytes is not None and result.records else None
 
 
 def build_result(

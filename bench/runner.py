@@ -5,9 +5,11 @@ mode it interleaves the systems run by run (raw, bus, bus send_many, redis, nats
 send_many, bus, raw; ...: see ``harness.round_order``), prints one line per run, combines each system's runs by
 their median, and at the end prints the ratio table, writes the JSON file and draws the plot if asked to.
 
-The bus is one system per (replication factor, acks) that ``--replication-factor`` and ``--acks`` list
-(``bus_variants``), all on the same number of nodes, each row named for its settings (``bus R=3 acks=all``),
-so replicated and unreplicated rows of the same run can be compared (report.py prints those ratios).
+The bus is one system per (replication factor, acks, compression) that ``--replication-factor``, ``--acks``
+and ``--compression`` list (``bus_variants``), all on the same number of nodes, each row named for its
+settings (``bus R=3 acks=all``, ``bus R=1 acks=1 zstd``), so replicated and unreplicated, compressed and
+uncompressed rows of the same run can be compared (report.py prints those ratios, and the bytes each
+produce run left on disk).
 Failover mode runs only the replicated bus systems.
 
 A peer that cannot run here (its server or client library missing) gets one line saying how to install
@@ -44,6 +46,7 @@ from .stats import steadiness
 
 PEER_NAMES = ("raw", "redis", "nats")
 ACKS = ("0", "1", "all")
+COMPRESSIONS = ("none", "lz4", "zstd")  # --compression's names; "none" is the Producer's compression=None
 STEADINESS_SECONDS_MIN = 3.0  # shorter runs are too noisy to say whether throughput held up
 PROGRESS_BAR_CELLS = 24
 
@@ -182,6 +185,18 @@ def parse_acks(text: str) -> list[Any]:
     return [x if x == "all" else int(x) for x in parse_list(text, ACKS, "acks")]
 
 
+def parse_compressions(text: str) -> list[str | None]:
+    """``"none,zstd"`` -> ``[None, "zstd"]``: the compression of each bus system, checked (``"none"`` alone
+    is one system without compression, not an empty list)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError("--compression names no compression")
+    bad = [x for x in items if x not in COMPRESSIONS]
+    if bad:
+        raise ValueError(f"unknown compression {', '.join(bad)}: choose from {', '.join(COMPRESSIONS)}")
+    return [None if x == "none" else x for x in dict.fromkeys(items)]
+
+
 def parse_counts(text: str, what: str) -> list[int]:
     """``"1,3"`` -> ``[1, 3]`` (each >= 1, in the order given, duplicates dropped)."""
     items = [x.strip() for x in str(text).split(",") if x.strip()]
@@ -190,13 +205,14 @@ def parse_counts(text: str, what: str) -> list[int]:
     return list(dict.fromkeys(int(x) for x in items))
 
 
-def bus_variants(base: BusOptions, replication_factors: Sequence[int], acks: Sequence[Any]) -> list[BusOptions]:
-    """One bus system per (replication factor, acks), all on the same number of nodes: ``base.nodes`` if
-    given, else enough for the largest replication factor (so rows with R=1 and R=3 differ only by the
-    replicas, not by the cluster they run on)."""
+def bus_variants(base: BusOptions, replication_factors: Sequence[int], acks: Sequence[Any],
+                 compressions: Sequence[str | None] = (None,)) -> list[BusOptions]:
+    """One bus system per (replication factor, acks, compression), in that order, all on the same number of
+    nodes: ``base.nodes`` if given, else enough for the largest replication factor (so rows with R=1 and
+    R=3 differ only by the replicas, not by the cluster they run on)."""
     nodes = base.nodes if base.nodes is not None or base.bootstrap is not None else max(replication_factors)
-    return [dataclasses.replace(base, nodes=nodes, replication_factor=r, acks=a).validate()
-            for r in replication_factors for a in acks]
+    return [dataclasses.replace(base, nodes=nodes, replication_factor=r, acks=a, compression=c).validate()
+            for r in replication_factors for a in acks for c in compressions]
 
 
 def _describe(buses: Sequence[BusOptions], cfg: BenchConfig) -> str:
@@ -205,7 +221,8 @@ def _describe(buses: Sequence[BusOptions], cfg: BenchConfig) -> str:
     factors = ",".join(str(r) for r in dict.fromkeys(b.replication_factor for b in buses))
     acks = ",".join(str(a) for a in dict.fromkeys(b.acks for b in buses))
     isr = "" if first.min_insync_replicas is None else f", min_insync_replicas {first.min_insync_replicas}"
-    return f"{where}, replication factor {factors}{isr}, acks={acks}"
+    codecs = ",".join(c or "none" for c in dict.fromkeys(b.compression for b in buses))
+    return f"{where}, replication factor {factors}{isr}, acks={acks}, compression {codecs}"
 
 
 def run_bench(
@@ -237,7 +254,8 @@ def run_bench(
     the_buses = [make_bus_system(b) for b in buses]
     bulks = [make_bus_system(dataclasses.replace(b, send_many=True)) for b in buses]
     say(
-        f"bus bench: {cfg.records:,} records of {cfg.record_bytes} bytes, {cfg.partitions} partition(s), "
+        f"bus bench: {cfg.records:,} records of {cfg.record_bytes} bytes ({cfg.values} values), "
+        f"{cfg.partitions} partition(s), "
         f"{cfg.producers} producer(s), {cfg.consumers} consumer(s), {_describe(buses, cfg)}, "
         f"linger {cfg.linger_ms:g} ms, {runs} run(s) each (median)"
     )
@@ -300,6 +318,7 @@ def bench_command(
     *,
     records: int,
     record_bytes: int,
+    values: str,
     partitions: int,
     nodes: int | None,
     replication_factor: str,
@@ -307,6 +326,7 @@ def bench_command(
     producers: int,
     consumers: int,
     acks: str,
+    compression: str,
     linger_ms: float,
     batch_bytes: int,
     sync: str,
@@ -330,6 +350,7 @@ def bench_command(
     cfg = BenchConfig(
         record_bytes=record_bytes,
         records=records,
+        values=values,
         partitions=partitions,
         producers=producers,
         consumers=consumers,
@@ -346,16 +367,17 @@ def bench_command(
     if not acks_list:
         raise ValueError("--acks names no acks")
     base = BusOptions(nodes=nodes, bootstrap=bootstrap, min_insync_replicas=min_insync_replicas, group=group)
-    buses = bus_variants(base, factors, acks_list)
+    buses = bus_variants(base, factors, acks_list, parse_compressions(compression))
     peer_list = parse_list(peers, PEER_NAMES, "peer")
     mode_list = parse_list(modes, MODES, "mode")
     if not mode_list:
         raise ValueError("--modes names no mode")
     if "failover" in mode_list and bootstrap is not None:
         raise ValueError("--modes failover kills nodes: it needs the cluster the bench starts (not --bootstrap)")
-    options = dict(records=records, record_bytes=record_bytes, partitions=partitions, nodes=nodes,
+    options = dict(records=records, record_bytes=record_bytes, values=values, partitions=partitions, nodes=nodes,
                    replication_factor=replication_factor, min_insync_replicas=min_insync_replicas,
-                   producers=producers, consumers=consumers, acks=acks, linger_ms=linger_ms, batch_bytes=batch_bytes,
+                   producers=producers, consumers=consumers, acks=acks, compression=compression,
+                   linger_ms=linger_ms, batch_bytes=batch_bytes,
                    sync=sync, runs=runs, latency_rate=latency_rate, latency_seconds=latency_seconds, kills=kills,
                    peers=peers, modes=modes, bootstrap=bootstrap, data_dir=data_dir, group=group, send_many=send_many)
     meta = {"command": command_line(options), "options": options}

@@ -592,6 +592,9 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
               help="records per produce run (all producers together), and per consume run (loaded, then read)")
 @click.option("--record-bytes", default=100, show_default=True, type=click.IntRange(8),
               help="bytes of each record's value (no key); latency mode writes its send time in the first 8")
+@click.option("--values", default="random", show_default=True, type=click.Choice(["random", "json"]),
+              help="what the values hold, the same for every system: random (opaque, incompressible) bytes, or "
+                   "JSON-like event records of --record-bytes each (>= 32; docs/benchmarks.md)")
 @click.option("--partitions", default=1, show_default=True, type=click.IntRange(1, 10_000),
               help="partitions of the bench's topic (streams / subjects for the peers); records are spread over them")
 @click.option("--nodes", default=None, type=click.IntRange(1, 64),
@@ -607,6 +610,9 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
 @click.option("--acks", default="1", show_default=True,
               help="0, 1 or all: the bench producer's (1, as the figures before replication were taken; the "
                    "Producer's own default is all); a list (1,all) measures one bus system per value")
+@click.option("--compression", default="none", show_default=True,
+              help="none, lz4 or zstd: the bus producer's compression (each batch's payload compressed whole); a "
+                   "list (none,zstd) measures one bus system per value, with the bytes each left on disk")
 @click.option("--linger-ms", default=5.0, show_default=True, type=click.FloatRange(0),
               help="how long a producer waits for a batch to fill (the bus takes whole ms)")
 @click.option("--batch-bytes", default=1 << 20, show_default=True, type=click.IntRange(8),

@@ -9,6 +9,7 @@ tested instead of skipping.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import time
 import psutil
 import pytest
 
-from bench import BusOptions, make_bus_system, nats_peer, peer, raw, redis_peer, report
+from bench import BusOptions, bus_system, make_bus_system, nats_peer, peer, raw, redis_peer, report
 from bench.harness import round_order, run_interleaved, showing_progress
 from bench.pacer import Pacer
 from bench.results import (
@@ -522,12 +523,140 @@ def test_replicated_rows_are_compared_with_fewer_replicas_of_the_same_run():
     assert "replication_ratio" not in data["results"][0]
 
 
+# ---------------------------------------------------------------------------------------------- values, compression
+
+
+def zstd_ratio(values: list[bytes]) -> float:
+    """Uncompressed over compressed, the values packed together as one batch (what the bus compresses)."""
+    import zstandard
+
+    blob = b"".join(values)
+    return len(blob) / len(zstandard.ZstdCompressor(level=3).compress(blob))
+
+
+@pytest.mark.parametrize("size", [32, 100, 1000, 4000])
+def test_values_are_deterministic_distinct_and_exactly_their_size(size):
+    from bench.values import VALUE_KINDS, value_pool
+
+    for kind in VALUE_KINDS:
+        pool = value_pool(kind, size, 1024, seed=7)
+        assert pool == value_pool(kind, size, 1024, seed=7)  # the same in every run and every process
+        assert pool != value_pool(kind, size, 1024, seed=8)
+        assert {len(v) for v in pool} == {size}
+        assert len(set(pool)) == len(pool)  # no batch repeats a value
+    for v in value_pool("json", size, 50, seed=7):
+        assert isinstance(json.loads(v), dict) and v.startswith(b"{")
+
+
+def test_json_values_look_like_events_and_compress_like_them():
+    from bench.values import value_pool
+
+    pool = value_pool("json", 1000, 1024, seed=7)
+    record = json.loads(pool[3])
+    assert {"ts", "type", "seq", "event_id", "user", "session", "page", "items"} <= set(record)
+    assert record["seq"] == 3 and record["user"]["name"] and record["session"]["device"]["os"]
+    assert [json.loads(v)["ts"] for v in pool[:50]] == sorted(json.loads(v)["ts"] for v in pool[:50])
+    assert len({json.loads(v)["type"] for v in pool}) > 5
+    # Realistic: keys and vocabularies compress, ids and numbers do not; far from a constant's ~100x.
+    assert 3.0 < zstd_ratio(pool) < 8.0, zstd_ratio(pool)
+    assert zstd_ratio(value_pool("random", 1000, 1024, seed=7)) < 1.01  # opaque bytes: nothing to gain
+    small = json.loads(value_pool("json", 100, 1, seed=7)[0])
+    assert {"ts", "type"} <= set(small) and "items" not in small  # what fits, in order
+
+
+def test_a_pool_holds_a_batch_of_distinct_values_in_whole_chunks():
+    from bench.values import POOL_CHUNK_RECORDS, pool_records
+
+    assert POOL_CHUNK_RECORDS == 1024 == bus_system.SEND_MANY_RECORDS == bus_system.ACK_CHUNK_RECORDS
+    assert pool_records(1000, 1 << 20) == 2048  # 1,049 records a batch, in whole chunks
+    assert pool_records(100, 1 << 20) == 11 * 1024
+    assert pool_records(1000, 20_000) == 1024  # never fewer than one chunk
+    cfg = BenchConfig(values="json", record_bytes=200, batch_bytes=300_000)
+    assert len(cfg.client_values(0)) == 2048 and cfg.client_values(0) != cfg.client_values(1)  # each producer its own
+    assert [t for t in cfg.latency_tails(1)] == [v[8:] for v in cfg.client_values(1)]
+    with pytest.raises(ValueError, match="record_bytes >= 32"):
+        BenchConfig(values="json", record_bytes=31).validate()
+    with pytest.raises(ValueError, match="values must be one of random, json"):
+        BenchConfig(values="xml").validate()
+
+
+def bus_result(mode="produce", rps=100.0, codec=None, stored=None, r=1, acks=1, send_many=False):
+    opts = BusOptions(replication_factor=r, acks=acks, compression=codec, send_many=send_many, nodes=r)
+    config = {"bus": {**dataclasses.asdict(opts), "nodes": r}}
+    return Result(bus_system.system_name(opts), mode, 1000, 1_000_000, 1.0, rps, 1.0, p99_ms=2.0 * rps / 100,
+                  stored_bytes=stored, config=config)
+
+
+def test_compression_makes_one_system_each_named_only_when_it_compresses():
+    from bench import runner
+
+    assert runner.parse_compressions("none, lz4,zstd,lz4") == [None, "lz4", "zstd"]
+    assert runner.parse_compressions("none") == [None]  # one system without compression, not none at all
+    for bad in ("", "gzip", "none,snappy"):
+        with pytest.raises(ValueError):
+            runner.parse_compressions(bad)
+    with pytest.raises(ValueError, match="compression"):
+        BusOptions(compression="none").validate()  # None is no compression; "none" is the command's word
+    variants = runner.bus_variants(BusOptions(), [1, 3], ["all"], [None, "zstd"])
+    assert [bus_system.system_name(b) for b in variants] == [
+        "bus R=1 acks=all", "bus R=1 acks=all zstd", "bus R=3 acks=all", "bus R=3 acks=all zstd"]
+    assert bus_system.system_name(BusOptions(send_many=True, compression="lz4")) == "bus send_many R=1 acks=1 lz4"
+    assert bus_system.is_bus("bus R=1 acks=1 zstd")
+    assert runner.exit_status({"bus R=1 acks=1 zstd produce": "boom"}) == 1
+
+
+def test_compressed_rows_are_compared_with_the_same_bus_uncompressed():
+    from bench.results import compression_pairs, replication_pairs, stored_per_record, stored_ratio
+
+    none, lz4, zstd = (bus_result(rps=100.0, stored=1_000_000), bus_result(rps=110.0, codec="lz4", stored=320_000),
+                       bus_result(rps=80.0, codec="zstd", stored=200_000))
+    bulk_zstd = bus_result(rps=300.0, codec="zstd", stored=190_000, send_many=True)  # no uncompressed send_many
+    r3_zstd = bus_result(rps=50.0, codec="zstd", stored=600_000, r=3)
+    lat_none, lat_zstd = bus_result("latency", rps=100.0), bus_result("latency", rps=150.0, codec="zstd")
+    results = [none, lz4, zstd, bulk_zstd, r3_zstd, lat_none, lat_zstd]
+    assert [(a.system, b.system) for a, b in compression_pairs(results)] == [
+        ("bus R=1 acks=1 lz4", "bus R=1 acks=1"), ("bus R=1 acks=1 zstd", "bus R=1 acks=1"),
+        ("bus R=1 acks=1 zstd", "bus R=1 acks=1")]  # the latency pair; send_many and R=3 have no plain row
+    assert stored_ratio(zstd, none) == 0.2 and stored_ratio(lat_zstd, lat_none) is None
+    assert stored_per_record(zstd) == 200.0 and stored_per_record(lat_none) is None
+    # Replicas are compared within one compression: R=3 zstd with R=1 zstd, never with R=1 uncompressed.
+    assert [(a.system, b.system) for a, b in replication_pairs(results)] == [
+        ("bus R=3 acks=1 zstd", "bus R=1 acks=1 zstd")]
+
+    text = report.format_table(results, legend=False)
+    assert "  bus R=1 acks=1 zstd produce: 0.80x the records/s of bus R=1 acks=1" in text
+    assert "  bus R=1 acks=1 zstd latency: p99 1.50x (end to end; above 1 is slower) of bus R=1 acks=1" in text
+    rows = report.storage_rows(results)
+    assert rows[0] == report.STORAGE_COLUMNS
+    assert rows[1:4] == [("bus R=1 acks=1", "1.0", "1,000", "-", "-", "-"),
+                         ("bus R=1 acks=1 lz4", "0.3", "320", "0.32x", "1.10x", "-"),
+                         ("bus R=1 acks=1 zstd", "0.2", "200", "0.20x", "0.80x", "-")]
+    assert rows[4][1:4] == ("0.2", "190", "-") and len(rows) == 6  # the latency rows stored nothing
+    assert "on disk after each produce run:" in text
+    assert "on disk" not in report.format_table([lat_none], legend=False)
+
+    data = report.to_json(results)["results"]
+    assert data[2]["compression_base"] == "bus R=1 acks=1" and data[2]["stored_ratio"] == 0.2
+    assert data[2]["compression_ratio"] == 0.8 and data[2]["stored_bytes_per_record"] == 200.0
+    assert data[2]["stored_bytes"] == 200_000 and "compression_base" not in data[0]
+    assert "stored_bytes_per_record" not in data[5]
+
+
+def test_median_of_runs_takes_the_median_of_stored_bytes():
+    runs = [bus_result(rps=x, stored=s) for x, s in ((1.0, 300), (3.0, 100), (2.0, 200))]
+    assert median_of_runs(runs).stored_bytes == 200
+
+
 def test_bus_tiny_workload_as_a_group_and_by_assign(tmp_path, no_strays):
     cfg = tiny(tmp_path, sync="always", partitions=3, producers=2, consumers=2, records=3001)
     for group in (True, False):
         produce, consume, latency = run_all_modes(make_bus_system(BusOptions(nodes=2, group=group)), cfg)
         assert consume.config["bus"]["group"] is group and consume.server_rss_mb > 0
         assert produce.config["client_rss_peak_mb"] > 0
+        # What the 3 partitions on 2 nodes hold: the random values and a little framing; LMDB's files hold more.
+        payload = cfg.records * cfg.record_bytes
+        assert payload < produce.stored_bytes < 1.1 * payload and produce.disk_bytes >= produce.stored_bytes
+        assert consume.stored_bytes is None and latency.stored_bytes is None  # produce mode only
     bulk = make_bus_system(BusOptions(send_many=True)).run("produce", cfg)
     check_sane(bulk, cfg, "produce")
     assert bulk.system == "bus send_many R=1 acks=1"  # the bench's defaults, said in every row
@@ -543,7 +672,7 @@ def test_bus_against_a_running_cluster(tmp_path, no_strays):
         system = make_bus_system(BusOptions(bootstrap=cluster.bootstrap, group=False))
         r = system.run("produce", cfg)
         assert r.records == cfg.records and r.server_cpu_pct is None and r.server_rss_mb is None
-        assert r.server_anon_mb is None
+        assert r.server_anon_mb is None and r.stored_bytes is None  # its nodes are not the bench's to read
         assert any("external cluster" in n for n in r.notes)
         from bus import Admin
 

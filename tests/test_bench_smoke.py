@@ -172,3 +172,36 @@ def test_replication_factors_side_by_side_and_a_failover(tmp_path):
     assert f"  {r2} failover: all 1 kills: longest ack gap p50 " in result.output
     assert "--replication-factor 1,2" in data["meta"]["command"] and "--kills 1" in data["meta"]["command"]
     assert wait_no_strays() == []
+
+
+def test_compression_rows_and_the_bytes_they_left_on_disk(tmp_path):
+    """``--values json --compression none,lz4,zstd``: one bus row per codec, each produce run's stored bytes
+    in the table and the JSON, and zstd storing fewer bytes than none for JSON values."""
+    out_json = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        main,
+        ["bench", *TINY, "--record-bytes", "1000", "--values", "json", "--compression", "none,lz4,zstd",
+         "--peers", "none", "--modes", "produce", "--no-send-many", "--json", str(out_json),
+         "--data-dir", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "(json values)" in result.output and "compression none,lz4,zstd" in result.output
+    names = [BUS, f"{BUS} lz4", f"{BUS} zstd"]
+    assert set(table_rows(result.output)) == {(n, "produce") for n in names}, result.output
+    lines = result.output.splitlines()
+    at = lines.index("on disk after each produce run:")
+    stored = {line.split("  ")[1].strip(): line for line in lines[at + 3 : at + 6]}
+    assert set(stored) == set(names), result.output
+    assert f"  {BUS} zstd produce: " in result.output and f"the records/s of {BUS}" in result.output
+
+    data = json.loads(out_json.read_text())
+    by_name = {r["system"]: r for r in data["results"]}
+    plain, zstd = by_name[BUS], by_name[f"{BUS} zstd"]
+    assert plain["stored_bytes"] > 2000 * 1000  # the values as given, and their framing
+    assert plain["disk_bytes"] >= plain["stored_bytes"] and plain["stored_bytes_per_record"] > 1000
+    assert zstd["stored_bytes"] < plain["stored_bytes"] / 2, (zstd["stored_bytes"], plain["stored_bytes"])
+    assert zstd["compression_base"] == BUS and 0 < zstd["stored_ratio"] < 0.5 and zstd["compression_ratio"] > 0
+    assert 0 < by_name[f"{BUS} lz4"]["stored_ratio"] < 1
+    assert zstd["config"]["values"] == "json" and zstd["config"]["bus"]["compression"] == "zstd"
+    assert "--compression none,lz4,zstd" in data["meta"]["command"] and "--values json" in data["meta"]["command"]
+    assert wait_no_strays() == []

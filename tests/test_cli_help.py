@@ -28,3 +28,13 @@ def test_every_option_of_every_command_has_help():
     assert missing == [], "options without help: " + ", ".join(missing)
     assert all(isinstance(p, (click.Option, click.Argument)) for c in walked.values() for p in c.params)
 
+
+def test_bench_choices_are_the_bench_s_own():
+    # bus/cli.py names them without importing the bench (its --help must work without the bench extra).
+    from bench.runner import COMPRESSIONS
+    from bench.values import VALUE_KINDS
+
+    options = {p.name: p for p in main.commands["bench"].params}
+    assert tuple(options["values"].type.choices) == VALUE_KINDS
+    for name in COMPRESSIONS:
+        assert name in options["compression"].help
