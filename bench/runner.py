@@ -23,6 +23,7 @@ This module decides nothing about measuring; harness.py, results.py and stats.py
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -380,6 +381,11 @@ def bench_command(
                    linger_ms=linger_ms, batch_bytes=batch_bytes,
                    sync=sync, runs=runs, latency_rate=latency_rate, latency_seconds=latency_seconds, kills=kills,
                    peers=peers, modes=modes, bootstrap=bootstrap, data_dir=data_dir, group=group, send_many=send_many)
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        # Checked before a run that may last an hour, not when its results are written at the end.
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if parent is not None and not os.path.isdir(parent):
+            raise ValueError(f"{option} {path}: the directory {parent} does not exist (create it first)")
     meta = {"command": command_line(options), "options": options}
     _, failures = run_bench(cfg, buses, peers=peer_list, modes=mode_list, runs=runs, send_many=send_many,
                             json_path=json_path, plot_path=plot_path, say=say, meta=meta,

@@ -159,6 +159,8 @@ def test_bad_options_are_usage_errors():
     assert result.exit_code == 2 and "unknown peer kafka" in result.output
     result = runner.invoke(main, ["bench", "--partitions", "1", "--consumers", "2"])
     assert result.exit_code == 2 and "consumers must be <= partitions" in result.output
+    result = runner.invoke(main, ["bench", "--json", "/nonexistent-dir/out.json"])
+    assert result.exit_code == 2 and "the directory /nonexistent-dir does not exist" in result.output
 
 
 def test_replication_factors_side_by_side_and_a_failover(tmp_path):
