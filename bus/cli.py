@@ -70,7 +70,9 @@ def main():
               help="always: an ack means the record is on disk")
 @click.option("--metrics-port", default=9400, show_default=True, type=click.IntRange(0, 65535 - 65),
               help="Prometheus metrics: the coordinator on this port, node N on this port + N (0: none)")
-def up(data_dir, nodes, port, host, sync, metrics_port):
+@click.option("--kafka-port", default=9092, show_default=True, type=click.IntRange(0, 65535 - 65),
+              help="Kafka's protocol: the coordinator (bootstrap.servers) on this port, node N on this port + N (0: off)")
+def up(data_dir, nodes, port, host, sync, metrics_port, kafka_port):
     """Start a local cluster (a coordinator and NODES nodes) in the foreground; Ctrl-C stops it.
 
     A port or data directory in use (another `bus up`) is refused before anything starts. A process that
@@ -78,7 +80,8 @@ def up(data_dir, nodes, port, host, sync, metrics_port):
     stops the cluster, with its log's last lines."""
     from nodes.cluster import ClusterInUse, LocalCluster
 
-    cluster = LocalCluster(data_dir, nodes, port=port, host=host, sync=sync, metrics_port=metrics_port or None)
+    cluster = LocalCluster(data_dir, nodes, port=port, host=host, sync=sync, metrics_port=metrics_port or None,
+                           kafka_port=kafka_port or None)
     stop = {"now": False}
 
     def request_stop(*_):
@@ -98,6 +101,8 @@ def up(data_dir, nodes, port, host, sync, metrics_port):
         click.echo(f"bootstrap: {cluster.bootstrap}")
         for node_id in cluster.node_ports:
             click.echo(f"node {node_id}: {cluster.node_address(node_id)}")
+        if kafka_port:
+            click.echo(f"kafka: bootstrap.servers={cluster.kafka_bootstrap}")
         if metrics_port:
             click.echo("metrics: " + "  ".join(f"{name} {cluster.metrics_url(name)}" for name in
                                                ["coordinator", *(f"node-{n}" for n in cluster.node_ports)]))
@@ -158,12 +163,15 @@ def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restar
 @click.option("--bind", default="tcp://127.0.0.1:7400", show_default=True, help="the address clients and nodes reach")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus metrics here")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="the address metrics are served on")
+@click.option("--kafka-listen", default=None, help="HOST:PORT: answer Kafka's protocol there (clients' bootstrap.servers)")
+@click.option("--kafka-advertise", default=None,
+              help="HOST:PORT Kafka clients reach it at (the coordinator is only bootstrapped from: Metadata lists the nodes)")
 @friendly_errors
-def coordinator(data_dir, bind, metrics_port, metrics_addr):
+def coordinator(data_dir, bind, metrics_port, metrics_addr, kafka_listen, kafka_advertise):
     """Run a coordinator (for a cluster over several hosts)."""
     from nodes.coordinator import run_coordinator
 
-    run_coordinator(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr)
+    run_coordinator(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr, kafka_listen=kafka_listen)
 
 
 @main.command()
@@ -177,8 +185,11 @@ def coordinator(data_dir, bind, metrics_port, metrics_addr):
               help="always: an ack means the record is on disk; interval: synced every 100 ms; none: by the OS")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus metrics here")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="the address metrics are served on")
+@click.option("--kafka-listen", default=None, help="HOST:PORT: answer Kafka's protocol there")
+@click.option("--kafka-advertise", default=None, help="HOST:PORT Kafka clients reach it at (default: --kafka-listen)")
 @friendly_errors
-def node(node_id, data_dir, bind, advertise, coordinator_address, sync, metrics_port, metrics_addr):
+def node(node_id, data_dir, bind, advertise, coordinator_address, sync, metrics_port, metrics_addr, kafka_listen,
+         kafka_advertise):
     """Run a partition-owner node."""
     from nodes.node import main as node_main
 
@@ -186,6 +197,8 @@ def node(node_id, data_dir, bind, advertise, coordinator_address, sync, metrics_
             coordinator_address, "--sync", sync, "--metrics-addr", metrics_addr]
     argv += ["--advertise", advertise] if advertise else []
     argv += ["--metrics-port", str(metrics_port)] if metrics_port else []
+    argv += ["--kafka-listen", kafka_listen] if kafka_listen else []
+    argv += ["--kafka-advertise", kafka_advertise] if kafka_advertise else []
     node_main(argv)
 
 

@@ -85,7 +85,7 @@ class LocalCluster:
                  sync: str = "always", node_args: tuple = (), coordinator_args: tuple = (),
                  env: dict | None = None, advertise: dict | None = None,
                  node_command: tuple = ("-m", "nodes.node"), coordinator_command: tuple = ("-m", "nodes.coordinator"),
-                 metrics_port: int | None = None, coordinator_for: dict | None = None):
+                 metrics_port: int | None = None, coordinator_for: dict | None = None, kafka_port: int | None = None):
         assert nodes >= 1
         self.data_dir = os.path.abspath(data_dir)
         self.host = host
@@ -96,6 +96,15 @@ class LocalCluster:
         self.node_command, self.coordinator_command = tuple(node_command), tuple(coordinator_command)
         # Prometheus metrics: the coordinator on metrics_port, node i on metrics_port + i (None: not served).
         self.metrics_port = metrics_port
+        # Kafka's protocol (docs/kafka.md): the coordinator on kafka_port, node i on kafka_port + i; 0 picks free
+        # ports; None: no Kafka listeners.
+        if kafka_port == 0:
+            kafka_ports = free_ports(nodes + 1, host)
+        elif kafka_port is not None:
+            kafka_ports = list(range(kafka_port, kafka_port + nodes + 1))
+        else:
+            kafka_ports = []
+        self.kafka_ports = dict(zip(range(nodes + 1), kafka_ports))  # 0: the coordinator; i: node i
         # node id -> the address a node tells clients instead of its bind address (e.g. a fault proxy's)
         self.advertise = dict(advertise or {})
         # node id -> the address it reaches the coordinator at instead of the bootstrap (e.g. a fault proxy's)
@@ -132,7 +141,7 @@ class LocalCluster:
         assert self.coordinator is None or self.coordinator.poll() is not None
         self.coordinator = self._spawn("coordinator", [
             *self.coordinator_command, "--data-dir", os.path.join(self.data_dir, "coordinator"),
-            "--bind", self.bootstrap, *self._metrics_args(0), *self.coordinator_args])
+            "--bind", self.bootstrap, *self._metrics_args(0), *self._kafka_args(0), *self.coordinator_args])
 
     def start_node(self, node_id: int) -> None:
         current = self.nodes.get(node_id)
@@ -142,12 +151,26 @@ class LocalCluster:
             "--bind", self.node_address(node_id), "--coordinator", self.coordinator_for.get(node_id, self.bootstrap),
             "--sync", self.sync,
             *(("--advertise", self.advertise[node_id]) if node_id in self.advertise else ()),
-            *self._metrics_args(node_id), *self.node_args])
+            *self._metrics_args(node_id), *self._kafka_args(node_id), *self.node_args])
 
     def _metrics_args(self, offset: int) -> tuple:
         if self.metrics_port is None:
             return ()
         return ("--metrics-port", str(self.metrics_port + offset), "--metrics-addr", self.host)
+
+    def _kafka_args(self, index: int) -> tuple:
+        if index not in self.kafka_ports:
+            return ()
+        return ("--kafka-listen", self.kafka_address(index))
+
+    def kafka_address(self, index: int = 0) -> str:
+        """HOST:PORT of the Kafka listener of the coordinator (0) or of node ``index``."""
+        return f"{self.host}:{self.kafka_ports[index]}"
+
+    @property
+    def kafka_bootstrap(self) -> str | None:
+        """What a Kafka client's bootstrap.servers is (the coordinator's listener), or None without them."""
+        return self.kafka_address(0) if self.kafka_ports else None
 
     def metrics_url(self, name: str) -> str | None:
         """Where ``name`` ("coordinator" or "node-<id>") serves its metrics, if it does."""
@@ -160,12 +183,13 @@ class LocalCluster:
         """Raise ClusterInUse, saying which, if a port or a data directory of this cluster is taken (another
         cluster running there): starting anyway would find the other cluster's processes answering."""
         metrics = [] if self.metrics_port is None else [self.metrics_port + i for i in range(len(self.node_ports) + 1)]
-        for port in [self.coordinator_port, *self.node_ports.values(), *metrics]:
+        kafka = list(self.kafka_ports.values())
+        for port in [self.coordinator_port, *self.node_ports.values(), *metrics, *kafka]:
             with socket.socket() as probe:
                 try:
                     probe.bind((self.host, port))
                 except OSError:
-                    option = "--metrics-port" if port in metrics else "--port"
+                    option = "--metrics-port" if port in metrics else "--kafka-port" if port in kafka else "--port"
                     raise ClusterInUse(f"port {port} on {self.host} is in use (another `bus up`?); stop it, or "
                                        f"choose other ports with {option}") from None
         from store.dir_lock import lock_data_dir, unlock_data_dir

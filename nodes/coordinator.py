@@ -22,6 +22,7 @@ from bus.clock import LOOP_WAIT_MS_MAX, monotonic_ms
 from bus.errors import BusError, InvalidRequest
 from store import MetaStore
 
+from . import kafka
 from .controller import KEY_PREFIXES, NO_LEADER, NODE_SESSION_TIMEOUT_MS, Controller, Outcome
 from .group_service import GroupService
 from .metrics import CoordinatorMetrics, serve
@@ -34,7 +35,7 @@ class Coordinator:
     group_service_class = GroupService  # a subclass may run another (the fault harness's builds do)
 
     def __init__(self, data_dir: str, bind: str, *, node_session_timeout_ms: int = NODE_SESSION_TIMEOUT_MS,
-                 metrics_port: int | None = None, metrics_addr: str = "127.0.0.1"):
+                 metrics_port: int | None = None, metrics_addr: str = "127.0.0.1", kafka_listen: str | None = None):
         self.metrics = CoordinatorMetrics(self)
         self.store = MetaStore(data_dir)
         self.context = zmq.Context()
@@ -52,6 +53,9 @@ class Coordinator:
         # (topic, partition) -> its high watermark as its leader last reported it in a heartbeat: soft state,
         # for consumer lag in the metrics
         self.end_offsets: dict[tuple, int] = {}
+        # node id -> its Kafka listener's address, from its heartbeats: soft state, told to every node in
+        # heartbeat replies (their Kafka Metadata answers list each other) and listed by this one's.
+        self.kafka_addresses: dict[int, str] = {}
         self.groups = self.group_service_class(self.store, lambda: self.controller.topics, metrics=self.metrics)
         self.handlers = {
             wire.METADATA: lambda r: self.controller.metadata(r.args.get("topics"), r.args.get("strict"),
@@ -69,7 +73,20 @@ class Coordinator:
         }
         for op, handler in self.groups.handlers().items():
             self.handlers[op] = lambda r, handler=handler: handler(r.args, r.received_ms)
+        # Kafka's protocol (docs/kafka.md): bootstrap, ApiVersions and Metadata listing every live node.
+        self.kafka = None if not kafka_listen else kafka.listen(
+            kafka_listen, cluster_id=lambda: self.controller.cluster_id, brokers=self._kafka_brokers,
+            topics=lambda: self.controller.topics, handlers=None, frame_bytes_max=16 << 20)
         serve(self.metrics.registry, metrics_port, metrics_addr)
+
+    def _kafka_brokers(self) -> dict:
+        """The live nodes' Kafka listeners: node id -> HOST:PORT."""
+        out = {}
+        for node_id, address in self.kafka_addresses.items():
+            node = self.controller.nodes.get(node_id)
+            if node is not None and self.controller.alive(node):
+                out[node_id] = address
+        return out
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -78,16 +95,21 @@ class Coordinator:
 
     def serve_forever(self) -> None:
         log.info("coordinator serving on %s", self.server.bind)
-        poller = zmq.Poller()
-        poller.register(self.server.socket, zmq.POLLIN)
         try:
             while not self.stopping:
+                poller = zmq.Poller()
+                poller.register(self.server.socket, zmq.POLLIN)
+                if self.kafka is not None:
+                    self.kafka.register(poller)  # its connections come and go: registered each turn
                 timeout_ms = LOOP_WAIT_MS_MAX
                 for deadline_ms in (self.groups.next_deadline_ms(), self.controller.next_deadline_ms()):
                     if deadline_ms is not None:
                         timeout_ms = max(0, min(timeout_ms, deadline_ms - monotonic_ms()))
-                if poller.poll(timeout_ms):
+                ready = dict(poller.poll(timeout_ms))
+                if self.server.socket in ready:
                     self.server.serve_turn(self.handlers)
+                if self.kafka is not None:
+                    self.kafka.serve(ready)
                 self._persisted(self.controller.tick(monotonic_ms()))
                 self.groups.tick(monotonic_ms())
                 self.groups.refresh_snapshot(monotonic_ms())
@@ -107,7 +129,7 @@ class Coordinator:
     def _push_placement(self) -> None:
         """Send the placement down every live node's DEALER (as a reply with no request id), so a new leader
         learns of its election at once rather than at its next heartbeat."""
-        frames = wire.encode_reply(None, self.controller.placement())
+        frames = wire.encode_reply(None, {**self.controller.placement(), "kafka_nodes": self._kafka_brokers()})
         for node_id, identity in self.node_identities.items():
             node = self.controller.nodes.get(node_id)
             if node is not None and self.controller.alive(node):
@@ -124,7 +146,12 @@ class Coordinator:
         self.node_identities[args["node_id"]] = request.identity
         for topic, partition, high_watermark in args.get("ends") or ():
             self.end_offsets[(topic, partition)] = high_watermark
-        return reply
+        kafka_address = args.get("kafka_address")
+        if isinstance(kafka_address, str) and kafka_address:
+            self.kafka_addresses[args["node_id"]] = kafka_address
+        else:
+            self.kafka_addresses.pop(args["node_id"], None)
+        return {**reply, "kafka_nodes": self._kafka_brokers()}
 
     def _create_topic(self, request: Request):
         args = request.args
@@ -159,17 +186,21 @@ class Coordinator:
         return reply
 
     def close(self) -> None:
+        if self.kafka is not None:
+            self.kafka.close()
         self.server.close()
         self.context.term()
         self.store.close()
 
 
 def run_coordinator(data_dir: str, bind: str, coordinator_class: type = Coordinator, *,
-                    metrics_port: int | None = None, metrics_addr: str = "127.0.0.1") -> None:
+                    metrics_port: int | None = None, metrics_addr: str = "127.0.0.1",
+                    kafka_listen: str | None = None) -> None:
     logging.basicConfig(level=os.environ.get("BUS_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        coordinator = coordinator_class(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr)
+        coordinator = coordinator_class(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr,
+                                        kafka_listen=kafka_listen)
     except (BusError, zmq.ZMQError, OSError) as exc:
         log.error("coordinator cannot start: %s", exc)  # one clear line, e.g. its data directory is in use
         raise SystemExit(1) from None
@@ -186,9 +217,12 @@ def main(argv=None, coordinator_class: type = Coordinator) -> None:
     parser.add_argument("--bind", required=True)
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1")
+    parser.add_argument("--kafka-listen", default=None, help="HOST:PORT: answer Kafka's protocol there (bootstrap)")
+    parser.add_argument("--kafka-advertise", default=None, help="accepted for symmetry with nodes: the "
+                        "coordinator lists only nodes as brokers, so clients use it to bootstrap alone")
     args = parser.parse_args(argv)
     run_coordinator(args.data_dir, args.bind, coordinator_class, metrics_port=args.metrics_port,
-                    metrics_addr=args.metrics_addr)
+                    metrics_addr=args.metrics_addr, kafka_listen=args.kafka_listen)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from bus.errors import (BusError, CorruptRecord, InvalidRequest, NotCommitted, N
                         RecordTooLarge, Timeout, UnknownPartition, UnknownTopic)
 from store import LogStore
 
+from . import kafka
 from .follower import REPLICA_FETCH_PART_BYTES_MAX, FollowerLinks
 from .metrics import NodeMetrics, serve
 from .purgatory import Purgatory
@@ -79,7 +80,7 @@ class Node:
                  sync: str = "always", map_size_max_bytes: int = 1 << 40,
                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
                  retention_check_interval_ms: int = RETENTION_CHECK_INTERVAL_MS, metrics_port: int | None = None,
-                 metrics_addr: str = "127.0.0.1"):
+                 metrics_addr: str = "127.0.0.1", kafka_listen: str | None = None, kafka_advertise: str | None = None):
         self.node_id = node_id
         self.metrics = NodeMetrics(self)
         # The high watermark is the replica core's to move (nodes/replica.py), not the store's on append.
@@ -118,6 +119,12 @@ class Node:
         self.append_waiters = Purgatory()  # followers' fetches: woken by an append
         self.handlers = {wire.PRODUCE: self._produce, wire.FETCH: self._fetch, wire.LIST_OFFSETS: self._list_offsets,
                          wire.REPLICA_FETCH: self._replica_fetch, wire.PING: lambda request: {"node_id": self.node_id}}
+        # Kafka's protocol on a listener of its own, in this loop, over the same handlers (docs/kafka.md).
+        self.kafka_nodes: dict[int, str] = {}  # node id -> its Kafka listener's address, as the coordinator says
+        self.kafka = None if not kafka_listen else kafka.listen(
+            kafka_listen, cluster_id=lambda: self.cluster_id, brokers=self._kafka_brokers, topics=lambda: self.topics,
+            handlers=self.handlers, frame_bytes_max=MESSAGE_BYTES_MAX)
+        self.kafka_advertise = None if self.kafka is None else kafka_advertise or self.kafka.address
         self.produces: list = []  # this turn's produce requests, committed together at its end
         # The placement as last heard from the coordinator, cached on disk so a restarted node serves its
         # partitions even while the coordinator is down.
@@ -206,6 +213,10 @@ class Node:
         leader = meta["partitions"][partition]["leader"]
         raise NotLeader(f"node {self.node_id} holds no replica of {topic}/{partition} (the leader is node {leader})")
 
+    def _kafka_brokers(self) -> dict:
+        """What a Kafka Metadata answer lists as brokers: the live nodes' Kafka listeners, this one's too."""
+        return {**self.kafka_nodes, self.node_id: self.kafka_advertise}
+
     def _ask_placement_soon(self) -> None:
         """A client named a topic this node has not heard of: it may have just been created, so heartbeat now
         (at most every PLACEMENT_ASK_INTERVAL_MS) rather than at the next interval; the reply brings it."""
@@ -238,11 +249,15 @@ class Node:
                 poller.register(self.server.socket, zmq.POLLIN)
                 for socket in self.links.sockets():
                     poller.register(socket, zmq.POLLIN)
+                if self.kafka is not None:
+                    self.kafka.register(poller)
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if self.coordinator in ready:
                     self._drain_coordinator()
                 if self.server.socket in ready:
                     self._turn()
+                if self.kafka is not None and self.kafka.serve(ready):
+                    self._commit_turn()  # Kafka's produces of this turn: one more group commit
                 for link, error, result, bulk in self.links.replies(ready):
                     self._replica_fetched(link, error, result, bulk)
                 self._timers()
@@ -277,6 +292,9 @@ class Node:
     def _turn(self) -> None:
         """Handle one turn's requests; its produces share one transaction and one sync."""
         self.server.serve_turn(self.handlers, bulk_ops=frozenset((wire.PRODUCE,)))
+        self._commit_turn()
+
+    def _commit_turn(self) -> None:
         if self.produces:
             produces, self.produces = self.produces, []
             self._commit(produces)
@@ -346,7 +364,10 @@ class Node:
 
     def _answer(self, request: Request, result, bulk=(), error: str | None = None) -> None:
         """Reply to a request held past its turn, and count it as the turn counts the others."""
-        self.server.reply(request.identity, request.request_id, result, bulk)
+        if request.respond is not None:
+            request.respond(result, bulk, error)  # a Kafka client's (nodes/kafka/service.py)
+        else:
+            self.server.reply(request.identity, request.request_id, result, bulk)
         self.metrics.answered(request.op, time.monotonic() - request.received_s, error)
 
     def _wait_for_commit(self, request: Request, timeout_ms: int, results: list, required: dict) -> None:
@@ -641,7 +662,8 @@ class Node:
     def _send_heartbeat(self) -> None:
         self.request_seq += 1
         args = {"node_id": self.node_id, "address": self.advertise, "instance": self.instance,
-                "dir_id": self.dir_id, "version": self.placement_version, "ends": self._ends_to_report()}
+                "dir_id": self.dir_id, "version": self.placement_version, "ends": self._ends_to_report(),
+                "kafka_address": self.kafka_advertise}
         try:
             self.coordinator.send_multipart(wire.encode_request(wire.NODE_HEARTBEAT, self.request_seq, args),
                                             zmq.NOBLOCK)
@@ -685,6 +707,8 @@ class Node:
                 continue
             if not self._same_cluster(result.get("cluster_id")):
                 return
+            if result.get("kafka_nodes") is not None:
+                self.kafka_nodes = {int(k): v for k, v in result["kafka_nodes"].items()}
             log.debug("node %d: from the coordinator: version %s (have %s), topics %s", self.node_id,
                       result.get("version"), self.placement_version, result.get("topics") is not None)
             # Only a newer placement: a heartbeat reply sent before a push may arrive after it.
@@ -719,6 +743,8 @@ class Node:
         self.hw_waiters.expire_all()  # every held request gets its answer before the sockets close
         self.append_waiters.expire_all()
         self.links.close()
+        if self.kafka is not None:
+            self.kafka.close()
         self.server.close()
         self.coordinator.close()
         self.context.term()
@@ -741,6 +767,8 @@ def main(argv=None, node_class: type = Node) -> None:
     parser.add_argument("--retention-check-interval-ms", type=int, default=RETENTION_CHECK_INTERVAL_MS)
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1")
+    parser.add_argument("--kafka-listen", default=None, help="HOST:PORT: answer Kafka's protocol there")
+    parser.add_argument("--kafka-advertise", default=None, help="HOST:PORT Kafka clients reach (default: --kafka-listen)")
     args = parser.parse_args(argv)
     run_node(args, node_class)
 
@@ -779,7 +807,9 @@ def run_node(args, node_class: type = Node) -> None:
                           heartbeat_interval_ms=args.heartbeat_interval_ms,
                           retention_check_interval_ms=args.retention_check_interval_ms,
                           metrics_port=getattr(args, "metrics_port", None),
-                          metrics_addr=getattr(args, "metrics_addr", "127.0.0.1"))
+                          metrics_addr=getattr(args, "metrics_addr", "127.0.0.1"),
+                          kafka_listen=getattr(args, "kafka_listen", None),
+                          kafka_advertise=getattr(args, "kafka_advertise", None))
     except (BusError, zmq.ZMQError, OSError) as exc:
         # One clear line (e.g. another node's data directory), not a traceback.
         log.error("node %d cannot start: %s", args.node_id, exc)

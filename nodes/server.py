@@ -46,6 +46,9 @@ class Request(NamedTuple):
     bulk: list  # bulk frames (record batches), as buffers
     received_ms: int  # what the pure cores take as now_ms
     received_s: float  # for measuring how long its answer took
+    # Where a held answer goes instead of the ROUTER: respond(result, bulk, error code) (the Kafka listener's
+    # requests, nodes/kafka/service.py); None for the ROUTER's own.
+    respond: Callable | None = None
 
 
 class Reply(NamedTuple):

@@ -36,12 +36,14 @@ def read_until(proc, marker: bytes, timeout_s: float) -> bytes:
 @pytest.fixture(scope="module")
 def bus_up(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cli") / "data"
-    port = free_port_block(3)
+    port, kafka_port = free_port_block(3), free_port_block(3)
     proc = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2",
-                             "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
+                             "--metrics-port", "0", "--kafka-port", str(kafka_port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=child_env())
     try:
         banner = read_until(proc, b"ready:", 30)
         assert f"bootstrap: tcp://127.0.0.1:{port}".encode() in banner
+        assert f"kafka: bootstrap.servers=127.0.0.1:{kafka_port}".encode() in banner
         yield proc, f"tcp://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
@@ -170,30 +172,41 @@ def test_sigterm_stops_bus_up_and_all_its_children(bus_up):
 
 
 def test_a_second_bus_up_on_a_port_or_directory_in_use_fails_before_ready_and_a_crashed_node_restarts(tmp_path):
-    data_dir, port, metrics_port = tmp_path / "data", free_port_block(3), free_port_block(3)
+    data_dir, port, metrics_port, kafka_port = tmp_path / "data", free_port_block(3), free_port_block(3), \
+        free_port_block(3)
     first = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2",
-                              "--metrics-port", str(metrics_port)],
+                              "--metrics-port", str(metrics_port), "--kafka-port", str(kafka_port)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
     try:
         banner = read_until(first, b"ready:", 30)
         assert f"logs in {data_dir}/logs".encode() in banner
         assert f"node-2 http://127.0.0.1:{metrics_port + 2}/metrics".encode() in banner
         same_port = subprocess.run([*BUS, "up", "--data-dir", str(tmp_path / "other"), "--port", str(port),
-                                    "--nodes", "2", "--metrics-port", "0"], capture_output=True, timeout=30,
+                                    "--nodes", "2", "--metrics-port", "0", "--kafka-port", "0"], capture_output=True,
+                                   timeout=30,
                                    env=child_env())
         assert same_port.returncode == 1 and b"ready" not in same_port.stdout
         assert same_port.stderr.decode().strip().splitlines() == [
             f"error: port {port} on 127.0.0.1 is in use (another `bus up`?); stop it, or choose other ports "
             "with --port"]
         same_dir = subprocess.run([*BUS, "up", "--data-dir", str(data_dir), "--port", str(free_port_block(3)),
-                                   "--nodes", "2", "--metrics-port", "0"], capture_output=True, timeout=30,
+                                   "--nodes", "2", "--metrics-port", "0", "--kafka-port", "0"], capture_output=True,
+                                  timeout=30,
                                   env=child_env())
         assert same_dir.returncode == 1 and b"ready" not in same_dir.stdout
         assert f"data directory {data_dir}/coordinator is in use".encode() in same_dir.stderr
         same_metrics = subprocess.run([*BUS, "up", "--data-dir", str(tmp_path / "third"), "--port",
-                                       str(free_port_block(3)), "--nodes", "2", "--metrics-port", str(metrics_port)],
-                                      capture_output=True, timeout=30, env=child_env())
+                                       str(free_port_block(3)), "--nodes", "2", "--metrics-port", str(metrics_port),
+                                       "--kafka-port", "0"], capture_output=True, timeout=30, env=child_env())
         assert same_metrics.returncode == 1 and b"choose other ports with --metrics-port" in same_metrics.stderr
+        # The Kafka listeners' ports are checked alike (node 2's: the last of the block).
+        same_kafka = subprocess.run([*BUS, "up", "--data-dir", str(tmp_path / "fourth"), "--port",
+                                     str(free_port_block(3)), "--nodes", "2", "--metrics-port", "0",
+                                     "--kafka-port", str(kafka_port + 2)], capture_output=True, timeout=30,
+                                    env=child_env())
+        assert same_kafka.returncode == 1 and b"ready" not in same_kafka.stdout
+        assert f"port {kafka_port + 2} on 127.0.0.1 is in use".encode() in same_kafka.stderr
+        assert b"choose other ports with --kafka-port" in same_kafka.stderr
         assert same_dir.returncode == 1 and b"ready" not in same_dir.stdout
         assert f"data directory {data_dir}/coordinator is in use".encode() in same_dir.stderr
         assert len(same_dir.stderr.decode().strip().splitlines()) == 1

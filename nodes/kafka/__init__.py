@@ -1,0 +1,19 @@
+"""Kafka's wire protocol on the bus's servers (issue 13; docs/kafka.md): the framing (``framing.py``), the
+messages through kio (``codec.py``), Kafka's record batches to and from the bus's (``records.py``), the APIs
+over a server's own handlers (``service.py``) and the TCP listener in the server's loop (``listener.py``).
+"""
+
+from __future__ import annotations
+
+from .listener import KafkaListener
+from .service import KafkaService
+
+
+def listen(address: str, *, cluster_id, brokers, topics, handlers, frame_bytes_max: int) -> KafkaListener:
+    """A Kafka listener bound to ``address`` (HOST:PORT) serving ``KafkaService(cluster_id, brokers, topics,
+    handlers)``; the server registers it in its poller each loop turn and serves what is ready."""
+    service = KafkaService(cluster_id, brokers, topics, handlers)
+    return KafkaListener(address, service.handle, frame_bytes_max=frame_bytes_max)
+
+
+__all__ = ["KafkaListener", "KafkaService", "listen"]

@@ -1,0 +1,277 @@
+"""Kafka's request and response messages, through ``kio`` (message types generated from Kafka's own JSON
+schemas; docs/kafka.md says why kio). Pure: a request frame's bytes in, a decoded header and body out; a
+response's fields (plain dicts, ints and strings) in, its frame's bytes out. No sockets.
+
+What is implemented is exactly ``SUPPORTED``, the table ApiVersions advertises: one dict per API key of
+(schema name, lowest version, highest version). A request for any other key or version is refused by
+``decode_request`` with ``Unsupported``, whose answer (``unsupported_response``) is ApiVersions v0's
+shape: correlation id, UNSUPPORTED_VERSION and the supported ranges, which is what a Kafka broker answers to
+an ApiVersions it does not speak, and what a client that sent something else at least reads as an error.
+
+Responses are built by ``build(cls, values)`` from nested dicts: a field not given takes its schema
+default (or the zero of its type), so one dict of fields serves every version of an API and fields a
+version does not have are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import io
+import struct
+import types
+import typing
+import uuid
+from functools import cache
+
+from kio.schema.errors import ErrorCode
+from kio.serial import entity_reader, entity_writer
+from kio.serial.errors import BufferUnderflow
+
+PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS = 0, 1, 2, 3, 18
+# api key -> (kio schema package, lowest version, highest version): what ApiVersions advertises, and all
+# that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record batches of magic 2;
+# the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others what today's
+# clients (librdkafka 2.x, kafka-python 3.x) use without features not implemented here.
+SUPPORTED = {
+    PRODUCE: ("produce", 3, 9),
+    FETCH: ("fetch", 4, 12),
+    LIST_OFFSETS: ("list_offsets", 1, 6),
+    METADATA: ("metadata", 1, 12),
+    API_VERSIONS: ("api_versions", 0, 3),
+}
+
+# Kafka's error codes used here (org.apache.kafka.common.protocol.Errors).
+NONE = 0
+OFFSET_OUT_OF_RANGE = 1
+CORRUPT_MESSAGE = 2
+UNKNOWN_TOPIC_OR_PARTITION = 3
+NOT_LEADER_OR_FOLLOWER = 6
+REQUEST_TIMED_OUT = 7
+MESSAGE_TOO_LARGE = 10
+NOT_ENOUGH_REPLICAS = 19
+NOT_ENOUGH_REPLICAS_AFTER_APPEND = 20
+UNSUPPORTED_VERSION = 35
+INVALID_REQUEST = 42
+OUT_OF_ORDER_SEQUENCE_NUMBER = 45
+KAFKA_STORAGE_ERROR = 56
+FENCED_LEADER_EPOCH = 74
+UNKNOWN_LEADER_EPOCH = 75
+UNSUPPORTED_COMPRESSION_TYPE = 76
+OFFSET_NOT_AVAILABLE = 78
+INVALID_RECORD = 87
+UNKNOWN_SERVER_ERROR = -1
+
+# The bus's error codes (bus/errors.py) as Kafka's: what a Kafka client must do with each is what a bus
+# client does (refresh metadata and retry, give up, or resolve an indeterminate outcome).
+FROM_BUS = {
+    "NOT_LEADER": NOT_LEADER_OR_FOLLOWER,
+    "UNKNOWN_TOPIC": UNKNOWN_TOPIC_OR_PARTITION,
+    "UNKNOWN_PARTITION": UNKNOWN_TOPIC_OR_PARTITION,
+    "NOT_ENOUGH_REPLICAS": NOT_ENOUGH_REPLICAS,
+    "CORRUPT_RECORD": CORRUPT_MESSAGE,
+    "RECORD_TOO_LARGE": MESSAGE_TOO_LARGE,
+    "OFFSET_OUT_OF_RANGE": OFFSET_OUT_OF_RANGE,
+    "FENCED_LEADER_EPOCH": FENCED_LEADER_EPOCH,
+    "UNKNOWN_LEADER_EPOCH": UNKNOWN_LEADER_EPOCH,
+    "OFFSET_NOT_AVAILABLE": OFFSET_NOT_AVAILABLE,
+    "TIMEOUT": REQUEST_TIMED_OUT,
+    # Indeterminate (the batch may be kept): Kafka's word for a produce whose replication did not complete.
+    "NOT_COMMITTED": NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    "STORAGE_FULL": KAFKA_STORAGE_ERROR,
+    "OUT_OF_ORDER_SEQUENCE": OUT_OF_ORDER_SEQUENCE_NUMBER,
+    "INVALID_REQUEST": INVALID_REQUEST,
+    "UNSUPPORTED_VERSION": UNSUPPORTED_VERSION,
+    "UNSUPPORTED_COMPRESSION_TYPE": UNSUPPORTED_COMPRESSION_TYPE,
+}
+
+
+def kafka_code(bus_code: str | None) -> int:
+    return NONE if bus_code is None else FROM_BUS.get(bus_code, UNKNOWN_SERVER_ERROR)
+
+
+class Malformed(ValueError):
+    """A frame that is not a Kafka request at all: the connection is closed."""
+
+
+class Unsupported(Exception):
+    """A well-framed request for an API key or version not in SUPPORTED: answered, the connection kept."""
+
+    def __init__(self, api_key: int, api_version: int, correlation_id: int):
+        super().__init__(f"api key {api_key} version {api_version} is not supported")
+        self.api_key, self.api_version, self.correlation_id = api_key, api_version, correlation_id
+
+
+class RequestHeader(typing.NamedTuple):
+    api_key: int
+    api_version: int
+    correlation_id: int
+    client_id: str | None
+
+
+@cache
+def message_class(api_key: int, version: int, kind: str):
+    """kio's class for a request or response (``kind``) of ``api_key`` at ``version``."""
+    name = SUPPORTED[api_key][0]
+    module = importlib.import_module(f"kio.schema.{name}.v{version}.{kind}")
+    suffix = "Request" if kind == "request" else "Response"
+    return getattr(module, "".join(part.capitalize() for part in name.split("_")) + suffix)
+
+
+_HEADER = struct.Struct(">hhih")
+
+
+def _read_uvarint(buf, at: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if at >= len(buf):
+            raise Malformed("tagged fields run past the frame")
+        byte = buf[at]
+        at += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, at
+        shift += 7
+        if shift > 28:
+            raise Malformed("unsigned varint longer than 5 bytes")
+
+
+def decode_request(frame) -> tuple[RequestHeader, object]:
+    """A request frame (without its length prefix) as (header, kio request entity). ``Malformed`` for a
+    frame that cannot be read; ``Unsupported`` for a key or version not implemented."""
+    view = memoryview(frame)
+    if len(view) < _HEADER.size:
+        raise Malformed(f"a {len(view)}-byte frame is shorter than a request header")
+    api_key, api_version, correlation_id, client_id_len = _HEADER.unpack_from(view)
+    at = _HEADER.size
+    client_id = None
+    if client_id_len >= 0:
+        if at + client_id_len > len(view):
+            raise Malformed("client id runs past the frame")
+        client_id = bytes(view[at:at + client_id_len]).decode(errors="replace")
+        at += client_id_len
+    elif client_id_len != -1:
+        raise Malformed(f"client id length {client_id_len}")
+    header = RequestHeader(api_key, api_version, correlation_id, client_id)
+    supported = SUPPORTED.get(api_key)
+    if supported is None or not supported[1] <= api_version <= supported[2]:
+        raise Unsupported(api_key, api_version, correlation_id)
+    cls = message_class(api_key, api_version, "request")
+    if cls.__flexible__:  # request header v2: tagged fields after the client id
+        count, at = _read_uvarint(view, at)
+        for _ in range(count):
+            _, at = _read_uvarint(view, at)
+            size, at = _read_uvarint(view, at)
+            at += size
+        if at > len(view):
+            raise Malformed("tagged fields run past the frame")
+    try:
+        body, size = entity_reader(cls)(view, at)
+    except (BufferUnderflow, ValueError, TypeError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+        raise Malformed(f"{cls.__name__} v{api_version} does not decode: {exc.__class__.__name__}: {exc}") from None
+    if at + size != len(view):
+        raise Malformed(f"{len(view) - at - size} bytes after a {cls.__name__} v{api_version}")
+    return header, body
+
+
+def encode_response(header: RequestHeader, values: dict) -> bytes:
+    """The response frame (length prefix included) answering ``header``, built from ``values``."""
+    cls = message_class(header.api_key, header.api_version, "response")
+    buffer = io.BytesIO()
+    buffer.write(b"\0\0\0\0")
+    buffer.write(struct.pack(">i", header.correlation_id))
+    # Response header v1 (tagged fields) for flexible versions; ApiVersions always answers with v0, so a
+    # client that does not yet know what the broker speaks can read it.
+    if cls.__flexible__ and header.api_key != API_VERSIONS:
+        buffer.write(b"\0")
+    entity_writer(cls)(buffer, build(cls, values))
+    out = buffer.getbuffer()
+    struct.pack_into(">i", out, 0, len(out) - 4)
+    return bytes(out)
+
+
+def api_versions_values(error_code: int = NONE) -> dict:
+    return {"error_code": error_code, "throttle_time": 0,
+            "api_keys": [{"api_key": key, "min_version": low, "max_version": high}
+                         for key, (_, low, high) in sorted(SUPPORTED.items())]}
+
+
+def unsupported_response(exc: Unsupported) -> bytes:
+    """The answer to a request of a key or version not implemented: ApiVersions v0's shape (correlation
+    id, UNSUPPORTED_VERSION, the supported ranges), as a Kafka broker answers an ApiVersions it does not
+    speak."""
+    return encode_response(RequestHeader(API_VERSIONS, 0, exc.correlation_id, None),
+                           api_versions_values(UNSUPPORTED_VERSION))
+
+
+# -- building kio entities from dicts -----------------------------------------------------------------
+
+def _zero(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    kind = field.metadata.get("kafka_type")
+    hint = field.type
+    if _optional(hint):
+        return None
+    if kind in ("timedelta_i32", "timedelta_i64"):
+        return datetime.timedelta(0)
+    if kind == "error_code":
+        return ErrorCode.none
+    if kind == "uuid":
+        return uuid.UUID(int=0)
+    if kind in ("string",):
+        return ""
+    if kind == "bool":
+        return False
+    if kind is not None and (kind.startswith("int") or kind.startswith("uint") or kind == "float64"):
+        return 0
+    if typing.get_origin(hint) is tuple:
+        return ()
+    if dataclasses.is_dataclass(hint):
+        return build(hint, {})
+    raise TypeError(f"no zero value for field {field.name} ({kind}, {hint})")
+
+
+def _optional(hint) -> bool:
+    return isinstance(hint, types.UnionType) and type(None) in hint.__args__
+
+
+@cache
+def _plan(cls) -> tuple:
+    """(name, convert) per field of ``cls``; ``convert`` turns a plain value into what kio writes."""
+    plan = []
+    for field in dataclasses.fields(cls):
+        hint = field.type
+        inner = [a for a in hint.__args__ if a is not type(None)][0] if _optional(hint) else hint
+        kind = field.metadata.get("kafka_type")
+        if typing.get_origin(inner) is tuple and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+            item = typing.get_args(inner)[0]
+            convert = lambda v, item=item: tuple(build(item, x) if isinstance(x, dict) else x for x in v)
+        elif dataclasses.is_dataclass(inner):
+            convert = lambda v, inner=inner: build(inner, v) if isinstance(v, dict) else v
+        elif kind in ("timedelta_i32", "timedelta_i64"):
+            convert = lambda v: datetime.timedelta(milliseconds=v) if isinstance(v, int) else v
+        elif kind == "error_code":
+            convert = ErrorCode
+        elif typing.get_origin(inner) is tuple:
+            convert = tuple
+        else:
+            convert = None
+        plan.append((field.name, convert, field))
+    return tuple(plan)
+
+
+def build(cls, values: dict):
+    """An instance of the kio dataclass ``cls`` from ``values`` (nested dicts and lists for nested
+    entities); fields not in ``values`` take their default, keys ``cls`` has no field for are ignored."""
+    kwargs = {}
+    for name, convert, field in _plan(cls):
+        if name in values:
+            value = values[name]
+            kwargs[name] = value if convert is None or value is None else convert(value)
+        else:
+            kwargs[name] = _zero(field)
+    return cls(**kwargs)

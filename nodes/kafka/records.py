@@ -1,0 +1,273 @@
+"""Kafka's RecordBatch (magic 2) to and from the bus's batch (bus/batch.py): the conversion at the edge of
+the Kafka listener, for this first step of issue 13 (docs/kafka.md).
+
+A Kafka producer's batch is converted once, on produce, into a bus batch holding the same records (key,
+value, headers, timestamp) and stored like any other; a Kafka consumer's fetch converts each stored bus batch
+back into one Kafka batch with the same base offset, so offsets are the same on both sides. Pure: bytes in,
+bytes out, no sockets, no clock.
+
+Kafka's layout (big-endian; https://kafka.apache.org/documentation/#recordbatch)::
+
+    baseOffset i64, batchLength i32 (bytes after this field), partitionLeaderEpoch i32, magic i8 (2),
+    crc u32 (CRC-32C of everything after it), attributes i16 (bits 0-2 codec, bit 3 LogAppendTime,
+    bit 4 transactional, bit 5 control), lastOffsetDelta i32, baseTimestamp i64, maxTimestamp i64,
+    producerId i64, producerEpoch i16, baseSequence i32, recordCount i32, then the records:
+    length varint, attributes i8, timestampDelta varlong, offsetDelta varint, key (varint length, -1 null),
+    value (the same), header count varint, each header's key (varint length, UTF-8) and value (nullable).
+
+Refused, never guessed at: a batch whose CRC, magic, lengths, record count or offset deltas do not hold
+(``CorruptRecord``: Kafka's CORRUPT_MESSAGE); transactional and control batches and compressed ones other
+than gzip, lz4 and zstd (``UnsupportedBatch``, ``UnsupportedCompression``); a payload that decompresses past
+``UNCOMPRESSED_BYTES_MAX`` (a decompression bomb: checked while decompressing, never after).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import lz4.frame
+import zstandard
+from crc32c import crc32c
+
+from bus import batch as bus_batch
+from bus.errors import CorruptRecord
+
+MAGIC = 2
+HEADER = struct.Struct(">qiibIhiqqqhii")
+HEADER_BYTES = HEADER.size  # 61
+_CRC_AT = 17  # crc field offset; the CRC covers bytes from 21 (attributes) to the end
+_CRC_FROM = 21
+_LENGTH_PREFIX_BYTES = 12  # baseOffset and batchLength: batchLength counts what follows them
+CODEC_MASK = 0x07
+CODEC_NONE, CODEC_GZIP, CODEC_SNAPPY, CODEC_LZ4, CODEC_ZSTD = 0, 1, 2, 3, 4
+LOG_APPEND_TIME = 0x08
+TRANSACTIONAL = 0x10
+CONTROL = 0x20
+UNCOMPRESSED_BYTES_MAX = bus_batch.UNCOMPRESSED_BYTES_MAX  # the bound on one batch's records, as the bus's
+assert HEADER_BYTES == 61
+
+
+class UnsupportedCompression(CorruptRecord):
+    """A codec this listener does not decompress (snappy, or unknown): nothing is written."""
+
+    kafka_code = 76  # UNSUPPORTED_COMPRESSION_TYPE
+
+
+class UnsupportedBatch(CorruptRecord):
+    """A transactional or control batch (no transactions yet): nothing is written."""
+
+    kafka_code = 87  # INVALID_RECORD
+
+
+# -- varints (zigzag, as Kafka's records use) --------------------------------------------------------
+
+def _read_varint(buf, at: int) -> tuple[int, int]:
+    """A zigzag varint (up to 64 bits) at ``at``: (value, next position)."""
+    shift = result = 0
+    end = len(buf)
+    while True:
+        if at >= end:
+            raise CorruptRecord("record runs past the end of its batch")
+        byte = buf[at]
+        at += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), at
+        shift += 7
+        if shift > 63:
+            raise CorruptRecord("varint longer than 10 bytes")
+
+
+def _write_varint(out: bytearray, value: int) -> None:
+    value = (value << 1) ^ (value >> 63)
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _read_bytes(buf, at: int) -> tuple[bytes | None, int]:
+    length, at = _read_varint(buf, at)
+    if length < 0:
+        if length != -1:
+            raise CorruptRecord(f"field length {length}")
+        return None, at
+    if at + length > len(buf):
+        raise CorruptRecord("field runs past the end of its record")
+    return bytes(buf[at:at + length]), at + length
+
+
+def _write_bytes(out: bytearray, value) -> None:
+    if value is None:
+        out.append(1)  # zigzag(-1)
+    else:
+        _write_varint(out, len(value))
+        out += value
+
+
+# -- Kafka -> bus (produce) --------------------------------------------------------------------------
+
+def split_batches(records) -> list:
+    """The Kafka batches in a produce's ``records`` field (memoryviews), each checked for length only."""
+    view, at, out = memoryview(records), 0, []
+    while at < len(view):
+        if len(view) - at < HEADER_BYTES:
+            raise CorruptRecord(f"{len(view) - at} bytes left, shorter than a {HEADER_BYTES}-byte batch header")
+        length = struct.unpack_from(">i", view, at + 8)[0]
+        end = at + _LENGTH_PREFIX_BYTES + length
+        if length < HEADER_BYTES - _LENGTH_PREFIX_BYTES or end > len(view):
+            raise CorruptRecord(f"batch length {length} does not fit the {len(view) - at} bytes given")
+        out.append(view[at:end])
+        at = end
+    return out
+
+
+def _decompress(codec: int, data) -> bytes:
+    bound = UNCOMPRESSED_BYTES_MAX
+    try:
+        if codec == CODEC_GZIP:
+            inflater = zlib.decompressobj(wbits=47)  # gzip or zlib header, detected
+            raw = inflater.decompress(data, bound)
+            if inflater.unconsumed_tail or not inflater.eof:
+                raise CorruptRecord(f"gzip payload is truncated or decompresses past {bound} bytes")
+            return raw
+        if codec == CODEC_LZ4:
+            decompressor = lz4.frame.LZ4FrameDecompressor()
+            raw = decompressor.decompress(data, max_length=bound)
+            if not decompressor.eof:
+                raise CorruptRecord(f"lz4 payload is truncated or decompresses past {bound} bytes")
+            return raw
+        if codec == CODEC_ZSTD:
+            size = zstandard.frame_content_size(data)
+            if size > bound:
+                raise CorruptRecord(f"zstd frame claims {size} bytes, above {bound}")
+            # A frame without its content size (-1) is decompressed into at most the bound.
+            return zstandard.ZstdDecompressor().decompress(data, max_output_size=bound if size < 0 else 0)
+    except (zlib.error, RuntimeError, zstandard.ZstdError) as exc:
+        raise CorruptRecord(f"compressed records do not decompress: {exc}") from None
+    raise UnsupportedCompression(f"compression codec {codec} (snappy, or unknown) is not supported; "
+                                 "use none, gzip, lz4 or zstd")
+
+
+def decode_batch(view) -> tuple[int, list]:
+    """One Kafka batch (as ``split_batches`` gives it) checked (magic, CRC-32C, lengths, record count,
+    offset deltas): (record count, flat records as ``bus.batch.pack_batch`` takes them: timestamp ms, key,
+    value, headers for each)."""
+    (_, length, _, magic, crc, attributes, last_delta, base_ts, max_ts, producer_id, _, _,
+     count) = HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise CorruptRecord(f"batch magic {magic}: only record batches of magic 2 are taken")
+    if crc32c(view[_CRC_FROM:]) != crc:
+        raise CorruptRecord("CRC-32C mismatch in produced batch")
+    if attributes & (TRANSACTIONAL | CONTROL):
+        raise UnsupportedBatch("transactional and control batches are not supported yet")
+    if count <= 0 or last_delta != count - 1:
+        raise CorruptRecord(f"batch claims {count} records and a last offset delta of {last_delta}")
+    body = view[HEADER_BYTES:]
+    codec = attributes & CODEC_MASK
+    if codec != CODEC_NONE:
+        body = memoryview(_decompress(codec, body))
+    log_append = bool(attributes & LOG_APPEND_TIME)
+    flat, at, end = [], 0, len(body)
+    for index in range(count):
+        size, at = _read_varint(body, at)
+        stop = at + size
+        if size < 0 or stop > end:
+            raise CorruptRecord(f"record {index} of {size} bytes runs past its batch")
+        at += 1  # record attributes: unused
+        ts_delta, at = _read_varint(body, at)
+        offset_delta, at = _read_varint(body, at)
+        if offset_delta != index:
+            raise CorruptRecord(f"record {index} has offset delta {offset_delta}")
+        key, at = _read_bytes(body, at)
+        value, at = _read_bytes(body, at)
+        header_count, at = _read_varint(body, at)
+        headers = None
+        if header_count:
+            if header_count < 0 or header_count > size:
+                raise CorruptRecord(f"record {index} claims {header_count} headers")
+            headers = []
+            for _ in range(header_count):
+                name, at = _read_bytes(body, at)
+                header_value, at = _read_bytes(body, at)
+                if name is None:
+                    raise CorruptRecord(f"record {index} has a header without a name")
+                try:
+                    headers.append((name.decode(), header_value))
+                except UnicodeDecodeError:
+                    raise CorruptRecord(f"record {index} has a header name that is not UTF-8") from None
+        if at != stop:
+            raise CorruptRecord(f"record {index} is {size} bytes but its fields take {size + at - stop}")
+        timestamp = None if log_append or base_ts < 0 else base_ts + ts_delta
+        flat += (timestamp, key, value, headers)
+    if at != end:
+        raise CorruptRecord(f"{end - at} bytes after the batch's {count} records")
+    return count, flat
+
+
+def to_bus_batch(view) -> tuple[bytes, int]:
+    """One Kafka batch as one bus batch (unstamped, as a bus producer would send it): (bytes, record count)."""
+    count, flat = decode_batch(view)
+    return bus_batch.pack_batch(flat, count), count
+
+
+# -- bus -> Kafka (fetch) ----------------------------------------------------------------------------
+
+def encode_batch(base_offset: int, leader_epoch: int, records: list, *, log_append_ts_ms: int | None = None,
+                 producer_id: int = -1, producer_epoch: int = -1, base_sequence: int = -1) -> bytes:
+    """A Kafka batch (magic 2, uncompressed) of ``records``: (timestamp ms, key, value, headers) each, at
+    offsets from ``base_offset``. With ``log_append_ts_ms`` the batch is LogAppendTime and every record
+    has that timestamp (Kafka's consumers read it from maxTimestamp)."""
+    assert records
+    if log_append_ts_ms is not None:
+        attributes, base_ts, max_ts = LOG_APPEND_TIME, log_append_ts_ms, log_append_ts_ms
+    else:
+        attributes = 0
+        stamps = [r[0] for r in records]
+        base_ts, max_ts = stamps[0], max(stamps)
+    body = bytearray()
+    record = bytearray()
+    for index, (timestamp, key, value, headers) in enumerate(records):
+        record.clear()
+        record.append(0)
+        _write_varint(record, 0 if log_append_ts_ms is not None else timestamp - base_ts)
+        _write_varint(record, index)
+        _write_bytes(record, key)
+        _write_bytes(record, value)
+        _write_varint(record, len(headers) if headers else 0)
+        for name, header_value in headers or ():
+            _write_bytes(record, name.encode() if isinstance(name, str) else name)
+            _write_bytes(record, header_value)
+        _write_varint(body, len(record))
+        body += record
+    count = len(records)
+    header = bytearray(HEADER.pack(base_offset, HEADER_BYTES - _LENGTH_PREFIX_BYTES + len(body), leader_epoch,
+                                   MAGIC, 0, attributes, count - 1, base_ts, max_ts, producer_id, producer_epoch,
+                                   base_sequence, count))
+    crc = crc32c(body, crc32c(memoryview(header)[_CRC_FROM:]))
+    struct.pack_into(">I", header, _CRC_AT, crc)
+    return bytes(header + body)
+
+
+def from_bus_batches(data, skip_below: int = 0) -> bytes:
+    """Stored bus batches (concatenated, as a fetch reads them) as Kafka batches, one for one with the same
+    base offsets; a batch ending at or below ``skip_below`` is left out (the consumer asked from there)."""
+    out = []
+    for header, payload in bus_batch.iter_batches(data):
+        if header.next_offset <= skip_below:
+            continue
+        stamps, keys, values, headers = bus_batch.read_columns(payload, header.record_count, header.attributes)
+        count = header.record_count
+        if stamps is None:
+            records = list(zip([None] * count, keys or [None] * count, values, headers or [None] * count))
+            log_append = header.append_ts_ms
+        else:
+            append_ts = header.append_ts_ms
+            stamps = [append_ts if ts is None else ts for ts in stamps]
+            records = list(zip(stamps, keys or [None] * count, values, headers or [None] * count))
+            log_append = None
+        out.append(encode_batch(header.base_offset, header.leader_epoch, records, log_append_ts_ms=log_append,
+                                producer_id=header.producer_id, producer_epoch=header.producer_epoch,
+                                base_sequence=header.base_sequence))
+    return b"".join(out)

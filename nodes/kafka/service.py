@@ -1,0 +1,247 @@
+"""Kafka's APIs on a bus server: each Kafka request becomes the bus's own request to the same handlers
+the ZeroMQ ROUTER serves (``Node._produce``, ``_fetch``, ``_list_offsets``), and their answer becomes
+Kafka's response. So a Kafka produce takes part in the node's group commit, an acks=-1 produce waits in
+the node's purgatory for the high watermark, and a fetch long-polls there like a bus consumer's.
+
+``KafkaService(cluster_id, brokers, topics, handlers)``: three callables saying what Metadata tells (the
+cluster id; node id -> "host:port" of every live node's Kafka listener; the placement, as the controller
+keeps it), and the node's op handlers, or None on the coordinator, which leads nothing and answers every
+partition of a produce, fetch or list-offsets with NOT_LEADER_OR_FOLLOWER.
+
+Conversion (this first step; docs/kafka.md): a Kafka batch is converted into a bus batch on produce and
+every stored batch back into a Kafka batch on fetch (``records.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from bus import wire
+from bus.batch import pack_batch
+from bus.errors import BusError, CorruptRecord
+
+from ..server import LATER, Reply, Request
+from . import codec, records
+from .listener import parse_host_port
+
+log = logging.getLogger("bus.kafka")
+
+EARLIEST, LATEST = -2, -1  # ListOffsets' timestamps that name an end of the log
+ACKS = {0: 0, 1: 1, -1: "all"}
+_TOPIC_ID_NAMESPACE = uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8")  # RFC 4122's URL namespace
+
+
+def topic_uuid(cluster_id: str | None, topic_id: int) -> uuid.UUID:
+    """The Kafka topic id of the bus's topic ``topic_id``: stable, and distinct across clusters and across a
+    topic deleted and created again (bus topic ids are never reused)."""
+    return uuid.uuid5(_TOPIC_ID_NAMESPACE, f"bus:{cluster_id}:{topic_id}")
+
+
+class KafkaService:
+    def __init__(self, cluster_id, brokers, topics, handlers: dict | None):
+        self.cluster_id, self.brokers, self.topics = cluster_id, brokers, topics
+        self.handlers = handlers
+        self.apis = {codec.API_VERSIONS: self._api_versions, codec.METADATA: self._metadata,
+                     codec.PRODUCE: self._produce, codec.FETCH: self._fetch, codec.LIST_OFFSETS: self._list_offsets}
+
+    def handle(self, header: codec.RequestHeader, body, respond) -> None:
+        self.apis[header.api_key](header, body, respond)
+
+    # -- ApiVersions, Metadata -------------------------------------------------------------------
+
+    def _api_versions(self, header, body, respond) -> None:
+        respond(codec.api_versions_values())
+
+    def _metadata(self, header, body, respond) -> None:
+        brokers = []
+        for node_id, address in sorted(self.brokers().items()):
+            host, port = parse_host_port(address)
+            brokers.append({"node_id": node_id, "host": host, "port": port, "rack": None})
+        live = {b["node_id"] for b in brokers}
+        placement = self.topics()
+        cluster_id = self.cluster_id()
+        names = list(placement) if body.topics is None else [t.name for t in body.topics]
+        topics = []
+        for name in names:
+            topic = placement.get(name)
+            if topic is None:
+                topics.append({"error_code": codec.UNKNOWN_TOPIC_OR_PARTITION, "name": name, "partitions": []})
+                continue
+            partitions = []
+            for index, state in enumerate(topic["partitions"]):
+                leader = state["leader"]
+                partitions.append({
+                    "error_code": codec.NONE if leader in live else 5,  # LEADER_NOT_AVAILABLE
+                    "partition_index": index, "leader_id": leader, "leader_epoch": state["leader_epoch"],
+                    "replica_nodes": list(state["replicas"]), "isr_nodes": list(state["isr"]),
+                    "offline_replicas": [r for r in state["replicas"] if r not in live]})
+            topics.append({"error_code": codec.NONE, "name": name, "topic_id": topic_uuid(cluster_id, topic["id"]),
+                           "is_internal": False, "partitions": partitions})
+        respond({"throttle_time": 0, "brokers": brokers, "cluster_id": cluster_id, "controller_id": -1,
+                 "topics": topics})
+
+    # -- the bus's handlers, asked as the ROUTER asks them ----------------------------------------
+
+    def _call(self, op: str, args: dict, respond_bus, bulk=()) -> None:
+        """Run the bus handler of ``op``; ``respond_bus(result, bulk, error_code)`` gets its answer, now or,
+        when the handler holds the request (a produce's group commit, a long poll), later."""
+        now_s = time.monotonic()
+
+        def held(result, bulk=(), error=None) -> None:
+            respond_bus(result, bulk, None)  # a held answer's errors are in its parts (``error`` is for metrics)
+
+        request = Request(b"", op, None, args, list(bulk), int(now_s * 1000), now_s, held)
+        try:
+            answer = self.handlers[op](request)
+        except BusError as exc:
+            respond_bus(None, (), exc)
+            return
+        if answer is LATER:
+            return
+        if isinstance(answer, Reply):
+            respond_bus(answer.result, answer.bulk, None)
+        else:
+            respond_bus(answer, (), None)
+
+    # -- Produce -------------------------------------------------------------------------------------
+
+    def _produce(self, header, body, respond) -> None:
+        acks = ACKS.get(body.acks)
+        rows = []  # (topic, partition, [error code, message] or None), in the request's order
+        parts, bulk = [], []
+        for topic in body.topic_data:
+            for part in topic.partition_data:
+                error = None
+                if self.handlers is None:
+                    error = [codec.NOT_LEADER_OR_FOLLOWER, "the coordinator leads no partition"]
+                elif acks is None:
+                    error = [21, f"acks must be 0, 1 or -1, not {body.acks}"]  # INVALID_REQUIRED_ACKS
+                else:
+                    try:
+                        batch = self._convert(part.records)
+                        parts.append([topic.name, part.index])
+                        bulk.append(batch)
+                    except CorruptRecord as exc:
+                        error = [getattr(exc, "kafka_code", codec.CORRUPT_MESSAGE), exc.message]
+                rows.append((topic.name, part.index, error))
+
+        def answered(result, _bulk, error) -> None:
+            results = iter(result["parts"] if result is not None else ())
+            by_topic: dict[str, list] = {}
+            for name, index, row_error in rows:
+                base_offset, message = -1, None
+                if row_error is not None:
+                    code, message = row_error
+                elif error is not None:
+                    code, message = codec.kafka_code(error.code), error.message
+                else:
+                    part_code, message, base_offset, _, _ = next(results)
+                    code = codec.kafka_code(part_code)
+                    base_offset = base_offset if part_code is None else -1
+                by_topic.setdefault(name, []).append({
+                    "index": index, "error_code": code, "base_offset": base_offset, "log_append_time": None,
+                    "log_start_offset": -1, "error_message": message})
+            respond({"responses": [{"name": n, "partition_responses": p} for n, p in by_topic.items()],
+                     "throttle_time": 0})
+
+        if not parts:
+            answered(None, (), None) if body.acks != 0 else respond(None)
+            return
+        timeout_ms = int(body.timeout.total_seconds() * 1000)
+        self._call(wire.PRODUCE, {"acks": acks, "timeout_ms": max(1, timeout_ms), "parts": parts}, answered, bulk)
+        if body.acks == 0:
+            respond(None)  # Kafka answers nothing, and neither does the node
+
+    @staticmethod
+    def _convert(data) -> bytearray:
+        """A partition's Kafka records (one or more batches) as one bus batch."""
+        if not data:
+            raise CorruptRecord("no records")
+        flat, count = [], 0
+        for view in records.split_batches(data):
+            n, batch_flat = records.decode_batch(view)
+            flat += batch_flat
+            count += n
+        return bytearray(pack_batch(flat, count))
+
+    # -- Fetch ---------------------------------------------------------------------------------------
+
+    def _fetch(self, header, body, respond) -> None:
+        asked = [(t.topic, p.partition, p.fetch_offset) for t in body.topics for p in t.partitions]
+        if self.handlers is None:
+            self._fetch_answer(respond, asked, None, (), None, codec.NOT_LEADER_OR_FOLLOWER)
+            return
+        parts = []
+        for t in body.topics:
+            for p in t.partitions:
+                epoch = getattr(p, "current_leader_epoch", -1)
+                parts.append([t.topic, p.partition, p.fetch_offset, p.partition_max_bytes,
+                              *(() if epoch < 0 else (epoch,))])
+        args = {"max_wait_ms": int(body.max_wait.total_seconds() * 1000), "min_bytes": body.min_bytes,
+                "max_bytes": body.max_bytes, "parts": parts}
+        self._call(wire.FETCH, args, lambda result, bulk, error: self._fetch_answer(respond, asked, result, bulk,
+                                                                                    error))
+
+    def _fetch_answer(self, respond, asked, result, bulk, error, error_code=None) -> None:
+        by_topic: dict[str, list] = {}
+        rows = result["parts"] if result is not None else [None] * len(asked)
+        for (topic, partition, offset), row, data in zip(asked, rows, bulk or [b""] * len(asked)):
+            entry = {"partition_index": partition, "high_watermark": -1, "last_stable_offset": -1,
+                     "log_start_offset": -1, "aborted_transactions": None, "preferred_read_replica": -1,
+                     "records": b""}
+            if row is None:
+                entry["error_code"] = error_code if error_code is not None else codec.kafka_code(error.code)
+            else:
+                _, _, code, message, log_start, high_watermark, _ = row
+                entry.update(error_code=codec.kafka_code(code), high_watermark=high_watermark,
+                             last_stable_offset=high_watermark, log_start_offset=log_start)
+                if code is None and data:
+                    try:
+                        entry["records"] = records.from_bus_batches(data, skip_below=offset)
+                    except CorruptRecord as exc:
+                        log.error("serving %s/%s to a Kafka client failed: %s", topic, partition, exc)
+                        entry.update(error_code=codec.CORRUPT_MESSAGE, records=b"")
+            by_topic.setdefault(topic, []).append(entry)
+        respond({"throttle_time": 0, "error_code": codec.NONE, "session_id": 0,
+                 "responses": [{"topic": t, "partitions": p} for t, p in by_topic.items()]})
+
+    # -- ListOffsets ---------------------------------------------------------------------------------
+
+    def _list_offsets(self, header, body, respond) -> None:
+        asked, parts = [], []
+        for t in body.topics:
+            for p in t.partitions:
+                epoch = getattr(p, "current_leader_epoch", -1)
+                spec = {EARLIEST: "earliest", LATEST: "latest"}.get(p.timestamp, p.timestamp)
+                asked.append((t.name, p.partition_index, p.timestamp))
+                parts.append([t.name, p.partition_index, spec, *(() if epoch < 0 else (epoch,))])
+        placement = self.topics()
+
+        def answered(result, _bulk, error) -> None:
+            by_topic: dict[str, list] = {}
+            rows = result["parts"] if result is not None else [None] * len(asked)
+            for (topic, partition, timestamp), row in zip(asked, rows):
+                entry = {"partition_index": partition, "timestamp": -1, "offset": -1, "leader_epoch": -1}
+                if row is None:
+                    entry["error_code"] = (codec.NOT_LEADER_OR_FOLLOWER if error is None
+                                           else codec.kafka_code(error.code))
+                else:
+                    code, _, offset, _, high_watermark = row
+                    entry["error_code"] = codec.kafka_code(code)
+                    if code is None:
+                        # For a timestamp with no record at or after it Kafka answers offset -1.
+                        found = timestamp < 0 or offset < high_watermark
+                        entry["offset"] = offset if found else -1
+                        try:
+                            entry["leader_epoch"] = placement[topic]["partitions"][partition]["leader_epoch"]
+                        except (KeyError, IndexError):
+                            pass
+                by_topic.setdefault(topic, []).append(entry)
+            respond({"throttle_time": 0, "topics": [{"name": t, "partitions": p} for t, p in by_topic.items()]})
+
+        if self.handlers is None:
+            answered(None, (), None)
+            return
+        self._call(wire.LIST_OFFSETS, {"parts": parts}, answered)

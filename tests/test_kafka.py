@@ -1,0 +1,398 @@
+"""Kafka's protocol on a real cluster (coordinator and node processes, LocalCluster(kafka_port=0)), driven by
+real Kafka clients: kcat (librdkafka), confluent-kafka (librdkafka 2.x) and kafka-python 3.x, beside the
+bus's own Producer and Consumer (docs/kafka.md).
+
+Idempotence is off in every Kafka client here (``enable.idempotence=false``): InitProducerId is not
+implemented yet, and ApiVersions does not advertise it.
+"""
+
+from __future__ import annotations
+
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from bus import Admin, Consumer, Producer
+from nodes.cluster import LocalCluster
+from tests.conftest import wait_for
+
+confluent_kafka = pytest.importorskip("confluent_kafka")
+kafka = pytest.importorskip("kafka")
+from kafka.protocol.consumer import FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse  # noqa: E402
+from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse  # noqa
+from kafka.protocol.producer import ProduceRequest, ProduceResponse  # noqa: E402
+from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder  # noqa: E402
+
+KCAT = shutil.which("kcat")
+TOPICS = {"kcat-in": 2, "bus-out": 2, "confluent": 3, "raw": 1}
+CLIENT_S = 20  # a Kafka client command's timeout
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster(tmp_path_factory):
+    cluster = LocalCluster(str(tmp_path_factory.mktemp("kafka") / "cluster"), 2, kafka_port=0)
+    try:
+        cluster.start()
+        with Admin(cluster.bootstrap) as admin:
+            for name, partitions in TOPICS.items():
+                admin.create_topic(name, partitions)
+        # Every node's Kafka Metadata knows the topics and both brokers (placement and addresses come with
+        # heartbeats).
+        for node_id in cluster.node_ports:
+            wait_for(lambda: metadata_of(cluster.kafka_address(node_id)), 10, message=f"node {node_id} metadata")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def metadata_of(address: str):
+    answer = request(address, MetadataRequest[12](topics=None))
+    ready = len(answer.brokers) == 2 and {t.name for t in answer.topics} >= set(TOPICS)
+    return answer if ready else None
+
+
+# -- a raw Kafka connection (kafka-python's message classes, our own socket) -------------------------------
+
+def connect(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    out = b""
+    while len(out) < count:
+        chunk = sock.recv(count - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return out
+
+
+def recv_frame(sock: socket.socket) -> bytes:
+    (length,) = struct.unpack(">i", recv_exactly(sock, 4))
+    return recv_exactly(sock, length)
+
+
+def request(address: str, message, correlation_id: int = 1, sock: socket.socket | None = None):
+    """Send ``message`` (a versioned kafka-python request) and decode its response."""
+    own = sock is None
+    sock = sock or connect(address)
+    try:
+        message.with_header(correlation_id=correlation_id, client_id="test")
+        sock.sendall(bytes(message.encode(header=True, framed=True)))
+        data = recv_frame(sock)
+        assert struct.unpack_from(">i", data)[0] == correlation_id
+        response = {0: ProduceResponse, 1: FetchResponse, 2: ListOffsetsResponse, 3: MetadataResponse,
+                    18: ApiVersionsResponse}[message.API_KEY][message.API_VERSION]
+        flexible = response.flexible_version_q(message.API_VERSION) and response.API_KEY != 18
+        return response.decode(data[4 + flexible:])
+    finally:
+        if own:
+            sock.close()
+
+
+def closed_by_peer(sock: socket.socket, timeout_s: float = 5) -> bool:
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def leader_address(cluster: LocalCluster, topic: str, partition: int) -> str:
+    with Admin(cluster.bootstrap) as admin:
+        leader = admin.list_topics()[topic]["partitions"][partition]["leader"]
+    return cluster.kafka_address(leader)
+
+
+def kcat(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([KCAT, *args], input=stdin, capture_output=True, text=True, timeout=CLIENT_S)
+
+
+def read_bus(cluster: LocalCluster, topic: str, partitions: int, count: int) -> list:
+    got = []
+    with Consumer(cluster.bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([(topic, p) for p in range(partitions)])
+        deadline_s = time.monotonic() + CLIENT_S
+        while len(got) < count and time.monotonic() < deadline_s:
+            got += consumer.poll(timeout_ms=200)
+    return got
+
+
+# -- kcat ------------------------------------------------------------------------------------------------
+
+needs_kcat = pytest.mark.skipif(KCAT is None, reason="kcat not installed: apt-get install kcat")
+
+
+@needs_kcat
+def test_kcat_lists_every_topic_with_its_partitions_leaders_replicas_and_isr(kafka_cluster):
+    listed = kcat("-b", kafka_cluster.kafka_bootstrap, "-L")
+    assert listed.returncode == 0, listed.stderr
+    with Admin(kafka_cluster.bootstrap) as admin:
+        topics = admin.list_topics()
+    out = listed.stdout
+    assert " 2 brokers:" in out
+    for node_id in kafka_cluster.node_ports:
+        assert f"broker {node_id} at {kafka_cluster.kafka_address(node_id)}" in out
+    for name, partitions in TOPICS.items():
+        assert f'topic "{name}" with {partitions} partitions:' in out
+        for index, state in enumerate(topics[name]["partitions"]):
+            line = (f"partition {index}, leader {state['leader']}, replicas: {','.join(map(str, state['replicas']))}, "
+                    f"isrs: {','.join(map(str, state['isr']))}")
+            assert line in out, out
+
+
+@needs_kcat
+def test_kcat_produces_and_the_bus_consumer_reads_the_same_records_at_the_same_offsets(kafka_cluster):
+    lines = "".join(f"key-{i}|value-{i}\n" for i in range(20))
+    before_ms = int(time.time() * 1000)
+    produced = kcat("-b", kafka_cluster.kafka_bootstrap, "-P", "-t", "kcat-in", "-p", "1", "-K", "|",
+                    "-H", "source=kcat", "-H", "n=1", "-X", "enable.idempotence=false", "-X", "acks=all", stdin=lines)
+    assert produced.returncode == 0, produced.stderr
+    after_ms = int(time.time() * 1000)
+    records = read_bus(kafka_cluster, "kcat-in", 2, 20)
+    assert [(r.partition, r.offset, r.key, r.value) for r in records] == [
+        (1, i, b"key-%d" % i, b"value-%d" % i) for i in range(20)]
+    assert all([tuple(h) for h in r.headers] == [("source", b"kcat"), ("n", b"1")] for r in records)
+    assert all(before_ms - 1000 <= r.timestamp_ms <= after_ms for r in records)
+    # kcat reading them back sees the timestamps the bus consumer saw (the producer's, CreateTime)
+    read = kcat("-b", kafka_cluster.kafka_bootstrap, "-C", "-t", "kcat-in", "-p", "1", "-e", "-f", "%o %k %T\\n")
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.splitlines() == [f"{r.offset} {r.key.decode()} {r.timestamp_ms}" for r in records]
+
+
+def bus_records(count: int) -> list:
+    """(key, value, headers, timestamp or None): some with a timestamp of their own, some without."""
+    return [(b"k%d" % i if i % 3 else None, b"v%d" % i, [("i", b"%d" % i)] if i % 2 else None,
+             1_700_000_000_000 + i if i % 4 == 0 else None) for i in range(count)]
+
+
+def produce_bus(cluster, topic: str, partition: int, rows) -> list:
+    with Producer(cluster.bootstrap, acks="all") as producer:
+        futures = [producer.send(topic, value, key=key, headers=headers, partition=partition, timestamp_ms=ts)
+                   for key, value, headers, ts in rows]
+        producer.flush(CLIENT_S)
+        return [f.get(0) for f in futures]
+
+
+@needs_kcat
+def test_the_bus_producer_writes_and_kcat_and_kafka_python_read_exactly_those(kafka_cluster):
+    from kafka import KafkaConsumer, TopicPartition
+
+    rows = bus_records(30)
+    acked = produce_bus(kafka_cluster, "bus-out", 0, rows)
+    assert [m.offset for m in acked] == list(range(30))
+    expected = [(m.offset, key, value, headers or [], m.timestamp_ms) for m, (key, value, headers, _) in zip(acked, rows)]
+
+    read = kcat("-b", kafka_cluster.kafka_bootstrap, "-C", "-t", "bus-out", "-p", "0", "-e", "-f", "%o|%k|%s|%T|%h\\n")
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.splitlines() == [
+        f"{o}|{(k or b'').decode()}|{v.decode()}|{ts}|{','.join(f'{n}={x.decode()}' for n, x in h)}"
+        for o, k, v, h, ts in expected]
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka_cluster.kafka_bootstrap, enable_auto_commit=False,
+                             consumer_timeout_ms=2000, request_timeout_ms=10_000)
+    try:
+        tp = TopicPartition("bus-out", 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        got = []
+        deadline_s = time.monotonic() + CLIENT_S
+        while len(got) < 30 and time.monotonic() < deadline_s:
+            for batch in consumer.poll(timeout_ms=500).values():
+                got += batch
+        assert [(r.offset, r.key, r.value, list(r.headers), r.timestamp) for r in got] == expected
+        assert consumer.end_offsets([tp]) == {tp: 30} and consumer.beginning_offsets([tp]) == {tp: 0}
+        # offsets_for_times: the first record at or after the time; none after the last is None
+        at = consumer.offsets_for_times({tp: expected[10][4]})[tp]
+        assert at is not None and at.offset == min(o for o, *_, ts in expected if ts >= expected[10][4])
+        assert consumer.offsets_for_times({tp: max(e[4] for e in expected) + 1})[tp] is None
+    finally:
+        consumer.close()
+
+
+def test_confluent_kafka_produces_1000_keyed_records_with_acks_all_and_reads_them_back_by_assign(kafka_cluster):
+    from confluent_kafka import OFFSET_BEGINNING, Consumer as KConsumer, Producer as KProducer, TopicPartition
+
+    bootstrap = kafka_cluster.kafka_bootstrap
+    producer = KProducer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": False,
+                          "linger.ms": 5})
+    delivered, failed = {}, []
+
+    def on_delivery(error, message):
+        if error is not None:
+            failed.append(error)
+        else:
+            delivered[message.key()] = (message.partition(), message.offset())
+
+    for i in range(1000):
+        producer.produce("confluent", key=b"key-%d" % i, value=b"value-%d" % i, on_delivery=on_delivery)
+    assert producer.flush(CLIENT_S) == 0
+    del producer
+    assert failed == [] and len(delivered) == 1000
+    by_partition = {}
+    for key, (partition, offset) in delivered.items():
+        by_partition.setdefault(partition, []).append(offset)
+    assert all(sorted(offsets) == list(range(len(offsets))) for offsets in by_partition.values())
+
+    consumer = KConsumer({"bootstrap.servers": bootstrap, "group.id": "unused-by-assign",
+                          "enable.auto.commit": False, "fetch.wait.max.ms": 100})
+    try:
+        consumer.assign([TopicPartition("confluent", p, OFFSET_BEGINNING) for p in range(3)])
+        got = {}
+        deadline_s = time.monotonic() + CLIENT_S
+        while len(got) < 1000 and time.monotonic() < deadline_s:
+            for message in consumer.consume(num_messages=1000, timeout=0.5):
+                assert message.error() is None, message.error()
+                got[message.key()] = (message.partition(), message.offset(), message.value())
+    finally:
+        consumer.close()
+    assert {k: (p, o) for k, (p, o, _) in got.items()} == delivered
+    assert all(v == b"value-" + k[4:] for k, (_, _, v) in got.items())
+
+
+def test_kafka_python_produces_compressed_batches_that_the_bus_consumer_reads(kafka_cluster):
+    from kafka import KafkaProducer
+
+    sent = {}  # offset -> (key, value)
+    for codec_name in ("gzip", "lz4", "zstd"):
+        producer = KafkaProducer(bootstrap_servers=kafka_cluster.kafka_bootstrap, enable_idempotence=False, acks=1,
+                                 linger_ms=5, compression_type=codec_name, request_timeout_ms=10_000)
+        try:
+            rows = [(b"%s-%d" % (codec_name.encode(), i), b"compressed-%d" % i * 10) for i in range(20)]
+            futures = [producer.send("raw", key=key, value=value, partition=0) for key, value in rows]
+            producer.flush(CLIENT_S)
+            sent.update((f.get(0).offset, row) for f, row in zip(futures, rows))
+        finally:
+            producer.close(5)
+    got = read_bus(kafka_cluster, "raw", 1, max(sent) + 1)
+    by_offset = {r.offset: (r.key, r.value) for r in got}
+    assert {o: by_offset.get(o) for o in sent} == sent
+
+
+# -- errors, and bad input --------------------------------------------------------------------------------
+
+def produce_raw(address: str, topic: str, partition: int, records: bytes, acks: int = 1):
+    message = ProduceRequest[9](acks=acks, timeout_ms=5000, topic_data=[ProduceRequest.TopicProduceData(
+        name=topic, partition_data=[ProduceRequest.TopicProduceData.PartitionProduceData(index=partition,
+                                                                                          records=records)])])
+    return request(address, message).responses[0].partition_responses[0]
+
+
+def one_batch(value: bytes = b"v") -> bytes:
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    builder.append(0, timestamp=1_700_000_000_000, key=None, value=value, headers=[])
+    return bytes(builder.build())
+
+
+def test_produce_errors_are_kafkas_codes(kafka_cluster):
+    leader = leader_address(kafka_cluster, "raw", 0)
+    other = next(kafka_cluster.kafka_address(n) for n in kafka_cluster.node_ports
+                 if kafka_cluster.kafka_address(n) != leader)
+    assert produce_raw(other, "raw", 0, one_batch()).error_code == 6  # NOT_LEADER_OR_FOLLOWER
+    assert produce_raw(kafka_cluster.kafka_bootstrap, "raw", 0, one_batch()).error_code == 6  # the coordinator
+    assert produce_raw(leader, "no-such-topic", 0, one_batch()).error_code == 3  # UNKNOWN_TOPIC_OR_PARTITION
+    assert produce_raw(leader, "raw", 5, one_batch()).error_code == 3
+    damaged = bytearray(one_batch())
+    damaged[-1] ^= 1
+    assert produce_raw(leader, "raw", 0, bytes(damaged)).error_code == 2  # CORRUPT_MESSAGE
+    snappy = bytearray(one_batch())
+    struct.pack_into(">h", snappy, 21, 2)
+    from crc32c import crc32c
+
+    struct.pack_into(">I", snappy, 17, crc32c(bytes(snappy[21:])))
+    assert produce_raw(leader, "raw", 0, bytes(snappy)).error_code == 76  # UNSUPPORTED_COMPRESSION_TYPE
+    assert produce_raw(leader, "raw", 0, one_batch(b"x" * (17 << 20))).error_code == 10  # MESSAGE_TOO_LARGE
+    ok = produce_raw(leader, "raw", 0, one_batch())
+    assert ok.error_code == 0 and ok.base_offset >= 0
+
+
+def test_fetch_past_the_end_is_offset_out_of_range_and_list_offsets_names_both_ends(kafka_cluster):
+    leader = leader_address(kafka_cluster, "raw", 0)
+    # acks=-1: answered once the high watermark (what "latest" names) passed it, on both replicas
+    end = produce_raw(leader, "raw", 0, one_batch(), acks=-1).base_offset + 1
+    fetch = FetchRequest[12](replica_id=-1, max_wait_ms=0, min_bytes=1, max_bytes=1 << 20, isolation_level=0,
+                             topics=[FetchRequest.FetchTopic(topic="raw", partitions=[
+                                 FetchRequest.FetchTopic.FetchPartition(partition=0, fetch_offset=end + 1000,
+                                                                        partition_max_bytes=1 << 20)])])
+    [part] = request(leader, fetch).responses[0].partitions
+    assert part.error_code == 1  # OFFSET_OUT_OF_RANGE
+    ends = []
+    for spec in (-2, -1):
+        message = ListOffsetsRequest[6](replica_id=-1, topics=[ListOffsetsRequest.ListOffsetsTopic(
+            name="raw", partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(partition_index=0,
+                                                                                             timestamp=spec)])])
+        [answer] = request(leader, message).topics[0].partitions
+        assert answer.error_code == 0
+        ends.append(answer.offset)
+    assert ends == [0, end]
+
+
+def test_a_long_poll_fetch_is_answered_when_a_record_arrives(kafka_cluster):
+    leader = leader_address(kafka_cluster, "raw", 0)
+    end = produce_raw(leader, "raw", 0, one_batch()).base_offset + 1
+    sock = connect(leader)
+    try:
+        fetch = FetchRequest[12](replica_id=-1, max_wait_ms=10_000, min_bytes=1, max_bytes=1 << 20, isolation_level=0,
+                                 topics=[FetchRequest.FetchTopic(topic="raw", partitions=[
+                                     FetchRequest.FetchTopic.FetchPartition(partition=0, fetch_offset=end,
+                                                                            partition_max_bytes=1 << 20)])])
+        fetch.with_header(correlation_id=5, client_id="test")
+        sock.sendall(bytes(fetch.encode(header=True, framed=True)))
+        started_s = time.monotonic()
+        assert not select.select([sock], [], [], 0.3)[0]  # parked: nothing to answer yet
+        assert produce_raw(leader, "raw", 0, one_batch(b"late")).error_code == 0
+        data = recv_frame(sock)
+        assert time.monotonic() - started_s < 5
+        [part] = FetchResponse[12].decode(data[5:]).responses[0].partitions
+        assert [r.value for r in DefaultRecordBatch(bytes(part.records))] == [b"late"]
+    finally:
+        sock.close()
+
+
+def test_malformed_frames_and_oversized_lengths_close_that_connection_and_the_node_serves_others(kafka_cluster):
+    address = kafka_cluster.kafka_address(1)
+    bystander = connect(address)
+    try:
+        assert request(address, ApiVersionsRequest[3](), sock=bystander).error_code == 0
+        rogue = connect(address)
+        rogue.sendall(struct.pack(">i", 0x7FFFFFF0) + b"x" * 100)  # a 2 GiB length prefix
+        assert closed_by_peer(rogue)
+        rogue.close()
+        rogue = connect(address)
+        rogue.sendall(struct.pack(">i", 12) + struct.pack(">hhih", 3, 12, 1, 400) + b"xx")  # client id runs past
+        assert closed_by_peer(rogue)
+        rogue.close()
+        rogue = connect(address)
+        body = struct.pack(">hhih", 0, 9, 1, -1) + b"\x00" + b"\xff" * 30  # a produce of garbage
+        rogue.sendall(struct.pack(">i", len(body)) + body)
+        assert closed_by_peer(rogue)
+        rogue.close()
+        # the connection opened before is still served, and so are new ones
+        assert request(address, ApiVersionsRequest[3](), correlation_id=2, sock=bystander).error_code == 0
+        assert metadata_of(address) is not None
+    finally:
+        bystander.close()
+
+
+def test_an_unknown_api_key_or_version_is_unsupported_version_and_the_connection_stays(kafka_cluster):
+    address = kafka_cluster.kafka_address(2)
+    sock = connect(address)
+    try:
+        for correlation_id, (key, version) in enumerate([(999, 0), (0, 99), (18, 99)], start=10):
+            body = struct.pack(">hhih", key, version, correlation_id, -1)
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            data = recv_frame(sock)
+            answer = ApiVersionsResponse[0].decode(data[4:])
+            assert struct.unpack_from(">i", data)[0] == correlation_id
+            assert answer.error_code == 35 and {k.api_key for k in answer.api_keys} == {0, 1, 2, 3, 18}
+        assert request(address, ApiVersionsRequest[3](), correlation_id=20, sock=sock).error_code == 0
+    finally:
+        sock.close()

@@ -1,0 +1,274 @@
+"""The pure parts of the Kafka listener (nodes/kafka/): the framing, the record batch conversion both ways,
+and the message codec over kio. Kafka-python's own encoders and decoders are the independent side: what it
+builds must decode here, and what is built here must decode there."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import pytest
+from crc32c import crc32c
+from kafka.protocol.consumer import FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse
+from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse
+from kafka.protocol.producer import ProduceRequest, ProduceResponse
+from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+
+from bus import batch as bus_batch
+from bus.errors import CorruptRecord
+from nodes.kafka import codec, records
+from nodes.kafka.framing import FrameReader, FrameTooLarge, frame
+
+
+def kafka_batch(rows, compression: int = 0, transactional: bool = False) -> bytes:
+    """rows: (timestamp ms, key, value, headers) each, built by kafka-python."""
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=compression, is_transactional=transactional,
+                                        producer_id=7 if transactional else -1, producer_epoch=0 if transactional else -1,
+                                        base_sequence=0 if transactional else -1, batch_size=1 << 22)
+    for offset, (ts, key, value, headers) in enumerate(rows):
+        builder.append(offset, timestamp=ts, key=key, value=value, headers=headers)
+    return bytes(builder.build())
+
+
+ROWS = [(1_700_000_000_000 + 7 * i, None if i == 0 else b"key-%d" % i, b"value-%d" % i,
+         [("h", b"x"), ("n", None)] if i % 2 else []) for i in range(5)]
+
+
+# -- framing ------------------------------------------------------------------------------------------
+
+def test_frames_are_cut_from_any_split_of_the_stream():
+    stream = frame(b"one") + frame(b"") + frame(b"three" * 100)
+    for step in (1, 3, 7, len(stream)):
+        reader = FrameReader(1024)
+        got = []
+        for at in range(0, len(stream), step):
+            got += reader.feed(stream[at:at + step])
+        assert got == [b"one", b"", b"three" * 100]
+        assert reader.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("length", [1025, 2**31 - 1, -1, -(2**31)])
+def test_a_length_prefix_past_the_limit_is_refused_before_its_frame_is_buffered(length):
+    reader = FrameReader(1024)
+    assert reader.feed(frame(b"ok")) == [b"ok"]
+    with pytest.raises(FrameTooLarge):
+        reader.feed(struct.pack(">i", length) + b"x" * 10)
+    assert reader.buffered_bytes <= 14  # what was read: nothing sized by the prefix
+
+
+# -- record batches -------------------------------------------------------------------------------------
+
+def stored(bus_bytes: bytes, base_offset: int, append_ts_ms: int = 1_800_000_000_000, epoch: int = 3) -> bytes:
+    out, _ = bus_batch.stamp(bytearray(bus_bytes), base_offset, append_ts_ms, epoch)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("compression", [0, 1, 3, 4], ids=["none", "gzip", "lz4", "zstd"])
+def test_a_kafka_batch_survives_the_bus_and_back_with_offsets_keys_headers_and_timestamps(compression):
+    [view] = records.split_batches(kafka_batch(ROWS, compression))
+    bus_bytes, count = records.to_bus_batch(view)
+    assert count == len(ROWS)
+    header = bus_batch.verify(bus_bytes)
+    stamps, keys, values, headers = bus_batch.read_columns(bus_bytes[bus_batch.HEADER_BYTES:], count)
+    assert stamps == [r[0] for r in ROWS] and values == [r[2] for r in ROWS]
+    assert keys == [r[1] for r in ROWS]
+    assert headers == [[list(h) for h in r[3]] if r[3] else None for r in ROWS]
+    assert header.max_ts_ms == max(r[0] for r in ROWS)
+    back = DefaultRecordBatch(records.from_bus_batches(stored(bus_bytes, 100)))
+    assert back.validate_crc() and back.base_offset == 100
+    assert back.leader_epoch == 3  # the partition leader epoch the node stamped
+    assert back.timestamp_type == 0  # CreateTime
+    assert [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in back] == [
+        (100 + i, ts, key, value, headers) for i, (ts, key, value, headers) in enumerate(ROWS)]
+
+
+def test_bus_records_without_timestamps_are_log_append_time_in_kafka():
+    bus_bytes = bus_batch.pack_batch([None, b"k", b"a", None, None, None, b"b", [("h", b"v")]], 2)
+    data = stored(bus_bytes, 5, append_ts_ms=1_800_000_000_123) + stored(bus_bytes, 7, append_ts_ms=1_800_000_000_999)
+    out = records.from_bus_batches(data, skip_below=7)  # the first batch ends at 7: left out
+    back = DefaultRecordBatch(out)
+    assert back.validate_crc() and back.timestamp_type == 1 and back.max_timestamp == 1_800_000_000_999
+    assert [(r.offset, r.key, r.value, r.headers) for r in back] == [(7, b"k", b"a", []), (8, None, b"b", [("h", b"v")])]
+    assert len(out) == len(bytes(out))  # one batch: nothing after it
+    assert records.from_bus_batches(data, skip_below=6)[:8] == struct.pack(">q", 5)
+
+
+def with_attributes(data: bytes, attributes: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(">h", out, 21, attributes)
+    struct.pack_into(">I", out, 17, crc32c(bytes(out[21:])))
+    return bytes(out)
+
+
+def test_snappy_transactional_and_control_batches_are_refused_by_name():
+    plain = kafka_batch(ROWS)
+    with pytest.raises(records.UnsupportedCompression, match="snappy"):
+        records.decode_batch(memoryview(with_attributes(plain, records.CODEC_SNAPPY)))
+    for flag in (records.TRANSACTIONAL, records.CONTROL):
+        with pytest.raises(records.UnsupportedBatch):
+            records.decode_batch(memoryview(with_attributes(plain, flag)))
+
+
+def test_every_flipped_bit_after_the_length_is_refused_and_nothing_else_escapes():
+    data = kafka_batch(ROWS[:2])
+    for at in range(len(data)):
+        for bit in (0, 7):
+            damaged = bytearray(data)
+            damaged[at] ^= 1 << bit
+            try:
+                [view] = records.split_batches(bytes(damaged))
+                records.decode_batch(view)
+            except CorruptRecord:
+                continue
+            # Only the fields outside the CRC that the conversion does not take may change unnoticed:
+            # the base offset (the node gives its own) and the partition leader epoch (the node stamps its own).
+            assert at < 8 or 12 <= at < 16, f"a flip of bit {bit} of byte {at} went unnoticed"
+
+
+def test_a_batch_decompressing_past_the_bound_is_refused(monkeypatch):
+    monkeypatch.setattr(records, "UNCOMPRESSED_BYTES_MAX", 1 << 16)
+    rows = [(1, None, b"\0" * 40_000, [])] * 2
+    for codec_id in (1, 3, 4):
+        [view] = records.split_batches(kafka_batch(rows, codec_id))
+        with pytest.raises(CorruptRecord, match="past|above"):
+            records.decode_batch(view)
+    # gzip truncated: refused, not read as fewer records
+    body = gzip.compress(b"x" * 1000)[:-8]
+    with pytest.raises(CorruptRecord):
+        records._decompress(records.CODEC_GZIP, body)
+
+
+def test_lengths_and_counts_that_do_not_hold_are_refused():
+    data = bytearray(kafka_batch(ROWS))
+    with pytest.raises(CorruptRecord):
+        records.split_batches(bytes(data[:-1]))  # shorter than its batchLength says
+    with pytest.raises(CorruptRecord):
+        records.split_batches(bytes(data[:30]))
+    struct.pack_into(">i", data, 57, 6)  # record count one more than there are records
+    struct.pack_into(">I", data, 17, crc32c(bytes(data[21:])))
+    with pytest.raises(CorruptRecord):
+        records.decode_batch(memoryview(bytes(data)))
+
+
+# -- messages -------------------------------------------------------------------------------------------
+
+def request_bytes(message, correlation_id: int = 11) -> bytes:
+    message.with_header(correlation_id=correlation_id, client_id="test")
+    return bytes(message.encode(header=True))
+
+
+def produce_request(version: int):
+    return ProduceRequest[version](acks=-1, timeout_ms=1500, topic_data=[ProduceRequest.TopicProduceData(
+        name="t", partition_data=[ProduceRequest.TopicProduceData.PartitionProduceData(index=2, records=kafka_batch(ROWS))])])
+
+
+@pytest.mark.parametrize("version", [3, 9])
+def test_produce_requests_decode_at_the_lowest_and_highest_versions(version):
+    header, body = codec.decode_request(request_bytes(produce_request(version)))
+    assert header == codec.RequestHeader(codec.PRODUCE, version, 11, "test")
+    assert body.acks == -1 and body.timeout.total_seconds() == 1.5
+    [topic] = body.topic_data
+    assert topic.name == "t" and topic.partition_data[0].index == 2
+    assert bytes(topic.partition_data[0].records) == kafka_batch(ROWS)
+
+
+@pytest.mark.parametrize("version", [4, 12])
+def test_fetch_requests_decode(version):
+    message = FetchRequest[version](replica_id=-1, max_wait_ms=500, min_bytes=1, max_bytes=1 << 20, isolation_level=0,
+                                    topics=[FetchRequest.FetchTopic(topic="t", partitions=[
+                                        FetchRequest.FetchTopic.FetchPartition(partition=1, fetch_offset=42,
+                                                                               partition_max_bytes=1 << 16)])])
+    _, body = codec.decode_request(request_bytes(message))
+    [part] = body.topics[0].partitions
+    assert body.max_wait.total_seconds() == 0.5 and (part.partition, part.fetch_offset) == (1, 42)
+
+
+def test_every_truncation_of_a_request_is_malformed_not_a_crash():
+    data = request_bytes(produce_request(9))
+    for cut in range(len(data) - 1, 0, -37):
+        with pytest.raises(codec.Malformed):
+            codec.decode_request(data[:cut])
+    with pytest.raises(codec.Malformed):
+        codec.decode_request(data + b"\0")
+
+
+@pytest.mark.parametrize("key, version", [(codec.PRODUCE, 2), (codec.PRODUCE, 10), (codec.FETCH, 13), (999, 0),
+                                          (codec.API_VERSIONS, 4)])
+def test_a_key_or_version_not_implemented_is_answered_unsupported_with_the_ranges(key, version):
+    data = struct.pack(">hhih", key, version, 77, -1) + b"\0" * 8
+    with pytest.raises(codec.Unsupported) as refused:
+        codec.decode_request(data)
+    response = codec.unsupported_response(refused.value)
+    assert struct.unpack_from(">ii", response) == (len(response) - 4, 77)
+    answer = ApiVersionsResponse[0].decode(response[8:])
+    assert answer.error_code == codec.UNSUPPORTED_VERSION
+    assert {k.api_key: (k.min_version, k.max_version) for k in answer.api_keys} == {
+        key: (low, high) for key, (_, low, high) in codec.SUPPORTED.items()}
+
+
+def response_body(header: codec.RequestHeader, values: dict, cls):
+    data = codec.encode_response(header, values)
+    assert struct.unpack_from(">ii", data) == (len(data) - 4, header.correlation_id)
+    flexible = cls[header.api_version].flexible_version_q(header.api_version) and header.api_key != codec.API_VERSIONS
+    return cls[header.api_version].decode(data[8 + flexible:])
+
+
+@pytest.mark.parametrize("version", [0, 3])
+def test_api_versions_answers_what_is_implemented(version):
+    _, body = codec.decode_request(request_bytes(ApiVersionsRequest[version]()))
+    answer = response_body(codec.RequestHeader(codec.API_VERSIONS, version, 5, None), codec.api_versions_values(),
+                           ApiVersionsResponse)
+    assert answer.error_code == 0 and len(answer.api_keys) == len(codec.SUPPORTED)
+
+
+@pytest.mark.parametrize("version", [1, 12])
+def test_metadata_responses_encode(version):
+    codec.decode_request(request_bytes(MetadataRequest[version](topics=None)))
+    values = {"brokers": [{"node_id": 1, "host": "h", "port": 9093}], "cluster_id": "c", "controller_id": -1,
+              "topics": [{"error_code": 0, "name": "t", "partitions": [
+                  {"error_code": 0, "partition_index": 0, "leader_id": 1, "leader_epoch": 4, "replica_nodes": [1, 2],
+                   "isr_nodes": [1], "offline_replicas": [2]}]}]}
+    answer = response_body(codec.RequestHeader(codec.METADATA, version, 9, None), values, MetadataResponse)
+    assert [(b.node_id, b.host, b.port) for b in answer.brokers] == [(1, "h", 9093)]
+    [partition] = answer.topics[0].partitions
+    assert (partition.leader_id, list(partition.replica_nodes), list(partition.isr_nodes)) == (1, [1, 2], [1])
+
+
+@pytest.mark.parametrize("version", [3, 9])
+def test_produce_responses_encode(version):
+    values = {"responses": [{"name": "t", "partition_responses": [
+        {"index": 2, "error_code": codec.NOT_LEADER_OR_FOLLOWER, "base_offset": -1, "error_message": "no"}]}]}
+    answer = response_body(codec.RequestHeader(codec.PRODUCE, version, 9, None), values, ProduceResponse)
+    [part] = answer.responses[0].partition_responses
+    assert (part.index, part.error_code, part.base_offset) == (2, 6, -1)
+
+
+@pytest.mark.parametrize("version", [4, 12])
+def test_fetch_responses_encode_with_records(version):
+    data = kafka_batch(ROWS)
+    values = {"responses": [{"topic": "t", "partitions": [
+        {"partition_index": 1, "error_code": 0, "high_watermark": 5, "last_stable_offset": 5, "log_start_offset": 0,
+         "records": data}]}]}
+    answer = response_body(codec.RequestHeader(codec.FETCH, version, 9, None), values, FetchResponse)
+    [part] = answer.responses[0].partitions
+    assert part.high_watermark == 5 and bytes(part.records) == data
+
+
+@pytest.mark.parametrize("version", [1, 6])
+def test_list_offsets_requests_and_responses(version):
+    message = ListOffsetsRequest[version](replica_id=-1, topics=[ListOffsetsRequest.ListOffsetsTopic(
+        name="t", partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(partition_index=0, timestamp=-2)])])
+    _, body = codec.decode_request(request_bytes(message))
+    assert body.topics[0].partitions[0].timestamp == -2
+    values = {"topics": [{"name": "t", "partitions": [{"partition_index": 0, "error_code": 0, "timestamp": -1,
+                                                        "offset": 17, "leader_epoch": 2}]}]}
+    answer = response_body(codec.RequestHeader(codec.LIST_OFFSETS, version, 9, None), values, ListOffsetsResponse)
+    assert answer.topics[0].partitions[0].offset == 17
+
+
+def test_bus_error_codes_map_to_kafka_codes():
+    assert codec.kafka_code(None) == 0
+    assert codec.kafka_code("NOT_LEADER") == 6 and codec.kafka_code("UNKNOWN_TOPIC") == 3
+    assert codec.kafka_code("NOT_ENOUGH_REPLICAS") == 19 and codec.kafka_code("CORRUPT_RECORD") == 2
+    assert codec.kafka_code("RECORD_TOO_LARGE") == 10 and codec.kafka_code("OFFSET_OUT_OF_RANGE") == 1
+    assert codec.kafka_code("SOMETHING_NEW") == codec.UNKNOWN_SERVER_ERROR
