@@ -4,6 +4,12 @@ A background fetcher thread (bus/fetcher.py) keeps long-poll fetches out to the 
 fills a bounded prefetch buffer (``prefetch_bytes_max``); ``poll()`` decodes from that buffer in the
 caller's thread and returns from memory.
 
+The buffer is per partition, and ``poll()`` serves the partitions that have data in turn (bus/rotation.py):
+each poll starts at the next one, so a partition with data is never more than one poll behind another,
+however large the backlog ahead of it. A partition's fetched chunks are decoded a few batches at a time, as
+its turn needs records, so at most a poll's worth (and the rest of one batch) of each is held decoded; a
+chunk's bytes count against ``prefetch_bytes_max`` until its last record is handed out.
+
 Positions: ``position(tp)`` is the offset of the next record ``poll()`` will return. Each partition's
 ``epoch`` goes up on every seek, so bytes fetched for an older position are dropped, never returned.
 
@@ -17,15 +23,16 @@ import gc
 import itertools
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import zmq
 
-from .batch import iter_batches, read_columns
+from .batch import HEADER_BYTES, iter_batches, read_columns
 from .connection import Requester
-from .errors import ClosedError, ConfigError, OffsetOutOfRange, Timeout
+from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, Timeout
 from .metadata import check_bootstrap
 from .records import Record, TopicPartition
+from .rotation import take_in_turn
 
 _new_record = tuple.__new__
 _map, _repeat = map, itertools.repeat
@@ -33,15 +40,26 @@ RESETS = ("earliest", "latest", "none")
 
 
 class PartitionState:
-    __slots__ = ("position", "fetch_offset", "epoch", "reset", "error", "log_end")
+    __slots__ = ("position", "fetch_offset", "epoch", "reset", "error", "log_end", "chunks", "decoded_at", "runs",
+                 "held_bytes", "spent_bytes")
 
     def __init__(self, reset):
         self.position = None  # next offset poll() returns; None until resolved
         self.fetch_offset = None  # next offset to fetch (ahead of position by what is buffered)
-        self.epoch = 0
+        self.epoch = 0  # goes up on every seek; fetches of an older epoch are dropped, and the buffer with it
         self.reset = reset  # "earliest" / "latest" / a timestamp while the position is being resolved
         self.error = None  # an error to raise from poll() for this partition
         self.log_end = None  # last seen log end offset, for lag
+        self.chunks: deque = deque()  # (fetched offset, bytes) of this epoch not yet wholly decoded, in order
+        self.decoded_at = 0  # byte position in chunks[0] of its first batch not yet decoded
+        # [first offset, records, next index]: runs of records at consecutive offsets, decoded and not yet
+        # returned (all from chunks[0], or from the chunk just before it, wholly decoded).
+        self.runs: deque = deque()
+        self.held_bytes = 0  # bytes of the chunks whose records are not all handed out (counted in _chunk_bytes)
+        self.spent_bytes = 0  # of those, the bytes of chunks wholly decoded (or dropped) whose records are in runs
+
+    def has_data(self) -> bool:
+        return bool(self.runs or self.chunks)
 
 
 class Consumer:
@@ -76,9 +94,10 @@ class Consumer:
         self._poll_lock = threading.Lock()  # one poll() at a time (see poll())
         self._data = threading.Condition(self._lock)  # signalled when data, errors or positions arrive
         self._states: dict[tuple, PartitionState] = {}
-        self._chunks: deque = deque()  # (tp, epoch, fetched offset, bytes) from the fetcher
-        self._chunk_bytes = 0
-        self._records: deque = deque()  # decoded records not yet returned, with their epoch
+        # The partitions that have buffered data, in the order poll() serves them (bus/rotation.py). Exactly
+        # those whose state has_data(), at every release of _lock.
+        self._ready: OrderedDict = OrderedDict()
+        self._chunk_bytes = 0  # bytes of every partition's held chunks (held_bytes), against prefetch_bytes_max
         self._closed = False
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
@@ -114,7 +133,7 @@ class Consumer:
             wanted = set(partitions)
             for tp in list(self._states):
                 if tp not in wanted:
-                    del self._states[tp]
+                    self._drop_buffer(tp, self._states.pop(tp))
             for tp in partitions:
                 if tp not in self._states:
                     state = self._states[tp] = PartitionState(self.auto_offset_reset)
@@ -122,7 +141,6 @@ class Consumer:
                     if offset is not None:
                         state.position = state.fetch_offset = offset
                         state.reset = None
-            self._records = deque(r for r in self._records if (r[0], r[1]) in self._states)  # r: (topic, partition, ...)
             self._data.notify_all()
         self._wake()
 
@@ -169,6 +187,7 @@ class Consumer:
                 if state is None:
                     raise ConfigError(f"{tp} is not assigned to this consumer")
                 state.epoch += 1
+                self._drop_buffer(tp, state)
                 state.error = None
                 if isinstance(target, int):
                     state.position = state.fetch_offset = target
@@ -176,7 +195,6 @@ class Consumer:
                 else:
                     state.position = state.fetch_offset = None
                     state.reset = target
-            self._records = deque(r for r in self._records if (r[0], r[1]) not in tps)
         self._wake()
 
     def position(self, tp, timeout_ms: int = 30_000) -> int:
@@ -236,6 +254,7 @@ class Consumer:
                     self._take(out, max_records)
                     if out:
                         break
+                    self._raise_errors()  # one the decode found (a corrupt batch): now, not after the wait
                     remaining = deadline_s - time.monotonic()
                     if remaining <= 0 or (group is not None and group.reconcile_pending):
                         break
@@ -268,9 +287,9 @@ class Consumer:
                 state = self._states.get(tp)
                 if state is not None:
                     state.epoch += 1
+                    self._drop_buffer(tp, state)
                     state.position = state.fetch_offset = offset
                     state.reset = None
-            self._records = deque(r for r in self._records if (r[0], r[1]) not in first)
         self._wake()
 
     def _raise_errors(self) -> None:
@@ -284,65 +303,83 @@ class Consumer:
                                        "'none'; seek() to an offset first")
 
     def _take(self, out: list, max_records: int) -> None:
-        """Move up to ``max_records`` returnable records into ``out``, decoding chunks as needed.
+        """Move up to ``max_records`` returnable records into ``out``: from the partitions with data in turn
+        (bus/rotation.py), as many of each as it has, decoding its chunks as needed. Caller holds ``_lock``."""
+        if len(out) < max_records and self._ready:
+            take_in_turn(self._ready, max_records - len(out), lambda tp, n: self._take_from(tp, out, n))
 
-        ``_records`` holds runs, ``[topic, partition, first offset, records, next index]``: the records of one
-        chunk at consecutive offsets, decoded together. A run is handed out by slicing, and its partition's
-        position moves once per slice. As before, a record is returned only if its offset is the partition's
-        position (so nothing is returned twice or out of order after a seek): within a run the records
-        before the position are skipped, and a run that does not reach the position is dropped.
+    def _take_from(self, tp, out: list, n: int) -> tuple[int, bool]:
+        """Move up to ``n`` of ``tp``'s records into ``out`` from its position, in offset order; returns how
+        many, and whether ``tp`` has data left (``take_in_turn``'s ``take``). Caller holds ``_lock``.
+
+        A run is handed out by slicing, and the partition's position moves once per slice. A record is
+        returned only if its offset is the partition's position (so nothing is returned twice or out of
+        order after a seek): within a run the records before the position are skipped, and a run that does
+        not reach the position is dropped.
         """
-        states = self._states
-        while len(out) < max_records:
-            runs = self._records  # looked up each time: assign() may replace it while _decode lets go of the lock
+        start = len(out)
+        stop_at = start + n
+        state = self._states.get(tp)
+        while state is not None and len(out) < stop_at:
+            runs = state.runs
             if not runs:
-                if not self._chunks:
-                    return
-                self._decode(self._chunks.popleft())
+                if not state.chunks:
+                    break
+                self._decode(tp, state, stop_at - len(out))
+                state = self._states.get(tp)  # the decode let go of the lock: tp may be gone, or re-sought
                 continue
             run = runs[0]
-            state = states.get((run[0], run[1]))
-            position = None if state is None else state.position
-            first, records, index = run[2], run[3], run[4]
+            position = state.position
+            first, records, index = run
             if position is None or not first + index <= position < first + len(records):
-                runs.popleft()  # unassigned, re-sought, or already returned: never handed out
+                runs.popleft()  # re-sought, or already returned: never handed out
                 continue
             index = position - first
-            stop = min(len(records), index + max_records - len(out))
+            stop = min(len(records), index + stop_at - len(out))
             out += records[index:stop]
             state.position = first + stop
             if stop == len(records):
                 runs.popleft()
             else:
-                run[4] = stop
+                run[2] = stop
+        if state is None:
+            return len(out) - start, False
+        if not state.runs and state.spent_bytes:
+            # Every record of the chunks wholly decoded is handed out: their bytes leave the prefetch buffer.
+            self._chunk_bytes -= state.spent_bytes
+            state.held_bytes -= state.spent_bytes
+            state.spent_bytes = 0
+        return len(out) - start, state.has_data()
 
-    def _decode(self, chunk) -> None:
-        """Decode a fetched chunk (whole batches, CRC-checked) into runs of Records for ``_take``.
+    def _decode(self, tp, state: PartitionState, want: int) -> None:
+        """Decode batches of ``tp``'s first chunk (whole batches, CRC-checked) into runs of Records, until
+        ``want`` records or the chunk's end; a chunk wholly decoded leaves ``chunks``.
 
         Called with ``_lock`` held; it lets go of it while decoding, so the fetcher thread can hand over
-        the next chunk meanwhile (only poll() takes chunks, from one thread: see poll()). A seek or
-        reassignment during the decode shows as a changed epoch, and then the runs are dropped.
+        chunks meanwhile (only poll() decodes, from one thread at a time: see poll()). A seek or
+        reassignment during the decode shows as another state or epoch, and then the runs are dropped. A
+        corrupt batch becomes the partition's error, raised by the next poll(); the records before it are
+        kept (handed out first), the rest of the partition's buffer is dropped, and it is fetched again from
+        the corrupt batch on (as Kafka's consumer, it raises again for as long as the stored batch is bad).
 
         Records are built at C speed: ``map`` over ``zip`` of the payload's columns (timestamps, keys,
         values, headers; bus/batch.py), no Python code per record. A compressed batch's payload is
         decompressed here, in the caller's thread, one batch at a time (bus/batch.py bounds each to
         UNCOMPRESSED_BYTES_MAX).
         """
-        tp, epoch, fetched_offset, data = chunk
-        self._chunk_bytes -= len(data)
-        state = self._states.get(tp)
-        if state is None or state.epoch != epoch:
-            return
+        chunk = state.chunks[0]
+        fetched_offset, data = chunk
+        epoch, at = state.epoch, state.decoded_at
         # A Record is a tuple subclass, which the cyclic garbage collector tracks for as long as it lives
-        # (it untracks plain tuples only). Decoding a chunk's tens of thousands of them with the collector
-        # on runs a collection every 700 allocations (measured: 2.5x slower), and even with it paused each
-        # young record is walked later by the young and the middle collections. So the collector is paused
-        # for the decode and, when it is on, aged around it: first the young and middle generations are
-        # collected (the program's own objects there: a few thousand at most), and after the decode
-        # freeze() + unfreeze() move every tracked object to the oldest generation without walking any.
-        # What moves is live: this chunk's records and the survivors of that collection (records are freed
-        # by reference count as ever). Measured +25 % records/s (docs/benchmarks.md). Not aged when the
-        # collector is off, nor when the program froze objects itself (unfreeze() would undo that).
+        # (it untracks plain tuples only). Decoding tens of thousands of them with the collector on runs a
+        # collection every 700 allocations (measured: 2.5x slower), and even with it paused each young record
+        # is walked later by the young and the middle collections. So the collector is paused for the
+        # decode and, when it is on, aged around it: first the young and middle generations are collected
+        # (the program's own objects there: a few thousand at most), and after the decode freeze() +
+        # unfreeze() move every tracked object to the oldest generation without walking any. What moves is
+        # live: these records and the survivors of that collection (records are freed by reference count as
+        # ever). Measured +25 % records/s (docs/benchmarks.md). Not aged when the collector is off, nor when
+        # the program froze objects itself (unfreeze() would undo that).
         enabled = gc.isenabled()
         age = enabled and gc.get_freeze_count() == 0
         self._lock.release()
@@ -350,7 +387,7 @@ class Consumer:
             gc.collect(1)
         gc.disable()
         try:
-            decoded = self._decode_runs(tp, fetched_offset, data)
+            decoded, at, error = self._decode_runs(tp, fetched_offset, data, at, want)
         finally:
             if age:
                 gc.freeze()
@@ -358,23 +395,52 @@ class Consumer:
             if enabled:
                 gc.enable()
             self._lock.acquire()
-        state = self._states.get(tp)
-        if state is not None and state.epoch == epoch:
-            self._records += decoded
+        if self._states.get(tp) is not state or state.epoch != epoch or not state.chunks or state.chunks[0] is not chunk:
+            return  # re-sought or reassigned meanwhile: what was decoded is for a position no longer wanted
+        state.runs += decoded
+        if error is not None:
+            # The runs stay; nothing after them does. Their bytes go when they are handed out, as a chunk's do.
+            state.epoch += 1
+            state.fetch_offset = decoded[-1][0] + len(decoded[-1][1]) if decoded else state.position
+            state.spent_bytes = state.held_bytes
+            state.chunks.clear()
+            state.decoded_at = 0
+            state.error = error
+            self._wake()
+            return
+        if at >= len(data):
+            state.chunks.popleft()
+            state.decoded_at = 0
+            state.spent_bytes += len(data)
+        else:
+            state.decoded_at = at
 
     @staticmethod
-    def _decode_runs(tp, fetched_offset: int, data) -> list:
-        """The runs (see _take) of a chunk's records from ``fetched_offset`` on."""
+    def _decode_runs(tp, fetched_offset: int, data, at: int, want: int) -> tuple[list, int, CorruptRecord | None]:
+        """The runs (see _take_from) of the records at ``fetched_offset`` and after in the batches of ``data``
+        from byte ``at`` on: batch after batch until ``want`` records or the end. Returns the runs, the byte
+        position of the first batch not decoded, and the CorruptRecord that stopped the decode there, if one
+        did (the runs are the records before it)."""
         topic, partition = tp
         runs = []
         run = None
-        for header, payload in iter_batches(data):
-            base, count = header.base_offset, header.record_count
-            skip = fetched_offset - base if base < fetched_offset else 0
-            if skip >= count:
-                continue
-            stamps, keys, values, headers = (c if c is None or not skip else c[skip:]
-                                             for c in read_columns(payload, count, header.attributes))
+        decoded = 0
+        batches = iter_batches(memoryview(data)[at:])
+        while True:
+            try:
+                header, payload = next(batches)
+                base, count = header.base_offset, header.record_count
+                skip = fetched_offset - base if base < fetched_offset else 0
+                if skip >= count:
+                    at += HEADER_BYTES + header.payload_len
+                    continue
+                stamps, keys, values, headers = (c if c is None or not skip else c[skip:]
+                                                 for c in read_columns(payload, count, header.attributes))
+            except StopIteration:
+                break
+            except CorruptRecord as exc:
+                return runs, at, exc
+            at += HEADER_BYTES + header.payload_len
             # A column that is None: no record of the batch has one (the usual batch has values only).
             if stamps is None:
                 timestamps = _repeat(header.append_ts_ms)  # one int shared by the batch's records
@@ -386,12 +452,33 @@ class Consumer:
             records = list(_map(_new_record, _repeat(Record), zip(
                 _repeat(topic), _repeat(partition), range(base + skip, base + count),
                 _repeat(None) if keys is None else keys, values, headers, timestamps)))
-            if run is not None and run[2] + len(run[3]) == base + skip:
-                run[3] += records  # the next batch follows on: one run per chunk
+            if run is not None and run[0] + len(run[1]) == base + skip:
+                run[1] += records  # the next batch follows on: one run per decode
             else:
-                run = [topic, partition, base + skip, records, 0]
+                run = [base + skip, records, 0]
                 runs.append(run)
-        return runs
+            decoded += count - skip
+            if decoded >= want:
+                break
+        return runs, at, None
+
+    def _drop_buffer(self, tp, state: PartitionState) -> None:
+        """Forget what ``tp`` has buffered (a seek, a put-back, a reset, its removal). Caller holds ``_lock``."""
+        self._chunk_bytes -= state.held_bytes
+        state.held_bytes = state.spent_bytes = state.decoded_at = 0
+        state.chunks.clear()
+        state.runs.clear()
+        self._ready.pop(tp, None)
+
+    def _check_invariants(self) -> None:
+        """What holds whenever ``_lock`` is free (the suite checks it around polls)."""
+        with self._lock:
+            assert self._chunk_bytes == sum(s.held_bytes for s in self._states.values()), self._chunk_bytes
+            assert set(self._ready) == {tp for tp, s in self._states.items() if s.has_data()}, list(self._ready)
+            for tp, s in self._states.items():
+                assert s.held_bytes == sum(len(data) for _, data in s.chunks) + s.spent_bytes, tp
+                assert s.spent_bytes == 0 or s.runs, tp  # released once the runs of a decoded chunk are out
+                assert not s.has_data() or s.position is not None, tp
 
     # -- called by the fetcher thread --------------------------------------------------------------
 
@@ -411,21 +498,34 @@ class Consumer:
         with self._lock:
             if self._chunk_bytes >= self.prefetch_bytes_max:
                 return {}
-            return {tp: (s.fetch_offset, s.epoch) for tp, s in self._states.items() if s.fetch_offset is not None}
+            # The partitions with the least buffered first: a node fills a fetch's max_bytes in this order, so
+            # what is cut short when it runs out is the partitions that already have the most to read.
+            return {tp: (s.fetch_offset, s.epoch)
+                    for tp, s in sorted(self._states.items(), key=lambda item: item[1].held_bytes)
+                    if s.fetch_offset is not None}
 
-    def _fetched(self, tp, epoch: int, offset: int, data: bytes, next_offset: int, log_end: int) -> None:
+    def _fetched(self, parts) -> None:
+        """A fetch reply's data, ``[(tp, epoch, fetched offset, data, next offset, log end)]``, taken in one
+        hold of the lock: the partitions of one reply join the rotation together, in the reply's order."""
         with self._lock:
-            state = self._states.get(tp)
-            if state is None or state.epoch != epoch or state.fetch_offset != offset:
-                return
-            if log_end >= 0:  # -1: a new leader does not know its high watermark yet
-                state.log_end = log_end
-            if not data:
-                return
-            state.fetch_offset = next_offset
-            self._chunks.append((tp, epoch, offset, data))
-            self._chunk_bytes += len(data)
-            self._data.notify_all()
+            arrived = False
+            for tp, epoch, offset, data, next_offset, log_end in parts:
+                state = self._states.get(tp)
+                if state is None or state.epoch != epoch or state.fetch_offset != offset:
+                    continue
+                if log_end >= 0:  # -1: a new leader does not know its high watermark yet
+                    state.log_end = log_end
+                if not data:
+                    continue
+                state.fetch_offset = next_offset
+                state.chunks.append((offset, data))
+                state.held_bytes += len(data)
+                self._chunk_bytes += len(data)
+                if tp not in self._ready:
+                    self._ready[tp] = None  # at the end of the rotation
+                arrived = True
+            if arrived:
+                self._data.notify_all()
 
     def _out_of_range(self, tp, epoch: int, offset: int, log_start: int, log_end: int) -> None:
         with self._lock:
@@ -433,6 +533,7 @@ class Consumer:
             if state is None or state.epoch != epoch or state.fetch_offset != offset:
                 return
             state.epoch += 1
+            self._drop_buffer(tp, state)
             if self.auto_offset_reset == "none":
                 state.fetch_offset = None
                 state.error = OffsetOutOfRange(

@@ -167,11 +167,12 @@ class Fetcher(BackgroundIO):
             return
         parts = current[1]
         retry = False
+        fetched = []  # handed over together, so that the partitions of one reply join poll()'s rotation together
         for (topic, partition, code, message, log_start, log_end, next_offset), data in zip(result["parts"], bulk):
             tp = (topic, partition)
             offset, epoch, _ = parts[tp]
             if code is None:
-                self.consumer._fetched(tp, epoch, offset, bytes(data), next_offset, log_end)
+                fetched.append((tp, epoch, offset, bytes(data), next_offset, log_end))
             elif code == OffsetOutOfRange.code:
                 self.consumer._out_of_range(tp, epoch, offset, log_start, log_end)
             elif error_class(code).retriable:
@@ -180,5 +181,7 @@ class Fetcher(BackgroundIO):
                     self._refresh_metadata(force=True)
             else:
                 self.consumer._fetch_error(tp, epoch, error_for(code, message))
+        if fetched:
+            self.consumer._fetched(fetched)
         if retry:  # after a back-off: the same question to the same node would get the same answer at once
             self.outstanding[node_id] = (None, parts, time.monotonic() + self.retry_backoff_s)

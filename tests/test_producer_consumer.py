@@ -291,7 +291,7 @@ def test_poll_does_not_promote_the_programs_young_garbage(cluster):
     with Consumer(cluster.bootstrap, auto_offset_reset="earliest") as consumer:
         consumer.assign([("young", 0)])
         assert wait_for(lambda: consumer.position(("young", 0)) == 0, 10)
-        assert wait_for(lambda: consumer._chunks, 10)  # fetched, not decoded yet
+        assert wait_for(lambda: consumer._chunk_bytes, 10)  # fetched, not decoded yet
         gc.collect()
         cycle = Cycle()
         cycle.me = cycle

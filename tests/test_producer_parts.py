@@ -1,19 +1,24 @@
-"""The producer's parts that need no cluster: the lazy futures of send_many(), the GIL switch-interval
-holder, and the background I/O thread's hold on its sockets."""
+"""The clients' parts that need no cluster: the lazy futures of send_many(), the GIL switch-interval
+holder, the background I/O thread's hold on its sockets, and the order poll() serves partitions in."""
 
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import threading
+from collections import OrderedDict
 
 import pytest
 import zmq
 
-from bus import gil
+from bus import Consumer, TopicPartition, gil
 from bus.background import BackgroundIO
+from bus.batch import pack_batch, stamp
 from bus.clock import LOOP_WAIT_MS_MAX
+from bus.errors import CorruptRecord
 from bus.producer import FutureList, ProducerBatch, RecordFuture
+from bus.rotation import take_in_turn
 from tests.conftest import wait_for
 
 
@@ -111,3 +116,111 @@ def test_background_thread_closes_the_coordinator_it_replaced():
     terminated.start()
     terminated.join(5.0)
     assert not terminated.is_alive(), "a socket of the background thread was left open"
+
+
+# -- poll()'s rotation (bus/rotation.py) ---------------------------------------------------------------
+
+class _Buffers:
+    """Partitions' buffered items as the consumer holds them, for ``take_in_turn``; items may arrive while a
+    take runs (as the fetcher hands over chunks while poll() decodes), and every take is recorded."""
+
+    def __init__(self, rng: random.Random, keys: int):
+        self.rng = rng
+        self.ready: OrderedDict = OrderedDict()
+        self.buffered = {k: [] for k in range(keys)}
+        self.sent = {k: 0 for k in range(keys)}
+        self.served: list = []  # (key, items) in the order taken
+
+    def arrive(self, key: int, count: int) -> None:
+        self.buffered[key] += range(self.sent[key], self.sent[key] + count)
+        self.sent[key] += count
+        if count and key not in self.ready:
+            self.ready[key] = None
+
+    def take(self, key, n: int):
+        if self.rng.random() < 0.3:  # data arriving mid-take (while the consumer decodes), for any key
+            self.arrive(self.rng.randrange(len(self.buffered)), self.rng.randrange(1, 50))
+        items, self.buffered[key] = self.buffered[key][:n], self.buffered[key][n:]
+        self.served.append((key, items))
+        return len(items), bool(self.buffered[key])
+
+
+def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
+    ready = OrderedDict.fromkeys("abc")
+    left = {"a": 250, "b": 40, "c": 1000}
+    served = []
+
+    def take(key, n):
+        k = min(n, left[key])
+        left[key] -= k
+        served.append((key, k))
+        return k, left[key] > 0
+
+    for _ in range(6):
+        assert take_in_turn(ready, 100, take) == 100  # never short while anything is buffered
+    # a; then b runs out and the same poll goes on to c; a again; c; a's last 50 and c's; c ...
+    assert served == [("a", 100), ("b", 40), ("c", 60), ("a", 100), ("c", 100), ("a", 50), ("c", 50), ("c", 100)]
+    assert list(ready) == ["c"] and left == {"a": 0, "b": 0, "c": 690}
+    assert take_in_turn(ready, 0, take) == 0 and take_in_turn(OrderedDict(), 10, take) == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_take_in_turn_never_leaves_a_key_with_data_more_than_one_turn_behind(seed):
+    """Random arrivals and takes of random sizes: every item once and in order, no take short while items
+    are buffered, and a key with data never sees another served twice before its own turn."""
+    rng = random.Random(seed)
+    buffers = _Buffers(rng, keys=rng.randrange(1, 9))
+    got = {k: [] for k in buffers.buffered}
+    waiting: dict = {}  # key with data -> {other key: times served since this one's last turn, or its data came}
+    for _ in range(300):
+        for _ in range(rng.randrange(3)):
+            buffers.arrive(rng.randrange(len(got)), rng.randrange(0, 300))
+        for key in buffers.ready:
+            waiting.setdefault(key, {})
+        before = sum(map(len, buffers.buffered.values()))
+        want = rng.randrange(1, 200)
+        start = len(buffers.served)
+        taken = take_in_turn(buffers.ready, want, buffers.take)
+        assert taken == min(want, before) or taken > before  # short only when everything was taken
+        for key, items in buffers.served[start:]:
+            got[key] += items
+            for other, counts in waiting.items():
+                if other != key:
+                    counts[key] = counts.get(key, 0) + 1
+                    assert counts[key] <= 1, f"{key} served twice while {other} waited with data"
+            waiting.pop(key, None)  # waits again from the next look on (a take goes past a key only if it ran out)
+        waiting = {key: counts for key, counts in waiting.items() if key in buffers.ready}
+        assert set(buffers.ready) == {k for k, items in buffers.buffered.items() if items}
+    for key, items in got.items():
+        assert items == list(range(len(items))) and len(items) + len(buffers.buffered[key]) == buffers.sent[key]
+
+
+def _stored(base_offset: int, values: list) -> bytes:
+    """A batch of ``values`` as a node stores and serves it."""
+    flat = [field for value in values for field in (None, None, value, None)]
+    return bytes(stamp(pack_batch(flat, len(values)), base_offset, 1_000)[0])
+
+
+def test_a_corrupt_batch_comes_after_the_records_before_it_and_is_fetched_again():
+    """The consumer's buffer, fed as its fetcher feeds it (no cluster: the fetcher finds no coordinator)."""
+    consumer = Consumer("tcp://127.0.0.1:1", request_timeout_ms=100)
+    try:
+        tp = TopicPartition("t", 0)
+        consumer._set_assignment([tp], {tp: 0})
+        bad = bytearray(_stored(2, [b"c", b"d"]))
+        bad[-1] ^= 0x01
+        consumer._fetched([(tp, 0, 0, _stored(0, [b"a", b"b"]) + bytes(bad), 4, 4)])
+        assert [r.value for r in consumer.poll(timeout_ms=0)] == [b"a", b"b"]  # the records before it first
+        consumer._check_invariants()
+        with pytest.raises(CorruptRecord, match="CRC32C"):
+            consumer.poll(timeout_ms=0)
+        assert consumer.position(tp) == 2 and consumer._chunk_bytes == 0
+        state = consumer._states[tp]
+        assert state.fetch_offset == 2 and not state.has_data()  # fetched again from the corrupt batch on
+        consumer._fetched([(tp, 0, 2, _stored(2, [b"c", b"d"]), 4, 4)])  # an answer to the old fetch: dropped
+        assert consumer.poll(timeout_ms=0) == []
+        consumer._fetched([(tp, state.epoch, 2, _stored(2, [b"c", b"d"]), 4, 4)])
+        assert [(r.offset, r.value) for r in consumer.poll(timeout_ms=0)] == [(2, b"c"), (3, b"d")]
+        consumer._check_invariants()
+    finally:
+        consumer.close()
