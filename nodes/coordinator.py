@@ -76,7 +76,10 @@ class Coordinator:
         # Kafka's protocol (docs/kafka.md): bootstrap, ApiVersions and Metadata listing every live node.
         self.kafka = None if not kafka_listen else kafka.listen(
             kafka_listen, cluster_id=lambda: self.controller.cluster_id, brokers=self._kafka_brokers,
-            topics=lambda: self.controller.topics, handlers=None, frame_bytes_max=16 << 20)
+            topics=lambda: self.controller.topics, handlers=None,
+            init_producer_id=lambda answer: answer(self._persisted(self.controller.init_producer_id(monotonic_ms())),
+                                                   None),
+            frame_bytes_max=16 << 20)
         serve(self.metrics.registry, metrics_port, metrics_addr)
 
     def _kafka_brokers(self) -> dict:

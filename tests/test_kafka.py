@@ -1,9 +1,8 @@
 """Kafka's protocol on a real cluster (coordinator and node processes, LocalCluster(kafka_port=0)), driven by
 real Kafka clients: kcat (librdkafka), confluent-kafka (librdkafka 2.x) and kafka-python 3.x, beside the
-bus's own Producer and Consumer (docs/kafka.md).
-
-Idempotence is off in every Kafka client here (``enable.idempotence=false``): InitProducerId is not
-implemented yet, and ApiVersions does not advertise it.
+bus's own Producer and Consumer (docs/kafka.md). The Kafka producers run idempotent (InitProducerId, the
+bus's producer ids and sequences) as their defaults or settings have them, but kcat's first test, which
+shows a plain producer too.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ confluent_kafka = pytest.importorskip("confluent_kafka")
 kafka = pytest.importorskip("kafka")
 from kafka.protocol.consumer import FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse  # noqa: E402
 from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse  # noqa
-from kafka.protocol.producer import ProduceRequest, ProduceResponse  # noqa: E402
+from kafka.protocol.producer import (InitProducerIdRequest, InitProducerIdResponse, ProduceRequest,  # noqa: E402
+                                     ProduceResponse)
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder  # noqa: E402
 
 KCAT = shutil.which("kcat")
@@ -89,7 +89,7 @@ def request(address: str, message, correlation_id: int = 1, sock: socket.socket 
         data = recv_frame(sock)
         assert struct.unpack_from(">i", data)[0] == correlation_id
         response = {0: ProduceResponse, 1: FetchResponse, 2: ListOffsetsResponse, 3: MetadataResponse,
-                    18: ApiVersionsResponse}[message.API_KEY][message.API_VERSION]
+                    18: ApiVersionsResponse, 22: InitProducerIdResponse}[message.API_KEY][message.API_VERSION]
         flexible = response.flexible_version_q(message.API_VERSION) and response.API_KEY != 18
         return response.decode(data[4 + flexible:])
     finally:
@@ -155,10 +155,14 @@ def test_kcat_produces_and_the_bus_consumer_reads_the_same_records_at_the_same_o
     produced = kcat("-b", kafka_cluster.kafka_bootstrap, "-P", "-t", "kcat-in", "-p", "1", "-K", "|",
                     "-H", "source=kcat", "-H", "n=1", "-X", "enable.idempotence=false", "-X", "acks=all", stdin=lines)
     assert produced.returncode == 0, produced.stderr
+    more = "".join(f"key-{i}|value-{i}\n" for i in range(20, 25))
+    produced = kcat("-b", kafka_cluster.kafka_bootstrap, "-P", "-t", "kcat-in", "-p", "1", "-K", "|",
+                    "-H", "source=kcat", "-H", "n=1", "-X", "enable.idempotence=true", stdin=more)
+    assert produced.returncode == 0, produced.stderr
     after_ms = int(time.time() * 1000)
-    records = read_bus(kafka_cluster, "kcat-in", 2, 20)
+    records = read_bus(kafka_cluster, "kcat-in", 2, 25)
     assert [(r.partition, r.offset, r.key, r.value) for r in records] == [
-        (1, i, b"key-%d" % i, b"value-%d" % i) for i in range(20)]
+        (1, i, b"key-%d" % i, b"value-%d" % i) for i in range(25)]
     assert all([tuple(h) for h in r.headers] == [("source", b"kcat"), ("n", b"1")] for r in records)
     assert all(before_ms - 1000 <= r.timestamp_ms <= after_ms for r in records)
     # kcat reading them back sees the timestamps the bus consumer saw (the producer's, CreateTime)
@@ -217,11 +221,11 @@ def test_the_bus_producer_writes_and_kcat_and_kafka_python_read_exactly_those(ka
         consumer.close()
 
 
-def test_confluent_kafka_produces_1000_keyed_records_with_acks_all_and_reads_them_back_by_assign(kafka_cluster):
+def test_confluent_kafka_produces_1000_keyed_records_idempotent_with_acks_all_and_reads_them_back(kafka_cluster):
     from confluent_kafka import OFFSET_BEGINNING, Consumer as KConsumer, Producer as KProducer, TopicPartition
 
     bootstrap = kafka_cluster.kafka_bootstrap
-    producer = KProducer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": False,
+    producer = KProducer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
                           "linger.ms": 5})
     delivered, failed = {}, []
 
@@ -262,8 +266,9 @@ def test_kafka_python_produces_compressed_batches_that_the_bus_consumer_reads(ka
 
     sent = {}  # offset -> (key, value)
     for codec_name in ("gzip", "lz4", "zstd"):
-        producer = KafkaProducer(bootstrap_servers=kafka_cluster.kafka_bootstrap, enable_idempotence=False, acks=1,
-                                 linger_ms=5, compression_type=codec_name, request_timeout_ms=10_000)
+        # kafka-python's defaults otherwise: idempotent, acks=-1
+        producer = KafkaProducer(bootstrap_servers=kafka_cluster.kafka_bootstrap, linger_ms=5,
+                                 compression_type=codec_name, request_timeout_ms=10_000)
         try:
             rows = [(b"%s-%d" % (codec_name.encode(), i), b"compressed-%d" % i * 10) for i in range(20)]
             futures = [producer.send("raw", key=key, value=value, partition=0) for key, value in rows]
@@ -392,7 +397,32 @@ def test_an_unknown_api_key_or_version_is_unsupported_version_and_the_connection
             data = recv_frame(sock)
             answer = ApiVersionsResponse[0].decode(data[4:])
             assert struct.unpack_from(">i", data)[0] == correlation_id
-            assert answer.error_code == 35 and {k.api_key for k in answer.api_keys} == {0, 1, 2, 3, 18}
+            assert answer.error_code == 35 and {k.api_key for k in answer.api_keys} == {0, 1, 2, 3, 18, 22}
         assert request(address, ApiVersionsRequest[3](), correlation_id=20, sock=sock).error_code == 0
     finally:
         sock.close()
+
+
+def idempotent_batch(producer_id: int, epoch: int, sequence: int, values) -> bytes:
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=producer_id,
+                                        producer_epoch=epoch, base_sequence=sequence, batch_size=1 << 20)
+    for offset, value in enumerate(values):
+        builder.append(offset, timestamp=1_700_000_000_000, key=None, value=value, headers=[])
+    return bytes(builder.build())
+
+
+def test_init_producer_id_and_a_retried_idempotent_batch_is_written_once(kafka_cluster):
+    leader = leader_address(kafka_cluster, "raw", 0)
+    ids = [request(address, InitProducerIdRequest[version](transactional_id=None, transaction_timeout_ms=60_000))
+           for address, version in ((leader, 4), (kafka_cluster.kafka_bootstrap, 0))]  # a node asks the coordinator
+    assert [i.error_code for i in ids] == [0, 0] and ids[0].producer_id != ids[1].producer_id
+    producer_id, epoch = ids[0].producer_id, ids[0].producer_epoch
+    first = produce_raw(leader, "raw", 0, idempotent_batch(producer_id, epoch, 0, [b"a", b"b"]), acks=-1)
+    again = produce_raw(leader, "raw", 0, idempotent_batch(producer_id, epoch, 0, [b"a", b"b"]), acks=-1)
+    assert first.error_code == again.error_code == 0 and again.base_offset == first.base_offset
+    gap = produce_raw(leader, "raw", 0, idempotent_batch(producer_id, epoch, 5, [b"c"]), acks=-1)
+    assert gap.error_code == 45  # OUT_OF_ORDER_SEQUENCE_NUMBER
+    follows = produce_raw(leader, "raw", 0, idempotent_batch(producer_id, epoch, 2, [b"c"]), acks=-1)
+    assert follows.error_code == 0 and follows.base_offset == first.base_offset + 2
+    transactional = request(leader, InitProducerIdRequest[4](transactional_id="tx", transaction_timeout_ms=60_000))
+    assert transactional.error_code != 0  # no transactions yet

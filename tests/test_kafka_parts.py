@@ -65,8 +65,7 @@ def stored(bus_bytes: bytes, base_offset: int, append_ts_ms: int = 1_800_000_000
 
 @pytest.mark.parametrize("compression", [0, 1, 3, 4], ids=["none", "gzip", "lz4", "zstd"])
 def test_a_kafka_batch_survives_the_bus_and_back_with_offsets_keys_headers_and_timestamps(compression):
-    [view] = records.split_batches(kafka_batch(ROWS, compression))
-    bus_bytes, count = records.to_bus_batch(view)
+    bus_bytes, count = records.to_bus_batches(kafka_batch(ROWS, compression))
     assert count == len(ROWS)
     header = bus_batch.verify(bus_bytes)
     stamps, keys, values, headers = bus_batch.read_columns(bus_bytes[bus_batch.HEADER_BYTES:], count)
@@ -272,3 +271,25 @@ def test_bus_error_codes_map_to_kafka_codes():
     assert codec.kafka_code("NOT_ENOUGH_REPLICAS") == 19 and codec.kafka_code("CORRUPT_RECORD") == 2
     assert codec.kafka_code("RECORD_TOO_LARGE") == 10 and codec.kafka_code("OFFSET_OUT_OF_RANGE") == 1
     assert codec.kafka_code("SOMETHING_NEW") == codec.UNKNOWN_SERVER_ERROR
+
+
+def idempotent(sequence: int, count: int, producer_id: int = 42, epoch: int = 3) -> bytes:
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=producer_id,
+                                        producer_epoch=epoch, base_sequence=sequence, batch_size=1 << 20)
+    for offset in range(count):
+        builder.append(offset, timestamp=5, key=None, value=b"s%d" % (sequence + offset), headers=[])
+    return bytes(builder.build())
+
+
+def test_the_idempotent_producers_id_epoch_and_sequence_become_the_bus_batchs():
+    bus_bytes, count = records.to_bus_batches(idempotent(10, 3) + idempotent(13, 2))
+    header = bus_batch.verify(bus_bytes)
+    assert count == header.record_count == 5
+    assert (header.producer_id, header.producer_epoch, header.base_sequence) == (42, 3, 10)
+    assert bus_batch.read_columns(bus_bytes[bus_batch.HEADER_BYTES:], 5)[2] == [b"s%d" % i for i in range(10, 15)]
+    for parts in (idempotent(10, 3) + idempotent(14, 1), idempotent(0, 1) + idempotent(1, 1, producer_id=43),
+                  idempotent(0, 1) + kafka_batch(ROWS)):
+        with pytest.raises(CorruptRecord, match="consecutive"):
+            records.to_bus_batches(parts)
+    header = bus_batch.verify(records.to_bus_batches(kafka_batch(ROWS))[0])
+    assert (header.producer_id, header.producer_epoch, header.base_sequence) == (-1, -1, -1)

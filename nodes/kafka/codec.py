@@ -29,7 +29,7 @@ from kio.schema.errors import ErrorCode
 from kio.serial import entity_reader, entity_writer
 from kio.serial.errors import BufferUnderflow
 
-PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS = 0, 1, 2, 3, 18
+PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS, INIT_PRODUCER_ID = 0, 1, 2, 3, 18, 22
 # api key -> (kio schema package, lowest version, highest version): what ApiVersions advertises, and all
 # that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record batches of magic 2;
 # the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others what today's
@@ -40,6 +40,7 @@ SUPPORTED = {
     LIST_OFFSETS: ("list_offsets", 1, 6),
     METADATA: ("metadata", 1, 12),
     API_VERSIONS: ("api_versions", 0, 3),
+    INIT_PRODUCER_ID: ("init_producer_id", 0, 4),  # the idempotent producer's id (no transactions)
 }
 
 # Kafka's error codes used here (org.apache.kafka.common.protocol.Errors).
@@ -49,6 +50,7 @@ CORRUPT_MESSAGE = 2
 UNKNOWN_TOPIC_OR_PARTITION = 3
 NOT_LEADER_OR_FOLLOWER = 6
 REQUEST_TIMED_OUT = 7
+COORDINATOR_NOT_AVAILABLE = 15
 MESSAGE_TOO_LARGE = 10
 NOT_ENOUGH_REPLICAS = 19
 NOT_ENOUGH_REPLICAS_AFTER_APPEND = 20
@@ -61,6 +63,7 @@ UNKNOWN_LEADER_EPOCH = 75
 UNSUPPORTED_COMPRESSION_TYPE = 76
 OFFSET_NOT_AVAILABLE = 78
 INVALID_RECORD = 87
+TRANSACTIONAL_ID_NOT_FOUND = 105
 UNKNOWN_SERVER_ERROR = -1
 
 # The bus's error codes (bus/errors.py) as Kafka's: what a Kafka client must do with each is what a bus
@@ -81,6 +84,8 @@ FROM_BUS = {
     "NOT_COMMITTED": NOT_ENOUGH_REPLICAS_AFTER_APPEND,
     "STORAGE_FULL": KAFKA_STORAGE_ERROR,
     "OUT_OF_ORDER_SEQUENCE": OUT_OF_ORDER_SEQUENCE_NUMBER,
+    "PRODUCER_FENCED": 47,  # INVALID_PRODUCER_EPOCH: a newer epoch of the producer id exists
+    "NODE_UNAVAILABLE": COORDINATOR_NOT_AVAILABLE,
     "INVALID_REQUEST": INVALID_REQUEST,
     "UNSUPPORTED_VERSION": UNSUPPORTED_VERSION,
     "UNSUPPORTED_COMPRESSION_TYPE": UNSUPPORTED_COMPRESSION_TYPE,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import NamedTuple
 
 import lz4.frame
 import zstandard
@@ -150,11 +151,18 @@ def _decompress(codec: int, data) -> bytes:
                                  "use none, gzip, lz4 or zstd")
 
 
-def decode_batch(view) -> tuple[int, list]:
+class Decoded(NamedTuple):
+    record_count: int
+    flat: list  # timestamp ms or None, key, value, headers per record, as bus.batch.pack_batch takes them
+    producer_id: int  # -1 for none; else the idempotent producer's, with its epoch and first sequence
+    producer_epoch: int
+    base_sequence: int
+
+
+def decode_batch(view) -> Decoded:
     """One Kafka batch (as ``split_batches`` gives it) checked (magic, CRC-32C, lengths, record count,
-    offset deltas): (record count, flat records as ``bus.batch.pack_batch`` takes them: timestamp ms, key,
-    value, headers for each)."""
-    (_, length, _, magic, crc, attributes, last_delta, base_ts, max_ts, producer_id, _, _,
+    offset deltas), its records as ``bus.batch.pack_batch`` takes them."""
+    (_, length, _, magic, crc, attributes, last_delta, base_ts, max_ts, producer_id, producer_epoch, base_sequence,
      count) = HEADER.unpack_from(view, 0)
     if magic != MAGIC:
         raise CorruptRecord(f"batch magic {magic}: only record batches of magic 2 are taken")
@@ -203,13 +211,29 @@ def decode_batch(view) -> tuple[int, list]:
         flat += (timestamp, key, value, headers)
     if at != end:
         raise CorruptRecord(f"{end - at} bytes after the batch's {count} records")
-    return count, flat
+    if producer_id < 0:
+        producer_epoch = base_sequence = -1
+    elif producer_epoch < 0 or base_sequence < 0:
+        raise CorruptRecord(f"producer id {producer_id} with epoch {producer_epoch}, base sequence {base_sequence}")
+    return Decoded(count, flat, producer_id, producer_epoch, base_sequence)
 
 
-def to_bus_batch(view) -> tuple[bytes, int]:
-    """One Kafka batch as one bus batch (unstamped, as a bus producer would send it): (bytes, record count)."""
-    count, flat = decode_batch(view)
-    return bus_batch.pack_batch(flat, count), count
+def to_bus_batches(records) -> tuple[bytes, int]:
+    """A produce's ``records`` for one partition (one Kafka batch or more) as one bus batch, unstamped as a
+    bus producer would send it, with the idempotent producer's id, epoch and first sequence: (bytes, record
+    count). More than one batch must be one producer's consecutive sequences."""
+    decoded = [decode_batch(view) for view in split_batches(records)]
+    if not decoded:
+        raise CorruptRecord("no records")
+    first = decoded[0]
+    flat, count = [], 0
+    for batch in decoded:
+        if (batch.producer_id, batch.producer_epoch) != (first.producer_id, first.producer_epoch) or (
+                first.producer_id >= 0 and batch.base_sequence != first.base_sequence + count):
+            raise CorruptRecord("the batches of one partition are not one producer's consecutive sequences")
+        flat += batch.flat
+        count += batch.record_count
+    return bus_batch.pack_batch(flat, count, first.producer_id, first.producer_epoch, first.base_sequence), count
 
 
 # -- bus -> Kafka (fetch) ----------------------------------------------------------------------------

@@ -3,10 +3,16 @@ the ZeroMQ ROUTER serves (``Node._produce``, ``_fetch``, ``_list_offsets``), and
 Kafka's response. So a Kafka produce takes part in the node's group commit, an acks=-1 produce waits in
 the node's purgatory for the high watermark, and a fetch long-polls there like a bus consumer's.
 
-``KafkaService(cluster_id, brokers, topics, handlers)``: three callables saying what Metadata tells (the
-cluster id; node id -> "host:port" of every live node's Kafka listener; the placement, as the controller
-keeps it), and the node's op handlers, or None on the coordinator, which leads nothing and answers every
-partition of a produce, fetch or list-offsets with NOT_LEADER_OR_FOLLOWER.
+``KafkaService(cluster_id, brokers, topics, handlers, init_producer_id)``: three callables saying what
+Metadata tells (the cluster id; node id -> "host:port" of every live node's Kafka listener; the placement,
+as the controller keeps it); the node's op handlers, or None on the coordinator, which leads nothing and
+answers every partition of a produce, fetch or list-offsets with NOT_LEADER_OR_FOLLOWER; and
+``init_producer_id(answer)``, which gets a new producer id from the controller and calls ``answer(result,
+bus error code)`` (at once on the coordinator, once its reply is in on a node).
+
+The idempotent producer: InitProducerId hands out the bus's own producer ids (the controller's persisted
+counter), and a Kafka batch's producer id, epoch and base sequence become the bus batch's, so the node's
+sequence check (``PartitionLog.check_sequence``) recognises Kafka clients' retries as it does the bus's.
 
 Conversion (this first step; docs/kafka.md): a Kafka batch is converted into a bus batch on produce and
 every stored batch back into a Kafka batch on fetch (``records.py``).
@@ -19,7 +25,6 @@ import time
 import uuid
 
 from bus import wire
-from bus.batch import pack_batch
 from bus.errors import BusError, CorruptRecord
 
 from ..server import LATER, Reply, Request
@@ -40,11 +45,13 @@ def topic_uuid(cluster_id: str | None, topic_id: int) -> uuid.UUID:
 
 
 class KafkaService:
-    def __init__(self, cluster_id, brokers, topics, handlers: dict | None):
+    def __init__(self, cluster_id, brokers, topics, handlers: dict | None, init_producer_id):
         self.cluster_id, self.brokers, self.topics = cluster_id, brokers, topics
         self.handlers = handlers
+        self.init_producer_id = init_producer_id
         self.apis = {codec.API_VERSIONS: self._api_versions, codec.METADATA: self._metadata,
-                     codec.PRODUCE: self._produce, codec.FETCH: self._fetch, codec.LIST_OFFSETS: self._list_offsets}
+                     codec.PRODUCE: self._produce, codec.FETCH: self._fetch, codec.LIST_OFFSETS: self._list_offsets,
+                     codec.INIT_PRODUCER_ID: self._init_producer_id}
 
     def handle(self, header: codec.RequestHeader, body, respond) -> None:
         self.apis[header.api_key](header, body, respond)
@@ -81,6 +88,22 @@ class KafkaService:
                            "is_internal": False, "partitions": partitions})
         respond({"throttle_time": 0, "brokers": brokers, "cluster_id": cluster_id, "controller_id": -1,
                  "topics": topics})
+
+    def _init_producer_id(self, header, body, respond) -> None:
+        if body.transactional_id is not None:
+            respond({"throttle_time": 0, "error_code": codec.TRANSACTIONAL_ID_NOT_FOUND, "producer_id": -1,
+                     "producer_epoch": -1})  # no transactions yet
+            return
+
+        def answer(result, bus_code) -> None:
+            if result is None:
+                respond({"throttle_time": 0, "error_code": codec.kafka_code(bus_code) if bus_code != "TIMEOUT"
+                         else codec.COORDINATOR_NOT_AVAILABLE, "producer_id": -1, "producer_epoch": -1})
+            else:
+                respond({"throttle_time": 0, "error_code": codec.NONE, "producer_id": result["producer_id"],
+                         "producer_epoch": result["epoch"]})
+
+        self.init_producer_id(answer)
 
     # -- the bus's handlers, asked as the ROUTER asks them ----------------------------------------
 
@@ -156,15 +179,11 @@ class KafkaService:
 
     @staticmethod
     def _convert(data) -> bytearray:
-        """A partition's Kafka records (one or more batches) as one bus batch."""
+        """A partition's Kafka records (one or more batches) as one bus batch (writable: the node stamps it
+        in place)."""
         if not data:
             raise CorruptRecord("no records")
-        flat, count = [], 0
-        for view in records.split_batches(data):
-            n, batch_flat = records.decode_batch(view)
-            flat += batch_flat
-            count += n
-        return bytearray(pack_batch(flat, count))
+        return bytearray(records.to_bus_batches(data)[0])
 
     # -- Fetch ---------------------------------------------------------------------------------------
 
