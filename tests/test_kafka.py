@@ -28,6 +28,8 @@ from kafka.protocol.producer import (InitProducerIdRequest, InitProducerIdRespon
                                      ProduceResponse)
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder  # noqa: E402
 
+from tests.test_kafka_parts import ABORTED_KIO  # noqa: E402
+
 KCAT = shutil.which("kcat")
 TOPICS = {"kcat-in": 2, "bus-out": 2, "confluent": 3, "raw": 1}
 CLIENT_S = 20  # a Kafka client command's timeout
@@ -378,6 +380,10 @@ def test_malformed_frames_and_oversized_lengths_close_that_connection_and_the_no
         rogue = connect(address)
         body = struct.pack(">hhih", 0, 9, 1, -1) + b"\x00" + b"\xff" * 30  # a produce of garbage
         rogue.sendall(struct.pack(">i", len(body)) + body)
+        assert closed_by_peer(rogue)
+        rogue.close()
+        rogue = connect(address)
+        rogue.sendall(struct.pack(">i", len(ABORTED_KIO)) + ABORTED_KIO)  # killed a node decoding with kio
         assert closed_by_peer(rogue)
         rogue.close()
         # the connection opened before is still served, and so are new ones

@@ -1,5 +1,5 @@
 """Kafka's wire protocol on the bus's servers (issue 13; docs/kafka.md): the framing (``framing.py``), the
-messages through kio (``codec.py``), Kafka's record batches to and from the bus's (``records.py``), the APIs
+messages through kafka-python's kafka.protocol (``codec.py``), Kafka's record batches to and from the bus's (``records.py``), the APIs
 over a server's own handlers (``service.py``) and the TCP listener in the server's loop (``listener.py``).
 """
 

@@ -1,46 +1,41 @@
-"""Kafka's request and response messages, through ``kio`` (message types generated from Kafka's own JSON
-schemas; docs/kafka.md says why kio). Pure: a request frame's bytes in, a decoded header and body out; a
-response's fields (plain dicts, ints and strings) in, its frame's bytes out. No sockets.
+"""Kafka's request and response messages, through kafka-python 3's ``kafka.protocol`` (message types
+generated from Kafka's own JSON schemas; docs/kafka.md says why this one). Pure: a request frame's bytes
+in, a decoded header and body out; a response's fields (plain dicts, ints and strings) in, its frame's
+bytes out. No sockets.
 
-What is implemented is exactly ``SUPPORTED``, the table ApiVersions advertises: one dict per API key of
-(schema name, lowest version, highest version). A request for any other key or version is refused by
-``decode_request`` with ``Unsupported``, whose answer (``unsupported_response``) is ApiVersions v0's
-shape: correlation id, UNSUPPORTED_VERSION and the supported ranges, which is what a Kafka broker answers to
-an ApiVersions it does not speak, and what a client that sent something else at least reads as an error.
+What is implemented is exactly ``SUPPORTED``, the table ApiVersions advertises: per API key (the
+schema's request and response classes, lowest version, highest version). A request for any other key or
+version is refused by ``decode_request`` with ``Unsupported``, whose answer (``unsupported_response``) is
+ApiVersions v0's shape: correlation id, UNSUPPORTED_VERSION and the supported ranges, which is what a Kafka
+broker answers to an ApiVersions it does not speak, and what a client that sent something else at least
+reads as an error. A frame that does not decode is ``Malformed`` (the listener closes the connection).
 
 Responses are built by ``build(cls, values)`` from nested dicts: a field not given takes its schema
-default (or the zero of its type), so one dict of fields serves every version of an API and fields a
-version does not have are ignored.
+default, so one dict of fields serves every version of an API, and a version encodes only its own fields.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import importlib
-import io
 import struct
-import types
 import typing
-import uuid
 from functools import cache
 
-from kio.schema.errors import ErrorCode
-from kio.serial import entity_reader, entity_writer
-from kio.serial.errors import BufferUnderflow
+from kafka.protocol.consumer import FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse
+from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse
+from kafka.protocol.producer import InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS, INIT_PRODUCER_ID = 0, 1, 2, 3, 18, 22
-# api key -> (kio schema package, lowest version, highest version): what ApiVersions advertises, and all
-# that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record batches of magic 2;
-# the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others what today's
-# clients (librdkafka 2.x, kafka-python 3.x) use without features not implemented here.
+# api key -> (request class, response class, lowest version, highest version): what ApiVersions
+# advertises, and all that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record
+# batches of magic 2; the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others
+# what today's clients (librdkafka 2.x, kafka-python 3.x) use without features not implemented here.
 SUPPORTED = {
-    PRODUCE: ("produce", 3, 9),
-    FETCH: ("fetch", 4, 12),
-    LIST_OFFSETS: ("list_offsets", 1, 6),
-    METADATA: ("metadata", 1, 12),
-    API_VERSIONS: ("api_versions", 0, 3),
-    INIT_PRODUCER_ID: ("init_producer_id", 0, 4),  # the idempotent producer's id (no transactions)
+    PRODUCE: (ProduceRequest, ProduceResponse, 3, 9),
+    FETCH: (FetchRequest, FetchResponse, 4, 12),
+    LIST_OFFSETS: (ListOffsetsRequest, ListOffsetsResponse, 1, 6),
+    METADATA: (MetadataRequest, MetadataResponse, 1, 12),
+    API_VERSIONS: (ApiVersionsRequest, ApiVersionsResponse, 0, 3),
+    INIT_PRODUCER_ID: (InitProducerIdRequest, InitProducerIdResponse, 0, 4),  # idempotence; no transactions
 }
 
 # Kafka's error codes used here (org.apache.kafka.common.protocol.Errors).
@@ -117,11 +112,17 @@ class RequestHeader(typing.NamedTuple):
 
 @cache
 def message_class(api_key: int, version: int, kind: str):
-    """kio's class for a request or response (``kind``) of ``api_key`` at ``version``."""
-    name = SUPPORTED[api_key][0]
-    module = importlib.import_module(f"kio.schema.{name}.v{version}.{kind}")
-    suffix = "Request" if kind == "request" else "Response"
-    return getattr(module, "".join(part.capitalize() for part in name.split("_")) + suffix)
+    """The class of a request or response (``kind``) of ``api_key`` at ``version``."""
+    request, response, _, _ = SUPPORTED[api_key]
+    return (request if kind == "request" else response)[version]
+
+
+# What a body's decoder raises on bytes that are not that message (found by fuzzing it,
+# tests/test_kafka_parts.py): struct.error on a short buffer, IndexError past the end, ValueError and
+# UnicodeDecodeError on bad lengths and strings; the others on values no field takes. It allocates nothing
+# by a length it read before reading that many items, so a hostile array length fails on the buffer's end.
+_DECODE_ERRORS = (struct.error, IndexError, ValueError, UnicodeDecodeError, KeyError, TypeError, OverflowError,
+                  MemoryError)
 
 
 _HEADER = struct.Struct(">hhih")
@@ -143,7 +144,7 @@ def _read_uvarint(buf, at: int) -> tuple[int, int]:
 
 
 def decode_request(frame) -> tuple[RequestHeader, object]:
-    """A request frame (without its length prefix) as (header, kio request entity). ``Malformed`` for a
+    """A request frame (without its length prefix) as (header, request message). ``Malformed`` for a
     frame that cannot be read; ``Unsupported`` for a key or version not implemented."""
     view = memoryview(frame)
     if len(view) < _HEADER.size:
@@ -160,10 +161,10 @@ def decode_request(frame) -> tuple[RequestHeader, object]:
         raise Malformed(f"client id length {client_id_len}")
     header = RequestHeader(api_key, api_version, correlation_id, client_id)
     supported = SUPPORTED.get(api_key)
-    if supported is None or not supported[1] <= api_version <= supported[2]:
+    if supported is None or not supported[2] <= api_version <= supported[3]:
         raise Unsupported(api_key, api_version, correlation_id)
     cls = message_class(api_key, api_version, "request")
-    if cls.__flexible__:  # request header v2: tagged fields after the client id
+    if cls.flexible_version_q(api_version):  # request header v2: tagged fields after the client id
         count, at = _read_uvarint(view, at)
         for _ in range(count):
             _, at = _read_uvarint(view, at)
@@ -172,34 +173,26 @@ def decode_request(frame) -> tuple[RequestHeader, object]:
         if at > len(view):
             raise Malformed("tagged fields run past the frame")
     try:
-        body, size = entity_reader(cls)(view, at)
-    except (BufferUnderflow, ValueError, TypeError, IndexError, UnicodeDecodeError, OverflowError) as exc:
-        raise Malformed(f"{cls.__name__} v{api_version} does not decode: {exc.__class__.__name__}: {exc}") from None
-    if at + size != len(view):
-        raise Malformed(f"{len(view) - at - size} bytes after a {cls.__name__} v{api_version}")
+        body = cls.decode(view[at:])
+    except _DECODE_ERRORS as exc:
+        raise Malformed(f"{cls.__name__} does not decode: {exc.__class__.__name__}: {exc}") from None
     return header, body
 
 
 def encode_response(header: RequestHeader, values: dict) -> bytes:
     """The response frame (length prefix included) answering ``header``, built from ``values``."""
     cls = message_class(header.api_key, header.api_version, "response")
-    buffer = io.BytesIO()
-    buffer.write(b"\0\0\0\0")
-    buffer.write(struct.pack(">i", header.correlation_id))
+    body = bytes(build(cls, values).encode())
     # Response header v1 (tagged fields) for flexible versions; ApiVersions always answers with v0, so a
     # client that does not yet know what the broker speaks can read it.
-    if cls.__flexible__ and header.api_key != API_VERSIONS:
-        buffer.write(b"\0")
-    entity_writer(cls)(buffer, build(cls, values))
-    out = buffer.getbuffer()
-    struct.pack_into(">i", out, 0, len(out) - 4)
-    return bytes(out)
+    tagged = cls.flexible_version_q(header.api_version) and header.api_key != API_VERSIONS
+    return struct.pack(">ii", 4 + tagged + len(body), header.correlation_id) + (b"\0" if tagged else b"") + body
 
 
 def api_versions_values(error_code: int = NONE) -> dict:
-    return {"error_code": error_code, "throttle_time": 0,
+    return {"error_code": error_code, "throttle_time_ms": 0,
             "api_keys": [{"api_key": key, "min_version": low, "max_version": high}
-                         for key, (_, low, high) in sorted(SUPPORTED.items())]}
+                         for key, (_, _, low, high) in sorted(SUPPORTED.items())]}
 
 
 def unsupported_response(exc: Unsupported) -> bytes:
@@ -210,73 +203,21 @@ def unsupported_response(exc: Unsupported) -> bytes:
                            api_versions_values(UNSUPPORTED_VERSION))
 
 
-# -- building kio entities from dicts -----------------------------------------------------------------
-
-def _zero(field: dataclasses.Field):
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    kind = field.metadata.get("kafka_type")
-    hint = field.type
-    if _optional(hint):
-        return None
-    if kind in ("timedelta_i32", "timedelta_i64"):
-        return datetime.timedelta(0)
-    if kind == "error_code":
-        return ErrorCode.none
-    if kind == "uuid":
-        return uuid.UUID(int=0)
-    if kind in ("string",):
-        return ""
-    if kind == "bool":
-        return False
-    if kind is not None and (kind.startswith("int") or kind.startswith("uint") or kind == "float64"):
-        return 0
-    if typing.get_origin(hint) is tuple:
-        return ()
-    if dataclasses.is_dataclass(hint):
-        return build(hint, {})
-    raise TypeError(f"no zero value for field {field.name} ({kind}, {hint})")
-
-
-def _optional(hint) -> bool:
-    return isinstance(hint, types.UnionType) and type(None) in hint.__args__
-
-
-@cache
-def _plan(cls) -> tuple:
-    """(name, convert) per field of ``cls``; ``convert`` turns a plain value into what kio writes."""
-    plan = []
-    for field in dataclasses.fields(cls):
-        hint = field.type
-        inner = [a for a in hint.__args__ if a is not type(None)][0] if _optional(hint) else hint
-        kind = field.metadata.get("kafka_type")
-        if typing.get_origin(inner) is tuple and dataclasses.is_dataclass(typing.get_args(inner)[0]):
-            item = typing.get_args(inner)[0]
-            convert = lambda v, item=item: tuple(build(item, x) if isinstance(x, dict) else x for x in v)
-        elif dataclasses.is_dataclass(inner):
-            convert = lambda v, inner=inner: build(inner, v) if isinstance(v, dict) else v
-        elif kind in ("timedelta_i32", "timedelta_i64"):
-            convert = lambda v: datetime.timedelta(milliseconds=v) if isinstance(v, int) else v
-        elif kind == "error_code":
-            convert = ErrorCode
-        elif typing.get_origin(inner) is tuple:
-            convert = tuple
-        else:
-            convert = None
-        plan.append((field.name, convert, field))
-    return tuple(plan)
-
+# -- building messages from dicts ---------------------------------------------------------------------
 
 def build(cls, values: dict):
-    """An instance of the kio dataclass ``cls`` from ``values`` (nested dicts and lists for nested
-    entities); fields not in ``values`` take their default, keys ``cls`` has no field for are ignored."""
+    """An instance of the message or nested struct class ``cls`` from ``values`` (nested dicts and lists for
+    nested structs); fields not in ``values`` take their schema default, keys ``cls`` has no field for
+    are ignored."""
+    fields = cls._struct.fields
     kwargs = {}
-    for name, convert, field in _plan(cls):
-        if name in values:
-            value = values[name]
-            kwargs[name] = value if convert is None or value is None else convert(value)
-        else:
-            kwargs[name] = _zero(field)
+    for name, value in values.items():
+        field = fields.get(name)
+        if field is None:
+            continue
+        if value is not None and field.is_struct_array():
+            value = [build(field.data_class, item) if isinstance(item, dict) else item for item in value]
+        elif value is not None and field.is_struct():
+            value = build(field.data_class, value) if isinstance(value, dict) else value
+        kwargs[name] = value
     return cls(**kwargs)

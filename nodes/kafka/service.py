@@ -86,21 +86,21 @@ class KafkaService:
                     "offline_replicas": [r for r in state["replicas"] if r not in live]})
             topics.append({"error_code": codec.NONE, "name": name, "topic_id": topic_uuid(cluster_id, topic["id"]),
                            "is_internal": False, "partitions": partitions})
-        respond({"throttle_time": 0, "brokers": brokers, "cluster_id": cluster_id, "controller_id": -1,
+        respond({"throttle_time_ms": 0, "brokers": brokers, "cluster_id": cluster_id, "controller_id": -1,
                  "topics": topics})
 
     def _init_producer_id(self, header, body, respond) -> None:
         if body.transactional_id is not None:
-            respond({"throttle_time": 0, "error_code": codec.TRANSACTIONAL_ID_NOT_FOUND, "producer_id": -1,
+            respond({"throttle_time_ms": 0, "error_code": codec.TRANSACTIONAL_ID_NOT_FOUND, "producer_id": -1,
                      "producer_epoch": -1})  # no transactions yet
             return
 
         def answer(result, bus_code) -> None:
             if result is None:
-                respond({"throttle_time": 0, "error_code": codec.kafka_code(bus_code) if bus_code != "TIMEOUT"
+                respond({"throttle_time_ms": 0, "error_code": codec.kafka_code(bus_code) if bus_code != "TIMEOUT"
                          else codec.COORDINATOR_NOT_AVAILABLE, "producer_id": -1, "producer_epoch": -1})
             else:
-                respond({"throttle_time": 0, "error_code": codec.NONE, "producer_id": result["producer_id"],
+                respond({"throttle_time_ms": 0, "error_code": codec.NONE, "producer_id": result["producer_id"],
                          "producer_epoch": result["epoch"]})
 
         self.init_producer_id(answer)
@@ -164,15 +164,15 @@ class KafkaService:
                     code = codec.kafka_code(part_code)
                     base_offset = base_offset if part_code is None else -1
                 by_topic.setdefault(name, []).append({
-                    "index": index, "error_code": code, "base_offset": base_offset, "log_append_time": None,
+                    "index": index, "error_code": code, "base_offset": base_offset, "log_append_time_ms": -1,
                     "log_start_offset": -1, "error_message": message})
             respond({"responses": [{"name": n, "partition_responses": p} for n, p in by_topic.items()],
-                     "throttle_time": 0})
+                     "throttle_time_ms": 0})
 
         if not parts:
             answered(None, (), None) if body.acks != 0 else respond(None)
             return
-        timeout_ms = int(body.timeout.total_seconds() * 1000)
+        timeout_ms = body.timeout_ms
         self._call(wire.PRODUCE, {"acks": acks, "timeout_ms": max(1, timeout_ms), "parts": parts}, answered, bulk)
         if body.acks == 0:
             respond(None)  # Kafka answers nothing, and neither does the node
@@ -198,7 +198,7 @@ class KafkaService:
                 epoch = getattr(p, "current_leader_epoch", -1)
                 parts.append([t.topic, p.partition, p.fetch_offset, p.partition_max_bytes,
                               *(() if epoch < 0 else (epoch,))])
-        args = {"max_wait_ms": int(body.max_wait.total_seconds() * 1000), "min_bytes": body.min_bytes,
+        args = {"max_wait_ms": body.max_wait_ms, "min_bytes": body.min_bytes,
                 "max_bytes": body.max_bytes, "parts": parts}
         self._call(wire.FETCH, args, lambda result, bulk, error: self._fetch_answer(respond, asked, result, bulk,
                                                                                     error))
@@ -223,7 +223,7 @@ class KafkaService:
                         log.error("serving %s/%s to a Kafka client failed: %s", topic, partition, exc)
                         entry.update(error_code=codec.CORRUPT_MESSAGE, records=b"")
             by_topic.setdefault(topic, []).append(entry)
-        respond({"throttle_time": 0, "error_code": codec.NONE, "session_id": 0,
+        respond({"throttle_time_ms": 0, "error_code": codec.NONE, "session_id": 0,
                  "responses": [{"topic": t, "partitions": p} for t, p in by_topic.items()]})
 
     # -- ListOffsets ---------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ class KafkaService:
                         except (KeyError, IndexError):
                             pass
                 by_topic.setdefault(topic, []).append(entry)
-            respond({"throttle_time": 0, "topics": [{"name": t, "partitions": p} for t, p in by_topic.items()]})
+            respond({"throttle_time_ms": 0, "topics": [{"name": t, "partitions": p} for t, p in by_topic.items()]})
 
         if self.handlers is None:
             answered(None, (), None)
