@@ -44,7 +44,9 @@ class BusError(Exception):
 
 
 class ConfigError(BusError, ValueError):
-    """A client or server was constructed with arguments that cannot work (caught before any I/O)."""
+    """A client or server was constructed with arguments that cannot work, or a call was given a value out of
+    its range (a negative ``timestamp_ms``); caught before any I/O. A send() argument of the wrong type is
+    InvalidRecord."""
 
     code = "INVALID_CONFIG"
 
@@ -246,6 +248,16 @@ class NodeIdentityMismatch(BusError):
 
 class ClosedError(BusError):
     code = "CLOSED"
+
+
+class InvalidRecord(BusError, TypeError):
+    """``send()`` or ``send_many()`` was given an argument of the wrong type: a value or key that is not bytes
+    (or bytearray / memoryview; a value may be None, a tombstone), headers that are not (str, bytes) pairs, a
+    topic that is not a str, a partition or timestamp that is not an int. Raised before anything of the call
+    is queued (definite). A TypeError too, as Python's own calls raise for a wrong type; the message names
+    the argument and says what to pass."""
+
+    code = "INVALID_RECORD"
 
 
 def _all_subclasses(cls):

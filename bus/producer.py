@@ -8,6 +8,14 @@ waited ``linger_ms``, or on ``flush()``.
 Memory is bounded: records held (open, waiting, or in flight) never exceed ``buffer_bytes``; a ``send()``
 that finds no room waits up to ``max_block_ms`` and then raises BufferFull (nothing was sent).
 
+Inputs are checked before anything is queued: a value is bytes, bytearray or memoryview, or None (a
+tombstone: a record with no value, which consumers get as None, distinct from b""); a key the same or None
+(no key); headers a list of (str, bytes) pairs or a dict of str to bytes; the topic a str; the partition and
+``timestamp_ms`` an int or None. Anything else raises InvalidRecord (a TypeError) naming the argument and
+saying what to pass. A bytearray or memoryview is copied, as the caller may change it after ``send()``
+returns. The checks cost ``send()`` one ``type(x) is bytes`` test in the usual case (the rest runs only
+when it fails), and ``send_many()`` one C-speed pass over its values' types.
+
 Compression (``compression="lz4" | "zstd"``, default None): each batch's payload is compressed as a whole
 when the sender packs it (bus/batch.py), off the ``send()`` path. ``batch_bytes`` and ``buffer_bytes`` stay
 in uncompressed bytes, as Kafka's batch.size does: what the buffer holds until a batch is acknowledged
@@ -33,11 +41,97 @@ import zmq
 from . import gil
 from .batch import CODECS, UNCOMPRESSED_BYTES_MAX
 from .connection import Requester
-from .errors import BufferFull, ClosedError, ConfigError, RecordTooLarge, Timeout, UnknownPartition
+from .errors import BufferFull, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, Timeout, UnknownPartition
 from .metadata import check_bootstrap, partition_for_key
 from .records import RecordMetadata
 
 RECORD_OVERHEAD_BYTES = 16  # msgpack framing and the timestamp, for buffer accounting
+TIMESTAMP_MS_MAX = (1 << 63) - 1  # a batch header's i64
+
+
+# -- the inputs' checks: send()'s slow path, run only when a cheap type test fails --------------------------
+
+def _wrong_type(argument: str, value, expected: str, hint: str = "") -> InvalidRecord:
+    return InvalidRecord(f"{argument} must be {expected}, not {type(value).__name__}{hint}")
+
+
+def _as_bytes(argument: str, value, none_means: str | None = None, spelled: str | None = None):
+    """``value`` as bytes (a bytearray or memoryview copied: the caller may change it after send() returns),
+    or None where ``none_means`` says what None is; else InvalidRecord naming ``argument``."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if value is None and none_means is not None:
+        return None
+    expected = ("bytes, bytearray or memoryview" if none_means is None
+                else f"bytes, bytearray, memoryview or None ({none_means})")
+    spelled = spelled or argument
+    hint = (f": encode it ({spelled}.encode())" if isinstance(value, str)
+            else f": serialize it (json.dumps({spelled}).encode(), msgpack.packb({spelled}))")
+    raise _wrong_type(argument, value, expected, hint)
+
+
+def _checked_record(value, key, headers) -> tuple:
+    """send()'s slow path, for a record whose value, key or headers are not plain bytes and None: each checked
+    and normalized. Returns (value, key, headers, buffer bytes)."""
+    if type(value) is not bytes:
+        value = _as_bytes("value", value, "a tombstone")
+    if key is not None and type(key) is not bytes:
+        key = _as_bytes("key", key, "no key")
+    size = RECORD_OVERHEAD_BYTES + (0 if value is None else len(value)) + (0 if key is None else len(key))
+    if headers is not None:
+        headers, header_bytes = _checked_headers(headers)
+        size += header_bytes
+    return value, key, headers, size
+
+
+def _checked_headers(headers) -> tuple[list, int]:
+    """Headers as the batch holds them, a new list of (str, bytes) (the caller's may change after send()), from
+    a list or tuple of pairs or a dict; and their buffer bytes."""
+    if type(headers) is dict or isinstance(headers, dict):
+        pairs = headers.items()
+    elif type(headers) is list or isinstance(headers, (list, tuple)):
+        pairs = headers
+    else:
+        raise _wrong_type("headers", headers, "a list of (str, bytes) pairs or a dict of str to bytes")
+    out, size = [], 0
+    for pair in pairs:
+        if type(pair) is tuple and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is bytes:
+            out.append(pair)  # the usual header: immutable as it is
+        else:
+            pair = _checked_header(len(out), pair)
+            out.append(pair)
+        size += len(pair[0]) + len(pair[1]) + 4
+    return out, size
+
+
+def _checked_header(i: int, pair) -> tuple:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise _wrong_type(f"headers[{i}]", pair, "a (name, value) pair")
+    name, value = pair
+    if not isinstance(name, str):
+        hint = ": decode it (name.decode())" if isinstance(name, (bytes, bytearray)) else ""
+        raise _wrong_type(f"the name of headers[{i}]", name, "str", hint)
+    return str(name), _as_bytes(f"the value of header {name!r}", value, spelled="value")
+
+
+def _checked_int(argument: str, value, expected: str, low: int | None = None, high: int | None = None) -> int:
+    """An int argument, given as something else: a bool is refused (True is not 1), an int-like (numpy.int64,
+    an IntEnum) taken as its int; ConfigError outside [low, high] when given."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        hint = f": pass int({argument})" if isinstance(value, float) else ""
+        raise _wrong_type(argument, value, f"{expected} or None", hint)
+    value = operator.index(value)
+    if low is not None and not low <= value <= high:
+        raise ConfigError(f"{argument} must be from {low} to {high}, not {value}")
+    return value
+
+
+def _checked_topic(topic) -> None:
+    if not isinstance(topic, str):
+        hint = ": decode it (topic.decode())" if isinstance(topic, (bytes, bytearray)) else ""
+        raise _wrong_type("topic", topic, "str", hint)
 
 
 class ProducerBatch:
@@ -253,6 +347,7 @@ class Producer:
     # -- sending -----------------------------------------------------------------------------------
 
     def _partitions(self, topic: str) -> int:
+        _checked_topic(topic)  # the first use of a topic comes here: checked once, not on every send()
         count = self._partition_counts.get(topic)
         if count is None:
             count = self._requester.metadata([topic], strict=True).partition_count(topic)  # raises UnknownTopic
@@ -263,33 +358,53 @@ class Producer:
              timestamp_ms: int | None = None) -> RecordFuture:
         """Queue one record; returns a future of its RecordMetadata. Thread-safe.
 
+        ``value`` and ``key`` are bytes (or bytearray / memoryview, copied); ``value=None`` is a tombstone and
+        ``key=None`` no key; ``headers`` a list of (str, bytes) pairs or a dict of them; ``partition`` and
+        ``timestamp_ms`` ints. Anything else raises InvalidRecord (a TypeError) before anything is queued.
+
         Without ``timestamp_ms`` the record's timestamp is the time its node appends it (as in Kafka's
         LogAppendTime, Redis Streams and NATS JetStream); the future's RecordMetadata carries it.
         """
         # The hot path: every line here runs once per record. Lock by acquire/release rather than ``with``
         # (half the cost on CPython 3.11) and make the future with one C call. No clock read: that was an
-        # eighth of the cost of a call (docs/benchmarks.md).
-        size = len(value) + RECORD_OVERHEAD_BYTES if key is None else len(value) + len(key) + RECORD_OVERHEAD_BYTES
-        if headers is not None:
-            headers = [(str(name), bytes(v)) for name, v in headers]
-            size += sum(len(n) + len(v) + 4 for n, v in headers)
+        # eighth of the cost of a call (docs/benchmarks.md). The inputs' checks are one ``type() is`` test
+        # per argument given; only a value, key or headers that fail it take the slow path.
+        if type(value) is bytes and headers is None:
+            if key is None:
+                size = len(value) + RECORD_OVERHEAD_BYTES
+            elif type(key) is bytes:
+                size = len(value) + len(key) + RECORD_OVERHEAD_BYTES
+            else:
+                value, key, headers, size = _checked_record(value, key, headers)
+        else:
+            value, key, headers, size = _checked_record(value, key, headers)
         if size > self._record_bytes_max:
             # One larger than the buffer could never fit: say so now rather than after max_block_ms.
             limit = "max_record_bytes" if size > self.max_record_bytes else "buffer_bytes"
             raise RecordTooLarge(f"record of {size} bytes exceeds {limit}={getattr(self, limit)}")
+        if partition is not None and type(partition) is not int:
+            partition = _checked_int("partition", partition, "an int")  # its range: UnknownPartition, below
+        if timestamp_ms is not None and not (type(timestamp_ms) is int and 0 <= timestamp_ms <= TIMESTAMP_MS_MAX):
+            timestamp_ms = _checked_int("timestamp_ms", timestamp_ms, "an int (milliseconds since the epoch)",
+                                        0, TIMESTAMP_MS_MAX)
         if key is not None and partition is None:
-            partition = partition_for_key(key, self._partition_counts.get(topic) or self._partitions(topic))
-        if timestamp_ms is not None and not (isinstance(timestamp_ms, int) and 0 <= timestamp_ms < 1 << 63):
-            raise ConfigError(f"timestamp_ms must be an integer >= 0 (ms since the epoch), not {timestamp_ms!r}")
+            try:
+                count = self._partition_counts.get(topic)
+            except TypeError:  # an unhashable topic
+                raise _wrong_type("topic", topic, "str") from None
+            partition = partition_for_key(key, count or self._partitions(topic))
         lock = self._lock
         lock.acquire()
         try:
             # Usually the record's batch (its topic's sticky one, or its partition's) is open and the buffer
             # has room: an open batch means the topic is known and the partition was checked when the batch
-            # was made. No ``_closed`` test here: close() has the sender's last turn close every open batch,
-            # so a closed producer has none; a send() racing close() may still join one, and fails through
-            # its future.
-            batch = self._sticky_open.get(topic) if partition is None else self._open.get((topic, partition))
+            # was made (a topic that is not a str never finds one). No ``_closed`` test here: close() has the
+            # sender's last turn close every open batch, so a closed producer has none; a send() racing
+            # close() may still join one, and fails through its future.
+            try:
+                batch = self._sticky_open.get(topic) if partition is None else self._open.get((topic, partition))
+            except TypeError:  # an unhashable topic
+                raise _wrong_type("topic", topic, "str") from None
             if batch is None or size > self._free_bytes:
                 batch = self._batch_with_room(topic, partition, size)
             index = batch.count
@@ -327,17 +442,36 @@ class Producer:
 
         Without keys, the values go in whole runs: one lock round per batch they fill, no Python code per
         record. The outcome is that of ``send(topic, value, partition=...)`` for each value in order (same
-        batches, same sticky partitions, same buffer limit); a value too large, an unknown topic or
-        partition takes the per-record path, which sends the values before it and raises at it.
+        batches, same sticky partitions, same buffer limit). Every value and key is checked as ``send()``
+        checks it before any is queued: one of the wrong type raises InvalidRecord naming its index, and
+        nothing of the call is sent. A value too large, an unknown topic or partition takes the per-record
+        path, which sends the values before it and raises at it; so do keys and tombstones (None values).
         """
-        if keys is not None:
-            return FutureList.of([self.send(topic, value, key=key, partition=partition)
-                                  for value, key in zip(values, keys)])
+        if isinstance(values, (bytes, bytearray, memoryview, str)):
+            raise _wrong_type("values", values, "a list (or other iterable) of values", ": for one record, call send()")
         values = values if type(values) is list else list(values)
+        if partition is not None and type(partition) is not int:
+            partition = _checked_int("partition", partition, "an int")
+        one_by_one = keys is not None
+        if list(_map(type, values)).count(bytes) != len(values):  # C speed: a few ns a value
+            values = [_as_bytes(f"values[{i}]", v, "a tombstone", "value")
+                      for i, v in enumerate(values)]
+            one_by_one = one_by_one or None in values
+        if keys is not None:
+            keys = keys if type(keys) is list else list(keys)
+            if len(keys) != len(values):
+                raise ConfigError(f"send_many() was given {len(values)} values and {len(keys)} keys")
+            keys = [k if k is None or type(k) is bytes else _as_bytes(f"keys[{i}]", k, "no key", "key")
+                    for i, k in enumerate(keys)]
+        if one_by_one:
+            return FutureList.of([self.send(topic, value, key=key, partition=partition)
+                                  for value, key in zip(values, keys or _repeat(None))])
         if not values:
             return FutureList([])
         n = len(values)
         size = sum(_map(len, values)) + RECORD_OVERHEAD_BYTES * n  # buffer bytes, as send() counts them
+        if type(topic) is not str:
+            _checked_topic(topic)
         count = self._partition_counts.get(topic) or self._partitions(topic)
         if ((partition is not None and not 0 <= partition < count)
                 or (size > self._record_bytes_max

@@ -10,8 +10,8 @@ class Record(NamedTuple):
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
-    headers: list | None
+    value: bytes | None  # None: a tombstone (sent as value=None), distinct from b""
+    headers: list | None  # [(str, bytes)], as sent (a dict of headers comes back as its pairs)
     timestamp_ms: int  # the producer's, if send() was given one; else the time its node appended it
 
 

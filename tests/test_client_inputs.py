@@ -1,16 +1,20 @@
 """What the client library takes and how poll() hands it out, end to end over one real cluster (a
-coordinator and a node, started once for the module): poll() serving partitions in turn.
+coordinator and a node, started once for the module): send()'s checked inputs and tombstones, and
+poll() serving partitions in turn. Inputs refused before any I/O are checked against a producer with no
+cluster at all.
 
 Each test makes topics of its own, so they share the cluster in any order (and on either xdist worker).
 """
 
 from __future__ import annotations
 
+import enum
 import time
 
 import pytest
 
 from bus import Admin, Consumer, Producer, TopicPartition
+from bus.errors import ConfigError, InvalidRecord
 from nodes.cluster import LocalCluster
 
 
@@ -22,6 +26,122 @@ def bootstrap(tmp_path_factory):
 
 
 # -- fair polling ------------------------------------------------------------------------------------
+
+
+def _read(bootstrap: str, topic: str, partitions: int, count: int) -> list:
+    """``count`` records of ``topic`` from the beginning, in partition and offset order."""
+    got = []
+    with Consumer(bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign([(topic, p) for p in range(partitions)])
+        deadline_s = time.monotonic() + 20
+        while len(got) < count:
+            assert time.monotonic() < deadline_s, f"{len(got)} of {count} records within 20 s"
+            got += consumer.poll(timeout_ms=1_000)
+        assert consumer.poll(timeout_ms=100) == []
+    return sorted(got, key=lambda r: (r.partition, r.offset))
+
+
+# -- send()'s inputs ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def offline_producer():
+    """A producer with no cluster: whatever it refuses, it refused before any I/O."""
+    producer = Producer("tcp://127.0.0.1:1", metadata_timeout_ms=100)
+    yield producer
+    assert not producer._open and producer._free_bytes == producer.buffer_bytes  # nothing was queued
+    producer.close(5)
+
+
+class Lane(enum.IntEnum):
+    SECOND = 1
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (("t", "text"), {}, r"^value must be bytes, bytearray, memoryview or None \(a tombstone\), not str: encode it"
+                        r" \(value.encode\(\)\)"),
+    (("t", {"a": 1}), {}, r"^value must be .* not dict: serialize it \(json.dumps\(value\).encode\(\)"),
+    (("t", 7), {}, "^value must be .* not int"),
+    (("t", [b"a"]), {}, "^value must be .* not list"),
+    (("t", b"v"), {"key": "k"}, r"^key must be bytes, bytearray, memoryview or None \(no key\), not str: encode it"),
+    (("t", b"v"), {"key": 3}, "^key must be .* not int"),
+    (("t", b"v"), {"headers": "h=v"}, "^headers must be a list of \\(str, bytes\\) pairs or a dict of str to bytes"),
+    (("t", b"v"), {"headers": [("h", "v")]}, "^the value of header 'h' must be bytes, bytearray or memoryview, not str"),
+    (("t", b"v"), {"headers": {"h": None}}, "^the value of header 'h' must be .* not NoneType"),
+    (("t", b"v"), {"headers": [(b"h", b"v")]}, r"^the name of headers\[0\] must be str, not bytes: decode it"),
+    (("t", b"v"), {"headers": [("h", b"v", b"w")]}, r"^headers\[0\] must be a \(name, value\) pair, not tuple"),
+    (("t", b"v"), {"partition": True}, "^partition must be an int or None, not bool"),
+    (("t", b"v"), {"partition": 1.0}, r"^partition must be an int or None, not float: pass int\(partition\)"),
+    (("t", b"v"), {"partition": "0"}, "^partition must be an int or None, not str"),
+    (("t", b"v"), {"timestamp_ms": 1.7e12}, r"^timestamp_ms must be an int \(milliseconds since the epoch\) or None, "
+                                          r"not float: pass int\(timestamp_ms\)"),
+    (("t", b"v"), {"timestamp_ms": False}, "^timestamp_ms must be .* not bool"),
+    ((b"t", b"v"), {}, r"^topic must be str, not bytes: decode it \(topic.decode\(\)\)"),
+    ((["t"], b"v"), {}, "^topic must be str, not list"),
+    ((["t"], b"v"), {"key": b"k"}, "^topic must be str, not list"),
+    ((None, b"v"), {"partition": 0}, "^topic must be str, not NoneType"),
+])
+def test_send_refuses_a_wrong_type_naming_the_argument_before_anything_is_queued(offline_producer, args, kwargs,
+                                                                                message):
+    with pytest.raises(InvalidRecord, match=message) as caught:
+        offline_producer.send(*args, **kwargs)
+    assert isinstance(caught.value, TypeError)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("t", [b"a", "b"]), r"^values\[1\] must be bytes, bytearray, memoryview or None \(a tombstone\), not str"),
+    (("t", [b"a", {"b": 1}]), r"^values\[1\] must be .* not dict"),
+    (("t", b"abc"), r"^values must be a list \(or other iterable\) of values, not bytes: for one record, call send"),
+    (("t", [b"a", b"b"], [b"k", "k"]), r"^keys\[1\] must be bytes, bytearray, memoryview or None \(no key\), not str"),
+    ((b"t", [b"a"]), "^topic must be str, not bytes"),
+    (("t", [b"a"], None, False), "^partition must be an int or None, not bool"),
+])
+def test_send_many_refuses_a_wrong_type_before_any_value_is_queued(offline_producer, args, message):
+    with pytest.raises(InvalidRecord, match=message):
+        offline_producer.send_many(*args)
+
+
+def test_send_refuses_out_of_range_values_and_mismatched_keys(offline_producer):
+    with pytest.raises(ConfigError, match="timestamp_ms must be from 0"):
+        offline_producer.send("t", b"v", timestamp_ms=-1)
+    with pytest.raises(ConfigError, match="3 values and 2 keys"):
+        offline_producer.send_many("t", [b"a", b"b", b"c"], keys=[b"k", b"k"])
+
+
+def test_tombstones_bytes_likes_and_headers_round_trip(bootstrap):
+    """value=None is a tombstone, read back as None and never confused with b""; a bytearray or memoryview is
+    sent as the bytes it held when send() returned; headers given as a dict come back as their pairs; an
+    int-like partition or timestamp is its int. What was refused left nothing in the log."""
+    with Admin(bootstrap) as admin:
+        admin.create_topic("inputs", 2, replication_factor=1)
+    mutable = bytearray(b"before")
+    wide = memoryview(bytes(range(8))).cast("I")  # two 4-byte items: sent as its 8 bytes
+    with Producer(bootstrap) as producer:
+        with pytest.raises(InvalidRecord):
+            producer.send("inputs", "text", partition=0)
+        with pytest.raises(InvalidRecord):
+            producer.send_many("inputs", [b"fine", "text"], partition=0)
+        sent = [
+            producer.send("inputs", None, key=b"gone", partition=0),
+            producer.send("inputs", b"", key=b"empty", partition=0),
+            producer.send("inputs", mutable, key=bytearray(b"ba"), partition=0),
+            producer.send("inputs", wide, key=memoryview(b"mv"), partition=0, headers={"h": b"1", "i": bytearray(b"2")}),
+            producer.send("inputs", b"stamped", partition=Lane.SECOND, timestamp_ms=Lane.SECOND),
+            *producer.send_many("inputs", [None, b"", b"x"], partition=1),
+            *producer.send_many("inputs", [b"k1", bytearray(b"k2")], keys=[b"a", None], partition=1),
+        ]
+        mutable[:] = b"after!"  # changed after send(): what was sent is what send() saw
+        acked = [future.get(10) for future in sent]
+    assert [(m.partition, m.offset) for m in acked] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2),
+                                                        (1, 3), (1, 4), (1, 5)]
+    assert acked[4].timestamp_ms == 1
+    got = [(r.partition, r.key, r.value, r.headers) for r in _read(bootstrap, "inputs", 2, len(sent))]
+    assert got == [
+        (0, b"gone", None, None), (0, b"empty", b"", None), (0, b"ba", b"before", None),
+        (0, b"mv", bytes(range(8)), [("h", b"1"), ("i", b"2")]),
+        (1, None, b"stamped", None), (1, None, None, None), (1, None, b"", None), (1, None, b"x", None),
+        (1, b"a", b"k1", None), (1, None, b"k2", None),
+    ]
+
 
 TURNS_BACKLOG = [300, 900, 500, 700]  # records per partition of the "turns" topic, in batches of 37
 TURNS_POLL_RECORDS = 100
