@@ -155,7 +155,7 @@ def test_replica_divergence_is_found_in_the_stopped_data_directories(make_cluste
 
 # -- the harness has teeth ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("switch, options, anomalies", [
+SABOTAGE_RUNS = [  # (switch, the run that must catch it, the anomalies it must report)
     # Acknowledged but written 500 ms later: a kill -9 loses what was acknowledged. One replica, so the
     # node's own disk is all there is (with followers, the records would survive on them).
     ("ack_before_sync", dict(records=40_000, kills=2, pauses=0, delivery_timeout_ms=5_000, replication_factor=1),
@@ -177,7 +177,17 @@ def test_replica_divergence_is_found_in_the_stopped_data_directories(make_cluste
     # delivery timeout, kept short.
     ("truncate_to_hw_on_rejoin", dict(records=40_000, rate=5_000, kills=0, pauses=0, cascades=2,
                                       delivery_timeout_ms=8_000), ("lost",)),
-])
+]
+
+
+def test_every_sabotage_switch_has_a_run_that_catches_it():
+    from tests.harness.sabotage import SWITCHES
+
+    # skip_member_epoch_check is the group run's (tests/test_faults_groups.py).
+    assert {run[0] for run in SABOTAGE_RUNS} | {"skip_member_epoch_check"} == set(SWITCHES)
+
+
+@pytest.mark.parametrize("switch, options, anomalies", SABOTAGE_RUNS)
 def test_each_sabotage_is_caught(tmp_path, switch, options, anomalies):
     result = _run(tmp_path, sabotage=switch, seed=3, **options)
     for name in anomalies:

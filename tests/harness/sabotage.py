@@ -41,9 +41,6 @@ Replication (each caught in tests/test_faults.py with the faults named):
   and no follower had: ``lost``.
 - ``read_past_hw``: consumers read up to the log end, not the high watermark (``Node._readable_end``). An
   isolated leader serves records it will cut when it rejoins: ``phantom_reads``.
-- ``skip_divergence_check``: a log answers that every epoch lasts to its end (``end_offset_for_epoch``), so
-  a leader never finds where a follower's log parted from its own: an isolated leader's uncommitted tail
-  stays in its log under what it fetches from the new leader: ``replica_divergence``.
 """
 
 from __future__ import annotations
@@ -65,8 +62,7 @@ from store.meta_store import PUT
 from store.partition_log import APPEND, DUPLICATE, PartitionLog
 
 SWITCHES = ("ack_before_sync", "skip_dedup", "skip_epoch_check", "skip_member_epoch_check",
-            "truncate_to_hw_on_rejoin", "shrink_isr_without_controller", "ack_all_on_leader_fsync", "read_past_hw",
-            "skip_divergence_check")
+            "truncate_to_hw_on_rejoin", "shrink_isr_without_controller", "ack_all_on_leader_fsync", "read_past_hw")
 ENV_VAR = "BUS_SABOTAGE"
 DEFERRED_WRITE_MS = 500  # ack_before_sync: how long acknowledged batches wait in memory before LMDB
 SHRINK_AFTER_MS = 1_000  # shrink_isr_without_controller: a follower not caught up this long stops counting
@@ -110,14 +106,6 @@ class SkipEpochCheckLog(PartitionLog):
         if entry is not None and epoch < entry[0]:
             epoch = entry[0]
         return super().check_sequence(producer_id, epoch, base_sequence, record_count)
-
-
-class SkipDivergenceCheckLog(PartitionLog):
-    """skip_divergence_check: every epoch this log has seen is said to last to its end."""
-
-    def end_offset_for_epoch(self, epoch):
-        found, end_offset = super().end_offset_for_epoch(epoch)
-        return (epoch, self.next_offset) if found != -1 else (found, end_offset)
 
 
 # -- the store's writes ------------------------------------------------------------------------------
@@ -274,8 +262,7 @@ class StaleCommitGroupService(GroupService):
 
 def node_class(switches: frozenset) -> type:
     """Node, with its store, partition logs, replica core and own decisions sabotaged by ``switches``."""
-    log_bases = tuple(cls for name, cls in (("skip_dedup", SkipDedupLog), ("skip_epoch_check", SkipEpochCheckLog),
-                                            ("skip_divergence_check", SkipDivergenceCheckLog))
+    log_bases = tuple(cls for name, cls in (("skip_dedup", SkipDedupLog), ("skip_epoch_check", SkipEpochCheckLog))
                       if name in switches)
     store_base = AckBeforeSyncStore if "ack_before_sync" in switches else LogStore
     store = type("SabotagedLogStore", (store_base,),
