@@ -17,9 +17,11 @@ import time
 
 import pytest
 import zmq
+from click.testing import CliRunner
 
 from bus import Admin, Consumer, Producer, wire
 from bus import batch as batch_format
+from bus.cli import main
 from bus.errors import NotEnoughReplicas
 from nodes.controller import NODE_SESSION_TIMEOUT_MS
 from tests.conftest import wait_for
@@ -183,9 +185,16 @@ def test_below_min_insync_replicas_acks_all_fails_definitely_and_reads_wait_for_
         producer.send("thin", b"committed").get(10)
     leader = describe(cluster, "thin")["leader"]
     followers = [n for n in (1, 2, 3) if n != leader]
-    for node_id in followers:
+    for count, node_id in enumerate(followers, 1):
         cluster.kill_node(node_id)
-    wait_for(lambda: describe(cluster, "thin")["isr"] == [leader], SESSION_S + 10, message="the ISR shrunk")
+        isr = sorted(set((1, 2, 3)) - set(followers[:count]))
+        wait_for(lambda: describe(cluster, "thin")["isr"] == isr, SESSION_S + 10, message=f"the ISR down to {isr}")
+        # bus topic describe flags it: under-replicated with 2 of 3, below min_insync_replicas (2) with 1.
+        shown = CliRunner().invoke(main, ["topic", "describe", "thin", "--bootstrap", cluster.bootstrap])
+        assert shown.exit_code == 0, shown.output
+        row = shown.output.splitlines()[-1].split()  # partition leader address alive replicas isr ... flags
+        assert row[0] == "0" and row[5] == ",".join(map(str, isr)), shown.output
+        assert shown.output.rstrip().endswith("under-replicated" if count == 1 else "BELOW MIN ISR"), shown.output
     assert describe(cluster, "thin")["below_min_isr"]
     with Producer(cluster.bootstrap, request_timeout_ms=500, delivery_timeout_ms=1_500) as producer:
         with pytest.raises(NotEnoughReplicas) as refused:
