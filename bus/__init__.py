@@ -29,10 +29,13 @@ _PUBLIC = {
     "TopicPartition": "records",
 }
 
-__all__ = sorted([*_PUBLIC, "errors"])
+# public submodules, loaded on first use like the names above (``bus.serializers.json_serializer``)
+_SUBMODULES = ("errors", "serializers")
+
+__all__ = sorted([*_PUBLIC, *_SUBMODULES])
 
 if TYPE_CHECKING:
-    from . import errors
+    from . import errors, serializers
     from .admin import Admin
     from .consumer import Consumer
     from .errors import BusError
@@ -43,8 +46,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:
-        if name == "errors":
-            return importlib.import_module(".errors", __name__)
+        if name in _SUBMODULES:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function

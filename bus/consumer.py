@@ -10,6 +10,11 @@ however large the backlog ahead of it. A partition's fetched chunks are decoded 
 its turn needs records, so at most a poll's worth (and the rest of one batch) of each is held decoded; a
 chunk's bytes count against ``prefetch_bytes_max`` until its last record is handed out.
 
+Deserializers (``key_deserializer=``, ``value_deserializer=``: callables, e.g.
+``bus.serializers.json_deserializer``) run in ``poll()`` on each record's key and value; never on None (a
+tombstone, no key). One that raises is a SerializationError naming the record, whose partition stays
+positioned at it: the records before it are returned, and the next poll raises.
+
 Positions: ``position(tp)`` is the offset of the next record ``poll()`` will return. Each partition's
 ``epoch`` goes up on every seek, so bytes fetched for an older position are dropped, never returned.
 
@@ -29,7 +34,7 @@ import zmq
 
 from .batch import HEADER_BYTES, iter_batches, read_columns
 from .connection import Requester
-from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, Timeout
+from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, SerializationError, Timeout
 from .metadata import check_bootstrap
 from .records import Record, TopicPartition
 from .rotation import take_in_turn
@@ -67,7 +72,7 @@ class Consumer:
                  auto_offset_reset: str = "latest", fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
                  fetch_max_bytes: int = 50 << 20, max_partition_fetch_bytes: int = 8 << 20,
                  prefetch_bytes_max: int = 64 << 20, request_timeout_ms: int = 30_000,
-                 retry_backoff_ms: int = 50, **group_options):
+                 retry_backoff_ms: int = 50, key_deserializer=None, value_deserializer=None, **group_options):
         if auto_offset_reset not in RESETS:
             raise ConfigError(f"auto_offset_reset must be one of {RESETS}, not {auto_offset_reset!r}")
         for name, value, low in (("fetch_max_wait_ms", fetch_max_wait_ms, 0), ("fetch_min_bytes", fetch_min_bytes, 0),
@@ -77,6 +82,9 @@ class Consumer:
                                  ("request_timeout_ms", request_timeout_ms, 1), ("retry_backoff_ms", retry_backoff_ms, 0)):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, not {value!r}")
+        for name, fn in (("key_deserializer", key_deserializer), ("value_deserializer", value_deserializer)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{name} must be a callable (bytes -> object) or None, not {fn!r}")
         if topics is not None and group is None:
             raise ConfigError("subscribing to topics needs a group; without one, use assign()")
         if group_options and group is None:
@@ -90,6 +98,7 @@ class Consumer:
         self.prefetch_bytes_max = prefetch_bytes_max
         self.request_timeout_ms = request_timeout_ms
         self.retry_backoff_s = retry_backoff_ms / 1000
+        self.key_deserializer, self.value_deserializer = key_deserializer, value_deserializer
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll() at a time (see poll())
         self._data = threading.Condition(self._lock)  # signalled when data, errors or positions arrive
@@ -237,7 +246,42 @@ class Consumer:
         Calls from several threads take turns: each decodes chunks with ``_lock`` let go (_decode), and two
         at once could hand a partition's chunks out of order."""
         with self._poll_lock:
-            return self._poll(timeout_ms, max_records)
+            records = self._poll(timeout_ms, max_records)
+            if records and (self.key_deserializer is not None or self.value_deserializer is not None):
+                records = self._deserialized(records)
+            return records
+
+    def _deserialized(self, records: list) -> list:
+        """``records`` with their keys and values deserialized. At a record that fails, the ones from it on
+        are put back (its partition's position stays at it): those before it are returned and the error is its
+        partition's, raised by the next poll(); with none before it, it is raised now."""
+        key_fn, value_fn = self.key_deserializer, self.value_deserializer
+        out = []
+        for r in records:
+            key, value = r[3], r[4]
+            argument = "key"
+            try:
+                if key_fn is not None and key is not None:
+                    key = key_fn(key)
+                argument = "value"
+                if value_fn is not None and value is not None:
+                    value = value_fn(value)
+            except Exception as exc:
+                error = SerializationError(
+                    f"{argument}_deserializer raised {type(exc).__name__} for the record at {r[0]}/{r[1]} offset "
+                    f"{r[2]}: {exc}; seek({(r[0], r[1])}, {r[2] + 1}) to skip it", argument=argument, topic=r[0],
+                    partition=r[1], offset=r[2])
+                error.__cause__ = exc
+                self._unread(records[len(out):])
+                if not out:
+                    raise error from exc
+                with self._lock:
+                    state = self._states.get(TopicPartition(r[0], r[1]))
+                    if state is not None:
+                        state.error = error
+                return out
+            out.append(_new_record(Record, (r[0], r[1], r[2], key, value, r[5], r[6])))
+        return out
 
     def _poll(self, timeout_ms: int, max_records: int) -> list:
         if self._closed:

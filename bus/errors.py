@@ -253,11 +253,29 @@ class ClosedError(BusError):
 class InvalidRecord(BusError, TypeError):
     """``send()`` or ``send_many()`` was given an argument of the wrong type: a value or key that is not bytes
     (or bytearray / memoryview; a value may be None, a tombstone), headers that are not (str, bytes) pairs, a
-    topic that is not a str, a partition or timestamp that is not an int. Raised before anything of the call
-    is queued (definite). A TypeError too, as Python's own calls raise for a wrong type; the message names
+    topic that is not a str, a partition or timestamp that is not an int, or a serializer that returned
+    something other than bytes. Raised before anything of the call is queued (definite). A TypeError too, as Python's own calls raise for a wrong type; the message names
     the argument and says what to pass."""
 
     code = "INVALID_RECORD"
+
+
+class SerializationError(BusError):
+    """A serializer (``Producer(key_serializer=, value_serializer=)``) or deserializer
+    (``Consumer(key_deserializer=, value_deserializer=)``) raised; its exception is ``__cause__``.
+
+    ``argument`` is "key" or "value". From ``send()``: nothing of the call was queued (definite). From
+    ``poll()``: ``topic``, ``partition`` and ``offset`` name the record, and its partition's position stays
+    at it (records before it in the same poll are returned first, and the next poll raises), so a poll raises
+    each time it reaches the record until ``seek()`` moves past it, as Kafka's RecordDeserializationException.
+    Not retriable as it stands: the same bytes fail the same way."""
+
+    code = "SERIALIZATION_FAILED"
+
+    def __init__(self, message: str = "", *, code: str | None = None, argument: str | None = None,
+                 topic: str | None = None, partition: int | None = None, offset: int | None = None):
+        super().__init__(message, code=code)
+        self.argument, self.topic, self.partition, self.offset = argument, topic, partition, offset
 
 
 def _all_subclasses(cls):

@@ -16,6 +16,11 @@ saying what to pass. A bytearray or memoryview is copied, as the caller may chan
 returns. The checks cost ``send()`` one ``type(x) is bytes`` test in the usual case (the rest runs only
 when it fails), and ``send_many()`` one C-speed pass over its values' types.
 
+Serializers (``key_serializer=``, ``value_serializer=``: callables, e.g. ``bus.serializers.json_serializer``)
+turn each key and value into bytes before those checks; None (a tombstone, no key) is never passed to one,
+as in kafka-python. One that raises is a SerializationError, and nothing of the call is queued. A producer
+with serializers has ``send`` and ``send_many`` wrapped by its constructor, so one without pays nothing.
+
 Compression (``compression="lz4" | "zstd"``, default None): each batch's payload is compressed as a whole
 when the sender packs it (bus/batch.py), off the ``send()`` path. ``batch_bytes`` and ``buffer_bytes`` stay
 in uncompressed bytes, as Kafka's batch.size does: what the buffer holds until a batch is acknowledged
@@ -41,7 +46,8 @@ import zmq
 from . import gil
 from .batch import CODECS, UNCOMPRESSED_BYTES_MAX
 from .connection import Requester
-from .errors import BufferFull, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, Timeout, UnknownPartition
+from .errors import (BufferFull, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, SerializationError, Timeout,
+                     UnknownPartition)
 from .metadata import check_bootstrap, partition_for_key
 from .records import RecordMetadata
 
@@ -55,9 +61,16 @@ def _wrong_type(argument: str, value, expected: str, hint: str = "") -> InvalidR
     return InvalidRecord(f"{argument} must be {expected}, not {type(value).__name__}{hint}")
 
 
+_SERIALIZER_HINTS = {  # what else to do about a value or key of the wrong type
+    "value": " or pass value_serializer= to the Producer (bus.serializers.json_serializer, msgpack_serializer)",
+    "key": " or pass key_serializer= to the Producer (str.encode, bus.serializers.json_serializer)",
+}
+
+
 def _as_bytes(argument: str, value, none_means: str | None = None, spelled: str | None = None):
     """``value`` as bytes (a bytearray or memoryview copied: the caller may change it after send() returns),
-    or None where ``none_means`` says what None is; else InvalidRecord naming ``argument``."""
+    or None where ``none_means`` says what None is; else InvalidRecord naming ``argument`` (and, for a value or
+    a key, the serializer that would take it)."""
     if isinstance(value, bytes):
         return value
     if isinstance(value, (bytearray, memoryview)):
@@ -69,7 +82,23 @@ def _as_bytes(argument: str, value, none_means: str | None = None, spelled: str 
     spelled = spelled or argument
     hint = (f": encode it ({spelled}.encode())" if isinstance(value, str)
             else f": serialize it (json.dumps({spelled}).encode(), msgpack.packb({spelled}))")
-    raise _wrong_type(argument, value, expected, hint)
+    raise _wrong_type(argument, value, expected, hint + (_SERIALIZER_HINTS.get(spelled, "") if none_means else ""))
+
+
+def _serialized(serializer, argument: str, obj, where: str = ""):
+    """``serializer(obj)``, for ``argument`` ("key" or "value"; ``where`` names it in a list): None is passed
+    through without calling it. It must return bytes, bytearray, memoryview or None."""
+    if obj is None:
+        return None
+    try:
+        data = serializer(obj)
+    except Exception as exc:
+        raise SerializationError(f"{argument}_serializer raised {type(exc).__name__} for {where or 'the ' + argument}: "
+                                 f"{exc}; nothing was sent", argument=argument) from exc
+    if data is not None and type(data) is not bytes and not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidRecord(f"{argument}_serializer returned {type(data).__name__} for {where or 'the ' + argument}: it "
+                            "must return bytes, bytearray, memoryview or None; nothing was sent")
+    return data
 
 
 def _checked_record(value, key, headers) -> tuple:
@@ -282,7 +311,8 @@ class Producer:
                  buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000, request_timeout_ms: int = 30_000,
                  delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
                  max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
-                 metadata_timeout_ms: int = 10_000, compression: str | None = None):
+                 metadata_timeout_ms: int = 10_000, compression: str | None = None, key_serializer=None,
+                 value_serializer=None):
         if acks not in (0, 1, -1, "all"):
             raise ConfigError(f"acks must be 0, 1 or 'all', not {acks!r}")
         if compression not in CODECS:
@@ -307,6 +337,9 @@ class Producer:
             raise ConfigError("delivery_timeout_ms must be at least request_timeout_ms + linger_ms")
         if idempotent and acks == 0:
             raise ConfigError("the idempotent producer needs acks=1 or 'all' (or pass idempotent=False)")
+        for name, fn in (("key_serializer", key_serializer), ("value_serializer", value_serializer)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{name} must be a callable (object -> bytes) or None, not {fn!r}")
         self.bootstrap = check_bootstrap(bootstrap)
         # On the wire: 0, 1, or -1 for "all" (every in-sync replica has the batch on disk; Kafka's value).
         self.acks = -1 if acks in (-1, "all") else acks
@@ -317,6 +350,11 @@ class Producer:
         self.delivery_timeout_s = delivery_timeout_ms / 1000
         self.max_record_bytes = max_record_bytes
         self.compression = compression  # the codec name the sender packs every batch with (bus.batch.CODECS)
+        self.key_serializer, self.value_serializer = key_serializer, value_serializer
+        if key_serializer is not None or value_serializer is not None:
+            # These stand in for the class's send and send_many, which stay as they are for a producer
+            # without serializers: its hot path never tests for them.
+            self.send, self.send_many = self._send_serialized, self._send_many_serialized
         self._record_bytes_max = min(max_record_bytes, buffer_bytes)
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # signalled when buffer space is released
@@ -419,6 +457,28 @@ class Producer:
         finally:
             lock.release()
 
+    def _send_serialized(self, topic: str, value, key=None, headers=None, partition: int | None = None,
+                         timestamp_ms: int | None = None) -> RecordFuture:
+        """send() for a producer with serializers: the key and value serialized (None passed through), then
+        checked and sent as send() does."""
+        if self.value_serializer is not None:
+            value = _serialized(self.value_serializer, "value", value)
+        if self.key_serializer is not None:
+            key = _serialized(self.key_serializer, "key", key)
+        return Producer.send(self, topic, value, key, headers, partition, timestamp_ms)
+
+    def _send_many_serialized(self, topic: str, values, keys=None, partition: int | None = None) -> FutureList:
+        """send_many() for a producer with serializers: every value and key serialized before any is sent."""
+        if isinstance(values, (bytes, bytearray, memoryview, str)):
+            raise _wrong_type("values", values, "a list (or other iterable) of values", ": for one record, call send()")
+        if self.value_serializer is not None:
+            fn = self.value_serializer
+            values = [_serialized(fn, "value", v, f"values[{i}]") for i, v in enumerate(values)]
+        if keys is not None and self.key_serializer is not None:
+            fn = self.key_serializer
+            keys = [_serialized(fn, "key", k, f"keys[{i}]") for i, k in enumerate(keys)]
+        return Producer.send_many(self, topic, values, keys, partition)
+
     def _batch_with_room(self, topic: str, partition: int | None, size: int) -> ProducerBatch:
         """send()'s slow path, under the lock: check the producer and the partition, wait for buffer space,
         open the record's batch if need be."""
@@ -464,7 +524,8 @@ class Producer:
             keys = [k if k is None or type(k) is bytes else _as_bytes(f"keys[{i}]", k, "no key", "key")
                     for i, k in enumerate(keys)]
         if one_by_one:
-            return FutureList.of([self.send(topic, value, key=key, partition=partition)
+            send = Producer.send  # the class's: values and keys are serialized already, when they are
+            return FutureList.of([send(self, topic, value, key, partition=partition)
                                   for value, key in zip(values, keys or _repeat(None))])
         if not values:
             return FutureList([])
@@ -476,7 +537,7 @@ class Producer:
         if ((partition is not None and not 0 <= partition < count)
                 or (size > self._record_bytes_max
                     and max(_map(len, values)) + RECORD_OVERHEAD_BYTES > self._record_bytes_max)):
-            return FutureList.of([self.send(topic, value, partition=partition) for value in values])
+            return FutureList.of([Producer.send(self, topic, value, partition=partition) for value in values])
         lock = self._lock
         lock.acquire()
         try:

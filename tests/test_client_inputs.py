@@ -1,6 +1,6 @@
 """What the client library takes and how poll() hands it out, end to end over one real cluster (a
-coordinator and a node, started once for the module): send()'s checked inputs and tombstones, and
-poll() serving partitions in turn. Inputs refused before any I/O are checked against a producer with no
+coordinator and a node, started once for the module): send()'s checked inputs and tombstones, the
+serializers, and poll() serving partitions in turn. Inputs refused before any I/O are checked against a producer with no
 cluster at all.
 
 Each test makes topics of its own, so they share the cluster in any order (and on either xdist worker).
@@ -14,7 +14,8 @@ import time
 import pytest
 
 from bus import Admin, Consumer, Producer, TopicPartition
-from bus.errors import ConfigError, InvalidRecord
+from bus.errors import ConfigError, InvalidRecord, SerializationError
+from bus.serializers import json_deserializer, json_serializer, msgpack_deserializer, msgpack_serializer
 from nodes.cluster import LocalCluster
 
 
@@ -58,7 +59,7 @@ class Lane(enum.IntEnum):
 
 @pytest.mark.parametrize("args, kwargs, message", [
     (("t", "text"), {}, r"^value must be bytes, bytearray, memoryview or None \(a tombstone\), not str: encode it"
-                        r" \(value.encode\(\)\)"),
+                        r" \(value.encode\(\)\) or pass value_serializer= to the Producer"),
     (("t", {"a": 1}), {}, r"^value must be .* not dict: serialize it \(json.dumps\(value\).encode\(\)"),
     (("t", 7), {}, "^value must be .* not int"),
     (("t", [b"a"]), {}, "^value must be .* not list"),
@@ -141,6 +142,95 @@ def test_tombstones_bytes_likes_and_headers_round_trip(bootstrap):
         (1, None, b"stamped", None), (1, None, None, None), (1, None, b"", None), (1, None, b"x", None),
         (1, b"a", b"k1", None), (1, None, b"k2", None),
     ]
+
+
+
+# -- serializers -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("obj", [{"id": 7, "tags": ["a", "é"], "ok": True, "none": None}, [1, 2.5, "x"], "text", 0])
+def test_the_ready_serializers_round_trip(obj):
+    assert json_deserializer(json_serializer(obj)) == obj
+    assert json_serializer({"a": [1, "é"]}) == b'{"a":[1,"\\u00e9"]}'  # compact, ASCII
+    assert msgpack_deserializer(msgpack_serializer(obj)) == obj
+    assert msgpack_deserializer(msgpack_serializer({1: b"\x00", "s": "str"})) == {1: b"\x00", "s": "str"}
+
+
+def test_a_serializer_that_fails_or_returns_no_bytes_queues_nothing():
+    def broken(obj):
+        raise ValueError(f"cannot take {obj!r}")
+
+    producer = Producer("tcp://127.0.0.1:1", value_serializer=broken, key_serializer=json_serializer)
+    try:
+        with pytest.raises(SerializationError, match=r"^value_serializer raised ValueError for the value: "
+                                                     r"cannot take 1; nothing was sent") as caught:
+            producer.send("t", 1)
+        assert caught.value.argument == "value" and isinstance(caught.value.__cause__, ValueError)
+        with pytest.raises(SerializationError, match=r"^key_serializer raised TypeError for the key") as caught:
+            producer.send("t", None, key={1, 2})  # the tombstone is not serialized; the key is, and fails
+        assert caught.value.argument == "key"
+        with pytest.raises(SerializationError, match=r"for values\[1\]"):
+            producer.send_many("t", [None, 2])
+        assert not producer._open and producer._free_bytes == producer.buffer_bytes
+    finally:
+        producer.close(5)
+    producer = Producer("tcp://127.0.0.1:1", value_serializer=str)
+    try:
+        with pytest.raises(InvalidRecord, match="^value_serializer returned str for the value: it must return bytes"):
+            producer.send("t", 1)
+    finally:
+        producer.close(5)
+
+
+def test_serializers_and_deserializers_end_to_end(bootstrap):
+    """A JSON producer (keys by str.encode) and a JSON consumer (keys by bytes.decode): objects in, objects
+    out, tombstones as None; msgpack keeps bytes apart from str. A value its deserializer refuses comes after
+    the records before it, then poll() raises, positioned at it, until a seek moves past it."""
+    with Admin(bootstrap) as admin:
+        admin.create_topic("json", 1, replication_factor=1)
+        admin.create_topic("packed", 1, replication_factor=1)
+    with Producer(bootstrap, value_serializer=json_serializer, key_serializer=str.encode) as producer:
+        futures = [producer.send("json", {"n": 1}, key="a", partition=0),
+                   producer.send("json", None, key="a", partition=0),
+                   *producer.send_many("json", [[2], "three"], keys=["b", None], partition=0)]
+        with pytest.raises(SerializationError):
+            producer.send_many("json", [{"n": 4}, {5}], partition=0)  # nothing of it is sent
+        [f.get(10) for f in futures]
+    with Producer(bootstrap, value_serializer=msgpack_serializer) as producer:
+        producer.send("packed", {"raw": b"\xff", "text": "\xff"}).get(10)
+        producer.send_many("packed", [[1, b"2"]])[0].get(10)
+    with Producer(bootstrap) as producer:  # no serializer: these go as they are, one of them not JSON
+        producer.send_many("json", [b"5", b"{not json", b"7"], partition=0)[-1].get(10)
+
+    with Consumer(bootstrap, auto_offset_reset="earliest", value_deserializer=msgpack_deserializer) as consumer:
+        consumer.assign([("packed", 0)])
+        got = []
+        deadline_s = time.monotonic() + 20
+        while len(got) < 2:
+            assert time.monotonic() < deadline_s, got
+            got += [r.value for r in consumer.poll(timeout_ms=1_000)]
+        assert got == [{"raw": b"\xff", "text": "\xff"}, [1, b"2"]]
+
+    tp = TopicPartition("json", 0)
+    with Consumer(bootstrap, auto_offset_reset="earliest", value_deserializer=json_deserializer,
+                  key_deserializer=bytes.decode) as consumer:
+        consumer.assign([tp])
+        got = []
+        deadline_s = time.monotonic() + 20
+        while len(got) < 5:
+            assert time.monotonic() < deadline_s, got
+            got += [(r.offset, r.key, r.value) for r in consumer.poll(timeout_ms=1_000)]
+        assert got == [(0, "a", {"n": 1}), (1, "a", None), (2, "b", [2]), (3, None, "three"), (4, None, 5)]
+        assert consumer.position(tp) == 5  # at the record that failed, which was not handed out
+        for _ in range(2):  # raised by the next poll, and again by every poll that reaches it
+            with pytest.raises(SerializationError, match=r"^value_deserializer raised JSONDecodeError for the "
+                                                         r"record at json/0 offset 5: .* to skip it") as caught:
+                consumer.poll(timeout_ms=5_000)
+            error = caught.value
+            assert (error.argument, error.topic, error.partition, error.offset) == ("value", "json", 0, 5)
+            assert consumer.position(tp) == 5
+        consumer.seek(tp, error.offset + 1)
+        assert [(r.offset, r.value) for r in consumer.poll(timeout_ms=5_000)] == [(6, 7)]
+        consumer._check_invariants()
 
 
 TURNS_BACKLOG = [300, 900, 500, 700]  # records per partition of the "turns" topic, in batches of 37

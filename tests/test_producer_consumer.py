@@ -180,6 +180,7 @@ def test_bad_records_are_refused_before_anything_is_sent(cluster):
     {"max_in_flight_per_node": 0}, {"acks": 0}, {"max_record_bytes": 0.5}, {"bootstrap": "not-an-address"},
     {"bootstrap": "tcp://127.0.0.1"}, {"compression": "gzip"}, {"compression": "LZ4"},
     {"compression": "zstd", "batch_bytes": 16 << 20, "buffer_bytes": 64 << 20},  # batches no reader could take
+    {"value_serializer": "json"}, {"key_serializer": b"utf-8"},
 ])
 def test_absurd_producer_arguments_are_config_errors(kwargs):
     kwargs = {"bootstrap": "tcp://127.0.0.1:1", **kwargs}
@@ -190,7 +191,8 @@ def test_absurd_producer_arguments_are_config_errors(kwargs):
 @pytest.mark.parametrize("kwargs", [
     {"auto_offset_reset": "sometimes"}, {"fetch_max_wait_ms": -1}, {"fetch_max_bytes": 0},
     {"max_partition_fetch_bytes": 0}, {"prefetch_bytes_max": "lots"}, {"request_timeout_ms": 0},
-    {"topics": ["t"]}, {"session_timeout_ms": 100}, {"bootstrap": "127.0.0.1:7400"},
+    {"topics": ["t"]}, {"session_timeout_ms": 100}, {"bootstrap": "127.0.0.1:7400"}, {"value_deserializer": "json"},
+    {"key_deserializer": 1},
 ])
 def test_absurd_consumer_arguments_are_config_errors(kwargs):
     kwargs = {"bootstrap": "tcp://127.0.0.1:1", **kwargs}
