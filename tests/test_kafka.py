@@ -7,6 +7,7 @@ shows a plain producer too.
 
 from __future__ import annotations
 
+import random
 import select
 import shutil
 import socket
@@ -31,7 +32,7 @@ from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchB
 from tests.test_kafka_parts import ABORTED_KIO  # noqa: E402
 
 KCAT = shutil.which("kcat")
-TOPICS = {"kcat-in": 2, "bus-out": 2, "confluent": 3, "raw": 1}
+TOPICS = {"kcat-in": 2, "bus-out": 2, "confluent": 3, "raw": 1, "fuzz": 2}
 CLIENT_S = 20  # a Kafka client command's timeout
 
 
@@ -219,6 +220,14 @@ def test_the_bus_producer_writes_and_kcat_and_kafka_python_read_exactly_those(ka
         at = consumer.offsets_for_times({tp: expected[10][4]})[tp]
         assert at is not None and at.offset == min(o for o, *_, ts in expected if ts >= expected[10][4])
         assert consumer.offsets_for_times({tp: max(e[4] for e in expected) + 1})[tp] is None
+        # From inside a batch (the node serves the whole batch; the client skips what is below its position)
+        consumer.seek(tp, 17)
+        again = []
+        deadline_s = time.monotonic() + CLIENT_S
+        while len(again) < 13 and time.monotonic() < deadline_s:
+            for batch in consumer.poll(timeout_ms=500).values():
+                again += batch
+        assert [r.offset for r in again] == list(range(17, 30))
     finally:
         consumer.close()
 
@@ -432,3 +441,63 @@ def test_init_producer_id_and_a_retried_idempotent_batch_is_written_once(kafka_c
     assert follows.error_code == 0 and follows.base_offset == first.base_offset + 2
     transactional = request(leader, InitProducerIdRequest[4](transactional_id="tx", transaction_timeout_ms=60_000))
     assert transactional.error_code != 0  # no transactions yet
+
+
+def hostile_request(rng: random.Random):
+    """A well-framed request of a supported API and version whose values are what a rogue or broken client
+    might send: extreme integers, unknown and odd topic names, empty and damaged record sets."""
+    i32 = [0, 1, -1, -2, -3, 2**31 - 1, -2**31, 7]
+    i64 = [0, 1, -1, -2, -3, 2**63 - 1, -2**63, 10**12]
+    names = ["fuzz", "no-such-topic", "", "x" * 300, "t\x00", "\u00e9"]
+    batch = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+                                      producer_epoch=-1, base_sequence=-1, batch_size=1 << 16)
+    batch.append(0, timestamp=1, key=b"k", value=b"v", headers=[("h", b"x")])
+    good = bytes(batch.build())
+    pick = rng.choice
+    kind = rng.randrange(5)
+    if kind == 0:
+        return ProduceRequest[rng.randint(3, 9)](
+            acks=pick([1, -1, 2, -2, 32767]), timeout_ms=pick([0, 1, 1000, -1]), topic_data=[
+                ProduceRequest.TopicProduceData(name=pick(names), partition_data=[
+                    ProduceRequest.TopicProduceData.PartitionProduceData(
+                        index=pick(i32), records=pick([good, b"", None, b"\0" * 70, good[:-3], good + good[:20]]))
+                    for _ in range(rng.randint(0, 3))]) for _ in range(rng.randint(0, 2))])
+    if kind == 1:
+        return FetchRequest[rng.randint(4, 12)](
+            replica_id=pick(i32), max_wait_ms=pick([0, 1, 50, -1]), min_bytes=pick(i32), max_bytes=pick(i32),
+            isolation_level=pick([0, 1, 5]), topics=[FetchRequest.FetchTopic(topic=pick(names), partitions=[
+                FetchRequest.FetchTopic.FetchPartition(partition=pick(i32), current_leader_epoch=pick(i32),
+                                                       fetch_offset=pick(i64), partition_max_bytes=pick(i32))
+                for _ in range(rng.randint(0, 3))]) for _ in range(rng.randint(0, 2))])
+    if kind == 2:
+        return ListOffsetsRequest[rng.randint(1, 6)](replica_id=pick(i32), topics=[ListOffsetsRequest.ListOffsetsTopic(
+            name=pick(names), partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(
+                partition_index=pick(i32), current_leader_epoch=pick(i32), timestamp=pick(i64))
+                for _ in range(rng.randint(0, 3))]) for _ in range(rng.randint(0, 2))])
+    if kind == 3:
+        return MetadataRequest[rng.randint(1, 12)](
+            topics=pick([None, [], [MetadataRequest.MetadataRequestTopic(name=pick(names))]]))
+    return InitProducerIdRequest[rng.randint(0, 4)](transactional_id=pick([None, "tx"]),
+                                                    transaction_timeout_ms=pick(i32))
+
+
+def test_hostile_values_in_well_formed_requests_get_answers_and_every_server_keeps_serving(kafka_cluster):
+    """A seeded fuzz of the handlers behind the decoder: each request on a fresh connection gets its
+    response (a long poll here waits at most 50 ms), no process dies, and a produce and fetch work after."""
+    rng = random.Random(13)
+    addresses = [kafka_cluster.kafka_address(1), kafka_cluster.kafka_bootstrap]
+    for n in range(300):
+        message = hostile_request(rng)
+        address = addresses[n % 2]
+        sock = connect(address)
+        try:
+            message.with_header(correlation_id=n, client_id="fuzz")
+            sock.sendall(bytes(message.encode(header=True, framed=True)))
+            data = recv_frame(sock)
+            assert struct.unpack_from(">i", data)[0] == n, message
+        finally:
+            sock.close()
+        assert kafka_cluster.nodes[1].poll() is None and kafka_cluster.coordinator.poll() is None, message
+    leader = leader_address(kafka_cluster, "fuzz", 0)
+    assert produce_raw(leader, "fuzz", 0, one_batch(b"after")).error_code == 0
+    assert metadata_of(kafka_cluster.kafka_bootstrap) is not None

@@ -158,7 +158,8 @@ class KafkaListener:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._close(conn, f"read failed: {exc}")
+                # A reset is a client going away (as a close is); anything else is worth a line.
+                self._close(conn, None if exc.errno == errno.ECONNRESET else f"read failed: {exc}")
                 break
             if not data:
                 self._close(conn)  # the client closed it
