@@ -163,9 +163,11 @@ def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restar
 @click.option("--bind", default="tcp://127.0.0.1:7400", show_default=True, help="the address clients and nodes reach")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus metrics here")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="the address metrics are served on")
-@click.option("--kafka-listen", default=None, help="HOST:PORT: answer Kafka's protocol there (clients' bootstrap.servers)")
+@click.option("--kafka-listen", default=None,
+              help="HOST:PORT: answer Kafka's protocol there (clients' bootstrap.servers)")
 @click.option("--kafka-advertise", default=None,
-              help="HOST:PORT Kafka clients reach it at (the coordinator is only bootstrapped from: Metadata lists the nodes)")
+              help="HOST:PORT Kafka clients reach it at (unused so far: clients only bootstrap from the "
+                   "coordinator, whose Metadata lists the nodes)")
 @friendly_errors
 def coordinator(data_dir, bind, metrics_port, metrics_addr, kafka_listen, kafka_advertise):
     """Run a coordinator (for a cluster over several hosts)."""

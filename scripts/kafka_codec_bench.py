@@ -76,7 +76,8 @@ def main() -> None:
                                 "replica_nodes": [1, 2, 3], "isr_nodes": [1, 2, 3]} for p in range(10)]}
                            for t in range(10)]}
     metadata_cls = kio_class("metadata", 12, "response")
-    kp_metadata = lambda: KPMetadata[12](throttle_time_ms=0, brokers=[KPMetadata.MetadataResponseBroker(node_id=n, host="127.0.0.1", port=9092 + n) for n in (1, 2, 3)],
+    kp_metadata = lambda: KPMetadata[12](throttle_time_ms=0, brokers=[  # noqa: E731
+        KPMetadata.MetadataResponseBroker(node_id=n, host="127.0.0.1", port=9092 + n) for n in (1, 2, 3)],
                                  cluster_id="c", controller_id=-1, topics=[KPMetadata.MetadataResponseTopic(
                                      error_code=0, name=f"topic-{t}", topic_id=uuid.UUID(int=t + 1), partitions=[
                                          KPMetadata.MetadataResponseTopic.MetadataResponsePartition(

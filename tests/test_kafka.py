@@ -501,3 +501,38 @@ def test_hostile_values_in_well_formed_requests_get_answers_and_every_server_kee
     leader = leader_address(kafka_cluster, "fuzz", 0)
     assert produce_raw(leader, "fuzz", 0, one_batch(b"after")).error_code == 0
     assert metadata_of(kafka_cluster.kafka_bootstrap) is not None
+
+
+def test_an_idempotent_acks_all_kafka_producer_loses_and_duplicates_nothing_when_the_leader_is_killed(make_cluster):
+    """librdkafka's producer (acks=all, idempotent) across a kill -9 of the partition's leader: its retries
+    go to the new leader (NOT_LEADER_OR_FOLLOWER, a metadata refresh), and the bus's sequence check, kept
+    by the follower too, lands every acknowledged record once, at the offset it was acknowledged with."""
+    from confluent_kafka import Producer as KProducer
+
+    cluster = make_cluster(2, kafka_port=0)
+    with Admin(cluster.bootstrap) as admin:
+        leader = admin.create_topic("failover", 1, replication_factor=2)["partitions"][0]["leader"]
+    producer = KProducer({"bootstrap.servers": cluster.kafka_bootstrap, "acks": "all", "enable.idempotence": True,
+                          "linger.ms": 5, "message.timeout.ms": 30_000})
+    acked, failed = {}, []
+
+    def on_delivery(error, message):
+        if error is not None:
+            failed.append(error)
+        else:
+            acked[message.value()] = message.offset()
+
+    for i in range(3000):
+        producer.produce("failover", value=b"%d" % i, partition=0, on_delivery=on_delivery)
+        producer.poll(0)
+        if i == 1000:
+            # delivery reports arrive in poll()
+            wait_for(lambda: producer.poll(0.05) is not None and acked, 10,
+                     message="records acknowledged before the kill")
+            cluster.kill_node(leader)
+    assert producer.flush(40) == 0
+    del producer
+    assert failed == [] and len(acked) == 3000
+    records = read_bus(cluster, "failover", 1, 3000)
+    assert sorted(r.offset for r in records) == list(range(3000))  # no gap, no duplicate
+    assert all(acked[r.value] == r.offset for r in records)

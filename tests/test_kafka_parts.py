@@ -160,7 +160,8 @@ def request_bytes(message, correlation_id: int = 11) -> bytes:
 
 def produce_request(version: int):
     return ProduceRequest[version](acks=-1, timeout_ms=1500, topic_data=[ProduceRequest.TopicProduceData(
-        name="t", partition_data=[ProduceRequest.TopicProduceData.PartitionProduceData(index=2, records=kafka_batch(ROWS))])])
+        name="t", partition_data=[ProduceRequest.TopicProduceData.PartitionProduceData(
+            index=2, records=kafka_batch(ROWS))])])
 
 
 @pytest.mark.parametrize("version", [3, 9])

@@ -1,6 +1,7 @@
 """Kafka's wire protocol on the bus's servers (issue 13; docs/kafka.md): the framing (``framing.py``), the
-messages through kafka-python's kafka.protocol (``codec.py``), Kafka's record batches to and from the bus's (``records.py``), the APIs
-over a server's own handlers (``service.py``) and the TCP listener in the server's loop (``listener.py``).
+messages through kafka-python's kafka.protocol (``codec.py``), Kafka's record batches to and from the bus's
+(``records.py``), the APIs over a server's own handlers (``service.py``) and the TCP listener in the
+server's loop (``listener.py``).
 """
 
 from __future__ import annotations
