@@ -127,8 +127,15 @@ class Consumer:
 
     # -- assignment and positions ------------------------------------------------------------------
 
+    def _check_open(self, call: str) -> None:
+        """Every public call but close() starts here: on a closed consumer it raises ClosedError, having done
+        nothing (its sockets are gone: what would leak otherwise is a ZeroMQ error, or a wrong answer)."""
+        if self._closed:
+            raise ClosedError(f"{call} on a closed Consumer")
+
     def assign(self, partitions) -> None:
         """Read exactly these (topic, partition) pairs; positions start per ``auto_offset_reset``."""
+        self._check_open("assign()")
         if self._group is not None:
             raise ConfigError("a group member's partitions are assigned by the coordinator; don't call assign()")
         metadata = self._requester.metadata([t for t, _ in partitions], strict=True)
@@ -154,6 +161,7 @@ class Consumer:
         self._wake()
 
     def assignment(self) -> set:
+        self._check_open("assignment()")
         with self._lock:
             return set(self._states)
 
@@ -168,14 +176,17 @@ class Consumer:
         """Commit ``offsets`` ({tp: offset}), by default the positions of what poll() returned. Synchronous;
         returns {tp: committed offset}. A fenced member gets FencedMemberEpoch / UnknownMemberId (it then
         drops its partitions and rejoins on the next poll())."""
+        self._check_open("commit()")
         return self._member().commit(offsets)
 
     def commit_async(self, offsets: dict | None = None, callback=None) -> None:
         """As commit(), in the background; ``callback(offsets, exception_or_None)`` when done."""
+        self._check_open("commit_async()")
         self._member().commit_async(offsets, callback)
 
     def committed(self, tp) -> int | None:
         """The offset the group has committed for ``tp``, or None."""
+        self._check_open("committed()")
         return self._member().committed(tp)
 
     def seek(self, tp, offset: int) -> None:
@@ -189,6 +200,7 @@ class Consumer:
         self._reposition(partitions, "latest")
 
     def _reposition(self, partitions, target) -> None:
+        self._check_open("seek()")
         with self._lock:
             tps = list(self._states) if partitions is None else [TopicPartition(*tp) for tp in partitions]
             for tp in tps:
@@ -208,6 +220,7 @@ class Consumer:
 
     def position(self, tp, timeout_ms: int = 30_000) -> int:
         """The offset of the next record poll() returns for ``tp`` (waits for it to be resolved)."""
+        self._check_open("position()")
         tp = TopicPartition(*tp)
         deadline_s = time.monotonic() + timeout_ms / 1000
         with self._lock:
@@ -217,6 +230,7 @@ class Consumer:
                     raise ConfigError(f"{tp} is not assigned to this consumer")
                 if state.position is not None:
                     return state.position
+                self._check_open("position()")  # closed while waiting: no fetcher will resolve it now
                 remaining = deadline_s - time.monotonic()
                 if remaining <= 0:
                     raise Timeout(f"position of {tp} not resolved within {timeout_ms} ms")
@@ -224,12 +238,15 @@ class Consumer:
 
     def offsets_for_times(self, timestamps: dict) -> dict:
         """{tp: earliest offset whose timestamp >= ts} (the log end offset where no record is that new)."""
+        self._check_open("offsets_for_times()")
         return self._list_offsets({TopicPartition(*tp): ts for tp, ts in timestamps.items()})
 
     def beginning_offsets(self, partitions) -> dict:
+        self._check_open("beginning_offsets()")
         return self._list_offsets({TopicPartition(*tp): "earliest" for tp in partitions})
 
     def end_offsets(self, partitions) -> dict:
+        self._check_open("end_offsets()")
         return self._list_offsets({TopicPartition(*tp): "latest" for tp in partitions})
 
     def _list_offsets(self, specs: dict) -> dict:
@@ -284,8 +301,7 @@ class Consumer:
         return out
 
     def _poll(self, timeout_ms: int, max_records: int) -> list:
-        if self._closed:
-            raise ClosedError("poll() on a closed Consumer")
+        self._check_open("poll()")
         if self._group is not None:
             self._group.on_poll(timeout_ms)
         deadline_s = time.monotonic() + timeout_ms / 1000
@@ -299,6 +315,7 @@ class Consumer:
                     if out:
                         break
                     self._raise_errors()  # one the decode found (a corrupt batch): now, not after the wait
+                    self._check_open("poll()")  # closed by another thread while this one waited
                     remaining = deadline_s - time.monotonic()
                     if remaining <= 0 or (group is not None and group.reconcile_pending):
                         break
@@ -317,8 +334,15 @@ class Consumer:
         return out
 
     def __iter__(self):
+        """Records as they come, until the consumer is closed (from another thread, or a handler)."""
         while not self._closed:
-            yield from self.poll(timeout_ms=1000)
+            try:
+                records = self.poll(timeout_ms=1000)
+            except ClosedError:
+                if self._closed:
+                    return
+                raise
+            yield from records
 
     def _unread(self, records) -> None:
         """Put back records taken for poll() but not handed out: each partition's position returns to the first

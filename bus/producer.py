@@ -388,7 +388,14 @@ class Producer:
         _checked_topic(topic)  # the first use of a topic comes here: checked once, not on every send()
         count = self._partition_counts.get(topic)
         if count is None:
-            count = self._requester.metadata([topic], strict=True).partition_count(topic)  # raises UnknownTopic
+            if self._closed:  # its sockets are gone: no metadata request can go out
+                raise ClosedError("sending on a closed Producer (nothing was sent)")
+            try:
+                count = self._requester.metadata([topic], strict=True).partition_count(topic)  # raises UnknownTopic
+            except zmq.ZMQError:
+                if self._closed:  # closed by another thread meanwhile
+                    raise ClosedError("sending on a closed Producer (nothing was sent)") from None
+                raise
             self._partition_counts[topic] = count
         return count
 

@@ -1,6 +1,6 @@
 """What the client library takes and how poll() hands it out, end to end over one real cluster (a
 coordinator and a node, started once for the module): send()'s checked inputs and tombstones, the
-serializers, and poll() serving partitions in turn. Inputs refused before any I/O are checked against a producer with no
+serializers, closed clients, and poll() serving partitions in turn. Inputs refused before any I/O are checked against a producer with no
 cluster at all.
 
 Each test makes topics of its own, so they share the cluster in any order (and on either xdist worker).
@@ -9,14 +9,17 @@ Each test makes topics of its own, so they share the cluster in any order (and o
 from __future__ import annotations
 
 import enum
+import re
+import threading
 import time
 
 import pytest
 
 from bus import Admin, Consumer, Producer, TopicPartition
-from bus.errors import ConfigError, InvalidRecord, SerializationError
+from bus.errors import ClosedError, ConfigError, InvalidRecord, SerializationError
 from bus.serializers import json_deserializer, json_serializer, msgpack_deserializer, msgpack_serializer
 from nodes.cluster import LocalCluster
+from tests.conftest import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +234,73 @@ def test_serializers_and_deserializers_end_to_end(bootstrap):
         consumer.seek(tp, error.offset + 1)
         assert [(r.offset, r.value) for r in consumer.poll(timeout_ms=5_000)] == [(6, 7)]
         consumer._check_invariants()
+
+
+
+# -- closed clients ----------------------------------------------------------------------------------
+
+def test_every_call_on_a_closed_client_is_a_closed_error(bootstrap):
+    with Admin(bootstrap) as admin:
+        admin.create_topic("closing", 2, replication_factor=1)
+    producer = Producer(bootstrap)
+    before = producer.send("closing", b"before close", partition=0)
+    producer.close()
+    assert before.get(0).offset == 0  # close() flushed it
+    for call in (lambda: producer.send("closing", b"v"), lambda: producer.send("closing", b"v", key=b"k"),
+                 lambda: producer.send("closing", b"v", partition=1), lambda: producer.send("never-seen", b"v"),
+                 lambda: producer.send_many("closing", [b"v"]), lambda: producer.send_many("never-seen", [b"v"]),
+                 lambda: producer.send_many("closing", [b"v", b"w"], keys=[b"k", None])):
+        with pytest.raises(ClosedError, match="on a closed Producer"):
+            call()
+    producer.close()  # again: nothing left to do
+    with Admin(bootstrap) as admin:
+        assert [p["end_offset"] for p in admin.describe_topic("closing")["partitions"]] == [1, 0]
+
+    tp = TopicPartition("closing", 0)
+    for consumer in (Consumer(bootstrap, group="closing", topics=["closing"]), Consumer(bootstrap)):
+        consumer.close()
+        for name, call in (("poll()", consumer.poll), ("commit()", consumer.commit),
+                           ("commit_async()", consumer.commit_async), ("committed()", lambda: consumer.committed(tp)),
+                           ("seek()", lambda: consumer.seek(tp, 0)), ("seek()", consumer.seek_to_end),
+                           ("position()", lambda: consumer.position(tp)), ("assignment()", consumer.assignment),
+                           ("end_offsets()", lambda: consumer.end_offsets([tp])),
+                           ("offsets_for_times()", lambda: consumer.offsets_for_times({tp: 0}))):
+            with pytest.raises(ClosedError, match=rf"^{re.escape(name)} on a closed Consumer"):
+                call()
+        with pytest.raises(ClosedError, match=r"^assign\(\) on a closed Consumer"):
+            consumer.assign([tp])
+        assert list(consumer) == []  # iterating a closed consumer just ends
+        consumer.close()
+
+
+@pytest.mark.parametrize("how", ["poll", "iterate"])
+def test_closing_a_consumer_wakes_a_poll_waiting_in_another_thread(bootstrap, how):
+    """A poll() waiting for records when another thread closes the consumer raises ClosedError at once (not
+    at its timeout); a loop over the consumer just ends."""
+    with Admin(bootstrap) as admin:
+        admin.create_topic(f"quiet-{how}", 1, replication_factor=1)
+    consumer = Consumer(bootstrap)
+    consumer.assign([(f"quiet-{how}", 0)])
+    consumer.position((f"quiet-{how}", 0))
+    outcome: list = []
+
+    def read():
+        try:
+            outcome.append(consumer.poll(timeout_ms=60_000) if how == "poll" else list(consumer))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    wait_for(lambda: consumer._data._waiters, 10, 0.005, "poll() waiting for records")
+    started_s = time.monotonic()
+    consumer.close()
+    reader.join(10)
+    assert not reader.is_alive() and time.monotonic() - started_s < 5
+    if how == "poll":
+        assert isinstance(outcome[0], ClosedError) and "poll() on a closed Consumer" in str(outcome[0])
+    else:
+        assert outcome == [[]]
 
 
 TURNS_BACKLOG = [300, 900, 500, 700]  # records per partition of the "turns" topic, in batches of 37
