@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 
 import zmq
@@ -26,7 +27,7 @@ from . import kafka
 from .controller import KEY_PREFIXES, NO_LEADER, NODE_SESSION_TIMEOUT_MS, Controller, Outcome
 from .group_service import GroupService
 from .metrics import CoordinatorMetrics, serve
-from .server import Request, RouterServer, install_stop_handlers
+from .server import MALFORMED, Request, RouterServer, as_invalid, install_stop_handlers
 
 log = logging.getLogger("bus.coordinator")
 
@@ -76,11 +77,24 @@ class Coordinator:
         # Kafka's protocol (docs/kafka.md): bootstrap, ApiVersions and Metadata listing every live node.
         self.kafka = None if not kafka_listen else kafka.listen(
             kafka_listen, cluster_id=lambda: self.controller.cluster_id, brokers=self._kafka_brokers,
-            topics=lambda: self.controller.topics, handlers=None,
-            init_producer_id=lambda answer: answer(self._persisted(self.controller.init_producer_id(monotonic_ms())),
-                                                   None),
+            topics=lambda: self.controller.topics, handlers=None, coordinator=self._ask_self,
             frame_bytes_max=16 << 20)
         serve(self.metrics.registry, metrics_port, metrics_addr)
+
+    def _ask_self(self, op: str, args: dict, answer) -> None:
+        """A Kafka client's request for the coordinator's own handlers (what a node forwards to it over
+        ZeroMQ): ``answer(result, (bus error code, message) or None)`` at once."""
+        now_s = time.monotonic()
+        try:
+            result = self.handlers[op](Request(b"", op, None, args, [], int(now_s * 1000), now_s))
+        except BusError as exc:
+            answer(None, (exc.code, exc.message))
+            return
+        except MALFORMED as exc:
+            error = as_invalid(exc)
+            answer(None, (error.code, error.message))
+            return
+        answer(result, None)
 
     def _kafka_brokers(self) -> dict:
         """The live nodes' Kafka listeners: node id -> HOST:PORT."""

@@ -121,11 +121,12 @@ class Node:
                          wire.REPLICA_FETCH: self._replica_fetch, wire.PING: lambda request: {"node_id": self.node_id}}
         # Kafka's protocol on a listener of its own, in this loop, over the same handlers (docs/kafka.md).
         self.kafka_nodes: dict[int, str] = {}  # node id -> its Kafka listener's address, as the coordinator says
-        # request id -> (answer, deadline_s): Kafka clients' InitProducerId, asked of the coordinator
-        self.producer_id_asks: dict[int, tuple] = {}
+        # request id -> (answer, deadline_s): Kafka clients' requests the coordinator answers (InitProducerId,
+        # CreateTopics, DeleteTopics), asked of it over this node's DEALER
+        self.coordinator_asks: dict[int, tuple] = {}
         self.kafka = None if not kafka_listen else kafka.listen(
             kafka_listen, cluster_id=lambda: self.cluster_id, brokers=self._kafka_brokers, topics=lambda: self.topics,
-            handlers=self.handlers, init_producer_id=self._ask_producer_id, frame_bytes_max=MESSAGE_BYTES_MAX)
+            handlers=self.handlers, coordinator=self._ask_coordinator, frame_bytes_max=MESSAGE_BYTES_MAX)
         self.kafka_advertise = None if self.kafka is None else kafka_advertise or self.kafka.address
         self.produces: list = []  # this turn's produce requests, committed together at its end
         # The placement as last heard from the coordinator, cached on disk so a restarted node serves its
@@ -219,17 +220,17 @@ class Node:
         """What a Kafka Metadata answer lists as brokers: the live nodes' Kafka listeners, this one's too."""
         return {**self.kafka_nodes, self.node_id: self.kafka_advertise}
 
-    def _ask_producer_id(self, answer) -> None:
-        """A Kafka client's InitProducerId: the coordinator hands out producer ids; ``answer(result, bus error
-        code)`` once its reply is in (``_drain_coordinator``), or with an error after ALTER_TIMEOUT_MS."""
+    def _ask_coordinator(self, op: str, args: dict, answer) -> None:
+        """A Kafka client's request that the coordinator answers (a producer id, a topic to create or delete):
+        ``answer(result, (bus error code, message) or None)`` once its reply is in (``_drain_coordinator``), or
+        with an error after ALTER_TIMEOUT_MS."""
         self.request_seq += 1
         try:
-            self.coordinator.send_multipart(wire.encode_request(wire.INIT_PRODUCER_ID, self.request_seq, {}),
-                                            zmq.NOBLOCK)
+            self.coordinator.send_multipart(wire.encode_request(op, self.request_seq, args), zmq.NOBLOCK)
         except zmq.Again:
-            answer(None, "NODE_UNAVAILABLE")  # the coordinator is unreachable: the client retries
+            answer(None, ("NODE_UNAVAILABLE", "the coordinator is unreachable"))  # the client retries
             return
-        self.producer_id_asks[self.request_seq] = (answer, time.monotonic() + ALTER_TIMEOUT_MS / 1000)
+        self.coordinator_asks[self.request_seq] = (answer, time.monotonic() + ALTER_TIMEOUT_MS / 1000)
 
     def _ask_placement_soon(self) -> None:
         """A client named a topic this node has not heard of: it may have just been created, so heartbeat now
@@ -300,8 +301,8 @@ class Node:
             self.next_retention_s = now_s + self.retention_interval_s
         for request_id in [r for r, (_, deadline_s) in self.alters.items() if deadline_s <= now_s]:
             del self.alters[request_id]
-        for request_id in [r for r, (_, deadline_s) in self.producer_id_asks.items() if deadline_s <= now_s]:
-            self.producer_id_asks.pop(request_id)[0](None, "TIMEOUT")
+        for request_id in [r for r, (_, deadline_s) in self.coordinator_asks.items() if deadline_s <= now_s]:
+            self.coordinator_asks.pop(request_id)[0](None, ("TIMEOUT", "the coordinator did not answer"))
         self._propose(monotonic_ms())
         self.store.flush_due(monotonic_ms())
 
@@ -715,9 +716,9 @@ class Node:
             if alter is not None:
                 self._altered(alter[0], error, result)
                 continue
-            asked = self.producer_id_asks.pop(request_id, None) if request_id is not None else None
+            asked = self.coordinator_asks.pop(request_id, None) if request_id is not None else None
             if asked is not None:
-                asked[0](result if error is None else None, None if error is None else error[0])
+                asked[0](result if error is None else None, None if error is None else tuple(error[:2]))
                 continue
             if error is not None:
                 log.error("coordinator refused node %d: %s: %s", self.node_id, *error)

@@ -412,7 +412,7 @@ def test_an_unknown_api_key_or_version_is_unsupported_version_and_the_connection
             data = recv_frame(sock)
             answer = ApiVersionsResponse[0].decode(data[4:])
             assert struct.unpack_from(">i", data)[0] == correlation_id
-            assert answer.error_code == 35 and {k.api_key for k in answer.api_keys} == {0, 1, 2, 3, 18, 22}
+            assert answer.error_code == 35 and {k.api_key for k in answer.api_keys} == {0, 1, 2, 3, 18, 19, 20, 22}
         assert request(address, ApiVersionsRequest[3](), correlation_id=20, sock=sock).error_code == 0
     finally:
         sock.close()
@@ -536,3 +536,37 @@ def test_an_idempotent_acks_all_kafka_producer_loses_and_duplicates_nothing_when
     records = read_bus(cluster, "failover", 1, 3000)
     assert sorted(r.offset for r in records) == list(range(3000))  # no gap, no duplicate
     assert all(acked[r.value] == r.offset for r in records)
+
+
+def test_topics_created_and_deleted_through_confluent_kafka_and_kafka_python_admin_clients(kafka_cluster):
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+    from kafka.admin import KafkaAdminClient, NewTopic as KafkaNewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_cluster.kafka_bootstrap})
+    created = admin.create_topics([NewTopic("admin-a", num_partitions=3, replication_factor=2,
+                                            config={"retention.ms": "60000"}), NewTopic("admin-b", 1)],
+                                  request_timeout=10)
+    assert [f.result(CLIENT_S) for f in created.values()] == [None, None]
+    again = admin.create_topics([NewTopic("admin-a", 3)], request_timeout=10)["admin-a"]
+    with pytest.raises(KafkaException) as exists:
+        again.result(CLIENT_S)
+    assert exists.value.args[0].code() == 36  # TOPIC_ALREADY_EXISTS
+    with Admin(kafka_cluster.bootstrap) as bus_admin:
+        topic = bus_admin.list_topics()["admin-a"]
+        assert (len(topic["partitions"]), topic["replication_factor"], topic["retention_ms"]) == (3, 2, 60_000)
+    assert admin.delete_topics(["admin-b"], request_timeout=10)["admin-b"].result(CLIENT_S) is None
+    del admin
+
+    client = KafkaAdminClient(bootstrap_servers=kafka_cluster.kafka_bootstrap, request_timeout_ms=10_000)
+    try:
+        answer = client.create_topics([KafkaNewTopic("admin-c", 2, 1)])
+        assert [t["error_code"] for t in answer["topics"]] == [0]
+        client.delete_topics(["admin-c"])
+        with pytest.raises(kafka.errors.UnknownTopicOrPartitionError):
+            client.delete_topics(["no-such-topic"])
+    finally:
+        client.close()
+    with Admin(kafka_cluster.bootstrap) as bus_admin:
+        names = set(bus_admin.list_topics())
+    assert "admin-a" in names and not names & {"admin-b", "admin-c"}

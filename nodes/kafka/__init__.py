@@ -10,12 +10,12 @@ from .listener import KafkaListener
 from .service import KafkaService
 
 
-def listen(address: str, *, cluster_id, brokers, topics, handlers, init_producer_id,
+def listen(address: str, *, cluster_id, brokers, topics, handlers, coordinator,
            frame_bytes_max: int) -> KafkaListener:
     """A Kafka listener bound to ``address`` (HOST:PORT) serving ``KafkaService(cluster_id, brokers, topics,
-    handlers, init_producer_id)``; the server registers it in its poller each loop turn and serves what is
+    handlers, coordinator)``; the server registers it in its poller each loop turn and serves what is
     ready."""
-    service = KafkaService(cluster_id, brokers, topics, handlers, init_producer_id)
+    service = KafkaService(cluster_id, brokers, topics, handlers, coordinator)
     return KafkaListener(address, service.handle, frame_bytes_max=frame_bytes_max)
 
 

@@ -20,11 +20,13 @@ import struct
 import typing
 from functools import cache
 
+from kafka.protocol.admin import CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse
 from kafka.protocol.consumer import FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse
 from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse
 from kafka.protocol.producer import InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse
 
-PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS, INIT_PRODUCER_ID = 0, 1, 2, 3, 18, 22
+PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = (
+    0, 1, 2, 3, 18, 19, 20, 22)
 # api key -> (request class, response class, lowest version, highest version): what ApiVersions
 # advertises, and all that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record
 # batches of magic 2; the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others
@@ -35,6 +37,8 @@ SUPPORTED = {
     LIST_OFFSETS: (ListOffsetsRequest, ListOffsetsResponse, 1, 6),
     METADATA: (MetadataRequest, MetadataResponse, 1, 12),
     API_VERSIONS: (ApiVersionsRequest, ApiVersionsResponse, 0, 3),
+    CREATE_TOPICS: (CreateTopicsRequest, CreateTopicsResponse, 2, 7),  # answered by the coordinator
+    DELETE_TOPICS: (DeleteTopicsRequest, DeleteTopicsResponse, 1, 5),  # by name (6 names topics by id)
     INIT_PRODUCER_ID: (InitProducerIdRequest, InitProducerIdResponse, 0, 4),  # idempotence; no transactions
 }
 
@@ -49,6 +53,10 @@ COORDINATOR_NOT_AVAILABLE = 15
 MESSAGE_TOO_LARGE = 10
 NOT_ENOUGH_REPLICAS = 19
 NOT_ENOUGH_REPLICAS_AFTER_APPEND = 20
+TOPIC_ALREADY_EXISTS = 36
+INVALID_PARTITIONS = 37
+INVALID_REPLICATION_FACTOR = 38
+INVALID_CONFIG = 40
 UNSUPPORTED_VERSION = 35
 INVALID_REQUEST = 42
 OUT_OF_ORDER_SEQUENCE_NUMBER = 45
@@ -84,6 +92,9 @@ FROM_BUS = {
     "INVALID_REQUEST": INVALID_REQUEST,
     "UNSUPPORTED_VERSION": UNSUPPORTED_VERSION,
     "UNSUPPORTED_COMPRESSION_TYPE": UNSUPPORTED_COMPRESSION_TYPE,
+    "TOPIC_EXISTS": TOPIC_ALREADY_EXISTS,
+    "INVALID_CONFIG": INVALID_CONFIG,
+    "NO_NODES_AVAILABLE": INVALID_REPLICATION_FACTOR,  # fewer live nodes than the replicas asked for
 }
 
 

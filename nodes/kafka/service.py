@@ -3,12 +3,14 @@ the ZeroMQ ROUTER serves (``Node._produce``, ``_fetch``, ``_list_offsets``), and
 Kafka's response. So a Kafka produce takes part in the node's group commit, an acks=-1 produce waits in
 the node's purgatory for the high watermark, and a fetch long-polls there like a bus consumer's.
 
-``KafkaService(cluster_id, brokers, topics, handlers, init_producer_id)``: three callables saying what
+``KafkaService(cluster_id, brokers, topics, handlers, coordinator)``: three callables saying what
 Metadata tells (the cluster id; node id -> "host:port" of every live node's Kafka listener; the placement,
 as the controller keeps it); the node's op handlers, or None on the coordinator, which leads nothing and
 answers every partition of a produce, fetch or list-offsets with NOT_LEADER_OR_FOLLOWER; and
-``init_producer_id(answer)``, which gets a new producer id from the controller and calls ``answer(result,
-bus error code)`` (at once on the coordinator, once its reply is in on a node).
+``coordinator(op, args, answer)``, which runs a coordinator op (a producer id, a topic created or deleted)
+and calls ``answer(result, (bus error code, message) or None)``: at once on the coordinator, once its reply
+is in on a node (which asks it over its DEALER). Metadata names the lowest live node as the controller, so
+admin clients send CreateTopics and DeleteTopics there, and the node asks the coordinator.
 
 The idempotent producer: InitProducerId hands out the bus's own producer ids (the controller's persisted
 counter), and a Kafka batch's producer id, epoch and base sequence become the bus batch's, so the node's
@@ -38,6 +40,23 @@ ACKS = {0: 0, 1: 1, -1: "all"}
 _TOPIC_ID_NAMESPACE = uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8")  # RFC 4122's URL namespace
 
 
+def _coordinator_code(error) -> int:
+    """The Kafka code of a coordinator's (bus code, message); one it did not give in time is retriable."""
+    code = error[0] if error else None
+    return codec.COORDINATOR_NOT_AVAILABLE if code in ("TIMEOUT", "NODE_UNAVAILABLE") else codec.kafka_code(code)
+
+
+def _int_config(configs: dict, name: str) -> int | None:
+    """A topic config given to CreateTopics as an integer (ValueError if it is not one), or None."""
+    value = configs.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"config {name}={value!r} is not an integer") from None
+
+
 def topic_uuid(cluster_id: str | None, topic_id: int) -> uuid.UUID:
     """The Kafka topic id of the bus's topic ``topic_id``: stable, and distinct across clusters and across a
     topic deleted and created again (bus topic ids are never reused)."""
@@ -45,13 +64,14 @@ def topic_uuid(cluster_id: str | None, topic_id: int) -> uuid.UUID:
 
 
 class KafkaService:
-    def __init__(self, cluster_id, brokers, topics, handlers: dict | None, init_producer_id):
+    def __init__(self, cluster_id, brokers, topics, handlers: dict | None, coordinator):
         self.cluster_id, self.brokers, self.topics = cluster_id, brokers, topics
         self.handlers = handlers
-        self.init_producer_id = init_producer_id
+        self.coordinator = coordinator
         self.apis = {codec.API_VERSIONS: self._api_versions, codec.METADATA: self._metadata,
                      codec.PRODUCE: self._produce, codec.FETCH: self._fetch, codec.LIST_OFFSETS: self._list_offsets,
-                     codec.INIT_PRODUCER_ID: self._init_producer_id}
+                     codec.INIT_PRODUCER_ID: self._init_producer_id, codec.CREATE_TOPICS: self._create_topics,
+                     codec.DELETE_TOPICS: self._delete_topics}
 
     def handle(self, header: codec.RequestHeader, body, respond) -> None:
         self.apis[header.api_key](header, body, respond)
@@ -86,8 +106,8 @@ class KafkaService:
                     "offline_replicas": [r for r in state["replicas"] if r not in live]})
             topics.append({"error_code": codec.NONE, "name": name, "topic_id": topic_uuid(cluster_id, topic["id"]),
                            "is_internal": False, "partitions": partitions})
-        respond({"throttle_time_ms": 0, "brokers": brokers, "cluster_id": cluster_id, "controller_id": -1,
-                 "topics": topics})
+        respond({"throttle_time_ms": 0, "brokers": brokers, "cluster_id": cluster_id,
+                 "controller_id": min(live, default=-1), "topics": topics})
 
     def _init_producer_id(self, header, body, respond) -> None:
         if body.transactional_id is not None:
@@ -95,15 +115,74 @@ class KafkaService:
                      "producer_epoch": -1})  # no transactions yet
             return
 
-        def answer(result, bus_code) -> None:
+        def answer(result, error) -> None:
             if result is None:
-                respond({"throttle_time_ms": 0, "error_code": codec.kafka_code(bus_code) if bus_code != "TIMEOUT"
-                         else codec.COORDINATOR_NOT_AVAILABLE, "producer_id": -1, "producer_epoch": -1})
+                respond({"throttle_time_ms": 0, "error_code": _coordinator_code(error), "producer_id": -1,
+                         "producer_epoch": -1})
             else:
                 respond({"throttle_time_ms": 0, "error_code": codec.NONE, "producer_id": result["producer_id"],
                          "producer_epoch": result["epoch"]})
 
-        self.init_producer_id(answer)
+        self.coordinator(wire.INIT_PRODUCER_ID, {}, answer)
+
+    # -- CreateTopics, DeleteTopics: the coordinator's -------------------------------------------------
+
+    def _create_topics(self, header, body, respond) -> None:
+        topics = list(body.topics)
+        rows: list = [None] * len(topics)
+
+        def done(index: int, row: dict) -> None:
+            rows[index] = row
+            if all(r is not None for r in rows):
+                respond({"throttle_time_ms": 0, "topics": rows})
+
+        if not topics:
+            respond({"throttle_time_ms": 0, "topics": []})
+        for index, topic in enumerate(topics):
+            row = {"name": topic.name, "num_partitions": -1, "replication_factor": -1}
+            configs = {c.name: c.value for c in topic.configs or ()}
+            try:
+                if body.validate_only:
+                    raise ValueError("validate_only is not supported")
+                if topic.assignments:
+                    raise ValueError("manual replica assignments are not supported")
+                args = {"name": topic.name, "partitions": topic.num_partitions if topic.num_partitions > 0 else 1,
+                        "replication_factor": topic.replication_factor if topic.replication_factor > 0 else None,
+                        "retention_ms": _int_config(configs, "retention.ms"),
+                        "retention_bytes": _int_config(configs, "retention.bytes"),
+                        "min_insync_replicas": _int_config(configs, "min.insync.replicas")}
+            except ValueError as exc:
+                done(index, {**row, "error_code": codec.INVALID_REQUEST if "supported" in str(exc) else
+                             codec.INVALID_CONFIG, "error_message": str(exc)})
+                continue
+
+            def answer(result, error, index=index, row=row) -> None:
+                if result is None:
+                    done(index, {**row, "error_code": _coordinator_code(error), "error_message": error[1]})
+                else:
+                    done(index, {**row, "error_code": codec.NONE, "num_partitions": len(result["partitions"]),
+                                 "replication_factor": result["replication_factor"],
+                                 "topic_id": topic_uuid(self.cluster_id(), result["id"])})
+
+            self.coordinator(wire.CREATE_TOPIC, args, answer)
+
+    def _delete_topics(self, header, body, respond) -> None:
+        names = list(body.topic_names or ())
+        rows: list = [None] * len(names)
+
+        def done(index: int, row: dict) -> None:
+            rows[index] = row
+            if all(r is not None for r in rows):
+                respond({"throttle_time_ms": 0, "responses": rows})
+
+        if not names:
+            respond({"throttle_time_ms": 0, "responses": []})
+        for index, name in enumerate(names):
+            def answer(result, error, index=index, name=name) -> None:
+                done(index, {"name": name, "error_code": codec.NONE if error is None else _coordinator_code(error),
+                             "error_message": None if error is None else error[1]})
+
+            self.coordinator(wire.DELETE_TOPIC, {"name": name}, answer)
 
     # -- the bus's handlers, asked as the ROUTER asks them ----------------------------------------
 
