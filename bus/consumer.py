@@ -15,6 +15,10 @@ Deserializers (``key_deserializer=``, ``value_deserializer=``: callables, e.g.
 tombstone, no key). One that raises is a SerializationError naming the record, whose partition stays
 positioned at it: the records before it are returned, and the next poll raises.
 
+Pausing: ``pause(partitions)`` keeps a partition out of the rotation and out of the fetches, with its position
+and what it has buffered kept, until ``resume(partitions)``; a partition that leaves the assignment (a
+rebalance's revoke, ``assign()`` without it) is no longer paused, as in Kafka.
+
 Positions: ``position(tp)`` is the offset of the next record ``poll()`` will return. Each partition's
 ``epoch`` goes up on every seek, so bytes fetched for an older position are dropped, never returned.
 
@@ -104,8 +108,9 @@ class Consumer:
         self._data = threading.Condition(self._lock)  # signalled when data, errors or positions arrive
         self._states: dict[tuple, PartitionState] = {}
         # The partitions that have buffered data, in the order poll() serves them (bus/rotation.py). Exactly
-        # those whose state has_data(), at every release of _lock.
+        # those whose state has_data() and that are not paused, at every release of _lock.
         self._ready: OrderedDict = OrderedDict()
+        self._paused: set = set()  # assigned partitions pause() took out of the rotation and the fetches
         self._chunk_bytes = 0  # bytes of every partition's held chunks (held_bytes), against prefetch_bytes_max
         self._closed = False
         self._context = zmq.Context()
@@ -150,6 +155,7 @@ class Consumer:
             for tp in list(self._states):
                 if tp not in wanted:
                     self._drop_buffer(tp, self._states.pop(tp))
+                    self._paused.discard(tp)  # a partition that leaves the assignment is no longer paused
             for tp in partitions:
                 if tp not in self._states:
                     state = self._states[tp] = PartitionState(self.auto_offset_reset)
@@ -164,6 +170,52 @@ class Consumer:
         self._check_open("assignment()")
         with self._lock:
             return set(self._states)
+
+    def pause(self, partitions) -> None:
+        """Stop fetching ``partitions`` (assigned (topic, partition) pairs) and returning their records from
+        poll(), until resume(); their positions and what they have buffered stay. Pausing a paused partition
+        does nothing. A partition revoked or unassigned is no longer paused."""
+        self._check_open("pause()")
+        tps = self._assigned_now(partitions, "pause()")
+        with self._lock:
+            for tp in tps:
+                self._paused.add(tp)
+                self._ready.pop(tp, None)
+        self._wake()  # a fetch out for them is superseded by one without them
+
+    def resume(self, partitions) -> None:
+        """Serve ``partitions`` again, from their positions (first what they had buffered). Resuming one that
+        is not paused does nothing."""
+        self._check_open("resume()")
+        tps = self._assigned_now(partitions, "resume()")
+        with self._lock:
+            for tp in tps:
+                if tp in self._paused:
+                    self._paused.discard(tp)
+                    if self._states[tp].has_data():
+                        self._ready[tp] = None  # at the end of the rotation
+            self._data.notify_all()
+        self._wake()
+
+    def paused(self) -> set:
+        """The partitions paused now."""
+        self._check_open("paused()")
+        with self._lock:
+            return set(self._paused)
+
+    def _assigned_now(self, partitions, call: str) -> list:
+        if isinstance(partitions, (str, bytes, TopicPartition)) or not hasattr(partitions, "__iter__"):
+            raise ConfigError(f"{call} takes a list of (topic, partition) pairs, not {partitions!r}")
+        tps = []
+        for tp in partitions:
+            if not isinstance(tp, (tuple, list)) or len(tp) != 2:
+                raise ConfigError(f"{call} takes a list of (topic, partition) pairs, not {partitions!r}")
+            tps.append(TopicPartition(*tp))
+        with self._lock:
+            for tp in tps:
+                if tp not in self._states:
+                    raise ConfigError(f"{call}: {tp} is not assigned to this consumer")
+        return tps
 
     # -- group offsets (bus/group_member.py) -------------------------------------------------------------
 
@@ -395,6 +447,8 @@ class Consumer:
                     break
                 self._decode(tp, state, stop_at - len(out))
                 state = self._states.get(tp)  # the decode let go of the lock: tp may be gone, or re-sought
+                if tp in self._paused:
+                    break  # or paused: nothing more of it once pause() has returned
                 continue
             run = runs[0]
             position = state.position
@@ -417,7 +471,8 @@ class Consumer:
             self._chunk_bytes -= state.spent_bytes
             state.held_bytes -= state.spent_bytes
             state.spent_bytes = 0
-        return len(out) - start, state.has_data()
+        # Paused during a decode (the lock let go): it leaves the rotation now, its buffer kept.
+        return len(out) - start, state.has_data() and tp not in self._paused
 
     def _decode(self, tp, state: PartitionState, want: int) -> None:
         """Decode batches of ``tp``'s first chunk (whole batches, CRC-checked) into runs of Records, until
@@ -542,7 +597,9 @@ class Consumer:
         """What holds whenever ``_lock`` is free (the suite checks it around polls)."""
         with self._lock:
             assert self._chunk_bytes == sum(s.held_bytes for s in self._states.values()), self._chunk_bytes
-            assert set(self._ready) == {tp for tp, s in self._states.items() if s.has_data()}, list(self._ready)
+            assert set(self._ready) == {tp for tp, s in self._states.items()
+                                        if s.has_data() and tp not in self._paused}, list(self._ready)
+            assert self._paused <= set(self._states), self._paused
             for tp, s in self._states.items():
                 assert s.held_bytes == sum(len(data) for _, data in s.chunks) + s.spent_bytes, tp
                 assert s.spent_bytes == 0 or s.runs, tp  # released once the runs of a decoded chunk are out
@@ -570,7 +627,7 @@ class Consumer:
             # what is cut short when it runs out is the partitions that already have the most to read.
             return {tp: (s.fetch_offset, s.epoch)
                     for tp, s in sorted(self._states.items(), key=lambda item: item[1].held_bytes)
-                    if s.fetch_offset is not None}
+                    if s.fetch_offset is not None and tp not in self._paused}
 
     def _fetched(self, parts) -> None:
         """A fetch reply's data, ``[(tp, epoch, fetched offset, data, next offset, log end)]``, taken in one
@@ -589,7 +646,7 @@ class Consumer:
                 state.chunks.append((offset, data))
                 state.held_bytes += len(data)
                 self._chunk_bytes += len(data)
-                if tp not in self._ready:
+                if tp not in self._ready and tp not in self._paused:
                     self._ready[tp] = None  # at the end of the rotation
                 arrived = True
             if arrived:

@@ -1,6 +1,6 @@
 """What the client library takes and how poll() hands it out, end to end over one real cluster (a
 coordinator and a node, started once for the module): send()'s checked inputs and tombstones, the
-serializers, closed clients, and poll() serving partitions in turn. Inputs refused before any I/O are checked against a producer with no
+serializers, closed clients, poll() serving partitions in turn, and pause() / resume(). Inputs refused before any I/O are checked against a producer with no
 cluster at all.
 
 Each test makes topics of its own, so they share the cluster in any order (and on either xdist worker).
@@ -264,7 +264,9 @@ def test_every_call_on_a_closed_client_is_a_closed_error(bootstrap):
                            ("seek()", lambda: consumer.seek(tp, 0)), ("seek()", consumer.seek_to_end),
                            ("position()", lambda: consumer.position(tp)), ("assignment()", consumer.assignment),
                            ("end_offsets()", lambda: consumer.end_offsets([tp])),
-                           ("offsets_for_times()", lambda: consumer.offsets_for_times({tp: 0}))):
+                           ("offsets_for_times()", lambda: consumer.offsets_for_times({tp: 0})),
+                           ("pause()", lambda: consumer.pause([tp])), ("resume()", lambda: consumer.resume([tp])),
+                           ("paused()", consumer.paused)):
             with pytest.raises(ClosedError, match=rf"^{re.escape(name)} on a closed Consumer"):
                 call()
         with pytest.raises(ClosedError, match=r"^assign\(\) on a closed Consumer"):
@@ -407,3 +409,98 @@ def test_poll_serves_every_partition_with_data_in_turn(bootstrap):
                 waiting = {p: counts for p, counts in waiting.items() if ("turns", p) in consumer._ready}
         for p, count in enumerate(TURNS_BACKLOG):
             assert got[p] == list(range(count)), f"partition {p}"
+
+
+# -- pause and resume --------------------------------------------------------------------------------
+
+def test_a_paused_partition_is_neither_served_nor_fetched_and_resumes_from_its_position(bootstrap):
+    """Paused with records buffered: poll() serves only the other partition, the paused one is left out of
+    the fetches (its new records stay on the node), its position and buffer stay; resumed, it goes on from
+    its position, every record once and in order."""
+    with Admin(bootstrap) as admin:
+        admin.create_topic("pausing", 2, replication_factor=1)
+    with Producer(bootstrap) as producer:
+        for p in (0, 1):
+            producer.send_many("pausing", [b"%d" % i for i in range(10)], partition=p)
+        producer.flush(10)
+    tps = [TopicPartition("pausing", p) for p in (0, 1)]
+    with Consumer(bootstrap, auto_offset_reset="earliest") as consumer:
+        consumer.assign(tps)
+        first = wait_for(lambda: consumer.poll(timeout_ms=1_000, max_records=4), 10, message="a first poll")
+        held = TopicPartition("pausing", first[0].partition)
+        other = tps[1 - held.partition]
+        assert [r.offset for r in first] == [0, 1, 2, 3] and {r.partition for r in first} == {held.partition}
+        consumer.pause([held])
+        consumer.pause([held])  # again: nothing changes
+        assert consumer.paused() == {held}
+        consumer._check_invariants()
+        with consumer._lock:
+            assert consumer._states[held].has_data()  # its buffer stays
+        got = []
+        wait_for(lambda: got.extend(consumer.poll(timeout_ms=200)) or len(got) >= 10, 10, message="the other one")
+        assert [(r.partition, r.offset) for r in got] == [(other.partition, i) for i in range(10)]
+        assert consumer.position(held) == 4 and consumer.position(other) == 10
+        assert held not in consumer._fetchable() and other in consumer._fetchable()
+        with Producer(bootstrap) as producer:
+            producer.send_many("pausing", [b"%d" % i for i in range(10, 15)], partition=held.partition)
+            producer.flush(10)
+        assert consumer.poll(timeout_ms=300) == []
+        consumer._check_invariants()
+        with consumer._lock:
+            assert consumer._states[held].fetch_offset == 10  # the new records were not fetched
+        with pytest.raises(ConfigError, match="not assigned"):
+            consumer.pause([("pausing", 7)])
+        with pytest.raises(ConfigError, match="list of"):
+            consumer.pause(("pausing", 0))
+
+        consumer.resume([held])
+        consumer.resume([other])  # not paused: nothing changes
+        assert consumer.paused() == set()
+        again = []
+        wait_for(lambda: again.extend(consumer.poll(timeout_ms=200)) or len(again) >= 11, 10, message="resumed")
+        assert [(r.partition, r.offset) for r in again] == [(held.partition, i) for i in range(4, 15)]
+        consumer._check_invariants()
+
+        consumer.pause(tps)
+        consumer.assign([other])  # a partition that leaves the assignment is no longer paused
+        assert consumer.paused() == {other}
+
+
+def test_a_group_members_paused_partition_revoked_in_a_rebalance_is_no_longer_paused(bootstrap):
+    with Admin(bootstrap) as admin:
+        admin.create_topic("pausing-group", 2, replication_factor=1)
+    with Producer(bootstrap) as producer:
+        for p in (0, 1):
+            producer.send_many("pausing-group", [b"%d" % i for i in range(5)], partition=p)
+        producer.flush(10)
+    options = dict(group="pausers", topics=["pausing-group"], auto_offset_reset="earliest", session_timeout_ms=3_000,
+                   heartbeat_interval_ms=100, enable_auto_commit=False)
+    revoked = []
+    first = Consumer(bootstrap, on_revoke=revoked.extend, **options)
+    second = None
+    try:
+        wait_for(lambda: consumer_polled(first) and len(first.assignment()) == 2, 10, message="both partitions")
+        first.seek_to_beginning()
+        first.pause(first.assignment())
+        assert first.poll(timeout_ms=300) == []
+        second = Consumer(bootstrap, **options)
+        got = []
+        wait_for(lambda: got.extend(second.poll(timeout_ms=50)) or (consumer_polled(first) and len(got) >= 5), 15,
+                 message="the second member reading its partition")
+        assert len(first.assignment()) == 1 and revoked == list(second.assignment())
+        assert first.paused() == first.assignment()  # the one kept stays paused; the revoked one is not
+        kept = next(iter(first.assignment()))
+        assert first.position(kept) == 0 and first.poll(timeout_ms=100) == []
+        first.resume([kept])
+        mine = []
+        wait_for(lambda: mine.extend(first.poll(timeout_ms=100)) or len(mine) >= 5, 10, message="resumed")
+        assert [(r.partition, r.offset) for r in mine] == [(kept.partition, i) for i in range(5)]
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+
+
+def consumer_polled(consumer) -> bool:
+    consumer.poll(timeout_ms=50)
+    return True
