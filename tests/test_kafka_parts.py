@@ -342,7 +342,7 @@ def test_a_mutated_request_decodes_or_is_refused_as_malformed_or_unsupported(dat
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(__import__("os").environ.get("KAFKA_FUZZ_EXAMPLES", 300)), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4))
 def test_a_mutated_record_batch_converts_or_is_corrupt_record(flips):
     damaged = bytearray(kafka_batch(ROWS))
@@ -354,3 +354,20 @@ def test_a_mutated_record_batch_converts_or_is_corrupt_record(flips):
         records.to_bus_batches(bytes(damaged))
     except CorruptRecord:
         pass
+
+
+def test_lengths_and_deltas_at_every_varint_boundary_convert_both_ways():
+    """The conversion reads one- and two-byte varints inline: values, keys and timestamp deltas on each side
+    of 64 and 8,192 (where a zigzag varint grows a byte), negative deltas, empty and null fields."""
+    sizes = [0, 1, 62, 63, 64, 65, 8190, 8191, 8192, 8193, 70_000]
+    rows = []
+    for i, size in enumerate(sizes):
+        headers = [("h" * (size % 100), b"x" * size)] if i % 2 else []
+        rows.append((1_700_000_000_000 + [0, -1, 63, 64, -65, 8191, 8192, -8193, 10**9, 1, 2][i],
+                     None if i % 3 == 0 else b"k" * size, b"v" * size, headers))
+    rows.append((1_700_000_000_000, b"", None, [("n", None)]))  # an empty key, a null value (a tombstone)
+    bus_bytes, count = records.to_bus_batches(kafka_batch(rows))
+    back = DefaultRecordBatch(records.from_bus_batches(stored(bus_bytes, 0)))
+    assert back.validate_crc()
+    assert [(r.timestamp, r.key, r.value, r.headers) for r in back] == [
+        (ts, key, value, headers) for ts, key, value, headers in rows]
