@@ -121,6 +121,7 @@ class Consumer:
         self._wake = self._fetcher.waker
         self._fetcher.start()
         self._group = None
+        self._left_group = None  # the group this consumer left by unsubscribe(), for the errors after it
         if group is not None:
             from .group_member import GroupMember
 
@@ -167,9 +168,48 @@ class Consumer:
         self._wake()
 
     def assignment(self) -> set:
+        """The (topic, partition) pairs this consumer reads now: assign()'s, or those the group gave it."""
         self._check_open("assignment()")
         with self._lock:
             return set(self._states)
+
+    def subscription(self) -> set | str:
+        """The topics this group member subscribed to (a set), or the pattern it subscribed with (a str, the
+        regular expression's source); an empty set for a consumer without a subscription (one that uses
+        assign(), or one after unsubscribe())."""
+        self._check_open("subscription()")
+        group = self._group
+        if group is None:
+            return set()
+        return group.pattern if group.pattern is not None else set(group.topics)
+
+    def unsubscribe(self) -> None:
+        """Stop reading everything. A group member gives its partitions back as close() does: it commits
+        their positions (with auto-commit on), calls ``on_revoke``, and leaves the group so they move at once
+        (a static member, ``group_instance_id``, does not leave: its partitions wait out its session). Then
+        every partition and its position is dropped; an assign() consumer's assignment is cleared the same
+        way. Afterwards the consumer is one without a group: assign() works, commits are refused.
+
+        Call it from the thread that polls (a poll() in another thread may still return records of the
+        partitions being given back)."""
+        self._check_open("unsubscribe()")
+        group = self._group
+        if group is not None:
+            try:
+                group.close()
+            finally:
+                self._group = None
+                self._left_group = group.group_id
+        self._set_assignment([])
+
+    def partitions_for_topic(self, topic: str) -> set | None:
+        """The partition ids of ``topic`` ({0, 1, ...}) from the cluster's metadata; None for a topic that
+        does not exist, as kafka-python."""
+        self._check_open("partitions_for_topic()")
+        if not isinstance(topic, str) or not topic:
+            raise ConfigError(f"topic must be a topic name (a non-empty str), not {topic!r}")
+        meta = self._requester.metadata([topic]).topics.get(topic)
+        return None if meta is None else set(range(len(meta["partitions"])))
 
     def pause(self, partitions) -> None:
         """Stop fetching ``partitions`` (assigned (topic, partition) pairs) and returning their records from
@@ -220,6 +260,9 @@ class Consumer:
     # -- group offsets (bus/group_member.py) -------------------------------------------------------------
 
     def _member(self):
+        if self._group is None and self._left_group is not None:
+            raise ConfigError(f"this consumer left group {self._left_group!r} by unsubscribe(): it has no "
+                              "committed offsets any more; make a Consumer with group=... for them")
         if self._group is None:
             raise ConfigError("committed offsets belong to a group; construct the Consumer with group=...")
         return self._group
@@ -354,11 +397,11 @@ class Consumer:
 
     def _poll(self, timeout_ms: int, max_records: int) -> list:
         self._check_open("poll()")
-        if self._group is not None:
-            self._group.on_poll(timeout_ms)
+        group = self._group  # once: unsubscribe() may drop it meanwhile
+        if group is not None:
+            group.on_poll(timeout_ms)
         deadline_s = time.monotonic() + timeout_ms / 1000
         out = []
-        group = self._group
         while True:
             with self._lock:
                 while True:
@@ -378,7 +421,7 @@ class Consumer:
             group.on_poll(int((deadline_s - time.monotonic()) * 1000))
         if self._chunk_bytes < self.prefetch_bytes_max:
             self._wake()
-        if self._group is not None and self._group.on_records(out) is False:
+        if group is not None and group.on_records(out) is False:
             # The member may have lost these partitions meanwhile (frozen inside this call past its session,
             # or it heard it was fenced): hand nothing out (bus/group_member.py, on_records).
             self._unread(out)

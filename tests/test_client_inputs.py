@@ -1,6 +1,6 @@
 """What the client library takes and how poll() hands it out, end to end over one real cluster (a
 coordinator and a node, started once for the module): send()'s checked inputs and tombstones, the
-serializers, closed clients, poll() serving partitions in turn, and pause() / resume(). Inputs refused before any I/O are checked against a producer with no
+serializers, closed clients, poll() serving partitions in turn, pause() / resume(), and unsubscribe(). Inputs refused before any I/O are checked against a producer with no
 cluster at all.
 
 Each test makes topics of its own, so they share the cluster in any order (and on either xdist worker).
@@ -266,7 +266,9 @@ def test_every_call_on_a_closed_client_is_a_closed_error(bootstrap):
                            ("end_offsets()", lambda: consumer.end_offsets([tp])),
                            ("offsets_for_times()", lambda: consumer.offsets_for_times({tp: 0})),
                            ("pause()", lambda: consumer.pause([tp])), ("resume()", lambda: consumer.resume([tp])),
-                           ("paused()", consumer.paused)):
+                           ("paused()", consumer.paused), ("subscription()", consumer.subscription),
+                           ("unsubscribe()", consumer.unsubscribe),
+                           ("partitions_for_topic()", lambda: consumer.partitions_for_topic("closing"))):
             with pytest.raises(ClosedError, match=rf"^{re.escape(name)} on a closed Consumer"):
                 call()
         with pytest.raises(ClosedError, match=r"^assign\(\) on a closed Consumer"):
@@ -504,3 +506,57 @@ def test_a_group_members_paused_partition_revoked_in_a_rebalance_is_no_longer_pa
 def consumer_polled(consumer) -> bool:
     consumer.poll(timeout_ms=50)
     return True
+
+
+# -- subscription, unsubscribe, partitions_for_topic ----------------------------------------------------
+
+def test_subscription_unsubscribe_and_partitions_for_topic(bootstrap):
+    """unsubscribe() gives a member's partitions back (on_revoke, auto-commit, the group left at once) and
+    drops every position; the consumer is then one without a group. partitions_for_topic() is None for an
+    unknown topic."""
+    with Admin(bootstrap) as admin:
+        admin.create_topic("subs", 3, replication_factor=1)
+    with Producer(bootstrap) as producer:
+        for p in range(3):
+            producer.send_many("subs", [b"%d" % i for i in range(4)], partition=p)
+        producer.flush(10)
+    tps = {TopicPartition("subs", p) for p in range(3)}
+
+    with Consumer(bootstrap) as consumer:
+        assert consumer.subscription() == set()
+        assert consumer.partitions_for_topic("subs") == {0, 1, 2}
+        assert consumer.partitions_for_topic("no-such-topic") is None
+        with pytest.raises(ConfigError, match="topic name"):
+            consumer.partitions_for_topic(("subs", 0))
+        consumer.assign(sorted(tps))
+        consumer.unsubscribe()  # an assign() consumer: the assignment is cleared
+        assert consumer.assignment() == set() and consumer.poll(timeout_ms=50) == []
+
+    with Consumer(bootstrap, topics=re.compile(r"subs\..*"), group="subs-pattern") as consumer:
+        assert consumer.subscription() == r"subs\..*"
+
+    revoked = []
+    consumer = Consumer(bootstrap, topics=["subs"], group="subscribers", auto_offset_reset="earliest",
+                        heartbeat_interval_ms=100, on_revoke=revoked.extend)
+    try:
+        assert consumer.subscription() == {"subs"}
+        got = []
+        wait_for(lambda: got.extend(consumer.poll(timeout_ms=100)) or len(got) >= 12, 10, message="every record")
+        assert consumer.assignment() == tps
+        consumer.unsubscribe()
+        assert sorted(revoked) == sorted(tps)
+        assert consumer.assignment() == set() and consumer.subscription() == set()
+        with Admin(bootstrap) as admin:
+            described = admin.describe_group("subscribers")
+        assert described["state"] == "empty"  # left at once, not after its session
+        assert {(p["partition"], p["committed"]) for p in described["partitions"]} == {(0, 4), (1, 4), (2, 4)}
+        with pytest.raises(ConfigError, match="left group 'subscribers' by unsubscribe"):
+            consumer.commit()
+        consumer.unsubscribe()  # again: nothing to give back
+        consumer.assign([("subs", 1)])  # now a consumer without a group
+        consumer.seek(("subs", 1), 2)
+        again = []
+        wait_for(lambda: again.extend(consumer.poll(timeout_ms=100)) or len(again) >= 2, 10, message="by assign()")
+        assert [(r.partition, r.offset) for r in again] == [(1, 2), (1, 3)]
+    finally:
+        consumer.close()
