@@ -11,7 +11,7 @@ import zmq
 
 from . import wire
 from .connection import Requester
-from .errors import BusError, ConfigError, NodeUnavailable, NotLeader, TopicExists, error_for
+from .errors import BusError, ClosedError, ConfigError, NodeUnavailable, NotLeader, TopicExists, error_for
 from .metadata import check_bootstrap
 from .records import TopicPartition
 
@@ -43,8 +43,15 @@ def list_offsets(requester: Requester, specs: dict) -> dict:
 class Admin:
     def __init__(self, bootstrap: str | None = None, *, request_timeout_ms: int = 10_000):
         self.bootstrap = check_bootstrap(bootstrap)
+        self._closed = False
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
+
+    def _check_open(self, call: str) -> None:
+        """Every public call but close() starts here: on a closed Admin it raises ClosedError, having done
+        nothing (its sockets are gone: what would leak otherwise is a ZeroMQ error)."""
+        if self._closed:
+            raise ClosedError(f"{call} on a closed Admin")
 
     def create_topic(self, name: str, partitions: int = 1, *, replication_factor: int | None = None,
                      min_insync_replicas: int | None = None, retention_ms: int | None = None,
@@ -56,6 +63,7 @@ class Admin:
         does not meet a transient UNKNOWN_TOPIC. Returns the topic entry. With ``exist_ok``, a topic of that
         name that exists already is no error: its entry is returned as it is (its settings are not changed,
         nor compared with these)."""
+        self._check_open("create_topic()")
         try:
             created = self._requester.coordinator(wire.CREATE_TOPIC, {
                 "name": name, "partitions": partitions, "replication_factor": replication_factor,
@@ -90,15 +98,18 @@ class Admin:
                 time.sleep(0.01)
 
     def delete_topic(self, name: str) -> None:
+        self._check_open("delete_topic()")
         self._requester.coordinator(wire.DELETE_TOPIC, {"name": name})
 
     def list_topics(self) -> dict:
         """{name: {"id", "partitions": [{"leader", "leader_epoch", "replicas", "isr", "partition_epoch"}, ...],
         "replication_factor", "min_insync_replicas", "retention_ms", "retention_bytes"}}"""
+        self._check_open("list_topics()")
         return self._requester.metadata().topics
 
     def nodes(self) -> dict:
         """{node id: {"address", "alive"}}"""
+        self._check_open("nodes()")
         return self._requester.metadata().nodes
 
     def describe_topic(self, name: str) -> dict:
@@ -108,6 +119,7 @@ class Admin:
         end of what consumers can read; also as ``end_offset``), ``under_replicated`` (ISR smaller than the
         replicas) and ``below_min_isr`` (ISR below min_insync_replicas: acks="all" produces fail). Offsets
         of a partition whose leader does not answer are None."""
+        self._check_open("describe_topic()")
         metadata = self._requester.metadata([name], strict=True)
         topic = metadata.topics[name]
         partitions = []
@@ -145,6 +157,7 @@ class Admin:
         """Elect a leader for partitions of ``name`` that have none because no in-sync replica is alive
         (all such partitions, or ``partitions``): any live replica becomes leader, and the committed records
         it lacks are LOST. Returns {partition: new leader node id}."""
+        self._check_open("elect_unclean()")
         args = {"topic": name, "unclean": True}
         if partitions is not None:
             args["partitions"] = list(partitions)
@@ -155,6 +168,7 @@ class Admin:
 
     def list_groups(self) -> list:
         """[{"group_id", "state" (empty / reconciling / stable), "group_epoch", "members"}, ...]"""
+        self._check_open("list_groups()")
         return self._requester.coordinator(wire.GROUP_LIST, {})["groups"]
 
     def describe_group(self, group_id: str) -> dict:
@@ -165,6 +179,7 @@ class Admin:
         ``end`` is None where the partition's node did not answer; ``lag`` (end - committed) is None where
         either is unknown, and ``total_lag`` sums the known ones. Raises UnknownGroup.
         """
+        self._check_open("describe_group()")
         raw = self._requester.coordinator(wire.GROUP_DESCRIBE, {"group_id": group_id})
         owner: dict = {}
         for member in raw["members"]:
@@ -193,6 +208,7 @@ class Admin:
         "earliest", "latest", an offset (clamped into each partition's retained range) or a datetime (the
         first offset at or after it). Refused with GroupNotEmpty while the group has live members (the
         error names them). Returns {tp: offset}."""
+        self._check_open("reset_offsets()")
         count = self._requester.metadata([topic], strict=True).partition_count(topic)
         wanted = range(count) if partitions is None else list(partitions)
         for partition in wanted:
@@ -216,10 +232,12 @@ class Admin:
 
     def delete_group(self, group_id: str) -> None:
         """Forget the group and its committed offsets. Raises UnknownGroup, or GroupNotEmpty with members."""
+        self._check_open("delete_group()")
         self._requester.coordinator(wire.GROUP_DELETE, {"group_id": group_id})
 
     def group_offsets(self, group_id: str) -> dict:
         """{tp: committed offset} of the group ({} for an unknown group)."""
+        self._check_open("group_offsets()")
         result = self._requester.coordinator(wire.OFFSET_FETCH, {"group_id": group_id})
         return {TopicPartition(t, p): offset for t, p, offset, _ in result["offsets"]}
 
@@ -250,6 +268,9 @@ class Admin:
         return out
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._requester.close()
         self._context.term()
 

@@ -247,11 +247,11 @@ class NodeIdentityMismatch(BusError):
 
 
 class ClosedError(BusError):
-    """The client was closed: a ``send()``, ``poll()``, ``commit()`` or any other call on a closed Producer or
-    Consumer (a ``poll()`` or ``position()`` waiting when another thread closes it too), or a record still
-    in the producer's buffer when it closed. A call refused this way did nothing (definite); a record that
-    was already sent when its producer closed may have been written (its error's outcome then says
-    indeterminate). Never retriable: the client must be made again."""
+    """The client was closed: a ``send()``, ``poll()``, ``commit()`` or any other call on a closed Producer,
+    Consumer or Admin (a ``poll()`` or ``position()`` waiting when another thread closes it too), or a
+    record still in the producer's buffer when it closed. A call refused this way did nothing (definite); a
+    record that was already sent when its producer closed may have been written (its error's outcome then
+    says indeterminate). Never retriable: the client must be made again."""
 
     code = "CLOSED"
 

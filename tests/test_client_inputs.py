@@ -276,6 +276,21 @@ def test_every_call_on_a_closed_client_is_a_closed_error(bootstrap):
         assert list(consumer) == []  # iterating a closed consumer just ends
         consumer.close()
 
+    admin = Admin(bootstrap)
+    admin.close()
+    for name, call in (("create_topic()", lambda: admin.create_topic("never", 1)),
+                       ("delete_topic()", lambda: admin.delete_topic("closing")), ("list_topics()", admin.list_topics),
+                       ("nodes()", admin.nodes), ("describe_topic()", lambda: admin.describe_topic("closing")),
+                       ("elect_unclean()", lambda: admin.elect_unclean("closing")),
+                       ("list_groups()", admin.list_groups),
+                       ("describe_group()", lambda: admin.describe_group("closing")),
+                       ("reset_offsets()", lambda: admin.reset_offsets("closing", "closing", "earliest")),
+                       ("delete_group()", lambda: admin.delete_group("closing")),
+                       ("group_offsets()", lambda: admin.group_offsets("closing"))):
+        with pytest.raises(ClosedError, match=rf"^{re.escape(name)} on a closed Admin"):
+            call()
+    admin.close()  # again: nothing left to do
+
 
 @pytest.mark.parametrize("how", ["poll", "iterate"])
 def test_closing_a_consumer_wakes_a_poll_waiting_in_another_thread(bootstrap, how):
