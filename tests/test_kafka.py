@@ -32,7 +32,7 @@ from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchB
 from tests.test_kafka_parts import ABORTED_KIO  # noqa: E402
 
 KCAT = shutil.which("kcat")
-TOPICS = {"kcat-in": 2, "bus-out": 2, "confluent": 3, "raw": 1, "fuzz": 2}
+TOPICS = {"kcat-in": 2, "bus-out": 2, "confluent": 3, "raw": 1, "fuzz": 2, "acks0": 1}
 CLIENT_S = 20  # a Kafka client command's timeout
 
 
@@ -570,3 +570,19 @@ def test_topics_created_and_deleted_through_confluent_kafka_and_kafka_python_adm
     with Admin(kafka_cluster.bootstrap) as bus_admin:
         names = set(bus_admin.list_topics())
     assert "admin-a" in names and not names & {"admin-b", "admin-c"}
+
+
+def test_acks_0_gets_no_response_and_the_next_request_on_the_connection_is_answered(kafka_cluster):
+    leader = leader_address(kafka_cluster, "acks0", 0)
+    sock = connect(leader)
+    try:
+        for correlation_id, records in ((1, one_batch(b"fire-and-forget")), (2, b"garbage")):
+            message = ProduceRequest[9](acks=0, timeout_ms=1000, topic_data=[ProduceRequest.TopicProduceData(
+                name="acks0", partition_data=[ProduceRequest.TopicProduceData.PartitionProduceData(
+                    index=0, records=records)])])
+            message.with_header(correlation_id=correlation_id, client_id="test")
+            sock.sendall(bytes(message.encode(header=True, framed=True)))
+        assert request(leader, ApiVersionsRequest[3](), correlation_id=3, sock=sock).error_code == 0
+    finally:
+        sock.close()
+    assert [r.value for r in read_bus(kafka_cluster, "acks0", 1, 1)] == [b"fire-and-forget"]

@@ -248,13 +248,16 @@ class KafkaService:
             respond({"responses": [{"name": n, "partition_responses": p} for n, p in by_topic.items()],
                      "throttle_time_ms": 0})
 
-        if not parts:
-            answered(None, (), None) if body.acks != 0 else respond(None)
-            return
-        timeout_ms = body.timeout_ms
-        self._call(wire.PRODUCE, {"acks": acks, "timeout_ms": max(1, timeout_ms), "parts": parts}, answered, bulk)
+        args = {"acks": acks, "timeout_ms": max(1, body.timeout_ms), "parts": parts}
         if body.acks == 0:
-            respond(None)  # Kafka answers nothing, and neither does the node
+            # Kafka answers nothing, and neither does the node; even a refusal here goes unanswered.
+            if parts:
+                self._call(wire.PRODUCE, args, lambda *_: None, bulk)
+            respond(None)
+        elif not parts:
+            answered(None, (), None)
+        else:
+            self._call(wire.PRODUCE, args, answered, bulk)
 
     @staticmethod
     def _convert(data) -> bytearray:
