@@ -71,12 +71,59 @@ class PartitionState:
         return bool(self.runs or self.chunks)
 
 
+# The group options and their defaults, as GroupMember (bus/group_member.py) takes them; the suite checks
+# that the two signatures agree.
+GROUP_OPTION_DEFAULTS = {
+    "pattern": None, "session_timeout_ms": 10_000, "heartbeat_interval_ms": 1_000, "max_poll_interval_ms": 300_000,
+    "enable_auto_commit": True, "auto_commit_interval_ms": 5_000, "group_instance_id": None, "assignor": "sticky",
+    "client_id": None, "on_assign": None, "on_revoke": None, "on_lost": None, "on_commit": None,
+}
+
+
 class Consumer:
+    """Reads partitions it is assigned (``assign()``), or, with ``group=`` and ``topics=`` (a list of names
+    or a compiled regular expression), those a consumer group gives it.
+
+    Fetching: ``auto_offset_reset`` ("latest", "earliest" or "none": where a partition without a position
+    starts), ``fetch_max_wait_ms`` / ``fetch_min_bytes`` (the long poll), ``fetch_max_bytes`` (per request),
+    ``max_partition_fetch_bytes``, ``prefetch_bytes_max`` (the buffer), ``request_timeout_ms``,
+    ``retry_backoff_ms``; ``key_deserializer`` / ``value_deserializer`` (callables on bytes).
+
+    Group options (only with ``group=``; bus/group_member.py has the details):
+
+    - ``pattern``: subscribe to the topics whose names fully match this regular expression (str), instead
+      of ``topics=``; new matching topics join.
+    - ``session_timeout_ms`` (10 s): the coordinator expels a member it has not heard from for this long.
+    - ``heartbeat_interval_ms`` (1 s): how often the member's own thread heartbeats; below the session.
+    - ``max_poll_interval_ms`` (5 min): a member that does not call poll() for this long leaves the group
+      (reason "max_poll_interval"); the next poll() rejoins.
+    - ``enable_auto_commit`` (True) and ``auto_commit_interval_ms`` (5 s): commit the positions of what
+      poll() returned, in the background, that often (and on revoke and close).
+    - ``group_instance_id``: a static member: a restart within the session keeps its partitions, and
+      close() does not leave.
+    - ``assignor``: "sticky" (the default), "range" or "roundrobin".
+    - ``client_id``: names the member (its member id is ``<client_id>-<uuid>``); default consumer-<pid>.
+    - ``on_assign(partitions)``, ``on_revoke(partitions)``, ``on_lost(partitions)`` (fenced or expelled;
+      default on_revoke): callbacks run in the polling thread; ``on_commit(offsets, error_or_None)`` after
+      every commit, in the thread that made it (the committer thread for asynchronous and automatic ones).
+    """
+
     def __init__(self, bootstrap: str | None = None, topics=None, group: str | None = None, *,
                  auto_offset_reset: str = "latest", fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
                  fetch_max_bytes: int = 50 << 20, max_partition_fetch_bytes: int = 8 << 20,
                  prefetch_bytes_max: int = 64 << 20, request_timeout_ms: int = 30_000,
-                 retry_backoff_ms: int = 50, key_deserializer=None, value_deserializer=None, **group_options):
+                 retry_backoff_ms: int = 50, key_deserializer=None, value_deserializer=None,
+                 pattern: str | None = None, session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 1_000,
+                 max_poll_interval_ms: int = 300_000, enable_auto_commit: bool = True,
+                 auto_commit_interval_ms: int = 5_000, group_instance_id: str | None = None,
+                 assignor: str = "sticky", client_id: str | None = None, on_assign=None, on_revoke=None,
+                 on_lost=None, on_commit=None):
+        group_options = {
+            "pattern": pattern, "session_timeout_ms": session_timeout_ms,
+            "heartbeat_interval_ms": heartbeat_interval_ms, "max_poll_interval_ms": max_poll_interval_ms,
+            "enable_auto_commit": enable_auto_commit, "auto_commit_interval_ms": auto_commit_interval_ms,
+            "group_instance_id": group_instance_id, "assignor": assignor, "client_id": client_id,
+            "on_assign": on_assign, "on_revoke": on_revoke, "on_lost": on_lost, "on_commit": on_commit}
         if auto_offset_reset not in RESETS:
             raise ConfigError(f"auto_offset_reset must be one of {RESETS}, not {auto_offset_reset!r}")
         for name, value, low in (("fetch_max_wait_ms", fetch_max_wait_ms, 0), ("fetch_min_bytes", fetch_min_bytes, 0),
@@ -91,8 +138,12 @@ class Consumer:
                 raise ConfigError(f"{name} must be a callable (bytes -> object) or None, not {fn!r}")
         if topics is not None and group is None:
             raise ConfigError("subscribing to topics needs a group; without one, use assign()")
-        if group_options and group is None:
-            raise ConfigError(f"options {sorted(group_options)} need a group")
+        # Compared by identity and type, so that e.g. enable_auto_commit=1 is not taken for the default True.
+        changed = sorted(name for name, value in group_options.items()
+                         if value is not GROUP_OPTION_DEFAULTS[name] and (type(value) is not type(
+                             GROUP_OPTION_DEFAULTS[name]) or value != GROUP_OPTION_DEFAULTS[name]))
+        if changed and group is None:
+            raise ConfigError(f"options {changed} need a group")
         self.bootstrap = check_bootstrap(bootstrap)
         self.auto_offset_reset = auto_offset_reset
         self.fetch_max_wait_ms = fetch_max_wait_ms

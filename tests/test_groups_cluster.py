@@ -529,6 +529,33 @@ def test_absurd_group_options_are_config_errors(options):
         Consumer("tcp://127.0.0.1:9", topics=topics, group="g", **options)
 
 
+def test_group_options_are_the_consumers_keyword_arguments():
+    """Each of GroupMember's options is an explicit keyword of Consumer with the same default; a wrong name is
+    a TypeError naming it, and a group option without a group a ConfigError naming the option."""
+    import inspect
+
+    from bus.consumer import GROUP_OPTION_DEFAULTS
+    from bus.group_member import GroupMember
+
+    member = {name: p.default for name, p in inspect.signature(GroupMember).parameters.items()
+              if p.kind is p.KEYWORD_ONLY}
+    consumer = inspect.signature(Consumer).parameters
+    assert member == GROUP_OPTION_DEFAULTS
+    assert {name: consumer[name].default for name in member} == member
+    assert all(consumer[name].kind is inspect.Parameter.KEYWORD_ONLY for name in member)
+    for name in member:
+        assert f"``{name}" in Consumer.__doc__, f"{name} undocumented"
+
+    for group in ("g", None):
+        with pytest.raises(TypeError, match="session_timeout"):
+            Consumer("tcp://127.0.0.1:9", topics=["t"] if group else None, group=group, session_timeout=5_000)
+    for options in ({"session_timeout_ms": 5_000}, {"on_assign": print}, {"enable_auto_commit": 1},
+                    {"assignor": "range"}, {"pattern": "t.*"}):
+        with pytest.raises(ConfigError, match=rf"options \['{next(iter(options))}'\] need a group"):
+            Consumer("tcp://127.0.0.1:9", **options)
+    Consumer("tcp://127.0.0.1:9", session_timeout_ms=10_000, enable_auto_commit=True).close()  # the defaults
+
+
 def test_pattern_subscription_commit_committed_and_max_poll_interval(loaded, tmp_path):
     import re
 
