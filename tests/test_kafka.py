@@ -159,7 +159,7 @@ def test_kcat_produces_and_the_bus_consumer_reads_the_same_records_at_the_same_o
                     "-H", "source=kcat", "-H", "n=1", "-X", "enable.idempotence=false", "-X", "acks=all", stdin=lines)
     assert produced.returncode == 0, produced.stderr
     more = "".join(f"key-{i}|value-{i}\n" for i in range(20, 25))
-    produced = kcat("-b", kafka_cluster.kafka_bootstrap, "-P", "-t", "kcat-in", "-p", "1", "-K", "|",
+    produced = kcat("-b", kafka_cluster.kafka_bootstrap, "-P", "-t", "kcat-in", "-p", "1", "-K", "|", "-z", "snappy",
                     "-H", "source=kcat", "-H", "n=1", "-X", "enable.idempotence=true", stdin=more)
     assert produced.returncode == 0, produced.stderr
     after_ms = int(time.time() * 1000)
@@ -319,12 +319,12 @@ def test_produce_errors_are_kafkas_codes(kafka_cluster):
     damaged = bytearray(one_batch())
     damaged[-1] ^= 1
     assert produce_raw(leader, "raw", 0, bytes(damaged)).error_code == 2  # CORRUPT_MESSAGE
-    snappy = bytearray(one_batch())
-    struct.pack_into(">h", snappy, 21, 2)
+    unknown_codec = bytearray(one_batch())
+    struct.pack_into(">h", unknown_codec, 21, 5)
     from crc32c import crc32c
 
-    struct.pack_into(">I", snappy, 17, crc32c(bytes(snappy[21:])))
-    assert produce_raw(leader, "raw", 0, bytes(snappy)).error_code == 76  # UNSUPPORTED_COMPRESSION_TYPE
+    struct.pack_into(">I", unknown_codec, 17, crc32c(bytes(unknown_codec[21:])))
+    assert produce_raw(leader, "raw", 0, bytes(unknown_codec)).error_code == 76  # UNSUPPORTED_COMPRESSION_TYPE
     assert produce_raw(leader, "raw", 0, one_batch(b"x" * (17 << 20))).error_code == 10  # MESSAGE_TOO_LARGE
     ok = produce_raw(leader, "raw", 0, one_batch())
     assert ok.error_code == 0 and ok.base_offset >= 0

@@ -101,10 +101,10 @@ def with_attributes(data: bytes, attributes: int) -> bytes:
     return bytes(out)
 
 
-def test_snappy_transactional_and_control_batches_are_refused_by_name():
+def test_an_unknown_codec_and_transactional_and_control_batches_are_refused_by_name():
     plain = kafka_batch(ROWS)
-    with pytest.raises(records.UnsupportedCompression, match="snappy"):
-        records.decode_batch(memoryview(with_attributes(plain, records.CODEC_SNAPPY)))
+    with pytest.raises(records.UnsupportedCompression, match="not known"):
+        records.decode_batch(memoryview(with_attributes(plain, 5)))
     for flag in (records.TRANSACTIONAL, records.CONTROL):
         with pytest.raises(records.UnsupportedBatch):
             records.decode_batch(memoryview(with_attributes(plain, flag)))
@@ -371,3 +371,32 @@ def test_lengths_and_deltas_at_every_varint_boundary_convert_both_ways():
     assert back.validate_crc()
     assert [(r.timestamp, r.key, r.value, r.headers) for r in back] == [
         (ts, key, value, headers) for ts, key, value, headers in rows]
+
+
+def snappy_batch(compressed: bytes) -> bytes:
+    """ROWS' batch with its records replaced by ``compressed`` and the codec set to snappy (kafka-python
+    cannot build one without python-snappy)."""
+    plain = kafka_batch(ROWS)
+    out = bytearray(plain[:records.HEADER_BYTES]) + compressed
+    struct.pack_into(">i", out, 8, len(out) - 12)
+    struct.pack_into(">h", out, 21, records.CODEC_SNAPPY)
+    struct.pack_into(">I", out, 17, crc32c(bytes(out[21:])))
+    return bytes(out)
+
+
+def test_snappy_raw_and_xerial_framed_batches_convert_and_a_claim_past_the_bound_is_refused(monkeypatch):
+    import cramjam
+
+    body = kafka_batch(ROWS)[records.HEADER_BYTES:]
+    raw = bytes(cramjam.snappy.compress_raw(body))
+    blocks = [bytes(cramjam.snappy.compress_raw(part)) for part in (body[:100], body[100:])]
+    xerial = b"\x82SNAPPY\x00" + struct.pack(">ii", 1, 1) + b"".join(struct.pack(">i", len(b)) + b for b in blocks)
+    for compressed in (raw, xerial):
+        decoded = records.decode_batch(memoryview(snappy_batch(compressed)))
+        assert decoded.flat[2::4] == [r[2] for r in ROWS] and decoded.flat[0::4] == [r[0] for r in ROWS]
+    for damaged in (xerial[:-3], xerial[:20], raw[:-2], b"\xff\xff\xff\xff\x7f" + raw[1:]):
+        with pytest.raises(CorruptRecord):
+            records.decode_batch(memoryview(snappy_batch(damaged)))
+    monkeypatch.setattr(records, "UNCOMPRESSED_BYTES_MAX", 64)  # the claim is checked before decompressing
+    with pytest.raises(CorruptRecord, match="claims"):
+        records.decode_batch(memoryview(snappy_batch(raw)))

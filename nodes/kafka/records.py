@@ -17,7 +17,7 @@ Kafka's layout (big-endian; https://kafka.apache.org/documentation/#recordbatch)
 
 Refused, never guessed at: a batch whose CRC, magic, lengths, record count or offset deltas do not hold
 (``CorruptRecord``: Kafka's CORRUPT_MESSAGE); transactional and control batches and compressed ones other
-than gzip, lz4 and zstd (``UnsupportedBatch``, ``UnsupportedCompression``); a payload that decompresses past
+than gzip, snappy, lz4 and zstd (``UnsupportedBatch``, ``UnsupportedCompression``); a payload that decompresses past
 ``UNCOMPRESSED_BYTES_MAX`` (a decompression bomb: checked while decompressing, never after).
 """
 
@@ -27,6 +27,7 @@ import struct
 import zlib
 from typing import NamedTuple
 
+import cramjam
 import lz4.frame
 import zstandard
 from crc32c import crc32c
@@ -50,7 +51,7 @@ assert HEADER_BYTES == 61
 
 
 class UnsupportedCompression(CorruptRecord):
-    """A codec this listener does not decompress (snappy, or unknown): nothing is written."""
+    """A codec Kafka does not have (attributes bits 0-2 above 4): nothing is written."""
 
     kafka_code = 76  # UNSUPPORTED_COMPRESSION_TYPE
 
@@ -145,10 +146,57 @@ def _decompress(codec: int, data) -> bytes:
                 raise CorruptRecord(f"zstd frame claims {size} bytes, above {bound}")
             # A frame without its content size (-1) is decompressed into at most the bound.
             return zstandard.ZstdDecompressor().decompress(data, max_output_size=bound if size < 0 else 0)
-    except (zlib.error, RuntimeError, zstandard.ZstdError) as exc:
+        if codec == CODEC_SNAPPY:
+            return _snappy(memoryview(data), bound)
+    except (zlib.error, RuntimeError, zstandard.ZstdError, cramjam.DecompressionError) as exc:
         raise CorruptRecord(f"compressed records do not decompress: {exc}") from None
-    raise UnsupportedCompression(f"compression codec {codec} (snappy, or unknown) is not supported; "
-                                 "use none, gzip, lz4 or zstd")
+    raise UnsupportedCompression(f"compression codec {codec} is not known; Kafka's are none, gzip, snappy, lz4 "
+                                 "and zstd")
+
+
+_XERIAL_MAGIC = b"\x82SNAPPY\x00"  # the Java client's snappy framing: 16-byte header, then sized blocks
+_XERIAL_HEADER_BYTES = 16
+
+
+def _snappy(data: memoryview, bound: int) -> bytes:
+    """Kafka's snappy: raw snappy (librdkafka), or xerial-framed blocks of raw snappy (the Java client).
+    Each block's claimed length (its preamble) is checked against what is left of ``bound`` before a buffer
+    of exactly that size is made and decompressed into."""
+    if bytes(data[:8]) != _XERIAL_MAGIC:
+        return _snappy_raw(data, bound)
+    out, at, total = [], _XERIAL_HEADER_BYTES, 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise CorruptRecord("xerial snappy block length runs past the records")
+        size = int.from_bytes(data[at:at + 4], "big")
+        at += 4
+        if size <= 0 or at + size > len(data):
+            raise CorruptRecord(f"xerial snappy block of {size} bytes does not fit the records")
+        block = _snappy_raw(data[at:at + size], bound - total)
+        at += size
+        total += len(block)
+        out.append(block)
+    return b"".join(out)
+
+
+def _snappy_raw(block: memoryview, bound: int) -> bytes:
+    claimed, shift, at = 0, 0, 0
+    while True:  # the preamble: the uncompressed length, an unsigned varint of at most 5 bytes
+        if at >= len(block) or at >= 5:
+            raise CorruptRecord("snappy preamble is truncated or too long")
+        byte = block[at]
+        claimed |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    if claimed > bound:
+        raise CorruptRecord(f"snappy block claims {claimed} bytes, past the {bound} left of the bound")
+    out = bytearray(claimed)
+    written = cramjam.snappy.decompress_raw_into(bytes(block), out)
+    if written != claimed:
+        raise CorruptRecord(f"snappy block decompressed to {written} bytes, its preamble claims {claimed}")
+    return bytes(out)
 
 
 class Decoded(NamedTuple):
