@@ -82,7 +82,8 @@ GROUP_OPTION_DEFAULTS = {
 
 class Consumer:
     """Reads partitions it is assigned (``assign()``), or, with ``group=`` and ``topics=`` (a list of names
-    or a compiled regular expression), those a consumer group gives it.
+    or a compiled regular expression), those a consumer group gives it; ``subscribe()`` replaces that
+    subscription, ``unsubscribe()`` gives it up.
 
     Fetching: ``auto_offset_reset`` ("latest", "earliest" or "none": where a partition without a position
     starts), ``fetch_max_wait_ms`` / ``fetch_min_bytes`` (the long poll), ``fetch_max_bytes`` (per request),
@@ -173,6 +174,7 @@ class Consumer:
         self._fetcher.start()
         self._group = None
         self._left_group = None  # the group this consumer left by unsubscribe(), for the errors after it
+        self._group_options = group_options  # for subscribe(): the same options, another subscription
         if group is not None:
             from .group_member import GroupMember
 
@@ -233,6 +235,25 @@ class Consumer:
         if group is None:
             return set()
         return group.pattern if group.pattern is not None else set(group.topics)
+
+    def subscribe(self, topics=None, *, pattern: str | None = None) -> None:
+        """Replace the group subscription with ``topics`` (a list of names, or a compiled regular expression)
+        or ``pattern`` (a str): the member first gives back everything as unsubscribe() does (so this is an
+        eager rebalance of this member, not a cooperative one), then joins the group again with the new
+        subscription and the Consumer's group options. Also after unsubscribe(). Only for a consumer made
+        with ``group=``; one reading partitions by assign() must unsubscribe() first."""
+        self._check_open("subscribe()")
+        from .group_member import GroupMember, check_subscription
+
+        group_id = self._group.group_id if self._group is not None else self._left_group
+        if group_id is None:
+            raise ConfigError("subscribing to topics needs a group; make the Consumer with group=..., or use assign()")
+        if self._group is None and self.assignment():
+            raise ConfigError("this consumer reads partitions by assign(): unsubscribe() first, then subscribe()")
+        check_subscription(topics, pattern)  # before anything is given back
+        self.unsubscribe()
+        self._group = GroupMember(self, group_id, topics, **{**self._group_options, "pattern": pattern})
+        self._left_group = None
 
     def unsubscribe(self) -> None:
         """Stop reading everything. A group member gives its partitions back as close() does: it commits

@@ -98,6 +98,30 @@ def _check_callback(what: str, fn) -> None:
         raise ConfigError(f"{what} must be callable or None, not {fn!r}")
 
 
+def check_subscription(topics, pattern) -> tuple[list | None, str | None]:
+    """(sorted topic names, None) or (None, pattern) for a subscription given as ``topics`` (names, or a
+    compiled regular expression) or ``pattern`` (a str); a ConfigError for anything else."""
+    if isinstance(topics, re.Pattern):
+        if pattern is not None:
+            raise ConfigError("pass a pattern either as topics=re.compile(...) or as pattern=..., not both")
+        topics, pattern = None, topics.pattern
+    if (topics is None) == (pattern is None):
+        raise ConfigError("subscribe with exactly one of topics=[...] or pattern=...")
+    if topics is not None:
+        if isinstance(topics, (str, bytes)) or not isinstance(topics, (list, tuple, set, frozenset)) or not topics:
+            raise ConfigError(f"topics must be a non-empty list of topic names, not {topics!r}")
+        for topic in topics:
+            _check_name("a topic name", topic)
+        return sorted(set(topics)), None
+    if not isinstance(pattern, str) or not pattern or len(pattern) > PATTERN_CHARS_MAX:
+        raise ConfigError(f"pattern must be a regular expression of 1..{PATTERN_CHARS_MAX} characters")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"pattern {pattern!r} does not compile: {exc}") from None
+    return None, pattern
+
+
 class GroupMember:
     """One consumer's membership of ``group``. Built by ``Consumer(..., topics=..., group=...)``."""
 
@@ -108,25 +132,7 @@ class GroupMember:
                  assignor: str = "sticky", client_id: str | None = None, on_assign=None, on_revoke=None,
                  on_lost=None, on_commit=None):
         _check_name("group", group)
-        if isinstance(topics, re.Pattern):
-            if pattern is not None:
-                raise ConfigError("pass a pattern either as topics=re.compile(...) or as pattern=..., not both")
-            topics, pattern = None, topics.pattern
-        if (topics is None) == (pattern is None):
-            raise ConfigError("subscribe with exactly one of topics=[...] or pattern=...")
-        if topics is not None:
-            if isinstance(topics, (str, bytes)) or not isinstance(topics, (list, tuple, set, frozenset)) or not topics:
-                raise ConfigError(f"topics must be a non-empty list of topic names, not {topics!r}")
-            for topic in topics:
-                _check_name("a topic name", topic)
-            topics = sorted(set(topics))
-        else:
-            if not isinstance(pattern, str) or not pattern or len(pattern) > PATTERN_CHARS_MAX:
-                raise ConfigError(f"pattern must be a regular expression of 1..{PATTERN_CHARS_MAX} characters")
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"pattern {pattern!r} does not compile: {exc}") from None
+        topics, pattern = check_subscription(topics, pattern)
         _check_ms("session_timeout_ms", session_timeout_ms, SESSION_TIMEOUT_MS_MAX)
         _check_ms("heartbeat_interval_ms", heartbeat_interval_ms)
         _check_ms("max_poll_interval_ms", max_poll_interval_ms)

@@ -267,7 +267,7 @@ def test_every_call_on_a_closed_client_is_a_closed_error(bootstrap):
                            ("offsets_for_times()", lambda: consumer.offsets_for_times({tp: 0})),
                            ("pause()", lambda: consumer.pause([tp])), ("resume()", lambda: consumer.resume([tp])),
                            ("paused()", consumer.paused), ("subscription()", consumer.subscription),
-                           ("unsubscribe()", consumer.unsubscribe),
+                           ("unsubscribe()", consumer.unsubscribe), ("subscribe()", lambda: consumer.subscribe(["a"])),
                            ("partitions_for_topic()", lambda: consumer.partitions_for_topic("closing"))):
             with pytest.raises(ClosedError, match=rf"^{re.escape(name)} on a closed Consumer"):
                 call()
@@ -575,3 +575,51 @@ def test_subscription_unsubscribe_and_partitions_for_topic(bootstrap):
         assert [(r.partition, r.offset) for r in again] == [(1, 2), (1, 3)]
     finally:
         consumer.close()
+
+
+def test_subscribe_replaces_the_subscription(bootstrap):
+    """subscribe() gives back the partitions of the old subscription (committed, on_revoke) and joins with the
+    new one; after unsubscribe() it joins again, the committed offsets kept."""
+    with Admin(bootstrap) as admin:
+        for topic in ("resub-a", "resub-b"):
+            admin.create_topic(topic, 1, replication_factor=1)
+    with Producer(bootstrap) as producer:
+        for topic in ("resub-a", "resub-b"):
+            producer.send_many(topic, [b"%d" % i for i in range(3)], partition=0)
+        producer.flush(10)
+    events = []
+    consumer = Consumer(bootstrap, topics=["resub-a"], group="resubscribers", auto_offset_reset="earliest",
+                        heartbeat_interval_ms=100, on_assign=lambda ps: events.append(("assign", sorted(ps))),
+                        on_revoke=lambda ps: events.append(("revoke", sorted(ps))))
+
+    def read(count):
+        got = []
+        wait_for(lambda: got.extend(consumer.poll(timeout_ms=100)) or len(got) >= count, 10, message=f"{count}")
+        assert consumer.poll(timeout_ms=100) == []
+        return [(r.topic, r.offset) for r in got]
+
+    try:
+        assert read(3) == [("resub-a", i) for i in range(3)]
+        with pytest.raises(ConfigError, match="exactly one of"):
+            consumer.subscribe()  # refused before anything is given back
+        assert consumer.assignment() == {("resub-a", 0)}
+        consumer.subscribe(["resub-b"])
+        assert consumer.subscription() == {"resub-b"}
+        assert read(3) == [("resub-b", i) for i in range(3)]
+        assert consumer.assignment() == {("resub-b", 0)}
+        consumer.unsubscribe()
+        consumer.subscribe(pattern=r"resub-[ab]")
+        assert consumer.subscription() == r"resub-[ab]"
+        wait_for(lambda: consumer.poll(timeout_ms=50) == [] and len(consumer.assignment()) == 2, 10,
+                 message="both topics, nothing read again")
+        assert events == [("assign", [("resub-a", 0)]), ("revoke", [("resub-a", 0)]),
+                          ("assign", [("resub-b", 0)]), ("revoke", [("resub-b", 0)]),
+                          ("assign", [("resub-a", 0), ("resub-b", 0)])]
+        consumer.unsubscribe()
+        consumer.assign([("resub-a", 0)])
+        with pytest.raises(ConfigError, match="unsubscribe\\(\\) first"):
+            consumer.subscribe(["resub-a"])
+    finally:
+        consumer.close()
+    with Consumer(bootstrap) as consumer, pytest.raises(ConfigError, match="needs a group"):
+        consumer.subscribe(["resub-a"])
