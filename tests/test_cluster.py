@@ -38,6 +38,9 @@ def test_acknowledged_records_survive_kill_9_and_offsets_continue(cluster):
         acked = [f.get(0) for f in futures]
     cluster.kill_node(victim)  # right after the acknowledgements: no clean shutdown
     cluster.restart_node(victim)
+    # The restarted node answers once the coordinator's placement reaches it (a heartbeat at most); until
+    # then its partition's end offset is unknown (None), never anything but 1,000.
+    wait_for(lambda: None not in end_offsets(cluster.bootstrap, "durable"), 10, message="the restarted node serving")
     assert end_offsets(cluster.bootstrap, "durable") == [1_000, 1_000, 1_000]
 
     with Producer(cluster.bootstrap) as producer:
