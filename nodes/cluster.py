@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -26,18 +27,49 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PR_SET_PDEATHSIG = 1
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel says are free now (bound together, so they are distinct)."""
-    sockets = []
+# Ports for a cluster's processes are picked below the kernel's ephemeral range: a port the kernel handed
+# out by bind(0) is also what it hands out as the local end of every outgoing connection, so in the second
+# or so between choosing it and the child binding it, any connect on the machine (another test's client)
+# could take it. Below the range, only someone binding that very port can.
+PORTS_BELOW_EPHEMERAL = 8_000  # how many ports below the ephemeral range are candidates
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def _candidate_ports() -> range:
     try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        with open(_EPHEMERAL_RANGE_FILE) as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768  # Linux's default
+    return range(max(1_024, low - PORTS_BELOW_EPHEMERAL), low)
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 200) -> int:
+    """A base port such that base .. base+count-1 are all free now, chosen at random below the ephemeral
+    range (see PORTS_BELOW_EPHEMERAL)."""
+    candidates = _candidate_ports()
+    rng = random.SystemRandom()
+    for _ in range(attempts):
+        base = rng.randrange(candidates.start, candidates.stop - count + 1)
+        held = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no block of {count} free ports in {candidates.start}-{candidates.stop - 1}")
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that are free now (one block)."""
+    base = free_port_block(count, host)
+    return list(range(base, base + count))
 
 
 def _die_with_parent():  # runs in the child between fork and exec

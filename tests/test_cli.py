@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from tests.conftest import wait_for
-from tests.core_helpers import child_env, free_port_block
+from nodes.cluster import free_port_block
+from tests.core_helpers import child_env
 
 BUS = [sys.executable, "-m", "bus.cli"]
 
@@ -36,7 +37,8 @@ def read_until(proc, marker: bytes, timeout_s: float) -> bytes:
 @pytest.fixture(scope="module")
 def bus_up(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cli") / "data"
-    port, kafka_port = free_port_block(3), free_port_block(3)
+    port = free_port_block(6)  # one block, so the two cannot overlap
+    kafka_port = port + 3
     proc = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2",
                              "--metrics-port", "0", "--kafka-port", str(kafka_port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=child_env())
@@ -172,8 +174,8 @@ def test_sigterm_stops_bus_up_and_all_its_children(bus_up):
 
 
 def test_a_second_bus_up_on_a_port_or_directory_in_use_fails_before_ready_and_a_crashed_node_restarts(tmp_path):
-    data_dir, port, metrics_port, kafka_port = tmp_path / "data", free_port_block(3), free_port_block(3), \
-        free_port_block(3)
+    data_dir, port = tmp_path / "data", free_port_block(9)  # one block, so the three cannot overlap
+    metrics_port, kafka_port = port + 3, port + 6
     first = subprocess.Popen([*BUS, "up", "--data-dir", str(data_dir), "--port", str(port), "--nodes", "2",
                               "--metrics-port", str(metrics_port), "--kafka-port", str(kafka_port)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())

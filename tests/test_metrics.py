@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bus import Admin, Consumer, Producer
 from nodes.controller import NODE_SESSION_TIMEOUT_MS
 from tests.conftest import wait_for
-from tests.core_helpers import child_env, free_port_block
+from nodes.cluster import free_port_block
+from tests.core_helpers import child_env
 
 
 def scrape(url: str) -> dict:
