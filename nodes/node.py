@@ -113,7 +113,9 @@ class Node:
         self.stopping = False
         self.refused = None  # why the coordinator refused this node, which then stops (exit status 1)
         self.request_seq = 0
-        self.alters: dict[int, tuple] = {}  # request id -> (tp, deadline_s): ISR changes out to the coordinator
+        # request id -> (on_reply(error, result), on_timeout() or None, deadline_s): what this node asked the
+        # coordinator beside its heartbeats (ISR changes; Kafka clients' producer ids and topic changes)
+        self.asks: dict[int, tuple] = {}
         self.next_isr_check_ms = 0
         self.hw_waiters = Purgatory()  # consumer fetches and acks=all produces: woken when the high watermark moves
         self.append_waiters = Purgatory()  # followers' fetches: woken by an append
@@ -121,9 +123,6 @@ class Node:
                          wire.REPLICA_FETCH: self._replica_fetch, wire.PING: lambda request: {"node_id": self.node_id}}
         # Kafka's protocol on a listener of its own, in this loop, over the same handlers (docs/kafka.md).
         self.kafka_nodes: dict[int, str] = {}  # node id -> its Kafka listener's address, as the coordinator says
-        # request id -> (answer, deadline_s): Kafka clients' requests the coordinator answers (InitProducerId,
-        # CreateTopics, DeleteTopics), asked of it over this node's DEALER
-        self.coordinator_asks: dict[int, tuple] = {}
         self.kafka = None if not kafka_listen else kafka.listen(
             kafka_listen, cluster_id=lambda: self.cluster_id, brokers=self._kafka_brokers, topics=lambda: self.topics,
             handlers=self.handlers, coordinator=self._ask_coordinator, frame_bytes_max=MESSAGE_BYTES_MAX)
@@ -220,17 +219,26 @@ class Node:
         """What a Kafka Metadata answer lists as brokers: the live nodes' Kafka listeners, this one's too."""
         return {**self.kafka_nodes, self.node_id: self.kafka_advertise}
 
-    def _ask_coordinator(self, op: str, args: dict, answer) -> None:
-        """A Kafka client's request that the coordinator answers (a producer id, a topic to create or delete):
-        ``answer(result, (bus error code, message) or None)`` once its reply is in (``_drain_coordinator``), or
-        with an error after ALTER_TIMEOUT_MS."""
+    def _ask(self, op: str, args: dict, on_reply, on_timeout=None) -> bool:
+        """Send the coordinator a request over this node's DEALER; ``on_reply(error, result)`` once its reply
+        is in (``_drain_coordinator``), else ``on_timeout()`` after ALTER_TIMEOUT_MS. False: not sent (the
+        coordinator is unreachable)."""
         self.request_seq += 1
         try:
             self.coordinator.send_multipart(wire.encode_request(op, self.request_seq, args), zmq.NOBLOCK)
         except zmq.Again:
+            return False
+        self.asks[self.request_seq] = (on_reply, on_timeout, time.monotonic() + ALTER_TIMEOUT_MS / 1000)
+        return True
+
+    def _ask_coordinator(self, op: str, args: dict, answer) -> None:
+        """A Kafka client's request that the coordinator answers (a producer id, a topic to create or delete):
+        ``answer(result, (bus error code, message) or None)`` once its reply is in, or with an error."""
+        sent = self._ask(op, args, lambda error, result: answer(result if error is None else None,
+                                                                None if error is None else tuple(error[:2])),
+                         lambda: answer(None, ("TIMEOUT", "the coordinator did not answer")))
+        if not sent:
             answer(None, ("NODE_UNAVAILABLE", "the coordinator is unreachable"))  # the client retries
-            return
-        self.coordinator_asks[self.request_seq] = (answer, time.monotonic() + ALTER_TIMEOUT_MS / 1000)
 
     def _ask_placement_soon(self) -> None:
         """A client named a topic this node has not heard of: it may have just been created, so heartbeat now
@@ -299,10 +307,10 @@ class Node:
         if now_s >= self.next_retention_s:
             self._retention()
             self.next_retention_s = now_s + self.retention_interval_s
-        for request_id in [r for r, (_, deadline_s) in self.alters.items() if deadline_s <= now_s]:
-            del self.alters[request_id]
-        for request_id in [r for r, (_, deadline_s) in self.coordinator_asks.items() if deadline_s <= now_s]:
-            self.coordinator_asks.pop(request_id)[0](None, ("TIMEOUT", "the coordinator did not answer"))
+        for request_id in [r for r, (_, _, deadline_s) in self.asks.items() if deadline_s <= now_s]:
+            on_timeout = self.asks.pop(request_id)[1]
+            if on_timeout is not None:
+                on_timeout()
         self._propose(monotonic_ms())
         self.store.flush_due(monotonic_ms())
 
@@ -590,16 +598,11 @@ class Node:
     def _propose_for(self, tp: tuple, replica: Replica, now: int) -> None:
         proposal = replica.proposal(self.logs[tp].next_offset, now)
         if proposal is not None:
-            self.request_seq += 1
             args = {"node_id": self.node_id, "instance": self.instance, "topic": tp[0], "partition": tp[1],
                     "leader_epoch": proposal.leader_epoch, "partition_epoch": proposal.partition_epoch,
                     "isr": list(proposal.isr), "incarnations": proposal.incarnations}
-            try:
-                self.coordinator.send_multipart(
-                    wire.encode_request(wire.ALTER_PARTITION, self.request_seq, args), zmq.NOBLOCK)
-            except zmq.Again:
+            if not self._ask(wire.ALTER_PARTITION, args, lambda error, result: self._altered(tp, error, result)):
                 return  # the coordinator is unreachable: the replica asks again later
-            self.alters[self.request_seq] = (tp, time.monotonic() + ALTER_TIMEOUT_MS / 1000)
             log.info("node %d proposes ISR %s for %s/%s (was %s)", self.node_id, list(proposal.isr), *tp,
                      list(replica.assignment.isr))
 
@@ -712,13 +715,9 @@ class Node:
             except Exception:
                 log.warning("undecodable reply from the coordinator dropped")
                 continue
-            alter = self.alters.pop(request_id, None) if request_id is not None else None
-            if alter is not None:
-                self._altered(alter[0], error, result)
-                continue
-            asked = self.coordinator_asks.pop(request_id, None) if request_id is not None else None
+            asked = self.asks.pop(request_id, None) if request_id is not None else None
             if asked is not None:
-                asked[0](result if error is None else None, None if error is None else tuple(error[:2]))
+                asked[0](error, result)
                 continue
             if error is not None:
                 log.error("coordinator refused node %d: %s: %s", self.node_id, *error)
