@@ -158,10 +158,11 @@ class Member:
     def events(self) -> list:
         try:
             with open(self.log_path) as f:
-                lines = f.read().splitlines()
+                text = f.read()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in lines if line]
+        # The member may be writing its next line as this reads: only whole lines (ended by a newline) count.
+        return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line]
 
     def last(self, kind: str):
         found = [e for e in self.events() if e[1] == kind]
