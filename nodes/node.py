@@ -71,6 +71,8 @@ def _error_part(exc: BusError) -> list:
     return [exc.code, exc.message, -1, False, -1]
 
 
+BULK_OPS = frozenset((wire.PRODUCE,))  # the requests whose bulk frames (record batches) the server keeps
+
 class Node:
     # A subclass may run on subclasses of the store and of the replica core (the fault harness's builds do).
     store_class = LogStore
@@ -278,9 +280,11 @@ class Node:
                 if self.coordinator in ready:
                     self._drain_coordinator()
                 if self.server.socket in ready:
-                    self._turn()
-                if self.kafka is not None and self.kafka.serve(ready):
-                    self._commit_turn()  # Kafka's produces of this turn: one more group commit
+                    self.server.serve_turn(self.handlers, bulk_ops=BULK_OPS)
+                if self.kafka is not None:
+                    self.kafka.serve(ready)
+                # The turn's produces, from the bus's clients and Kafka's alike: one transaction, one sync.
+                self._commit_turn()
                 for link, error, result, bulk in self.links.replies(ready):
                     self._replica_fetched(link, error, result, bulk)
                 self._timers()
@@ -313,11 +317,6 @@ class Node:
                 on_timeout()
         self._propose(monotonic_ms())
         self.store.flush_due(monotonic_ms())
-
-    def _turn(self) -> None:
-        """Handle one turn's requests; its produces share one transaction and one sync."""
-        self.server.serve_turn(self.handlers, bulk_ops=frozenset((wire.PRODUCE,)))
-        self._commit_turn()
 
     def _commit_turn(self) -> None:
         if self.produces:
