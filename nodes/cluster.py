@@ -16,6 +16,7 @@ import random
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -44,13 +45,38 @@ def _candidate_ports() -> range:
     return range(max(1_024, low - PORTS_BELOW_EPHEMERAL), low)
 
 
+# Two processes choosing at once (two test workers) could both find a port free and both hand it out. A
+# port handed out is therefore leased for PORT_LEASE_S, by a file created exclusively in PORT_LEASE_DIR,
+# so no other process on the machine hands it out again meanwhile (by then the child has bound it).
+PORT_LEASE_DIR = os.path.join(tempfile.gettempdir(), "bus-port-leases")
+PORT_LEASE_S = 120.0
+
+
+def _lease(port: int) -> bool:
+    """Take ``port``'s lease: True unless another process holds it (one younger than PORT_LEASE_S)."""
+    path = os.path.join(PORT_LEASE_DIR, str(port))
+    try:
+        if time.time() - os.stat(path).st_mtime > PORT_LEASE_S:
+            os.unlink(path)  # expired: its holder has long bound the port or gone
+    except FileNotFoundError:
+        pass
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+
+
 def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 200) -> int:
-    """A base port such that base .. base+count-1 are all free now, chosen at random below the ephemeral
-    range (see PORTS_BELOW_EPHEMERAL)."""
+    """A base port such that base .. base+count-1 are all free now and leased to this process (see
+    PORT_LEASE_S), chosen at random below the ephemeral range (see PORTS_BELOW_EPHEMERAL)."""
     candidates = _candidate_ports()
     rng = random.SystemRandom()
+    os.makedirs(PORT_LEASE_DIR, exist_ok=True)
     for _ in range(attempts):
         base = rng.randrange(candidates.start, candidates.stop - count + 1)
+        if not all(_lease(port) for port in range(base, base + count)):
+            continue  # another process's (the ports leased so far expire with the rest)
         held = []
         try:
             for port in range(base, base + count):
