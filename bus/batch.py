@@ -5,7 +5,8 @@ Layout (big-endian; ``HEADER`` below), followed by the payload exactly as the pr
     crc              u32  CRC32C of (payload || header bytes after this field)
     magic            u8   batch format version, MAGIC
     attributes       u8   bit 0 APPEND_TIME: some records have no timestamp of their own; bits 1-3 the
-                          payload's codec (CODEC_MASK: 0 none, 1 lz4, 2 zstd); bits 4-7 0. Any other
+                          payload's codec (CODEC_MASK: 0 none, 1 lz4, 2 zstd, 3 Kafka batches as a Kafka
+                          producer sent them, below); bits 4-7 0. Any other
                           value is refused (CorruptRecord), never guessed at
     base_offset      i64  offset of the first record; 0 from the producer, set by the node
     leader_epoch     i32  epoch of the owner that appended it; -1 until replication exists
@@ -53,6 +54,13 @@ bit anywhere is caught before a decompressor sees it; the node stamps ``base_off
 and the timestamps and updates the CRC without a second pass over the payload (CRC32C continues from the
 payload's CRC over the header tail).
 
+Kafka batches (``CODEC_KAFKA``, written by ``wrap_kafka`` for the node's Kafka listener): the payload is one
+Kafka RecordBatch or more (bus/kafka_batch.py) exactly as a Kafka producer sent them, and this header says of
+them what a node reads of any batch (record count, the largest timestamp, the idempotent producer's id,
+epoch and first sequence), so the node's logic is the same for both formats. ``stamp`` also writes each
+Kafka batch's baseOffset and partitionLeaderEpoch (outside Kafka's own CRC, as a Kafka broker does), so a
+Kafka consumer is served the stored payload as it is; a bus reader converts it (``read_columns``).
+
 Format 2 (``MAGIC``): format 1 had one flat array of four items per record, timestamps as deltas from a
 producer-side first timestamp.
 """
@@ -67,20 +75,31 @@ import msgpack
 import zstandard
 from crc32c import crc32c
 
+import bus.kafka_batch as kafka_batch  # absolute: tests/test_layout.py reads "from . import" as the whole package
 from .errors import CorruptRecord, RecordTooLarge
 
 MAGIC = 2
 APPEND_TIME = 0x01  # attributes bit
 CODEC_MASK, CODEC_SHIFT = 0x0E, 1  # attributes bits 1-3: the payload's codec
 CODEC_NONE, CODEC_LZ4, CODEC_ZSTD = 0, 1, 2
+# Not a compression but the payload's other format: Kafka record batches as a Kafka producer sent them
+# (bus/kafka_batch.py; written by the node's Kafka listener only, through ``wrap_kafka``).
+CODEC_KAFKA = 3
 CODECS = {None: CODEC_NONE, "lz4": CODEC_LZ4, "zstd": CODEC_ZSTD}  # compression= names -> codec numbers
-_CODEC_NAMES = {number: name or "none" for name, number in CODECS.items()}
+_CODEC_NAMES = {**{number: name or "none" for name, number in CODECS.items()}, CODEC_KAFKA: "kafka"}
+_KAFKA_ATTRIBUTE = CODEC_KAFKA << CODEC_SHIFT
+
+
+def holds_kafka(attributes: int) -> bool:
+    """Whether a batch whose header has ``attributes`` holds Kafka batches (CODEC_KAFKA)."""
+    return attributes & CODEC_MASK == _KAFKA_ATTRIBUTE
 _ATTRIBUTES_KNOWN = APPEND_TIME | CODEC_MASK
 # The largest payload a compressed batch may hold once decompressed: the largest batch a node stores at all
 # (nodes/node.py, BATCH_BYTES_MAX, 16 MiB), so a reader's memory for one batch is bounded alike with or
 # without compression, and a producer's batch (1 MiB by default) has room to spare. A claim above it is a
 # decompression bomb or a bug; it is refused before any decompressor runs.
 UNCOMPRESSED_BYTES_MAX = 16 << 20
+assert UNCOMPRESSED_BYTES_MAX == kafka_batch.UNCOMPRESSED_BYTES_MAX
 ZSTD_LEVEL = 3  # zstd's own default (and Kafka's): most of the ratio of higher levels at several times the speed
 _UNCOMPRESSED_LEN = struct.Struct(">I")
 HEADER = struct.Struct(">IBBqiiqqqhiI")
@@ -210,6 +229,7 @@ def decompress(payload, attributes: int):
     which it must fill exactly, with nothing after the codec's output. CorruptRecord otherwise."""
     _check_attributes(attributes)
     codec = (attributes & CODEC_MASK) >> CODEC_SHIFT
+    assert codec != CODEC_KAFKA, "Kafka batches are read by kafka_batch.columns, not decompressed"
     if codec == CODEC_NONE:
         return payload
     claimed = _uncompressed_len(payload, attributes)
@@ -274,15 +294,32 @@ def stamp(buf, base_offset: int, append_ts_ms: int,
     payload_crc = crc32c(view[HEADER_BYTES:])
     if crc32c(view[4:HEADER_BYTES], payload_crc) != header[0]:
         raise CorruptRecord("CRC32C mismatch in produced batch")
-    if header[2] & CODEC_MASK:
+    kafka = holds_kafka(header[2])
+    if header[2] & CODEC_MASK and not kafka:
         _uncompressed_len(view[HEADER_BYTES:], header[2])
     out = bytearray(buf) if view.readonly else view
+    if kafka:  # the Kafka batches inside take their offsets and epoch too: a second pass for the payload's CRC
+        kafka_batch.stamp_offsets(out, HEADER_BYTES, len(out), base_offset, leader_epoch, header[5])
+        payload_crc = crc32c(memoryview(out)[HEADER_BYTES:])
     max_ts_ms = max(header[7], append_ts_ms) if header[2] & APPEND_TIME else header[7]
     _STAMPED.pack_into(out, _STAMPED_AT, base_offset, leader_epoch, header[5], append_ts_ms, max_ts_ms)
     crc = crc32c(memoryview(out)[4:HEADER_BYTES], payload_crc)
     struct.pack_into(">I", out, 0, crc)
     return out, BatchHeader((crc, header[1], header[2], base_offset, leader_epoch, header[5], append_ts_ms,
                              max_ts_ms) + header[8:])
+
+
+def wrap_kafka(records) -> bytearray:
+    """A Kafka producer's batches for one partition (``records``, one or more: see bus/kafka_batch.py), every
+    record checked, as one unstamped batch of this format holding them as sent (codec CODEC_KAFKA), with
+    their idempotent producer's id, epoch and first sequence. Writable: the node stamps it in place."""
+    checked = kafka_batch.check_batches(records)
+    attributes = _KAFKA_ATTRIBUTE | (APPEND_TIME if checked.no_timestamp else 0)
+    tail = _TAIL.pack(MAGIC, attributes, 0, -1, checked.record_count, -1, checked.max_ts_ms, checked.producer_id,
+                      checked.producer_epoch, checked.base_sequence, len(records))
+    out = bytearray(4) + tail + records
+    struct.pack_into(">I", out, 0, crc32c(tail, crc32c(records)))
+    return out
 
 
 def iter_batches(buf):
@@ -299,7 +336,9 @@ def iter_batches(buf):
 def read_columns(payload, record_count: int, attributes: int = 0) -> list:
     """The columns of a payload as stored, ``[timestamps, keys, values, headers]``, each checked to hold
     ``record_count`` items; a column but ``values`` is None when no record has one. ``attributes``: its
-    batch header's, which name the codec (0: packed uncompressed)."""
+    batch header's, which name the codec (0: packed uncompressed; CODEC_KAFKA: Kafka batches, converted)."""
+    if holds_kafka(attributes):
+        return kafka_batch.columns(payload, record_count)
     try:
         columns = msgpack.unpackb(decompress(payload, attributes), raw=False, use_list=True)
     except ValueError as exc:  # msgpack's errors (extra data, bad format, bad UTF-8) are ValueErrors

@@ -117,7 +117,7 @@ def test_stamp_keeps_a_compressed_payload_byte_for_byte(compression):
     assert bytes(stamped[bf.HEADER_BYTES:]) == buf[bf.HEADER_BYTES:] and bf.verify(frame).base_offset == 5
 
 
-@pytest.mark.parametrize("attributes", [codec << bf.CODEC_SHIFT for codec in range(3, 8)]
+@pytest.mark.parametrize("attributes", [codec << bf.CODEC_SHIFT for codec in range(bf.CODEC_KAFKA + 1, 8)]
                          + [0x10, 0x80, 0x10 | bf.CODEC_LZ4 << bf.CODEC_SHIFT])
 def test_an_unknown_codec_or_flag_is_corrupt_record_everywhere(attributes):
     buf = bytearray(bf.pack_batch(flat_records(3), 3, compression="lz4"))

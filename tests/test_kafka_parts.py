@@ -17,6 +17,7 @@ from kafka.protocol.producer import ProduceRequest, ProduceResponse
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
 from bus import batch as bus_batch
+from bus import kafka_batch as kafka_format
 from bus.errors import CorruptRecord
 from nodes.kafka import codec, records
 from nodes.kafka.framing import FrameReader, FrameTooLarge, frame
@@ -65,17 +66,33 @@ def stored(bus_bytes: bytes, base_offset: int, append_ts_ms: int = 1_800_000_000
     return bytes(out)
 
 
+def without_offsets(kafka_bytes) -> bytes:
+    """Kafka batches with baseOffset and partitionLeaderEpoch zeroed: the fields a broker sets."""
+    out, at = bytearray(kafka_bytes), 0
+    while at < len(out):
+        length = struct.unpack_from(">i", out, at + 8)[0]
+        struct.pack_into(">q", out, at, 0)
+        struct.pack_into(">i", out, at + 12, 0)
+        at += 12 + length
+    return bytes(out)
+
+
 @pytest.mark.parametrize("compression", [0, 1, 3, 4], ids=["none", "gzip", "lz4", "zstd"])
-def test_a_kafka_batch_survives_the_bus_and_back_with_offsets_keys_headers_and_timestamps(compression):
-    bus_bytes, count = records.to_bus_batches(kafka_batch(ROWS, compression))
-    assert count == len(ROWS)
-    header = bus_batch.verify(bus_bytes)
-    stamps, keys, values, headers = bus_batch.read_columns(bus_bytes[bus_batch.HEADER_BYTES:], count)
+def test_a_kafka_batch_is_stored_as_sent_served_untouched_and_read_by_the_bus(compression):
+    sent = kafka_batch(ROWS, compression)
+    wrapped = bus_batch.wrap_kafka(sent)
+    header = bus_batch.verify(wrapped)
+    assert bus_batch.holds_kafka(header.attributes) and header.record_count == len(ROWS)
+    assert header.max_ts_ms == max(r[0] for r in ROWS) and not header.attributes & bus_batch.APPEND_TIME
+    assert bytes(wrapped[bus_batch.HEADER_BYTES:]) == sent  # the payload is the producer's bytes
+    stamps, keys, values, headers = bus_batch.read_columns(wrapped[bus_batch.HEADER_BYTES:], len(ROWS),
+                                                           header.attributes)
     assert stamps == [r[0] for r in ROWS] and values == [r[2] for r in ROWS]
     assert keys == [r[1] for r in ROWS]
-    assert headers == [[list(h) for h in r[3]] if r[3] else None for r in ROWS]
-    assert header.max_ts_ms == max(r[0] for r in ROWS)
-    back = DefaultRecordBatch(records.from_bus_batches(stored(bus_bytes, 100)))
+    assert headers == [r[3] or None for r in ROWS]
+    served = records.as_kafka(stored(wrapped, 100))
+    assert without_offsets(served) == without_offsets(sent)  # untouched but for the broker's two fields
+    back = DefaultRecordBatch(served)
     assert back.validate_crc() and back.base_offset == 100
     assert back.leader_epoch == 3  # the partition leader epoch the node stamped
     assert back.timestamp_type == 0  # CreateTime
@@ -83,15 +100,64 @@ def test_a_kafka_batch_survives_the_bus_and_back_with_offsets_keys_headers_and_t
         (100 + i, ts, key, value, headers) for i, (ts, key, value, headers) in enumerate(ROWS)]
 
 
+def test_a_bus_batch_survives_kafka_with_offsets_keys_headers_and_timestamps():
+    flat = [x for ts, key, value, headers in ROWS for x in (ts, key, value, headers or None)]
+    back = DefaultRecordBatch(records.as_kafka(stored(bus_batch.pack_batch(flat, len(ROWS)), 100)))
+    assert back.validate_crc() and back.base_offset == 100 and back.leader_epoch == 3
+    assert [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in back] == [
+        (100 + i, ts, key, value, headers) for i, (ts, key, value, headers) in enumerate(ROWS)]
+
+
+def test_several_kafka_batches_in_one_produce_take_consecutive_offsets():
+    sent = idempotent(10, 3) + idempotent(13, 2)
+    served = records.as_kafka(stored(bus_batch.wrap_kafka(sent), 40, epoch=6))
+    assert without_offsets(served) == without_offsets(sent)
+    first = DefaultRecordBatch(served)
+    second = DefaultRecordBatch(served[12 + struct.unpack_from(">i", served, 8)[0]:])
+    assert (first.base_offset, second.base_offset, first.leader_epoch, second.leader_epoch) == (40, 43, 6, 6)
+    assert [r.offset for r in second] == [43, 44]
+
+
+def test_a_kafka_batch_without_timestamps_takes_the_append_time_and_log_append_time_is_refused():
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    builder.append(0, timestamp=None, key=None, value=b"a", headers=[])
+    sent = bytearray(builder.build())
+    struct.pack_into(">qq", sent, 27, -1, -1)  # NO_TIMESTAMP, as a client without timestamps sends
+    struct.pack_into(">I", sent, 17, crc32c(bytes(sent[21:])))
+    header = bus_batch.verify(stored(bus_batch.wrap_kafka(bytes(sent)), 0, append_ts_ms=1_800_000_000_555))
+    assert header.attributes & bus_batch.APPEND_TIME and header.max_ts_ms == 1_800_000_000_555
+    with pytest.raises(kafka_format.UnsupportedBatch, match="LogAppendTime"):
+        bus_batch.wrap_kafka(with_attributes(kafka_batch(ROWS), kafka_format.LOG_APPEND_TIME))
+
+
+def test_a_kafka_format_batch_that_does_not_hold_its_claimed_records_is_refused_on_stamping():
+    """A rogue bus client sending a batch of the Kafka format over the bus's wire: its CRC holds, its layout
+    does not; the node refuses it as CORRUPT_RECORD and writes nothing."""
+    wrapped = bus_batch.wrap_kafka(kafka_batch(ROWS))
+    for damage in ("count", "magic"):
+        bad = bytearray(wrapped)
+        if damage == "count":
+            struct.pack_into(">i", bad, 18, len(ROWS) + 1)  # the bus header's record_count
+        else:
+            bad[bus_batch.HEADER_BYTES + 16] = 1
+        struct.pack_into(">I", bad, 0, crc32c(bytes(bad[4:bus_batch.HEADER_BYTES]),
+                                              crc32c(bytes(bad[bus_batch.HEADER_BYTES:]))))
+        before = bytes(bad)
+        with pytest.raises(CorruptRecord):
+            bus_batch.stamp(bad, 0, 1, 1)
+        assert bytes(bad) == before
+
+
 def test_bus_records_without_timestamps_are_log_append_time_in_kafka():
     bus_bytes = bus_batch.pack_batch([None, b"k", b"a", None, None, None, b"b", [("h", b"v")]], 2)
     data = stored(bus_bytes, 5, append_ts_ms=1_800_000_000_123) + stored(bus_bytes, 7, append_ts_ms=1_800_000_000_999)
-    out = records.from_bus_batches(data, skip_below=7)  # the first batch ends at 7: left out
+    out = records.as_kafka(data, skip_below=7)  # the first batch ends at 7: left out
     back = DefaultRecordBatch(out)
     assert back.validate_crc() and back.timestamp_type == 1 and back.max_timestamp == 1_800_000_000_999
     assert [(r.offset, r.key, r.value, r.headers) for r in back] == [(7, b"k", b"a", []), (8, None, b"b", [("h", b"v")])]
     assert len(out) == len(bytes(out))  # one batch: nothing after it
-    assert records.from_bus_batches(data, skip_below=6)[:8] == struct.pack(">q", 5)
+    assert records.as_kafka(data, skip_below=6)[:8] == struct.pack(">q", 5)
 
 
 def with_attributes(data: bytes, attributes: int) -> bytes:
@@ -103,11 +169,11 @@ def with_attributes(data: bytes, attributes: int) -> bytes:
 
 def test_an_unknown_codec_and_transactional_and_control_batches_are_refused_by_name():
     plain = kafka_batch(ROWS)
-    with pytest.raises(records.UnsupportedCompression, match="not known"):
-        records.decode_batch(memoryview(with_attributes(plain, 5)))
-    for flag in (records.TRANSACTIONAL, records.CONTROL):
-        with pytest.raises(records.UnsupportedBatch):
-            records.decode_batch(memoryview(with_attributes(plain, flag)))
+    with pytest.raises(kafka_format.UnsupportedCompression, match="not known"):
+        kafka_format.decode_batch(memoryview(with_attributes(plain, 5)))
+    for flag in (kafka_format.TRANSACTIONAL, kafka_format.CONTROL):
+        with pytest.raises(kafka_format.UnsupportedBatch):
+            kafka_format.decode_batch(memoryview(with_attributes(plain, flag)))
 
 
 def test_every_flipped_bit_after_the_length_is_refused_and_nothing_else_escapes():
@@ -117,8 +183,8 @@ def test_every_flipped_bit_after_the_length_is_refused_and_nothing_else_escapes(
             damaged = bytearray(data)
             damaged[at] ^= 1 << bit
             try:
-                [view] = records.split_batches(bytes(damaged))
-                records.decode_batch(view)
+                [view] = kafka_format.split_batches(bytes(damaged))
+                kafka_format.decode_batch(view)
             except CorruptRecord:
                 continue
             # Only the fields outside the CRC that the conversion does not take may change unnoticed:
@@ -127,28 +193,28 @@ def test_every_flipped_bit_after_the_length_is_refused_and_nothing_else_escapes(
 
 
 def test_a_batch_decompressing_past_the_bound_is_refused(monkeypatch):
-    monkeypatch.setattr(records, "UNCOMPRESSED_BYTES_MAX", 1 << 16)
+    monkeypatch.setattr(kafka_format, "UNCOMPRESSED_BYTES_MAX", 1 << 16)
     rows = [(1, None, b"\0" * 40_000, [])] * 2
     for codec_id in (1, 3, 4):
-        [view] = records.split_batches(kafka_batch(rows, codec_id))
+        [view] = kafka_format.split_batches(kafka_batch(rows, codec_id))
         with pytest.raises(CorruptRecord, match="past|above"):
-            records.decode_batch(view)
+            kafka_format.decode_batch(view)
     # gzip truncated: refused, not read as fewer records
     body = gzip.compress(b"x" * 1000)[:-8]
     with pytest.raises(CorruptRecord):
-        records._decompress(records.CODEC_GZIP, body)
+        kafka_format._decompress(kafka_format.CODEC_GZIP, body)
 
 
 def test_lengths_and_counts_that_do_not_hold_are_refused():
     data = bytearray(kafka_batch(ROWS))
     with pytest.raises(CorruptRecord):
-        records.split_batches(bytes(data[:-1]))  # shorter than its batchLength says
+        kafka_format.split_batches(bytes(data[:-1]))  # shorter than its batchLength says
     with pytest.raises(CorruptRecord):
-        records.split_batches(bytes(data[:30]))
+        kafka_format.split_batches(bytes(data[:30]))
     struct.pack_into(">i", data, 57, 6)  # record count one more than there are records
     struct.pack_into(">I", data, 17, crc32c(bytes(data[21:])))
     with pytest.raises(CorruptRecord):
-        records.decode_batch(memoryview(bytes(data)))
+        kafka_format.decode_batch(memoryview(bytes(data)))
 
 
 # -- messages -------------------------------------------------------------------------------------------
@@ -296,16 +362,14 @@ def idempotent(sequence: int, count: int, producer_id: int = 42, epoch: int = 3)
 
 
 def test_the_idempotent_producers_id_epoch_and_sequence_become_the_bus_batchs():
-    bus_bytes, count = records.to_bus_batches(idempotent(10, 3) + idempotent(13, 2))
-    header = bus_batch.verify(bus_bytes)
-    assert count == header.record_count == 5
+    header = bus_batch.verify(bus_batch.wrap_kafka(idempotent(10, 3) + idempotent(13, 2)))
+    assert header.record_count == 5
     assert (header.producer_id, header.producer_epoch, header.base_sequence) == (42, 3, 10)
-    assert bus_batch.read_columns(bus_bytes[bus_batch.HEADER_BYTES:], 5)[2] == [b"s%d" % i for i in range(10, 15)]
     for parts in (idempotent(10, 3) + idempotent(14, 1), idempotent(0, 1) + idempotent(1, 1, producer_id=43),
                   idempotent(0, 1) + kafka_batch(ROWS)):
         with pytest.raises(CorruptRecord, match="consecutive"):
-            records.to_bus_batches(parts)
-    header = bus_batch.verify(records.to_bus_batches(kafka_batch(ROWS))[0])
+            bus_batch.wrap_kafka(parts)
+    header = bus_batch.verify(bus_batch.wrap_kafka(kafka_batch(ROWS)))
     assert (header.producer_id, header.producer_epoch, header.base_sequence) == (-1, -1, -1)
 
 
@@ -351,7 +415,7 @@ def test_a_mutated_record_batch_converts_or_is_corrupt_record(flips):
     # The CRC would catch almost every flip: recompute it, so the parser behind it is what is tested.
     struct.pack_into(">I", damaged, 17, crc32c(bytes(damaged[21:])))
     try:
-        records.to_bus_batches(bytes(damaged))
+        bus_batch.wrap_kafka(bytes(damaged))
     except CorruptRecord:
         pass
 
@@ -366,8 +430,12 @@ def test_lengths_and_deltas_at_every_varint_boundary_convert_both_ways():
         rows.append((1_700_000_000_000 + [0, -1, 63, 64, -65, 8191, 8192, -8193, 10**9, 1, 2][i],
                      None if i % 3 == 0 else b"k" * size, b"v" * size, headers))
     rows.append((1_700_000_000_000, b"", None, [("n", None)]))  # an empty key, a null value (a tombstone)
-    bus_bytes, count = records.to_bus_batches(kafka_batch(rows))
-    back = DefaultRecordBatch(records.from_bus_batches(stored(bus_bytes, 0)))
+    wrapped = bus_batch.wrap_kafka(kafka_batch(rows))
+    stamps, keys, values, headers = bus_batch.read_columns(wrapped[bus_batch.HEADER_BYTES:], len(rows),
+                                                           bus_batch.verify(wrapped).attributes)
+    assert list(zip(stamps, keys, values, headers)) == [(ts, k, v, h or None) for ts, k, v, h in rows]
+    flat = [x for ts, key, value, headers in rows for x in (ts, key, value, headers or None)]
+    back = DefaultRecordBatch(records.as_kafka(stored(bus_batch.pack_batch(flat, len(rows)), 0)))
     assert back.validate_crc()
     assert [(r.timestamp, r.key, r.value, r.headers) for r in back] == [
         (ts, key, value, headers) for ts, key, value, headers in rows]
@@ -377,9 +445,9 @@ def snappy_batch(compressed: bytes) -> bytes:
     """ROWS' batch with its records replaced by ``compressed`` and the codec set to snappy (kafka-python
     cannot build one without python-snappy)."""
     plain = kafka_batch(ROWS)
-    out = bytearray(plain[:records.HEADER_BYTES]) + compressed
+    out = bytearray(plain[:kafka_format.HEADER_BYTES]) + compressed
     struct.pack_into(">i", out, 8, len(out) - 12)
-    struct.pack_into(">h", out, 21, records.CODEC_SNAPPY)
+    struct.pack_into(">h", out, 21, kafka_format.CODEC_SNAPPY)
     struct.pack_into(">I", out, 17, crc32c(bytes(out[21:])))
     return bytes(out)
 
@@ -387,16 +455,26 @@ def snappy_batch(compressed: bytes) -> bytes:
 def test_snappy_raw_and_xerial_framed_batches_convert_and_a_claim_past_the_bound_is_refused(monkeypatch):
     import cramjam
 
-    body = kafka_batch(ROWS)[records.HEADER_BYTES:]
+    body = kafka_batch(ROWS)[kafka_format.HEADER_BYTES:]
     raw = bytes(cramjam.snappy.compress_raw(body))
     blocks = [bytes(cramjam.snappy.compress_raw(part)) for part in (body[:100], body[100:])]
     xerial = b"\x82SNAPPY\x00" + struct.pack(">ii", 1, 1) + b"".join(struct.pack(">i", len(b)) + b for b in blocks)
     for compressed in (raw, xerial):
-        decoded = records.decode_batch(memoryview(snappy_batch(compressed)))
+        decoded = kafka_format.decode_batch(memoryview(snappy_batch(compressed)))
         assert decoded.flat[2::4] == [r[2] for r in ROWS] and decoded.flat[0::4] == [r[0] for r in ROWS]
     for damaged in (xerial[:-3], xerial[:20], raw[:-2], b"\xff\xff\xff\xff\x7f" + raw[1:]):
         with pytest.raises(CorruptRecord):
-            records.decode_batch(memoryview(snappy_batch(damaged)))
-    monkeypatch.setattr(records, "UNCOMPRESSED_BYTES_MAX", 64)  # the claim is checked before decompressing
+            kafka_format.decode_batch(memoryview(snappy_batch(damaged)))
+    monkeypatch.setattr(kafka_format, "UNCOMPRESSED_BYTES_MAX", 64)  # the claim is checked before decompressing
     with pytest.raises(CorruptRecord, match="claims"):
-        records.decode_batch(memoryview(snappy_batch(raw)))
+        kafka_format.decode_batch(memoryview(snappy_batch(raw)))
+
+
+def test_the_time_index_and_a_replica_read_a_kafka_producers_stored_batch_like_any_other():
+    from store.log_contract import offset_at_time
+
+    stored_batch = stored(bus_batch.wrap_kafka(kafka_batch(ROWS)), 20)
+    assert offset_at_time([stored_batch], ROWS[2][0], 25) == 22  # ROWS' timestamps rise by 7 ms
+    assert offset_at_time([stored_batch], ROWS[-1][0] + 1, 25) == 25
+    header = bus_batch.verify(stored_batch)  # what a follower checks before appending the leader's bytes
+    assert (header.base_offset, header.next_offset, header.leader_epoch) == (20, 25, 3)

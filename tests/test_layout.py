@@ -1,7 +1,7 @@
 """The layout's rules (docs/architecture.md), held by the suite: which package may import what.
 
 - ``store/`` imports nothing from ``nodes/``, the client or the bench: only the formats.
-- The formats (``bus.wire``, ``bus.batch``, ``bus.errors``, ``bus.records``, ``bus.clock``) import no other
+- The formats (``bus.wire``, ``bus.batch``, ``bus.kafka_batch``, ``bus.errors``, ``bus.records``, ``bus.clock``) import no other
   module of the bus, and importing them loads neither ZeroMQ nor the client.
 - The servers (``nodes.node``, ``nodes.coordinator``) load no client module.
 - Nothing outside ``tests/`` imports the sabotaged builds, and the bus's packages import nothing of ``tests/``.
@@ -19,7 +19,7 @@ import pytest
 
 from nodes.cluster import REPO_ROOT
 
-FORMATS = {"bus.wire", "bus.batch", "bus.errors", "bus.records", "bus.clock"}
+FORMATS = {"bus.wire", "bus.batch", "bus.kafka_batch", "bus.errors", "bus.records", "bus.clock"}
 CLIENT = {"bus.producer", "bus.consumer", "bus.admin", "bus.sender", "bus.fetcher", "bus.group_member",
           "bus.background", "bus.cli"}
 PACKAGES = ("bus", "nodes", "store", "bench")

@@ -16,8 +16,9 @@ The idempotent producer: InitProducerId hands out the bus's own producer ids (th
 counter), and a Kafka batch's producer id, epoch and base sequence become the bus batch's, so the node's
 sequence check (``PartitionLog.check_sequence``) recognises Kafka clients' retries as it does the bus's.
 
-Conversion (this first step; docs/kafka.md): a Kafka batch is converted into a bus batch on produce and
-every stored batch back into a Kafka batch on fetch (``records.py``).
+Storage (docs/kafka.md, docs/storage.md): a Kafka producer's batches are stored as sent, inside a bus batch
+header (``bus.batch.wrap_kafka``), and served to Kafka consumers untouched; only the bus's own batches are
+converted for a Kafka consumer (``records.as_kafka``), and only Kafka's for a bus consumer (client-side).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import time
 import uuid
 
+from bus import batch as bus_batch
 from bus import wire
 from bus.errors import BusError, CorruptRecord
 
@@ -222,7 +224,7 @@ class KafkaService:
                     error = [21, f"acks must be 0, 1 or -1, not {body.acks}"]  # INVALID_REQUIRED_ACKS
                 else:
                     try:
-                        batch = self._convert(part.records)
+                        batch = bus_batch.wrap_kafka(part.records or b"")
                         parts.append([topic.name, part.index])
                         bulk.append(batch)
                     except CorruptRecord as exc:
@@ -259,13 +261,6 @@ class KafkaService:
         else:
             self._call(wire.PRODUCE, args, answered, bulk)
 
-    @staticmethod
-    def _convert(data) -> bytearray:
-        """A partition's Kafka records (one or more batches) as one bus batch (writable: the node stamps it
-        in place)."""
-        if not data:
-            raise CorruptRecord("no records")
-        return bytearray(records.to_bus_batches(data)[0])
 
     # -- Fetch ---------------------------------------------------------------------------------------
 
@@ -300,7 +295,7 @@ class KafkaService:
                              last_stable_offset=high_watermark, log_start_offset=log_start)
                 if code is None and data:
                     try:
-                        entry["records"] = records.from_bus_batches(data, skip_below=offset)
+                        entry["records"] = records.as_kafka(data, skip_below=offset)
                     except CorruptRecord as exc:
                         log.error("serving %s/%s to a Kafka client failed: %s", topic, partition, exc)
                         entry.update(error_code=codec.CORRUPT_MESSAGE, records=b"")
