@@ -8,13 +8,14 @@ Each system is a ``System`` with ``run_produce(cfg)``, ``run_consume(cfg)`` and 
 The modules: results.py (the workload, the results and their arithmetic), values.py (what the records
 hold), stats.py (the pure statistics), pacer.py (fixed-rate pacing), harness.py (the client processes and the servers' sampling), raw.py (the
 ceiling), bus_system.py (the bus), failover.py (the bus's leaders killed while it produces), peer.py with
-redis_peer.py and nats_peer.py (the peers), report.py (the table, JSON and plot) and runner.py (the command
+redis_peer.py and nats_peer.py (the peers), kafka_clients.py (Kafka's clients against the bus's Kafka listener), report.py (the table, JSON and plot) and runner.py (the command
 end to end).
 """
 
 from .bus_system import SYSTEM as BUS
 from .bus_system import BusOptions, make_bus_system
 from .harness import Gate, reap, run_clients, run_interleaved, scratch_dir, stop_processes, storage_notes
+from .kafka_clients import KAFKA_CLIENT_SYSTEMS
 from .nats_peer import NATS
 from .pacer import Pacer
 from .raw import SYSTEM as RAW
@@ -41,7 +42,8 @@ from .results import (
 )
 from .stats import percentiles, steadiness, throughput
 
-SYSTEMS = {s.name: s for s in (RAW, REDIS, NATS)}  # the baselines; the bus is BUS (make_bus_system for options)
+# The baselines (and Kafka's clients against the bus); the bus is BUS (make_bus_system for options).
+SYSTEMS = {**{s.name: s for s in (RAW, REDIS, NATS)}, **KAFKA_CLIENT_SYSTEMS}
 
 __all__ = [
     "BUS",

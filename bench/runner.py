@@ -45,7 +45,8 @@ from .results import (
 )
 from .stats import steadiness
 
-PEER_NAMES = ("raw", "redis", "nats")
+# The baselines --peers can name; the Kafka clients (kafka_clients.py) run against the bus, only when named.
+PEER_NAMES = ("raw", "redis", "nats", "confluent-kafka", "kafka-python", "aiokafka")
 ACKS = ("0", "1", "all")
 COMPRESSIONS = ("none", "lz4", "zstd")  # --compression's names; "none" is the Producer's compression=None
 STEADINESS_SECONDS_MIN = 3.0  # shorter runs are too noisy to say whether throughput held up

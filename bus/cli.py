@@ -643,7 +643,8 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
               help="failover mode: kill -9 of the partition's leader this many times per run, while a producer "
                    "offers --latency-rate records/s")
 @click.option("--peers", default="raw,redis,nats", show_default=True,
-              help="baselines beside the bus: raw,redis,nats (or none); missing ones are skipped with a note")
+              help="baselines beside the bus: raw,redis,nats, and Kafka's clients against the bus's Kafka listener: "
+                   "confluent-kafka,kafka-python,aiokafka (or none); missing ones are skipped with a note")
 @click.option("--modes", default="produce,consume,latency", show_default=True,
               help="produce,consume,latency,failover (failover: only the bus, with a replication factor >= 2)")
 @click.option("--bootstrap", default=None, help="bench this running cluster instead of starting one")

@@ -210,11 +210,11 @@ class Decoded(NamedTuple):
     base_sequence: int
 
 
-def decode_batch(view) -> Decoded:
-    """One Kafka batch (as ``split_batches`` gives it) checked (magic, CRC-32C, lengths, record count,
-    offset deltas), its records as ``bus.batch.pack_batch`` takes them."""
-    (_, length, _, magic, crc, attributes, last_delta, base_ts, max_ts, producer_id, producer_epoch, base_sequence,
-     count) = HEADER.unpack_from(view, 0)
+def _checked(view) -> tuple[tuple, bytes]:
+    """One Kafka batch's header fields, checked (magic, CRC-32C, flags, record count, producer fields), and
+    its records' bytes (decompressed)."""
+    fields = HEADER.unpack_from(view, 0)
+    _, _, _, magic, crc, attributes, last_delta, _, _, producer_id, producer_epoch, base_sequence, count = fields
     if magic != MAGIC:
         raise CorruptRecord(f"batch magic {magic}: only record batches of magic 2 are taken")
     if crc32c(view[CRC_FROM:]) != crc:
@@ -223,19 +223,26 @@ def decode_batch(view) -> Decoded:
         raise UnsupportedBatch("transactional and control batches are not supported yet")
     if count <= 0 or last_delta != count - 1:
         raise CorruptRecord(f"batch claims {count} records and a last offset delta of {last_delta}")
+    if producer_id >= 0 and (producer_epoch < 0 or base_sequence < 0):
+        raise CorruptRecord(f"producer id {producer_id} with epoch {producer_epoch}, base sequence {base_sequence}")
     codec = attributes & CODEC_MASK
     # bytes, not a view: indexing and slicing bytes is the faster (and the slices are the records' bytes)
-    body = bytes(view[HEADER_BYTES:]) if codec == CODEC_NONE else _decompress(codec, view[HEADER_BYTES:])
+    return fields, bytes(view[HEADER_BYTES:]) if codec == CODEC_NONE else _decompress(codec, view[HEADER_BYTES:])
+
+
+def decode_batch(view) -> Decoded:
+    """One Kafka batch (as ``split_batches`` gives it) checked (``_checked``, and every record's fields and
+    offset delta), its records as ``bus.batch.pack_batch`` takes them."""
+    fields, body = _checked(view)
+    attributes, base_ts, producer_id, count = fields[5], fields[7], fields[9], fields[12]
     log_append = bool(attributes & LOG_APPEND_TIME)
     try:
         flat = _decode_records(body, count, base_ts if not log_append and base_ts >= 0 else None)
     except IndexError:
         raise CorruptRecord("a record runs past the end of its batch") from None
     if producer_id < 0:
-        producer_epoch = base_sequence = -1
-    elif producer_epoch < 0 or base_sequence < 0:
-        raise CorruptRecord(f"producer id {producer_id} with epoch {producer_epoch}, base sequence {base_sequence}")
-    return Decoded(count, flat, producer_id, producer_epoch, base_sequence)
+        return Decoded(count, flat, -1, -1, -1)
+    return Decoded(count, flat, producer_id, fields[10], fields[11])
 
 
 def _decode_records(body: bytes, count: int, base_ts: int | None) -> list:
@@ -268,6 +275,9 @@ def _decode_records(body: bytes, count: int, base_ts: int | None) -> list:
         byte = body[at]
         if byte < 0x80:
             offset_delta, at = (byte >> 1) ^ -(byte & 1), at + 1
+        elif body[at + 1] < 0x80:  # offset deltas 64 to 8,191
+            raw = (byte & 0x7F) | (body[at + 1] << 7)
+            offset_delta, at = (raw >> 1) ^ -(raw & 1), at + 2
         else:
             offset_delta, at = read_varint(body, at)
         if offset_delta != index:
@@ -329,27 +339,80 @@ class Checked(NamedTuple):
 
 
 def check_batches(records) -> Checked:
-    """A produce's ``records`` for one partition (one Kafka batch or more), every record decoded and checked
-    (as a Kafka broker validates what it stores), described for the bus batch header that will hold them.
+    """A produce's ``records`` for one partition (one Kafka batch or more) checked, as a Kafka broker checks
+    what it stores, and described for the bus batch header that will hold them: each batch's header
+    (``_checked``) and its records' framing, walked without decoding their keys, values and headers
+    (``_walk_records``: each record's length, offset delta and timestamp, the records filling the batch
+    exactly). A reader decodes those fields, and refuses a batch whose fields do not hold (CorruptRecord).
     More than one batch must be one producer's consecutive sequences."""
     views = split_batches(records)
     if not views:
         raise CorruptRecord("no records")
-    first = decode_batch(views[0])
-    count, max_ts_ms, no_timestamp = 0, -1, False
+    count, max_ts_ms, no_timestamp, first = 0, -1, False, None
     for view in views:
-        batch = first if view is views[0] else decode_batch(view)
-        if (batch.producer_id, batch.producer_epoch) != (first.producer_id, first.producer_epoch) or (
-                first.producer_id >= 0 and batch.base_sequence != first.base_sequence + count):
+        fields, body = _checked(view)
+        attributes, base_ts, producer = fields[5], fields[7], fields[9:12]
+        if first is None:
+            first = producer if producer[0] >= 0 else (-1, -1, -1)
+        elif producer[:2] != first[:2] or (first[0] >= 0 and producer[2] != first[2] + count):
             raise CorruptRecord("the batches of one partition are not one producer's consecutive sequences")
-        if HEADER.unpack_from(view)[5] & LOG_APPEND_TIME:
+        if attributes & LOG_APPEND_TIME:
             raise UnsupportedBatch("a produced batch claims LogAppendTime, which is the broker's to set")
-        if batch.flat[0] is None:  # baseTimestamp -1: no record of the batch has a timestamp
+        try:
+            max_delta = _walk_records(body, fields[12])
+        except IndexError:
+            raise CorruptRecord("a record runs past the end of its batch") from None
+        if base_ts < 0:  # NO_TIMESTAMP: no record of the batch has one
             no_timestamp = True
         else:  # the records' own, not maxTimestamp's claim: retention and the time index read this
-            max_ts_ms = max(max_ts_ms, max(batch.flat[0::4]))
-        count += batch.record_count
-    return Checked(count, max_ts_ms, no_timestamp, first.producer_id, first.producer_epoch, first.base_sequence)
+            max_ts_ms = max(max_ts_ms, base_ts + max_delta)
+        count += fields[12]
+    return Checked(count, max_ts_ms, no_timestamp, *first)
+
+
+def _walk_records(body: bytes, count: int) -> int:
+    """Check that ``body`` holds exactly ``count`` records, each of its stated length, with offset deltas 0,
+    1, ...: the records' framing, read as _decode_records reads it but without their keys, values and
+    headers (a third of the per-record time). Returns the largest timestamp delta. IndexError past the end."""
+    read_varint = _read_varint
+    at, end, max_delta = 0, len(body), 0
+    for index in range(count):
+        byte = body[at]
+        if byte < 0x80:
+            size, at = (byte >> 1) ^ -(byte & 1), at + 1
+        elif body[at + 1] < 0x80:
+            raw = (byte & 0x7F) | (body[at + 1] << 7)
+            size, at = (raw >> 1) ^ -(raw & 1), at + 2
+        else:
+            size, at = read_varint(body, at)
+        stop = at + size
+        if size < 3 or stop > end:  # attributes, a timestamp delta and an offset delta at the least
+            raise CorruptRecord(f"record {index} of {size} bytes runs past its batch")
+        at += 1  # record attributes: unused
+        byte = body[at]
+        if byte < 0x80:
+            ts_delta, at = (byte >> 1) ^ -(byte & 1), at + 1
+        elif body[at + 1] < 0x80:
+            raw = (byte & 0x7F) | (body[at + 1] << 7)
+            ts_delta, at = (raw >> 1) ^ -(raw & 1), at + 2
+        else:
+            ts_delta, at = read_varint(body, at)
+        if ts_delta > max_delta:
+            max_delta = ts_delta
+        byte = body[at]
+        if byte < 0x80:
+            offset_delta = (byte >> 1) ^ -(byte & 1)
+        elif body[at + 1] < 0x80:  # offset deltas 64 to 8,191
+            raw = (byte & 0x7F) | (body[at + 1] << 7)
+            offset_delta = (raw >> 1) ^ -(raw & 1)
+        else:
+            offset_delta = read_varint(body, at)[0]
+        if offset_delta != index or at >= stop:
+            raise CorruptRecord(f"record {index} has offset delta {offset_delta}")
+        at = stop
+    if at != end:
+        raise CorruptRecord(f"{end - at} bytes after the batch's {count} records")
+    return max_delta
 
 
 def stamp_offsets(buf, at: int, end: int, base_offset: int, leader_epoch: int, record_count: int) -> None:

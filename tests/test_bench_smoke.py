@@ -229,3 +229,23 @@ def test_compression_rows_and_the_bytes_they_left_on_disk(tmp_path):
     assert zstd["config"]["values"] == "json" and zstd["config"]["bus"]["compression"] == "zstd"
     assert "--compression none,lz4,zstd" in data["meta"]["command"] and "--values json" in data["meta"]["command"]
     assert wait_no_strays() == []
+
+
+def test_kafkas_clients_against_the_bus_side_by_side_with_its_own(tmp_path):
+    """The rows issue 13 asks for: confluent-kafka, kafka-python and aiokafka producing into the bus through
+    its Kafka listener and consuming from it, in the same run as the bus's own clients (their libraries are
+    in the test extra: a missing one fails here, it is not skipped)."""
+    out_json = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", *TINY, "--peers", "confluent-kafka,kafka-python,aiokafka",
+                                       "--modes", "produce,consume,latency", "--json", str(out_json),
+                                       "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = table_rows(result.output)
+    clients = ("confluent-kafka", "kafka-python", "aiokafka")
+    assert {(c, m) for c in clients for m in ("produce", "consume", "latency@2,000/s")} <= set(rows), result.output
+    by_key = {(r["system"], r["mode"]): r for r in json.loads(out_json.read_text())["results"]}
+    for client in clients:
+        for mode in ("produce", "consume"):
+            assert by_key[(client, mode)]["records"] == 2000 and by_key[(client, mode)]["records_per_s"] > 0
+        assert by_key[(client, "latency")]["p99_ms"] > 0
+    assert wait_no_strays() == []
