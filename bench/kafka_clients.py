@@ -11,7 +11,8 @@ for throughput, with the settings a bus producer has by default where the librar
 and aiokafka's turned off alike), ``linger.ms`` as the bench's, batches of ``cfg.batch_bytes``. Produce:
 chunks of ``CHUNK_RECORDS`` records to one partition at a time, round robin, one delivery callback per chunk
 (its last record) timing send -> ack for the chunk, as the bus's row times its chunks. Consume: ``assign()``
-of the client's partitions from offset 0, as many records as were stored. Latency: the pacer's due time in
+of the client's partitions from offset 0, as many records as were stored, with the library's defaults but
+for confluent-kafka's ``fetch.queue.backoff.ms`` (``_ConfluentConsumer``). Latency: the pacer's due time in
 each value (``peer.stamp``), read back on consume.
 
 Public face: ``KAFKA_CLIENT_SYSTEMS`` (name -> ``results.System``). The client libraries are imported only
@@ -34,7 +35,8 @@ from .results import BenchConfig, BenchError, ClientReport, PeerUnavailable, rec
 TOPIC = "bench"
 CHUNK_RECORDS = 1024  # records one delivery callback times (the bus's ACK_CHUNK_RECORDS)
 POLL_RECORDS_MAX = 10_000
-POLL_TIMEOUT_MS = 100
+POLL_TIMEOUT_MS = 100  # how long one take() waits for records
+FETCH_QUEUE_BACKOFF_MS = 10  # confluent-kafka's consumer (see _ConfluentConsumer)
 CLUSTER_START_TIMEOUT_S = 60.0
 TOPIC_READY_TIMEOUT_S = 30.0
 FLUSH_TIMEOUT_S = 120.0
@@ -83,7 +85,8 @@ def _bootstrap(port: int) -> str:
 
 
 # -- the libraries, behind one small face each ---------------------------------------------------------------
-# A producer: send(partition, value, on_ack or None), poll() (serve callbacks), flush(), close().
+# A producer: send_chunk(partition, values, n, on_ack or None): the next n values to one partition, on_ack(error
+# or None) called when the last is acknowledged; poll() (serve callbacks), flush(), close().
 # A consumer: take() -> [(partition, value), ...] within POLL_TIMEOUT_MS, close().
 
 
@@ -96,17 +99,19 @@ class _Confluent:
             "linger.ms": cfg.linger_ms, "batch.size": cfg.batch_bytes,
             "queue.buffering.max.kbytes": 1 << 20, "queue.buffering.max.messages": 1_000_000})
 
-    def send(self, partition: int, value: bytes, on_ack) -> None:
-        while True:
-            try:
-                if on_ack is None:
-                    self._producer.produce(TOPIC, value, partition=partition)
-                else:
-                    self._producer.produce(TOPIC, value, partition=partition,
-                                           on_delivery=lambda err, msg: on_ack(err))
-                return
-            except BufferError:  # its queue is full: serve deliveries until there is room
-                self._producer.poll(0.01)
+    def send_chunk(self, partition: int, values, n: int, on_ack) -> None:
+        produce, last = self._producer.produce, n - 1
+        for i in range(n):
+            value = next(values)
+            while True:
+                try:
+                    if i < last or on_ack is None:
+                        produce(TOPIC, value, partition=partition)
+                    else:
+                        produce(TOPIC, value, partition=partition, on_delivery=lambda err, msg: on_ack(err))
+                    break
+                except BufferError:  # its queue is full: serve deliveries until there is room
+                    self._producer.poll(0.01)
 
     def poll(self) -> None:
         self._producer.poll(0)
@@ -123,9 +128,13 @@ class _ConfluentConsumer:
     def __init__(self, port: int, parts: list[int]):
         import confluent_kafka
 
+        # fetch.queue.backoff.ms as its documentation says to lower it "if the application is experiencing
+        # long (~1s) delays between messages": with its default (1000 ms) librdkafka stops fetching for a
+        # second whenever queued.min.messages (100,000) are queued, which a fast reader drains in a fraction
+        # of it (a Kafka broker's readers see the same: librdkafka issues #2879, #4275).
         self._consumer = confluent_kafka.Consumer({
             "bootstrap.servers": _bootstrap(port), "group.id": "bench", "enable.auto.commit": False,
-            "fetch.wait.max.ms": POLL_TIMEOUT_MS})
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
         self._consumer.assign([confluent_kafka.TopicPartition(TOPIC, p, 0) for p in parts])
 
     def take(self) -> list:
@@ -148,8 +157,10 @@ class _KafkaPython:
                                              linger_ms=cfg.linger_ms, batch_size=cfg.batch_bytes,
                                              max_request_size=max(1 << 20, cfg.batch_bytes))
 
-    def send(self, partition: int, value: bytes, on_ack) -> None:
-        future = self._producer.send(TOPIC, value, partition=partition)
+    def send_chunk(self, partition: int, values, n: int, on_ack) -> None:
+        send = self._producer.send
+        for _ in range(n):
+            future = send(TOPIC, next(values), partition=partition)
         if on_ack is not None:
             future.add_both(lambda result: on_ack(result if isinstance(result, Exception) else None))
 
@@ -168,7 +179,7 @@ class _KafkaPythonConsumer:
         import kafka
 
         self._consumer = kafka.KafkaConsumer(bootstrap_servers=_bootstrap(port), enable_auto_commit=False,
-                                             fetch_max_wait_ms=POLL_TIMEOUT_MS, max_poll_records=POLL_RECORDS_MAX)
+                                             max_poll_records=POLL_RECORDS_MAX)
         self._consumer.assign([kafka.TopicPartition(TOPIC, p) for p in parts])
         for p in parts:
             self._consumer.seek(kafka.TopicPartition(TOPIC, p), 0)
@@ -225,9 +236,7 @@ def _produce(name: str, port: int, cfg: BenchConfig, index: int, count: int, gat
         report.start_ns = gate.wait()
         for number, n in enumerate(_chunk_sizes(count)):
             part = (number + index) % cfg.partitions
-            for _ in range(n - 1):
-                producer.send(part, next(values), None)
-            producer.send(part, next(values), chunks.callback(time.monotonic_ns(), n))
+            producer.send_chunk(part, values, n, chunks.callback(time.monotonic_ns(), n))
             producer.poll()
             per_partition[part] += n
         producer.flush()
@@ -281,8 +290,8 @@ def _latency_produce(name: str, port: int, cfg: BenchConfig, index: int, count: 
                 time.sleep(max(0, pacer.next_deadline_ns() - time.monotonic_ns()) / 1e9)
                 continue
             for k in batch:
-                producer.send(record_partition(k, index, cfg.partitions),
-                              stamp(pacer.due_ns(k) + wall_offset_ns, tails[k % len(tails)]), None)
+                value = stamp(pacer.due_ns(k) + wall_offset_ns, tails[k % len(tails)])
+                producer.send_chunk(record_partition(k, index, cfg.partitions), iter((value,)), 1, None)
             report.records += len(batch)
         producer.flush()
         report.end_ns = time.monotonic_ns()
@@ -336,7 +345,7 @@ async def _aio_consume_run(port: int, cfg: BenchConfig, parts: list[int], expect
     import aiokafka
 
     consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=_bootstrap(port), enable_auto_commit=False,
-                                         fetch_max_wait_ms=POLL_TIMEOUT_MS, max_poll_records=POLL_RECORDS_MAX)
+                                         max_poll_records=POLL_RECORDS_MAX)
     await consumer.start()
     total, got = sum(expected), dict.fromkeys(parts, 0)
     report = ClientReport(0, 0, 0)
