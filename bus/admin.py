@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import zmq
 
@@ -16,17 +18,18 @@ from .metadata import check_bootstrap
 from .records import TopicPartition
 
 
-def list_offsets(requester: Requester, specs: dict) -> dict:
+def list_offsets(requester: Requester,
+                 specs: dict[tuple[str, int], str | int]) -> dict[TopicPartition, int]:
     """{tp: offset} for {tp: "earliest" | "latest" | timestamp_ms}, asking each partition's leader ("latest"
     is the high watermark: the end of what consumers can read)."""
     metadata = requester.metadata(sorted({tp[0] for tp in specs}), strict=True)
-    by_node: dict[int, list] = {}
+    by_node: dict[int, list[tuple[tuple[str, int], str | int]]] = {}
     for tp, spec in specs.items():
         leader = metadata.leader(*tp)
         if leader not in metadata.nodes:
             raise NotLeader(f"{tp[0]}/{tp[1]} has no leader now (its in-sync replicas are down); retry later")
         by_node.setdefault(leader, []).append((tp, spec))
-    out = {}
+    out: dict[TopicPartition, int] = {}
     for node_id, items in by_node.items():
         try:
             result = requester.request(metadata.address(node_id), wire.LIST_OFFSETS,
@@ -55,7 +58,7 @@ class Admin:
 
     def create_topic(self, name: str, partitions: int = 1, *, replication_factor: int | None = None,
                      min_insync_replicas: int | None = None, retention_ms: int | None = None,
-                     retention_bytes: int | None = None, exist_ok: bool = False, wait_ms: int = 10_000) -> dict:
+                     retention_bytes: int | None = None, exist_ok: bool = False, wait_ms: int = 10_000) -> dict[str, Any]:
         """Create the topic with ``replication_factor`` replicas of each partition (default min(3, live
         nodes)) and ``min_insync_replicas`` (default 2 with 3 or more replicas, else 1: below it, acks="all"
         produces fail with NotEnoughReplicas). Then wait up to ``wait_ms`` until every leader serves it (the
@@ -75,9 +78,9 @@ class Admin:
             return {"name": name, **self._requester.metadata([name], strict=True).topics[name]}
         if wait_ms > 0:
             self._wait_until_served(name, [p["leader"] for p in created["partitions"]], wait_ms)
-        return created
+        return dict(created)
 
-    def _wait_until_served(self, name: str, leaders: list, wait_ms: int) -> None:
+    def _wait_until_served(self, name: str, leaders: list[int], wait_ms: int) -> None:
         deadline_s = time.monotonic() + wait_ms / 1000
         waiting = {node_id: leaders.index(node_id) for node_id in leaders}  # node -> one partition it leads
         addresses = self._requester.metadata([name]).nodes
@@ -101,18 +104,18 @@ class Admin:
         self._check_open("delete_topic()")
         self._requester.coordinator(wire.DELETE_TOPIC, {"name": name})
 
-    def list_topics(self) -> dict:
+    def list_topics(self) -> dict[str, dict[str, Any]]:
         """{name: {"id", "partitions": [{"leader", "leader_epoch", "replicas", "isr", "partition_epoch"}, ...],
         "replication_factor", "min_insync_replicas", "retention_ms", "retention_bytes"}}"""
         self._check_open("list_topics()")
         return self._requester.metadata().topics
 
-    def nodes(self) -> dict:
+    def nodes(self) -> dict[int, dict[str, Any]]:
         """{node id: {"address", "alive"}}"""
         self._check_open("nodes()")
         return self._requester.metadata().nodes
 
-    def describe_topic(self, name: str) -> dict:
+    def describe_topic(self, name: str) -> dict[str, Any]:
         """The topic's settings and, per partition: ``leader`` (node id, -1 while it has none), its address
         and liveness, ``replicas``, ``isr``, ``leader_epoch``, ``partition_epoch`` (bumped by every change of
         leader or ISR), ``start_offset`` and ``high_watermark`` (the
@@ -132,7 +135,7 @@ class Admin:
                                "under_replicated": len(state["isr"]) < len(state["replicas"]),
                                "below_min_isr": len(state["isr"]) < topic["min_insync_replicas"],
                                "start_offset": None, "high_watermark": None, "end_offset": None})
-        by_node: dict[int, list] = {}
+        by_node: dict[int, list[dict[str, Any]]] = {}
         for entry in partitions:
             by_node.setdefault(entry["leader"], []).append(entry)
         for node_id, entries in by_node.items():
@@ -153,7 +156,7 @@ class Admin:
                 "min_insync_replicas": topic["min_insync_replicas"], "retention_ms": topic["retention_ms"],
                 "retention_bytes": topic["retention_bytes"], "partitions": partitions}
 
-    def elect_unclean(self, name: str, partitions=None) -> dict:
+    def elect_unclean(self, name: str, partitions: Iterable[int] | None = None) -> dict[int, int]:
         """Elect a leader for partitions of ``name`` that have none because no in-sync replica is alive
         (all such partitions, or ``partitions``): any live replica becomes leader, and the committed records
         it lacks are LOST. Returns {partition: new leader node id}."""
@@ -166,12 +169,13 @@ class Admin:
 
     # -- consumer groups -------------------------------------------------------------------------------
 
-    def list_groups(self) -> list:
+    def list_groups(self) -> list[dict[str, Any]]:
         """[{"group_id", "state" (empty / reconciling / stable), "group_epoch", "members"}, ...]"""
         self._check_open("list_groups()")
-        return self._requester.coordinator(wire.GROUP_LIST, {})["groups"]
+        groups: list[dict[str, Any]] = self._requester.coordinator(wire.GROUP_LIST, {})["groups"]
+        return groups
 
-    def describe_group(self, group_id: str) -> dict:
+    def describe_group(self, group_id: str) -> dict[str, Any]:
         """The group's state, members and, per partition: its member, committed offset, end offset and lag.
 
         Returns {"group_id", "state", "group_epoch", "assignor", "members": [...], "evictions": [...],
@@ -181,13 +185,14 @@ class Admin:
         """
         self._check_open("describe_group()")
         raw = self._requester.coordinator(wire.GROUP_DESCRIBE, {"group_id": group_id})
-        owner: dict = {}
+        owner: dict[TopicPartition, str] = {}
         for member in raw["members"]:
             for t, p in member["target"]:
                 owner.setdefault(TopicPartition(t, p), member["member_id"])
             for t, p in member["assignment"]:
                 owner[TopicPartition(t, p)] = member["member_id"]  # who holds it now beats who will
-        committed = {TopicPartition(o["topic"], o["partition"]): o["offset"] for o in raw["offsets"]}
+        committed: dict[TopicPartition, int] = {TopicPartition(o["topic"], o["partition"]): o["offset"]
+                                                for o in raw["offsets"]}
         tps = sorted(set(owner) | set(committed))
         ends = self._end_offsets(tps)
         partitions, total_lag = [], 0
@@ -203,7 +208,8 @@ class Admin:
         out["total_lag"] = total_lag
         return out
 
-    def reset_offsets(self, group_id: str, topic: str, to, partitions=None) -> dict:
+    def reset_offsets(self, group_id: str, topic: str, to: Literal["earliest", "latest"] | int | datetime.datetime,
+                      partitions: Iterable[int] | None = None) -> dict[TopicPartition, int]:
         """Set the group's committed offsets for ``topic`` (all partitions, or ``partitions``) to ``to``:
         "earliest", "latest", an offset (clamped into each partition's retained range) or a datetime (the
         first offset at or after it). Refused with GroupNotEmpty while the group has live members (the
@@ -215,7 +221,7 @@ class Admin:
             if not isinstance(partition, int) or not 0 <= partition < count:
                 raise ConfigError(f"topic {topic!r} has no partition {partition!r}")
         tps = [TopicPartition(topic, p) for p in wanted]
-        if to in ("earliest", "latest"):
+        if isinstance(to, str) and to in ("earliest", "latest"):
             offsets = list_offsets(self._requester, {tp: to for tp in tps})
         elif isinstance(to, datetime.datetime):
             at_ms = int(to.timestamp() * 1000)  # a naive datetime is local time
@@ -235,23 +241,23 @@ class Admin:
         self._check_open("delete_group()")
         self._requester.coordinator(wire.GROUP_DELETE, {"group_id": group_id})
 
-    def group_offsets(self, group_id: str) -> dict:
+    def group_offsets(self, group_id: str) -> dict[TopicPartition, int]:
         """{tp: committed offset} of the group ({} for an unknown group)."""
         self._check_open("group_offsets()")
         result = self._requester.coordinator(wire.OFFSET_FETCH, {"group_id": group_id})
         return {TopicPartition(t, p): offset for t, p, offset, _ in result["offsets"]}
 
-    def _end_offsets(self, tps) -> dict:
+    def _end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         """{tp: log end offset} for the partitions whose node answers; the others are left out."""
         if not tps:
             return {}
         metadata = self._requester.metadata(sorted({tp.topic for tp in tps}))
-        by_node: dict[int, list] = {}
+        by_node: dict[int, list[TopicPartition]] = {}
         for tp in tps:
             topic = metadata.topics.get(tp.topic)
             if topic is not None and tp.partition < len(topic["partitions"]):
                 by_node.setdefault(topic["partitions"][tp.partition]["leader"], []).append(tp)
-        out = {}
+        out: dict[TopicPartition, int] = {}
         for node_id, items in by_node.items():
             node = metadata.nodes.get(node_id)
             if node is None or not node.get("alive"):
@@ -274,8 +280,8 @@ class Admin:
         self._requester.close()
         self._context.term()
 
-    def __enter__(self):
+    def __enter__(self) -> Admin:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -69,6 +69,8 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterator
+from typing import Any, cast
 
 import lz4.block
 import msgpack
@@ -77,6 +79,7 @@ from crc32c import crc32c
 
 import bus.kafka_batch as kafka_batch  # absolute: tests/test_layout.py reads "from . import" as the whole package
 from .errors import CorruptRecord, RecordTooLarge
+from .records import Buffer
 
 MAGIC = 2
 APPEND_TIME = 0x01  # attributes bit
@@ -118,24 +121,24 @@ _zstd = threading.local()
 
 def _zstd_compressor() -> zstandard.ZstdCompressor:
     try:
-        return _zstd.compressor
+        return cast(zstandard.ZstdCompressor, _zstd.compressor)
     except AttributeError:
         # The frame records its content size (checked against uncompressed_len on reading); no checksum of
         # its own: the batch's CRC32C already covers every stored byte.
         _zstd.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True,
                                                     write_checksum=False)
-        return _zstd.compressor
+        return cast(zstandard.ZstdCompressor, _zstd.compressor)
 
 
 def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     try:
-        return _zstd.decompressor
+        return cast(zstandard.ZstdDecompressor, _zstd.decompressor)
     except AttributeError:
         _zstd.decompressor = zstandard.ZstdDecompressor()
-        return _zstd.decompressor
+        return cast(zstandard.ZstdDecompressor, _zstd.decompressor)
 
 
-class BatchHeader(tuple):
+class BatchHeader(tuple[int, ...]):
     """The decoded header fields, in layout order (a tuple, so decoding costs one struct call)."""
 
     __slots__ = ()
@@ -161,7 +164,7 @@ class BatchHeader(tuple):
         return self[10] + self[5] - 1
 
 
-def pack_batch(flat_records: list, record_count: int, producer_id: int = -1, producer_epoch: int = -1,
+def pack_batch(flat_records: list[Any], record_count: int, producer_id: int = -1, producer_epoch: int = -1,
                base_sequence: int = -1, compression: str | None = None) -> bytes:
     """Pack ``record_count`` records, given flat (``flat_records``: timestamp_ms or None, key, value,
     headers, ... as a producer collects them) into one batch, its payload compressed with ``compression``
@@ -170,7 +173,8 @@ def pack_batch(flat_records: list, record_count: int, producer_id: int = -1, pro
     assert record_count > 0 and len(flat_records) == 4 * record_count
     codec = CODECS[compression]
     # Slices and counts run in C: a few ns per record, against ~25 for packing a column.
-    stamps = flat_records[0::4]
+    stamps: list[Any] | None = flat_records[0::4]
+    assert stamps is not None
     without = stamps.count(None)
     if without == record_count:
         attributes, max_ts_ms, stamps = APPEND_TIME, -1, None
@@ -210,20 +214,20 @@ def _check_attributes(attributes: int) -> None:
                             f"knows codecs {', '.join(_CODEC_NAMES.values())} and the APPEND_TIME flag)")
 
 
-def _uncompressed_len(payload, attributes: int) -> int:
+def _uncompressed_len(payload: Buffer, attributes: int) -> int:
     """A compressed payload's claimed size once decompressed, checked against UNCOMPRESSED_BYTES_MAX
     (reading 4 bytes, decompressing nothing)."""
     if len(payload) < _UNCOMPRESSED_LEN.size:
         raise CorruptRecord(f"{_CODEC_NAMES[(attributes & CODEC_MASK) >> CODEC_SHIFT]} payload of {len(payload)} "
                             "bytes is shorter than its uncompressed length")
-    claimed = _UNCOMPRESSED_LEN.unpack_from(payload)[0]
+    claimed: int = _UNCOMPRESSED_LEN.unpack_from(payload)[0]
     if claimed > UNCOMPRESSED_BYTES_MAX:
         raise CorruptRecord(f"compressed payload claims {claimed} bytes uncompressed, above "
                             f"UNCOMPRESSED_BYTES_MAX={UNCOMPRESSED_BYTES_MAX} (a decompression bomb?)")
     return claimed
 
 
-def decompress(payload, attributes: int):
+def decompress(payload: Buffer, attributes: int) -> Buffer:
     """The msgpack payload of a batch whose header has ``attributes``: ``payload`` itself when uncompressed,
     else decompressed into at most its claimed ``uncompressed_len`` (<= UNCOMPRESSED_BYTES_MAX) bytes,
     which it must fill exactly, with nothing after the codec's output. CorruptRecord otherwise."""
@@ -237,7 +241,7 @@ def decompress(payload, attributes: int):
     try:
         if codec == CODEC_LZ4:
             # The output buffer is the claimed size; a block that would write past it is an error.
-            raw = lz4.block.decompress(body, uncompressed_size=claimed)
+            raw: bytes = lz4.block.decompress(body, uncompressed_size=claimed)
         else:  # CODEC_ZSTD, the one other codec _check_attributes lets by
             # decompress() allocates the frame's own content size: check it is the (bounded) claim first.
             framed = zstandard.frame_content_size(body)
@@ -252,13 +256,13 @@ def decompress(payload, attributes: int):
     return raw
 
 
-def read_header(buf, at: int = 0) -> BatchHeader:
+def read_header(buf: Buffer, at: int = 0) -> BatchHeader:
     if len(buf) - at < HEADER_BYTES:
         raise CorruptRecord(f"batch of {len(buf) - at} bytes is shorter than its {HEADER_BYTES}-byte header")
     return BatchHeader(HEADER.unpack_from(buf, at))
 
 
-def verify(buf, at: int = 0) -> BatchHeader:
+def verify(buf: Buffer, at: int = 0) -> BatchHeader:
     """Check one batch starting at ``at`` of ``buf``: magic, length and CRC. Returns its header."""
     header = read_header(buf, at)
     _check_format(header)
@@ -273,7 +277,7 @@ def verify(buf, at: int = 0) -> BatchHeader:
     return header
 
 
-def stamp(buf, base_offset: int, append_ts_ms: int,
+def stamp(buf: Buffer, base_offset: int, append_ts_ms: int,
           leader_epoch: int = -1) -> tuple[bytearray | memoryview, BatchHeader]:
     """Verify a batch as a producer sent it and give it ``base_offset`` and its append time (for storing).
 
@@ -309,7 +313,7 @@ def stamp(buf, base_offset: int, append_ts_ms: int,
                              max_ts_ms) + header[8:])
 
 
-def wrap_kafka(records) -> bytearray:
+def wrap_kafka(records: Buffer) -> bytearray:
     """A Kafka producer's batches for one partition (``records``, one or more: see bus/kafka_batch.py), every
     record checked, as one unstamped batch of this format holding them as sent (codec CODEC_KAFKA), with
     their idempotent producer's id, epoch and first sequence. Writable: the node stamps it in place."""
@@ -322,7 +326,7 @@ def wrap_kafka(records) -> bytearray:
     return out
 
 
-def iter_batches(buf):
+def iter_batches(buf: Buffer) -> Iterator[tuple[BatchHeader, memoryview]]:
     """Yield (header, payload memoryview) for each batch in a concatenation of stored batches (verified)."""
     view = memoryview(buf)
     at, end = 0, len(buf)
@@ -333,7 +337,7 @@ def iter_batches(buf):
         yield header, view[start:at]
 
 
-def read_columns(payload, record_count: int, attributes: int = 0) -> list:
+def read_columns(payload: Buffer, record_count: int, attributes: int = 0) -> list[list[Any] | None]:
     """The columns of a payload as stored, ``[timestamps, keys, values, headers]``, each checked to hold
     ``record_count`` items; a column but ``values`` is None when no record has one. ``attributes``: its
     batch header's, which name the codec (0: packed uncompressed; CODEC_KAFKA: Kafka batches, converted)."""

@@ -10,12 +10,17 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import wire
 from .errors import Timeout, error_for
+
+if TYPE_CHECKING:
+    from .metadata import ClusterMetadata
 
 SOCKET_HWM_MESSAGES = 1_000
 _request_ids = itertools.count(1)
@@ -139,7 +144,8 @@ class Requester:
         self._lock = threading.Lock()
         self._connections: dict[str, Connection] = {}
 
-    def request(self, address: str, op: str, args, bulk=(), timeout_ms: int | None = None):
+    def request(self, address: str, op: str, args: Any, bulk: Sequence[wire.Frame] = (),
+                timeout_ms: int | None = None) -> Any:
         with self._lock:
             connection = self._connections.get(address)
             if connection is None:
@@ -152,13 +158,13 @@ class Requester:
                 del self._connections[address]
                 raise
 
-    def coordinator(self, op: str, args, timeout_ms: int | None = None):
+    def coordinator(self, op: str, args: Any, timeout_ms: int | None = None) -> Any:
         return self.request(self.bootstrap, op, args, timeout_ms=timeout_ms)
 
-    def metadata(self, topics=None, strict: bool = False):
+    def metadata(self, topics: Iterable[str] | None = None, strict: bool = False) -> ClusterMetadata:
         from .metadata import ClusterMetadata
 
-        args = {} if topics is None else {"topics": list(topics), "strict": strict}
+        args: dict[str, Any] = {} if topics is None else {"topics": list(topics), "strict": strict}
         return ClusterMetadata(self.coordinator(wire.METADATA, args))
 
     def close(self) -> None:

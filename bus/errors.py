@@ -20,6 +20,9 @@ below, so a code added on the server but unknown to an older client still surfac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 DEFINITE = "definite"
 INDETERMINATE = "indeterminate"
 FENCED = "fenced"
@@ -32,6 +35,7 @@ class BusError(Exception):
     outcome = DEFINITE
     retriable = False  # the same request may succeed if sent again
     refresh_metadata = False  # the client's metadata is stale: refresh it before sending again
+    request_id: Any = None  # a server's refusal of a request: its id, when the request got as far as naming one
 
     def __init__(self, message: str = "", *, code: str | None = None):
         super().__init__(message or self.__class__.__name__)
@@ -284,7 +288,7 @@ class SerializationError(BusError):
         self.argument, self.topic, self.partition, self.offset = argument, topic, partition, offset
 
 
-def _all_subclasses(cls):
+def _all_subclasses(cls: type[BusError]) -> Iterator[type[BusError]]:
     for sub in cls.__subclasses__():
         yield sub
         yield from _all_subclasses(sub)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cramjam
 import lz4.frame
@@ -34,6 +34,7 @@ import zstandard
 from crc32c import crc32c
 
 from .errors import CorruptRecord
+from .records import Buffer
 
 MAGIC = 2
 HEADER = struct.Struct(">qiibIhiqqqhii")
@@ -67,7 +68,7 @@ class UnsupportedBatch(CorruptRecord):
 
 # -- varints (zigzag, as Kafka's records use) --------------------------------------------------------
 
-def _read_varint(buf, at: int) -> tuple[int, int]:
+def _read_varint(buf: Buffer, at: int) -> tuple[int, int]:
     """A zigzag varint (up to 64 bits) at ``at``: (value, next position)."""
     shift = result = 0
     end = len(buf)
@@ -92,7 +93,7 @@ def write_varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def _read_bytes(buf, at: int) -> tuple[bytes | None, int]:
+def _read_bytes(buf: Buffer, at: int) -> tuple[bytes | None, int]:
     length, at = _read_varint(buf, at)
     if length < 0:
         if length != -1:
@@ -103,7 +104,7 @@ def _read_bytes(buf, at: int) -> tuple[bytes | None, int]:
     return bytes(buf[at:at + length]), at + length
 
 
-def _write_bytes(out: bytearray, value) -> None:
+def _write_bytes(out: bytearray, value: Buffer | None) -> None:
     if value is None:
         out.append(1)  # zigzag(-1)
     else:
@@ -113,7 +114,7 @@ def _write_bytes(out: bytearray, value) -> None:
 
 # -- reading Kafka's batches ---------------------------------------------------------------------------
 
-def split_batches(records) -> list:
+def split_batches(records: Buffer) -> list[memoryview]:
     """The Kafka batches in a produce's ``records`` field (memoryviews), each checked for length only."""
     view, at, out = memoryview(records), 0, []
     while at < len(view):
@@ -128,7 +129,7 @@ def split_batches(records) -> list:
     return out
 
 
-def _decompress(codec: int, data) -> bytes:
+def _decompress(codec: int, data: Buffer) -> bytes:
     bound = UNCOMPRESSED_BYTES_MAX
     try:
         if codec == CODEC_GZIP:
@@ -139,7 +140,7 @@ def _decompress(codec: int, data) -> bytes:
             return raw
         if codec == CODEC_LZ4:
             decompressor = lz4.frame.LZ4FrameDecompressor()
-            raw = decompressor.decompress(data, max_length=bound)
+            raw = bytes(decompressor.decompress(data, max_length=bound))
             if not decompressor.eof:
                 raise CorruptRecord(f"lz4 payload is truncated or decompresses past {bound} bytes")
             return raw
@@ -204,13 +205,13 @@ def _snappy_raw(block: memoryview, bound: int) -> bytes:
 
 class Decoded(NamedTuple):
     record_count: int
-    flat: list  # timestamp ms or None, key, value, headers per record, as bus.batch.pack_batch takes them
+    flat: list[Any]  # timestamp ms or None, key, value, headers per record, as bus.batch.pack_batch takes them
     producer_id: int  # -1 for none; else the idempotent producer's, with its epoch and first sequence
     producer_epoch: int
     base_sequence: int
 
 
-def _checked(view) -> tuple[tuple, bytes]:
+def _checked(view: memoryview) -> tuple[tuple[Any, ...], bytes]:
     """One Kafka batch's header fields, checked (magic, CRC-32C, flags, record count, producer fields), and
     its records' bytes (decompressed)."""
     fields = HEADER.unpack_from(view, 0)
@@ -230,7 +231,7 @@ def _checked(view) -> tuple[tuple, bytes]:
     return fields, bytes(view[HEADER_BYTES:]) if codec == CODEC_NONE else _decompress(codec, view[HEADER_BYTES:])
 
 
-def decode_batch(view) -> Decoded:
+def decode_batch(view: memoryview) -> Decoded:
     """One Kafka batch (as ``split_batches`` gives it) checked (``_checked``, and every record's fields and
     offset delta), its records as ``bus.batch.pack_batch`` takes them."""
     fields, body = _checked(view)
@@ -245,12 +246,15 @@ def decode_batch(view) -> Decoded:
     return Decoded(count, flat, producer_id, fields[10], fields[11])
 
 
-def _decode_records(body: bytes, count: int, base_ts: int | None) -> list:
+def _decode_records(body: bytes, count: int, base_ts: int | None) -> list[Any]:
     """The ``count`` records of a batch's (uncompressed) ``body``, flat. The varints that are one byte (every
     offset delta below 64, most lengths and timestamp deltas) are read inline, the others by read_varint:
     the per-record cost here is what a Kafka producer's record costs the node. IndexError past the end."""
     read_varint = _read_varint
-    flat, at, end = [], 0, len(body)
+    flat: list[Any] = []
+    at, end = 0, len(body)
+    key: bytes | None
+    value: bytes | None
     for index in range(count):
         byte = body[at]
         if byte < 0x80:
@@ -338,7 +342,7 @@ class Checked(NamedTuple):
     base_sequence: int
 
 
-def check_batches(records) -> Checked:
+def check_batches(records: Buffer) -> Checked:
     """A produce's ``records`` for one partition (one Kafka batch or more) checked, as a Kafka broker checks
     what it stores, and described for the bus batch header that will hold them: each batch's header
     (``_checked``) and its records' framing, walked without decoding their keys, values and headers
@@ -348,12 +352,13 @@ def check_batches(records) -> Checked:
     views = split_batches(records)
     if not views:
         raise CorruptRecord("no records")
-    count, max_ts_ms, no_timestamp, first = 0, -1, False, None
+    count, max_ts_ms, no_timestamp = 0, -1, False
+    first: tuple[int, int, int] | None = None
     for view in views:
         fields, body = _checked(view)
         attributes, base_ts, producer = fields[5], fields[7], fields[9:12]
         if first is None:
-            first = producer if producer[0] >= 0 else (-1, -1, -1)
+            first = tuple(producer) if producer[0] >= 0 else (-1, -1, -1)
         elif producer[:2] != first[:2] or (first[0] >= 0 and producer[2] != first[2] + count):
             raise CorruptRecord("the batches of one partition are not one producer's consecutive sequences")
         if attributes & LOG_APPEND_TIME:
@@ -367,6 +372,7 @@ def check_batches(records) -> Checked:
         else:  # the records' own, not maxTimestamp's claim: retention and the time index read this
             max_ts_ms = max(max_ts_ms, base_ts + max_delta)
         count += fields[12]
+    assert first is not None
     return Checked(count, max_ts_ms, no_timestamp, *first)
 
 
@@ -415,7 +421,7 @@ def _walk_records(body: bytes, count: int) -> int:
     return max_delta
 
 
-def stamp_offsets(buf, at: int, end: int, base_offset: int, leader_epoch: int, record_count: int) -> None:
+def stamp_offsets(buf: bytearray | memoryview, at: int, end: int, base_offset: int, leader_epoch: int, record_count: int) -> None:
     """Give the Kafka batches in ``buf[at:end]`` (holding ``record_count`` records) their offsets from
     ``base_offset`` and ``leader_epoch``, in place: the two fields outside Kafka's CRC, which a broker sets.
     CorruptRecord, before anything is written, unless the batches fill the span exactly with that many
@@ -437,7 +443,7 @@ def stamp_offsets(buf, at: int, end: int, base_offset: int, leader_epoch: int, r
         at, base_offset = at + length, base_offset + count
 
 
-def columns(payload, record_count: int) -> list:
+def columns(payload: Buffer, record_count: int) -> list[list[Any] | None]:
     """The records of stored Kafka batches as a bus batch's four columns, ``[timestamps, keys, values,
     headers]`` (bus/batch.py's ``read_columns``): a timestamp is None for a record without one."""
     flat = []

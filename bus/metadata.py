@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import zlib
+from typing import Any
 
 from .errors import ConfigError, UnknownTopic
 
@@ -23,7 +24,7 @@ def default_bootstrap() -> str:
 _ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+")
 
 
-def check_bootstrap(bootstrap) -> str:
+def check_bootstrap(bootstrap: object) -> str:
     """The bootstrap address, or ConfigError now (ZeroMQ would refuse it later, in a background thread)."""
     bootstrap = bootstrap or default_bootstrap()
     if not isinstance(bootstrap, str) or not _ADDRESS.fullmatch(bootstrap):
@@ -39,10 +40,10 @@ def partition_for_key(key: bytes, partition_count: int) -> int:
 class ClusterMetadata:
     __slots__ = ("version", "nodes", "topics")
 
-    def __init__(self, raw: dict):
-        self.version = raw["version"]
-        self.nodes: dict[int, dict] = {int(k): v for k, v in raw["nodes"].items()}
-        self.topics: dict[str, dict] = raw["topics"]
+    def __init__(self, raw: dict[str, Any]):
+        self.version: int = raw["version"]
+        self.nodes: dict[int, dict[str, Any]] = {int(k): v for k, v in raw["nodes"].items()}
+        self.topics: dict[str, dict[str, Any]] = raw["topics"]
 
     def partition_count(self, topic: str) -> int:
         meta = self.topics.get(topic)
@@ -50,19 +51,23 @@ class ClusterMetadata:
             raise UnknownTopic(f"unknown topic {topic!r}; create it with `bus topic create {topic}`")
         return len(meta["partitions"])
 
-    def _partition(self, topic: str, partition: int) -> dict:
+    def _partition(self, topic: str, partition: int) -> dict[str, Any]:
         meta = self.topics.get(topic)
         if meta is None:
             raise UnknownTopic(f"unknown topic {topic!r}; create it with `bus topic create {topic}`")
-        return meta["partitions"][partition]
+        state: dict[str, Any] = meta["partitions"][partition]
+        return state
 
     def leader(self, topic: str, partition: int) -> int:
         """The node id of the partition's leader (-1 while it has none)."""
-        return self._partition(topic, partition)["leader"]
+        leader: int = self._partition(topic, partition)["leader"]
+        return leader
 
     def leader_epoch(self, topic: str, partition: int) -> int:
         """The leader epoch requests to that leader carry, so a deposed or not yet informed leader is told."""
-        return self._partition(topic, partition)["leader_epoch"]
+        epoch: int = self._partition(topic, partition)["leader_epoch"]
+        return epoch
 
     def address(self, node_id: int) -> str:
-        return self.nodes[node_id]["address"]
+        address: str = self.nodes[node_id]["address"]
+        return address

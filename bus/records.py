@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
+
+# What the formats read bytes from: a received frame's buffer, a slice of one, or bytes.
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 class Record(NamedTuple):
@@ -11,7 +14,7 @@ class Record(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None  # None: a tombstone (sent as value=None), distinct from b""
-    headers: list | None  # [(str, bytes)], as sent (a dict of headers comes back as its pairs)
+    headers: list[tuple[str, bytes | None]] | None  # [(str, bytes)], as sent (a dict of headers comes back as its pairs)
     timestamp_ms: int  # the producer's, if send() was given one; else the time its node appended it
 
 

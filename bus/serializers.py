@@ -35,7 +35,8 @@ def msgpack_serializer(obj: Any) -> bytes:
 
     A Packer per call: one shared between threads could interleave two objects whose packing runs Python
     code (a dict or list subclass), as send() may be called from any thread."""
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def msgpack_deserializer(data: bytes) -> Any:

@@ -16,9 +16,15 @@ reply to an abandoned request is recognised and dropped. ``docs/protocol.md`` li
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
 import msgpack
 
 from .errors import BusError, InvalidRequest, UnsupportedVersion
+
+# A message frame: bytes, or a zmq.Frame (a buffer) as received with copy=False; the formats do not import zmq.
+Frame: TypeAlias = Any
 
 # 2: produce results carry the append time; batches are format 2 (bus/batch.py).
 # 3: replication: partitions in metadata are {leader, leader_epoch, replicas, isr, partition_epoch}; produce,
@@ -62,16 +68,17 @@ PING = "ping"
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
-def encode_request(op: str, request_id: int, args, bulk=()) -> list:
+def encode_request(op: str, request_id: int, args: Any, bulk: Sequence[Frame] = ()) -> list[Frame]:
     return [_packb([VERSION, op, request_id, args]), *bulk]
 
 
-def encode_reply(request_id, result=None, bulk=(), error: BusError | None = None) -> list:
+def encode_reply(request_id: Any, result: Any = None, bulk: Sequence[Frame] = (),
+                 error: BusError | None = None) -> list[Frame]:
     err = None if error is None else [error.code, error.message]
     return [_packb([VERSION, request_id, err, result]), *bulk]
 
 
-def decode_request(frames: list) -> tuple[str, object, object, list]:
+def decode_request(frames: Sequence[Frame]) -> tuple[str, Any, Any, list[Frame]]:
     """Split a request into (op, request_id, args, bulk frames).
 
     Raises InvalidRequest (with ``request_id`` set on the exception when it could be read) for anything
@@ -90,19 +97,20 @@ def decode_request(frames: list) -> tuple[str, object, object, list]:
         raise InvalidRequest("header must be a msgpack array [version, op, request_id, args]")
     version, op, request_id, args = decoded
     if version != VERSION:
-        exc = UnsupportedVersion(f"protocol version {version!r} not supported; this server speaks {VERSION}")
-        exc.request_id = request_id
-        raise exc
+        refused: BusError = UnsupportedVersion(f"protocol version {version!r} not supported; this server speaks "
+                                               f"{VERSION}")
+        refused.request_id = request_id
+        raise refused
     if not isinstance(op, str):
-        exc = InvalidRequest("op must be a string")
-        exc.request_id = request_id
-        raise exc
-    return op, request_id, args, frames[1:]
+        refused = InvalidRequest("op must be a string")
+        refused.request_id = request_id
+        raise refused
+    return op, request_id, args, list(frames[1:])
 
 
-def decode_reply(frames: list) -> tuple[object, list | None, object, list]:
+def decode_reply(frames: Sequence[Frame]) -> tuple[Any, list[Any] | None, Any, list[Frame]]:
     """Split a reply into (request_id, error, result, bulk). error is None or [code, message]."""
     version, request_id, error, result = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
     if version != VERSION:
         raise UnsupportedVersion(f"server answered with protocol version {version!r}")
-    return request_id, error, result, frames[1:]
+    return request_id, error, result, list(frames[1:])
