@@ -26,6 +26,7 @@ import itertools
 import os
 import time
 from array import array
+from functools import partial
 from typing import Any
 
 from .harness import Gate
@@ -421,64 +422,27 @@ async def _aio_latency_produce_run(port: int, cfg: BenchConfig, index: int, coun
         await producer.stop()
 
 
-# Client functions are module-level (the harness spawns them by name).
-
-def confluent_produce(port, cfg, index, count, gate):
-    return _produce("confluent-kafka", port, cfg, index, count, gate)
-
-
-def confluent_consume(port, cfg, parts, expected, gate):
-    return _consume("confluent-kafka", port, cfg, parts, expected, gate)
+def _system(name: str, produce, consume, latency_produce):
+    """The bench System of client ``name``: its client functions are partials of module-level functions, which
+    the harness's spawned processes unpickle by name."""
+    return peer_system(name, partial(_check, name), KafkaBus, produce, consume, partial(consume, latency=True),
+                       latency_produce)
 
 
-def confluent_latency_consume(port, cfg, parts, expected, gate):
-    return _consume("confluent-kafka", port, cfg, parts, expected, gate, latency=True)
-
-
-def confluent_latency_produce(port, cfg, index, count, rate_per_s, gate):
-    return _latency_produce("confluent-kafka", port, cfg, index, count, rate_per_s, gate)
-
-
-def kafka_python_produce(port, cfg, index, count, gate):
-    return _produce("kafka-python", port, cfg, index, count, gate)
-
-
-def kafka_python_consume(port, cfg, parts, expected, gate):
-    return _consume("kafka-python", port, cfg, parts, expected, gate)
-
-
-def kafka_python_latency_consume(port, cfg, parts, expected, gate):
-    return _consume("kafka-python", port, cfg, parts, expected, gate, latency=True)
-
-
-def kafka_python_latency_produce(port, cfg, index, count, rate_per_s, gate):
-    return _latency_produce("kafka-python", port, cfg, index, count, rate_per_s, gate)
-
-
-def aiokafka_produce(port, cfg, index, count, gate):
+def _aio_produce(port, cfg, index, count, gate):
     return asyncio.run(_aio_produce_run(port, cfg, index, count, gate))
 
 
-def aiokafka_consume(port, cfg, parts, expected, gate):
-    return asyncio.run(_aio_consume_run(port, cfg, parts, expected, gate, latency=False))
+def _aio_consume(port, cfg, parts, expected, gate, latency: bool = False):
+    return asyncio.run(_aio_consume_run(port, cfg, parts, expected, gate, latency))
 
 
-def aiokafka_latency_consume(port, cfg, parts, expected, gate):
-    return asyncio.run(_aio_consume_run(port, cfg, parts, expected, gate, latency=True))
-
-
-def aiokafka_latency_produce(port, cfg, index, count, rate_per_s, gate):
+def _aio_latency_produce(port, cfg, index, count, rate_per_s, gate):
     return asyncio.run(_aio_latency_produce_run(port, cfg, index, count, rate_per_s, gate))
 
 
-def _system(name: str, produce, consume, latency_consume, latency_produce):
-    return peer_system(name, lambda: _check(name), KafkaBus, produce, consume, latency_consume, latency_produce)
-
-
 KAFKA_CLIENT_SYSTEMS = {s.name: s for s in (
-    _system("confluent-kafka", confluent_produce, confluent_consume, confluent_latency_consume,
-            confluent_latency_produce),
-    _system("kafka-python", kafka_python_produce, kafka_python_consume, kafka_python_latency_consume,
-            kafka_python_latency_produce),
-    _system("aiokafka", aiokafka_produce, aiokafka_consume, aiokafka_latency_consume, aiokafka_latency_produce),
+    *(_system(name, partial(_produce, name), partial(_consume, name), partial(_latency_produce, name))
+      for name in SYNC_CLIENTS),
+    _system("aiokafka", _aio_produce, _aio_consume, _aio_latency_produce),
 )}
