@@ -199,9 +199,7 @@ class _KafkaPythonConsumer:
         got = self._consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS_MAX)
         return {tp.partition: rows for tp, rows in got.items()}
 
-    @staticmethod
-    def value(record) -> bytes:
-        return record.value
+    value = staticmethod(lambda record: record.value)  # a ConsumerRecord's, as aiokafka's
 
     def close(self) -> None:
         self._consumer.close()
@@ -237,6 +235,46 @@ class _Chunks:
             raise BenchError(f"{self.name}: {self.acked} of {count} records acknowledged ({self.error})")
 
 
+class _Tally:
+    """What a consumer has received: per partition, and into its ClientReport; the checks at the end."""
+
+    def __init__(self, name: str, cfg: BenchConfig, parts: list[int], expected: list[int], latency: bool):
+        self.name, self.cfg, self.latency = name, cfg, latency
+        self.want, self.got = dict(zip(parts, expected)), dict.fromkeys(parts, 0)
+        self.total = sum(expected)
+        self.report = ClientReport(0, 0, 0)
+        self.give_up_ns = 0
+
+    def start(self, start_ns: int) -> None:
+        self.report.start_ns = start_ns
+        self.give_up_ns = start_ns + int(self.cfg.timeout_s * 1e9)
+
+    @property
+    def done(self) -> bool:
+        return self.report.records >= self.total
+
+    def add(self, groups: dict, value) -> None:
+        """``groups``: {partition: [message, ...]} as one take gave them; ``value(message)`` its bytes."""
+        now_wall, now = time.time_ns(), time.monotonic_ns()
+        n = 0
+        for partition, rows in groups.items():
+            self.got[partition] += len(rows)
+            n += len(rows)
+            if self.latency:
+                self.report.latencies_ns.extend(now_wall - send_time_ns(value(m)) for m in rows)
+        if n:
+            self.report.records += n
+            self.report.add_event(now, n)
+            self.report.end_ns = now
+        elif now > self.give_up_ns:
+            raise BenchError(f"{self.name}: {self.report.records} of {self.total} records after {self.cfg.timeout_s} s")
+
+    def check(self) -> ClientReport:
+        if self.got != self.want:
+            raise BenchError(f"{self.name}: records per partition {self.got}, expected {self.want}")
+        return self.report
+
+
 def _chunk_sizes(count: int) -> list[int]:
     return [min(CHUNK_RECORDS, count - at) for at in range(0, count, CHUNK_RECORDS)]
 
@@ -266,29 +304,12 @@ def _produce(name: str, port: int, cfg: BenchConfig, index: int, count: int, gat
 def _consume(name: str, port: int, cfg: BenchConfig, parts: list[int], expected: list[int], gate: Gate,
              latency: bool = False) -> ClientReport:
     consumer = SYNC_CLIENTS[name][1](port, parts)
-    total, got = sum(expected), dict.fromkeys(parts, 0)
-    report = ClientReport(0, 0, 0)
+    tally = _Tally(name, cfg, parts, expected, latency)
     try:
-        report.start_ns = gate.wait()
-        give_up = report.start_ns + int(cfg.timeout_s * 1e9)
-        while report.records < total:
-            groups = consumer.take()
-            now_wall, now = time.time_ns(), time.monotonic_ns()
-            n = 0
-            for partition, rows in groups.items():
-                got[partition] += len(rows)
-                n += len(rows)
-                if latency:
-                    report.latencies_ns.extend(now_wall - send_time_ns(consumer.value(m)) for m in rows)
-            if n:
-                report.records += n
-                report.add_event(now, n)
-                report.end_ns = now
-            elif now > give_up:
-                raise BenchError(f"{name}: {report.records} of {total} records after {cfg.timeout_s} s")
-        if list(got.values()) != list(expected):
-            raise BenchError(f"{name}: records per partition {got}, expected {dict(zip(parts, expected))}")
-        return report
+        tally.start(gate.wait())
+        while not tally.done:
+            tally.add(consumer.take(), consumer.value)
+        return tally.check()
     finally:
         consumer.close()
 
@@ -364,33 +385,17 @@ async def _aio_consume_run(port: int, cfg: BenchConfig, parts: list[int], expect
     consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=_bootstrap(port), enable_auto_commit=False,
                                          max_poll_records=POLL_RECORDS_MAX)
     await consumer.start()
-    total, got = sum(expected), dict.fromkeys(parts, 0)
-    report = ClientReport(0, 0, 0)
+    tally = _Tally("aiokafka", cfg, parts, expected, latency)
     try:
         tps = [aiokafka.TopicPartition(TOPIC, p) for p in parts]
         consumer.assign(tps)
         for tp in tps:
             consumer.seek(tp, 0)
-        report.start_ns = await asyncio.get_running_loop().run_in_executor(None, gate.wait)
-        give_up = report.start_ns + int(cfg.timeout_s * 1e9)
-        while report.records < total:
+        tally.start(await asyncio.get_running_loop().run_in_executor(None, gate.wait))
+        while not tally.done:
             batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS_MAX)
-            now_wall, now = time.time_ns(), time.monotonic_ns()
-            n = 0
-            for tp, rows in batches.items():
-                got[tp.partition] += len(rows)
-                n += len(rows)
-                if latency:
-                    report.latencies_ns.extend(now_wall - send_time_ns(r.value) for r in rows)
-            if n:
-                report.records += n
-                report.add_event(now, n)
-                report.end_ns = now
-            elif now > give_up:
-                raise BenchError(f"aiokafka: {report.records} of {total} records after {cfg.timeout_s} s")
-        if list(got.values()) != list(expected):
-            raise BenchError(f"aiokafka: records per partition {got}, expected {dict(zip(parts, expected))}")
-        return report
+            tally.add({tp.partition: rows for tp, rows in batches.items()}, _KafkaPythonConsumer.value)
+        return tally.check()
     finally:
         await consumer.stop()
 
