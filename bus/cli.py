@@ -166,14 +166,14 @@ def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restar
 @click.option("--kafka-listen", default=None,
               help="HOST:PORT: answer Kafka's protocol there (clients' bootstrap.servers)")
 @click.option("--kafka-advertise", default=None,
-              help="HOST:PORT Kafka clients reach it at (unused so far: clients only bootstrap from the "
-                   "coordinator, whose Metadata lists the nodes)")
+              help="HOST:PORT Kafka clients reach it at, as their group coordinator (default: --kafka-listen)")
 @friendly_errors
 def coordinator(data_dir, bind, metrics_port, metrics_addr, kafka_listen, kafka_advertise):
     """Run a coordinator (for a cluster over several hosts)."""
     from nodes.coordinator import run_coordinator
 
-    run_coordinator(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr, kafka_listen=kafka_listen)
+    run_coordinator(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr, kafka_listen=kafka_listen,
+                    kafka_advertise=kafka_advertise)
 
 
 @main.command()

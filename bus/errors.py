@@ -244,6 +244,12 @@ class InconsistentAssignor(BusError):
     code = "INCONSISTENT_ASSIGNOR"
 
 
+class InconsistentGroupProtocol(BusError):
+    """The group name is in use by members of the other protocol (the bus's, or Kafka's classic one)."""
+
+    code = "INCONSISTENT_GROUP_PROTOCOL"
+
+
 class NodeIdentityMismatch(BusError):
     """A node was started on a data directory that belongs to another node, or that another process holds."""
 

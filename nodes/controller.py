@@ -57,7 +57,9 @@ PUT = "put"
 DELETE = "delete"
 
 NODE_SESSION_TIMEOUT_MS = 3_000
-NODE_ID_MAX = (1 << 31) - 1
+NODE_ID_MAX = (1 << 31) - 2
+# The coordinator's broker id in Kafka's protocol (FindCoordinator, Metadata): distinct from every node's.
+COORDINATOR_BROKER_ID = (1 << 31) - 1
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 PARTITIONS_MAX = 10_000  # of one topic
 REPLICATION_FACTOR_DEFAULT_MAX = 3  # the default replication factor is min(this, live nodes)

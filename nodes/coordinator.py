@@ -1,5 +1,6 @@
 """The coordinator: the shell around the cluster's controller (nodes/controller.py) and the consumer
-groups (nodes/group_service.py over nodes/groups.py).
+groups (nodes/group_service.py over nodes/groups.py; Kafka's classic groups, nodes/kafka/group_apis.py
+over nodes/kafka/classic_group.py, beside them).
 
 One process, one ROUTER socket, one thread. It decides nothing itself: each request goes to the pure
 core that owns it, whose records are written to the LMDB ``MetaStore`` BEFORE the reply leaves (persist
@@ -24,7 +25,7 @@ from bus.errors import BusError, InvalidRequest
 from store import MetaStore
 
 from . import kafka
-from .controller import KEY_PREFIXES, NO_LEADER, NODE_SESSION_TIMEOUT_MS, Controller, Outcome
+from .controller import COORDINATOR_BROKER_ID, KEY_PREFIXES, NO_LEADER, NODE_SESSION_TIMEOUT_MS, Controller, Outcome
 from .group_service import GroupService
 from .metrics import CoordinatorMetrics, serve
 from .server import MALFORMED, Request, RouterServer, as_invalid, install_stop_handlers
@@ -36,7 +37,8 @@ class Coordinator:
     group_service_class = GroupService  # a subclass may run another (the fault harness's builds do)
 
     def __init__(self, data_dir: str, bind: str, *, node_session_timeout_ms: int = NODE_SESSION_TIMEOUT_MS,
-                 metrics_port: int | None = None, metrics_addr: str = "127.0.0.1", kafka_listen: str | None = None):
+                 metrics_port: int | None = None, metrics_addr: str = "127.0.0.1", kafka_listen: str | None = None,
+                 kafka_advertise: str | None = None):
         self.metrics = CoordinatorMetrics(self)
         self.store = MetaStore(data_dir)
         self.context = zmq.Context()
@@ -74,11 +76,19 @@ class Coordinator:
         }
         for op, handler in self.groups.handlers().items():
             self.handlers[op] = lambda r, handler=handler: handler(r.args, r.received_ms)
-        # Kafka's protocol (docs/kafka.md): bootstrap, ApiVersions and Metadata listing every live node.
-        self.kafka = None if not kafka_listen else kafka.listen(
-            kafka_listen, cluster_id=lambda: self.controller.cluster_id, brokers=self._kafka_brokers,
-            topics=lambda: self.controller.topics, handlers=None, coordinator=self._ask_self,
-            frame_bytes_max=16 << 20)
+        # Kafka's protocol (docs/kafka.md): bootstrap, ApiVersions and Metadata listing every live node and
+        # this coordinator (the group coordinator of every Kafka group, as broker COORDINATOR_BROKER_ID).
+        self.kafka_groups = None
+        self.kafka = self.kafka_advertise = None
+        if kafka_listen:
+            self.groups.classic = kafka.ClassicGroups(uuid.uuid4().hex[:12])
+            self.kafka_groups = kafka.GroupApis(lambda: self.kafka_advertise, classic=self.groups.classic,
+                                                offsets=self.groups, topics=lambda: self.controller.topics)
+            self.kafka = kafka.listen(
+                kafka_listen, cluster_id=lambda: self.controller.cluster_id, brokers=self._kafka_brokers,
+                topics=lambda: self.controller.topics, handlers=None, coordinator=self._ask_self,
+                apis=self.kafka_groups.apis(), frame_bytes_max=16 << 20)
+            self.kafka_advertise = kafka_advertise or self.kafka.address
         serve(self.metrics.registry, metrics_port, metrics_addr)
 
     def _ask_self(self, op: str, args: dict, answer) -> None:
@@ -97,8 +107,8 @@ class Coordinator:
         answer(result, None)
 
     def _kafka_brokers(self) -> dict:
-        """The live nodes' Kafka listeners: node id -> HOST:PORT."""
-        out = {}
+        """The live nodes' Kafka listeners and this coordinator's: broker id -> HOST:PORT."""
+        out = {} if self.kafka_advertise is None else {COORDINATOR_BROKER_ID: self.kafka_advertise}
         for node_id, address in self.kafka_addresses.items():
             node = self.controller.nodes.get(node_id)
             if node is not None and self.controller.alive(node):
@@ -119,7 +129,10 @@ class Coordinator:
                 if self.kafka is not None:
                     self.kafka.register(poller)  # its connections come and go: registered each turn
                 timeout_ms = LOOP_WAIT_MS_MAX
-                for deadline_ms in (self.groups.next_deadline_ms(), self.controller.next_deadline_ms()):
+                deadlines_ms = [self.groups.next_deadline_ms(), self.controller.next_deadline_ms()]
+                if self.kafka_groups is not None:
+                    deadlines_ms.append(self.kafka_groups.next_deadline_ms())
+                for deadline_ms in deadlines_ms:
                     if deadline_ms is not None:
                         timeout_ms = max(0, min(timeout_ms, deadline_ms - monotonic_ms()))
                 ready = dict(poller.poll(timeout_ms))
@@ -129,6 +142,8 @@ class Coordinator:
                     self.kafka.serve(ready)
                 self._persisted(self.controller.tick(monotonic_ms()))
                 self.groups.tick(monotonic_ms())
+                if self.kafka_groups is not None:
+                    self.kafka_groups.tick(monotonic_ms())
                 self.groups.refresh_snapshot(monotonic_ms())
         finally:
             self.close()
@@ -212,12 +227,12 @@ class Coordinator:
 
 def run_coordinator(data_dir: str, bind: str, coordinator_class: type = Coordinator, *,
                     metrics_port: int | None = None, metrics_addr: str = "127.0.0.1",
-                    kafka_listen: str | None = None) -> None:
+                    kafka_listen: str | None = None, kafka_advertise: str | None = None) -> None:
     logging.basicConfig(level=os.environ.get("BUS_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         coordinator = coordinator_class(data_dir, bind, metrics_port=metrics_port, metrics_addr=metrics_addr,
-                                        kafka_listen=kafka_listen)
+                                        kafka_listen=kafka_listen, kafka_advertise=kafka_advertise)
     except (BusError, zmq.ZMQError, OSError) as exc:
         log.error("coordinator cannot start: %s", exc)  # one clear line, e.g. its data directory is in use
         raise SystemExit(1) from None
@@ -235,11 +250,12 @@ def main(argv=None, coordinator_class: type = Coordinator) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1")
     parser.add_argument("--kafka-listen", default=None, help="HOST:PORT: answer Kafka's protocol there (bootstrap)")
-    parser.add_argument("--kafka-advertise", default=None, help="accepted for symmetry with nodes: the "
-                        "coordinator lists only nodes as brokers, so clients use it to bootstrap alone")
+    parser.add_argument("--kafka-advertise", default=None, help="HOST:PORT Kafka clients reach it at, as the "
+                        "group coordinator (default: --kafka-listen)")
     args = parser.parse_args(argv)
     run_coordinator(args.data_dir, args.bind, coordinator_class, metrics_port=args.metrics_port,
-                    metrics_addr=args.metrics_addr, kafka_listen=args.kafka_listen)
+                    metrics_addr=args.metrics_addr, kafka_listen=args.kafka_listen,
+                    kafka_advertise=args.kafka_advertise)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ import logging
 
 from bus import wire
 from bus.clock import monotonic_ms
-from bus.errors import error_for
+from bus.errors import InconsistentGroupProtocol, error_for
 
 from . import groups as core
 from .groups import GroupError, Groups
+from .kafka.classic_group import assigned_partitions, subscribed_topics
 
 log = logging.getLogger("bus.groups")
 
@@ -57,6 +58,9 @@ class GroupService:
         self.store = store
         self.topics = topics
         self.metrics = metrics
+        # The coordinator's Kafka classic groups (nodes/kafka/classic_group.py), or None: a group name is
+        # one kind at a time, and ``bus group describe`` shows a Kafka group's members with its offsets.
+        self.classic = None
         self.epochs: dict[str, int] = {}  # group id -> its epoch as last persisted: a change is a rebalance
         # (group id, {tp: committed offset}, live members) per group, refreshed by the loop at most every
         # SNAPSHOT_INTERVAL_MS and read by the metrics thread: never the state machine's own dicts.
@@ -135,7 +139,20 @@ class GroupService:
 
     # -- handlers: (args, now_ms) -> result ----------------------------------------------------------
 
+    # -- Kafka's group APIs (nodes/kafka/group_apis.py) --------------------------------------------
+
+    def bus_members(self, group_id: str, now_ms: int) -> bool:
+        """Whether the group has live members of the bus's own protocol."""
+        return self.groups.has_live_members(group_id, now_ms)
+
+    def kafka_commit(self, group_id: str, offsets: dict, now_ms: int) -> None:
+        """Store a Kafka group's commit ``{(topic, partition): (offset, metadata)}`` (the classic protocol
+        gated it) beside the bus's groups' offsets: persisted when this returns."""
+        self._run(lambda: self.groups.set_offsets(group_id, offsets, now_ms=now_ms))
+
     def _join(self, args, now_ms):
+        if self.classic is not None and self.classic.has_members(args["group_id"]):
+            raise InconsistentGroupProtocol(f"group {args['group_id']!r} has members of Kafka's classic protocol")
         reply = self._run(lambda: self.groups.join(
             args["group_id"], args.get("client_id", ""), group_instance_id=args.get("group_instance_id"),
             topics=args.get("topics"), pattern=args.get("pattern"), session_timeout_ms=args["session_timeout_ms"],
@@ -174,13 +191,38 @@ class GroupService:
 
     def _describe(self, args, now_ms):
         group_id = args["group_id"]
+        kafka = self._describe_classic(group_id)
         try:
             out = self.groups.describe(group_id)
         except GroupError as exc:
-            raise error_for(exc.code, exc.message) from None
+            if kafka is None:
+                raise error_for(exc.code, exc.message) from None
+            out = {"group_id": group_id, "offsets": []}  # a Kafka group that has committed nothing yet
+        if kafka is not None:
+            out.update(kafka)
         evictions = [e.to_wire() for e in self.groups.recent_evictions if e.group_id == group_id]
         out["evictions"] = evictions[-EVICTIONS_DESCRIBED_MAX:]
         return out
+
+    def _describe_classic(self, group_id: str) -> dict | None:
+        """A Kafka classic group's state and members in ``group_describe``'s shape (its generation as the
+        epoch, its chosen client-side assignor), or None if it has none."""
+        described = self.classic.describe(group_id) if self.classic is not None else None
+        if described is None or not described["members"]:
+            return None
+        members = []
+        for m in described["members"]:
+            try:
+                topics = sorted(subscribed_topics(m["member_metadata"])) if m["member_metadata"] else None
+            except ValueError:
+                topics = None
+            assignment = [list(tp) for tp in assigned_partitions(m["member_assignment"])]
+            members.append({"member_id": m["member_id"], "client_id": m["client_id"],
+                            "group_instance_id": m["group_instance_id"], "member_epoch": described["generation"],
+                            "topics": topics, "pattern": None, "session_timeout_ms": m["session_timeout_ms"],
+                            "assignment": assignment, "target": assignment, "revoking": [], "pending": []})
+        return {"state": described["group_state"].lower(), "group_epoch": described["generation"],
+                "assignor": f"kafka:{described['protocol_data'] or '-'}", "members": members}
 
     def _reset_offsets(self, args, now_ms):
         offsets = {(topic, partition): offset for topic, partition, offset in args["offsets"]}

@@ -487,9 +487,18 @@ class Groups:
 
         Creates the group (empty) if it does not exist, so offsets can be staged before the first join.
         """
+        return self.set_offsets(group_id, self._check_offsets(offsets, with_metadata=False), now_ms=now_ms)
+
+    def set_offsets(self, group_id: str, offsets: Mapping, *, now_ms: int) -> Outcome:
+        """Set ``{(topic, partition): (offset, metadata | None)}`` as given, in any direction; only for a
+        group without live members here. Besides ``reset_offsets``, this is how the offsets of a group whose
+        membership is not this machine's are stored (a Kafka classic group's commits, gated by
+        nodes/kafka/classic_group.py, and Kafka clients' simple commits: Kafka lets those move an offset
+        back). Creates the group (empty) if it does not exist.
+        """
         now_ms = self._clock(now_ms)
         _check_name("group_id", group_id)
-        offsets = self._check_offsets(offsets, with_metadata=False)
+        offsets = self._check_offsets(offsets, with_metadata=True)
         self._check_empty(self._groups.get(group_id), now_ms)
 
         def apply() -> None:
@@ -497,9 +506,9 @@ class Groups:
             if group is None:
                 group = self._groups[group_id] = _Group(group_id)
                 self._dirty_groups.add(group_id)
-            for tp, (offset, _) in sorted(offsets.items()):
-                if group.offsets.get(tp) != (offset, None):
-                    group.offsets[tp] = (offset, None)
+            for tp, value in sorted(offsets.items()):
+                if group.offsets.get(tp) != value:
+                    group.offsets[tp] = value
                     self._dirty_offsets.add((group_id, tp))
 
         return self._accept(now_ms, apply)
@@ -576,6 +585,9 @@ class Groups:
     def list_groups(self) -> list[dict]:
         return [{"group_id": gid, "state": g.state(), "group_epoch": g.group_epoch, "members": len(g.members)}
                 for gid, g in sorted(self._groups.items())]
+
+    def has_live_members(self, group_id: str, now_ms: int) -> bool:
+        return bool(self._live_members(self._groups.get(group_id), max(now_ms, self._now_ms)))
 
     def committed(self, group_id: str) -> dict:
         """(topic, partition) -> (offset, metadata) committed by the group ({} for an unknown group)."""

@@ -37,6 +37,7 @@ from bus.errors import (BusError, CorruptRecord, InvalidRequest, NotCommitted, N
 from store import LogStore
 
 from . import kafka
+from .controller import COORDINATOR_BROKER_ID
 from .follower import REPLICA_FETCH_PART_BYTES_MAX, FollowerLinks
 from .metrics import NodeMetrics, serve
 from .purgatory import Purgatory
@@ -127,7 +128,9 @@ class Node:
         self.kafka_nodes: dict[int, str] = {}  # node id -> its Kafka listener's address, as the coordinator says
         self.kafka = None if not kafka_listen else kafka.listen(
             kafka_listen, cluster_id=lambda: self.cluster_id, brokers=self._kafka_brokers, topics=lambda: self.topics,
-            handlers=self.handlers, coordinator=self._ask_coordinator, frame_bytes_max=MESSAGE_BYTES_MAX)
+            handlers=self.handlers, coordinator=self._ask_coordinator,
+            apis=kafka.GroupApis(lambda: self.kafka_nodes.get(COORDINATOR_BROKER_ID)).apis(),
+            frame_bytes_max=MESSAGE_BYTES_MAX)
         self.kafka_advertise = None if self.kafka is None else kafka_advertise or self.kafka.address
         self.produces: list = []  # this turn's produce requests, committed together at its end
         # The placement as last heard from the coordinator, cached on disk so a restarted node serves its

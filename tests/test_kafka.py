@@ -19,6 +19,8 @@ import pytest
 
 from bus import Admin, Consumer, Producer
 from nodes.cluster import LocalCluster
+from nodes.controller import COORDINATOR_BROKER_ID
+from nodes.kafka import codec
 from tests.conftest import wait_for
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
@@ -44,7 +46,7 @@ def kafka_cluster(tmp_path_factory):
         with Admin(cluster.bootstrap) as admin:
             for name, partitions in TOPICS.items():
                 admin.create_topic(name, partitions)
-        # Every node's Kafka Metadata knows the topics and both brokers (placement and addresses come with
+        # Every node's Kafka Metadata knows the topics and every broker (placement and addresses come with
         # heartbeats).
         for node_id in cluster.node_ports:
             wait_for(lambda: metadata_of(cluster.kafka_address(node_id)), 10, message=f"node {node_id} metadata")
@@ -55,7 +57,8 @@ def kafka_cluster(tmp_path_factory):
 
 def metadata_of(address: str):
     answer = request(address, MetadataRequest[12](topics=None))
-    ready = len(answer.brokers) == 2 and {t.name for t in answer.topics} >= set(TOPICS)
+    # Both nodes and the coordinator (the group coordinator, a broker that leads nothing).
+    ready = len(answer.brokers) == 3 and {t.name for t in answer.topics} >= set(TOPICS)
     return answer if ready else None
 
 
@@ -140,9 +143,10 @@ def test_kcat_lists_every_topic_with_its_partitions_leaders_replicas_and_isr(kaf
     with Admin(kafka_cluster.bootstrap) as admin:
         topics = admin.list_topics()
     out = listed.stdout
-    assert " 2 brokers:" in out
+    assert " 3 brokers:" in out
     for node_id in kafka_cluster.node_ports:
         assert f"broker {node_id} at {kafka_cluster.kafka_address(node_id)}" in out
+    assert f"broker {COORDINATOR_BROKER_ID} at {kafka_cluster.kafka_bootstrap}" in out
     for name, partitions in TOPICS.items():
         assert f'topic "{name}" with {partitions} partitions:' in out
         for index, state in enumerate(topics[name]["partitions"]):
@@ -412,7 +416,7 @@ def test_an_unknown_api_key_or_version_is_unsupported_version_and_the_connection
             data = recv_frame(sock)
             answer = ApiVersionsResponse[0].decode(data[4:])
             assert struct.unpack_from(">i", data)[0] == correlation_id
-            assert answer.error_code == 35 and {k.api_key for k in answer.api_keys} == {0, 1, 2, 3, 18, 19, 20, 22}
+            assert answer.error_code == 35 and {k.api_key for k in answer.api_keys} == set(codec.SUPPORTED)
         assert request(address, ApiVersionsRequest[3](), correlation_id=20, sock=sock).error_code == 0
     finally:
         sock.close()

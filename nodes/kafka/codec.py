@@ -20,13 +20,20 @@ import struct
 import typing
 from functools import cache
 
-from kafka.protocol.admin import CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse
-from kafka.protocol.consumer import FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse
-from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse
+from kafka.protocol.admin import (CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+                                  DescribeGroupsRequest, DescribeGroupsResponse, ListGroupsRequest, ListGroupsResponse)
+from kafka.protocol.consumer import (FetchRequest, FetchResponse, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
+                                     JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListOffsetsRequest,
+                                     ListOffsetsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
+                                     OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse)
+from kafka.protocol.metadata import (ApiVersionsRequest, ApiVersionsResponse, FindCoordinatorRequest,
+                                     FindCoordinatorResponse, MetadataRequest, MetadataResponse)
 from kafka.protocol.producer import InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = (
     0, 1, 2, 3, 18, 19, 20, 22)
+OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP, DESCRIBE_GROUPS, \
+    LIST_GROUPS = 8, 9, 10, 11, 12, 13, 14, 15, 16
 # api key -> (request class, response class, lowest version, highest version): what ApiVersions
 # advertises, and all that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record
 # batches of magic 2; the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others
@@ -40,6 +47,17 @@ SUPPORTED = {
     CREATE_TOPICS: (CreateTopicsRequest, CreateTopicsResponse, 2, 7),  # answered by the coordinator
     DELETE_TOPICS: (DeleteTopicsRequest, DeleteTopicsResponse, 1, 5),  # by name (6 names topics by id)
     INIT_PRODUCER_ID: (InitProducerIdRequest, InitProducerIdResponse, 0, 4),  # idempotence; no transactions
+    # The group APIs (nodes/kafka/group_apis.py), on the coordinator; a node points at it. OffsetCommit 9+
+    # and OffsetFetch 8+ are KIP-848's member epochs and batches of groups; FindCoordinator 5+ transactions'.
+    OFFSET_COMMIT: (OffsetCommitRequest, OffsetCommitResponse, 2, 8),
+    OFFSET_FETCH: (OffsetFetchRequest, OffsetFetchResponse, 1, 7),
+    FIND_COORDINATOR: (FindCoordinatorRequest, FindCoordinatorResponse, 0, 4),
+    JOIN_GROUP: (JoinGroupRequest, JoinGroupResponse, 0, 9),
+    HEARTBEAT: (HeartbeatRequest, HeartbeatResponse, 0, 4),
+    LEAVE_GROUP: (LeaveGroupRequest, LeaveGroupResponse, 0, 5),
+    SYNC_GROUP: (SyncGroupRequest, SyncGroupResponse, 0, 5),
+    DESCRIBE_GROUPS: (DescribeGroupsRequest, DescribeGroupsResponse, 0, 5),
+    LIST_GROUPS: (ListGroupsRequest, ListGroupsResponse, 0, 4),
 }
 
 # Kafka's error codes used here (org.apache.kafka.common.protocol.Errors).
@@ -68,6 +86,19 @@ OFFSET_NOT_AVAILABLE = 78
 INVALID_RECORD = 87
 TRANSACTIONAL_ID_NOT_FOUND = 105
 UNKNOWN_SERVER_ERROR = -1
+# The group APIs' (nodes/kafka/classic_group.py, group_apis.py).
+OFFSET_METADATA_TOO_LARGE = 12
+NOT_COORDINATOR = 16
+ILLEGAL_GENERATION = 22
+INCONSISTENT_GROUP_PROTOCOL = 23
+INVALID_GROUP_ID = 24
+UNKNOWN_MEMBER_ID = 25
+INVALID_SESSION_TIMEOUT = 26
+REBALANCE_IN_PROGRESS = 27
+INVALID_COMMIT_OFFSET_SIZE = 28
+GROUP_ID_NOT_FOUND = 69
+GROUP_MAX_SIZE_REACHED = 81
+MEMBER_ID_REQUIRED = 79
 
 # The bus's error codes (bus/errors.py) as Kafka's: what a Kafka client must do with each is what a bus
 # client does (refresh metadata and retry, give up, or resolve an indeterminate outcome).
@@ -132,7 +163,7 @@ def message_class(api_key: int, version: int, kind: str):
 # tests/test_kafka_parts.py): struct.error on a short buffer, IndexError past the end, ValueError and
 # UnicodeDecodeError on bad lengths and strings; the others on values no field takes. It allocates nothing
 # by a length it read before reading that many items, so a hostile array length fails on the buffer's end.
-_DECODE_ERRORS = (struct.error, IndexError, ValueError, UnicodeDecodeError, KeyError, TypeError, OverflowError,
+DECODE_ERRORS = (struct.error, IndexError, ValueError, UnicodeDecodeError, KeyError, TypeError, OverflowError,
                   MemoryError)
 
 
@@ -185,7 +216,7 @@ def decode_request(frame) -> tuple[RequestHeader, object]:
             raise Malformed("tagged fields run past the frame")
     try:
         body = cls.decode(view[at:])
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise Malformed(f"{cls.__name__} does not decode: {exc.__class__.__name__}: {exc}") from None
     return header, body
 

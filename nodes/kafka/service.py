@@ -66,14 +66,15 @@ def topic_uuid(cluster_id: str | None, topic_id: int) -> uuid.UUID:
 
 
 class KafkaService:
-    def __init__(self, cluster_id, brokers, topics, handlers: dict | None, coordinator):
+    def __init__(self, cluster_id, brokers, topics, handlers: dict | None, coordinator, apis: dict | None = None):
+        """``apis``: more api key -> handler(header, body, respond) (the group APIs, group_apis.py)."""
         self.cluster_id, self.brokers, self.topics = cluster_id, brokers, topics
         self.handlers = handlers
         self.coordinator = coordinator
         self.apis = {codec.API_VERSIONS: self._api_versions, codec.METADATA: self._metadata,
                      codec.PRODUCE: self._produce, codec.FETCH: self._fetch, codec.LIST_OFFSETS: self._list_offsets,
                      codec.INIT_PRODUCER_ID: self._init_producer_id, codec.CREATE_TOPICS: self._create_topics,
-                     codec.DELETE_TOPICS: self._delete_topics}
+                     codec.DELETE_TOPICS: self._delete_topics, **(apis or {})}
 
     def handle(self, header: codec.RequestHeader, body, respond) -> None:
         self.apis[header.api_key](header, body, respond)

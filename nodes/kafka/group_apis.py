@@ -1,0 +1,249 @@
+"""Kafka's group APIs on the bus's servers, the thin shell over two pure cores: the classic protocol's
+membership (``classic_group.py``) and the bus's committed offsets (nodes/groups.py, through the
+coordinator's ``GroupService``, which persists before it returns).
+
+Where each is answered: groups live on the coordinator, so every node answers FindCoordinator by
+**pointing at it** (its Kafka address, under ``COORDINATOR_BROKER_ID``, which the coordinator sends every
+node with the brokers in heartbeat replies): clients then talk to the coordinator directly, so a JoinGroup
+held for a rebalance waits in one process only and a node holds nothing of a group's (forwarding would add
+a hop to every heartbeat and commit and hold requests on nodes). A node answers the other group APIs
+NOT_COORDINATOR, which sends a client back to FindCoordinator.
+
+The coordinator's side holds the requests the protocol holds (a JoinGroup until the rebalance
+completes, a SyncGroup until the leader's assignment is in): each gets a token, the core's ``Reply``
+names the token, and ``tick`` (the coordinator's loop, at ``next_deadline_ms``) runs its timers.
+
+One group name, one kind: a JoinGroup for a group that has live bus members, and a bus join for a group
+with Kafka classic members, are refused (INCONSISTENT_GROUP_PROTOCOL). OffsetCommit is gated as Kafka's
+classic coordinator gates it (``ClassicGroups.commit_error``); a simple commit (generation -1, no member
+id, from an ``assign()`` consumer) is accepted for a group with no members of either kind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+from bus.clock import monotonic_ms
+from bus.errors import BusError
+
+from ..controller import COORDINATOR_BROKER_ID
+from ..groups import OFFSET_MAX, OFFSET_METADATA_CHARS_MAX
+from . import codec
+from .classic_group import ClassicGroups, Reply
+from .listener import parse_host_port
+
+log = logging.getLogger("bus.kafka")
+
+GROUP_KEY_TYPE = 0  # FindCoordinator's key type of a consumer group (1 is a transactional id)
+# The bus's group states as Kafka's (KIP-848's names for groups of the consumer protocol).
+BUS_STATES = {"empty": "Empty", "stable": "Stable", "reconciling": "Reconciling"}
+NO_OFFSET = -1
+
+
+class GroupApis:
+    def __init__(self, coordinator_address, *, classic: ClassicGroups | None = None, offsets=None, topics=None,
+                 clock_ms=monotonic_ms):
+        """``coordinator_address()``: HOST:PORT of the coordinator's Kafka listener, or None (unknown yet).
+        On the coordinator: ``classic`` (its ClassicGroups), ``offsets`` (its GroupService), ``topics()``
+        (the controller's placement); on a node all None."""
+        self.coordinator_address = coordinator_address
+        self.classic, self.offsets, self.topics, self.clock_ms = classic, offsets, topics, clock_ms
+        self.held: dict[int, object] = {}  # token -> respond of a request the core holds
+        self._tokens = itertools.count(1)
+
+    def apis(self) -> dict:
+        apis = {codec.FIND_COORDINATOR: self._find_coordinator}
+        for key, handler in ((codec.JOIN_GROUP, self._join), (codec.SYNC_GROUP, self._sync),
+                             (codec.HEARTBEAT, self._heartbeat), (codec.LEAVE_GROUP, self._leave),
+                             (codec.OFFSET_COMMIT, self._offset_commit), (codec.OFFSET_FETCH, self._offset_fetch),
+                             (codec.LIST_GROUPS, self._list_groups), (codec.DESCRIBE_GROUPS, self._describe_groups)):
+            apis[key] = handler if self.classic is not None else self._not_coordinator
+        return apis
+
+    # -- the coordinator's loop --------------------------------------------------------------------
+
+    def next_deadline_ms(self) -> int | None:
+        return None if self.classic is None else self.classic.next_deadline_ms()
+
+    def tick(self, now_ms: int) -> None:
+        if self.classic is not None:
+            self._deliver(self.classic.tick(now_ms))
+
+    def _hold(self, respond) -> int:
+        token = next(self._tokens)
+        self.held[token] = respond
+        return token
+
+    def _deliver(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            self.held.pop(reply.token)(reply.values)
+
+    # -- FindCoordinator: every server -------------------------------------------------------------
+
+    def _find_coordinator(self, header, body, respond) -> None:
+        version = header.api_version
+        keys = list(body.coordinator_keys or ()) if version >= 4 else [body.key]
+        key_type = body.key_type if version >= 1 else GROUP_KEY_TYPE
+        address = self.coordinator_address()
+        rows = []
+        for key in keys:
+            row = {"key": key, "node_id": -1, "host": "", "port": -1, "error_code": codec.NONE, "error_message": None}
+            if key_type != GROUP_KEY_TYPE:
+                row.update(error_code=codec.INVALID_REQUEST, error_message="only group coordinators (key type 0): "
+                                                                          "no transactions")
+            elif address is None:
+                row.update(error_code=codec.COORDINATOR_NOT_AVAILABLE, error_message="the coordinator's Kafka "
+                                                                                    "address is not known yet")
+            else:
+                host, port = parse_host_port(address)
+                row.update(node_id=COORDINATOR_BROKER_ID, host=host, port=port)
+            rows.append(row)
+        if version >= 4:
+            respond({"throttle_time_ms": 0, "coordinators": rows})
+        else:
+            respond({"throttle_time_ms": 0, **rows[0]})
+
+    def _not_coordinator(self, header, body, respond) -> None:
+        """A node's answer to the group APIs: the coordinator has them (FindCoordinator says where)."""
+        code = codec.NOT_COORDINATOR
+        if header.api_key in (codec.OFFSET_COMMIT, codec.OFFSET_FETCH):
+            topics = []
+            for t in body.topics or ():
+                indexes = ([p.partition_index for p in t.partitions or ()] if header.api_key == codec.OFFSET_COMMIT
+                           else list(t.partition_indexes or ()))
+                topics.append({"name": t.name, "partitions": [
+                    {"partition_index": i, "error_code": code, "committed_offset": NO_OFFSET} for i in indexes]})
+            respond({"throttle_time_ms": 0, "error_code": code, "topics": topics})
+        elif header.api_key == codec.DESCRIBE_GROUPS:
+            respond({"throttle_time_ms": 0, "groups": [{"error_code": code, "group_id": g, "group_state": "",
+                                                        "protocol_type": "", "protocol_data": "", "members": []}
+                                                       for g in body.groups or ()]})
+        else:
+            respond({"throttle_time_ms": 0, "error_code": code, "member_id": "", "members": [], "groups": []})
+
+    # -- the classic protocol: the coordinator -----------------------------------------------------
+
+    def _join(self, header, body, respond) -> None:
+        now_ms = self.clock_ms()
+        token = self._hold(respond)
+        if self.offsets.bus_members(body.group_id, now_ms):
+            self._deliver([Reply(token, ClassicGroups.join_values(codec.INCONSISTENT_GROUP_PROTOCOL,
+                                                                  member_id=body.member_id))])
+            return
+        self._deliver(self.classic.join(
+            token, body.group_id, body.member_id, group_instance_id=getattr(body, "group_instance_id", None),
+            client_id=header.client_id or "", client_host="", session_timeout_ms=body.session_timeout_ms,
+            rebalance_timeout_ms=getattr(body, "rebalance_timeout_ms", -1), protocol_type=body.protocol_type,
+            protocols=[(p.name, p.metadata) for p in body.protocols],
+            require_known_member_id=header.api_version >= 4, now_ms=now_ms))
+
+    def _sync(self, header, body, respond) -> None:
+        token = self._hold(respond)
+        self._deliver(self.classic.sync(
+            token, body.group_id, body.generation_id, body.member_id,
+            protocol_type=getattr(body, "protocol_type", None), protocol_name=getattr(body, "protocol_name", None),
+            assignments={a.member_id: a.assignment for a in body.assignments or ()}, now_ms=self.clock_ms()))
+
+    def _heartbeat(self, header, body, respond) -> None:
+        code = self.classic.heartbeat(body.group_id, body.generation_id, body.member_id, now_ms=self.clock_ms())
+        respond({"throttle_time_ms": 0, "error_code": code})
+
+    def _leave(self, header, body, respond) -> None:
+        if header.api_version >= 3:
+            leaving = [(m.member_id, m.group_instance_id) for m in body.members or ()]
+        else:
+            leaving = [(body.member_id, None)]
+        codes, replies = self.classic.leave(body.group_id, leaving, now_ms=self.clock_ms())
+        self._deliver(replies)
+        respond({"throttle_time_ms": 0, "error_code": codes[0] if header.api_version < 3 and codes else codec.NONE,
+                 "members": [{"member_id": m, "group_instance_id": i, "error_code": c}
+                             for (m, i), c in zip(leaving, codes)]})
+
+    # -- offsets: the bus's store ------------------------------------------------------------------
+
+    def _offset_commit(self, header, body, respond) -> None:
+        now_ms = self.clock_ms()
+        group_id = body.group_id
+        gate = self.classic.commit_error(group_id, body.generation_id_or_member_epoch, body.member_id, now_ms=now_ms)
+        placement = self.topics()
+        codes: dict[tuple, int] = {}
+        wanted = {}
+        for topic in body.topics or ():
+            partitions = (placement.get(topic.name) or {}).get("partitions", ())
+            for part in topic.partitions or ():
+                tp = (topic.name, part.partition_index)
+                metadata = part.committed_metadata
+                if gate not in (None, codec.NONE):
+                    codes[tp] = gate
+                elif not 0 <= part.partition_index < len(partitions):
+                    codes[tp] = codec.UNKNOWN_TOPIC_OR_PARTITION
+                elif metadata is not None and len(metadata) > OFFSET_METADATA_CHARS_MAX:
+                    codes[tp] = codec.OFFSET_METADATA_TOO_LARGE
+                elif not 0 <= part.committed_offset <= OFFSET_MAX:
+                    codes[tp] = codec.INVALID_COMMIT_OFFSET_SIZE
+                else:
+                    wanted[tp] = (part.committed_offset, metadata)
+        if wanted:
+            try:
+                self.offsets.kafka_commit(group_id, wanted, now_ms)  # on disk when it returns
+                codes.update(dict.fromkeys(wanted, codec.NONE))
+            except BusError as exc:
+                # Live bus members own the group's offsets (a simple commit cannot be theirs).
+                code = codec.UNKNOWN_MEMBER_ID if exc.code == "GROUP_NOT_EMPTY" else codec.kafka_code(exc.code)
+                codes.update(dict.fromkeys(wanted, code))
+        respond({"throttle_time_ms": 0, "topics": [
+            {"name": topic.name, "partitions": [{"partition_index": p.partition_index,
+                                                 "error_code": codes[(topic.name, p.partition_index)]}
+                                                for p in topic.partitions or ()]}
+            for topic in body.topics or ()]})
+
+    def _offset_fetch(self, header, body, respond) -> None:
+        committed = self.offsets.groups.committed(body.group_id)
+        if body.topics is None:  # v2+: every partition the group committed
+            by_topic: dict[str, list] = {}
+            for topic, partition in sorted(committed):
+                by_topic.setdefault(topic, []).append(partition)
+            asked = list(by_topic.items())
+        else:
+            asked = [(t.name, list(t.partition_indexes or ())) for t in body.topics]
+        topics = []
+        for name, partitions in asked:
+            rows = []
+            for partition in partitions:
+                offset, metadata = committed.get((name, partition), (NO_OFFSET, ""))
+                rows.append({"partition_index": partition, "committed_offset": offset, "committed_leader_epoch": -1,
+                             "metadata": metadata, "error_code": codec.NONE})
+            topics.append({"name": name, "partitions": rows})
+        respond({"throttle_time_ms": 0, "topics": topics, "error_code": codec.NONE})
+
+    # -- ListGroups, DescribeGroups ----------------------------------------------------------------
+
+    def _all_groups(self) -> list[dict]:
+        """Kafka classic groups with members, then the bus's (its groups and the Kafka groups' offsets)."""
+        rows = self.classic.list_groups()
+        named = {row["group_id"] for row in rows}
+        for g in self.offsets.groups.list_groups():
+            if g["group_id"] not in named:
+                rows.append({"group_id": g["group_id"], "protocol_type": "consumer",
+                             "group_state": BUS_STATES.get(g["state"], g["state"])})
+        return rows
+
+    def _list_groups(self, header, body, respond) -> None:
+        states = {s.lower() for s in getattr(body, "states_filter", None) or ()}
+        groups = [g for g in self._all_groups() if not states or g["group_state"].lower() in states]
+        respond({"throttle_time_ms": 0, "error_code": codec.NONE, "groups": groups})
+
+    def _describe_groups(self, header, body, respond) -> None:
+        out = []
+        for group_id in body.groups or ():
+            described = self.classic.describe(group_id)
+            if described is None:
+                bus = {g["group_id"]: g for g in self.offsets.groups.list_groups()}.get(group_id)
+                described = {"group_id": group_id, "group_state": "Dead", "protocol_type": "", "protocol_data": "",
+                             "members": []}
+                if bus is not None:
+                    described.update(group_state=BUS_STATES.get(bus["state"], bus["state"]), protocol_type="consumer")
+            out.append({"error_code": codec.NONE, **described})
+        respond({"throttle_time_ms": 0, "groups": out})
+
