@@ -170,7 +170,7 @@ def test_a_leader_leaving_while_others_wait_in_sync_sends_them_back_to_join():
 def test_errors_unknown_member_illegal_generation_inconsistent_protocol_and_bad_session_timeout():
     h = Harness()
     assert h.answers[h.join("made-up")]["error_code"] == codec.UNKNOWN_MEMBER_ID
-    a, b, generation = two_member_stable_group(h)
+    a, _, generation = two_member_stable_group(h)
     assert h.answers[h.sync("stranger", generation)]["error_code"] == codec.UNKNOWN_MEMBER_ID
     assert h.answers[h.sync(a, generation - 1)]["error_code"] == codec.ILLEGAL_GENERATION
     assert h.heartbeat(a, generation + 5) == codec.ILLEGAL_GENERATION

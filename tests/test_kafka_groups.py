@@ -1,0 +1,438 @@
+"""Kafka consumer groups on a real cluster (coordinator and node processes, LocalCluster(kafka_port=0)),
+driven by real Kafka clients: confluent-kafka (librdkafka), kafka-python and aiokafka, each with
+``subscribe()`` and committed offsets (docs/kafka.md). The classic protocol's pure core is tested on a fake
+clock in tests/test_kafka_classic_group.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from bus import Admin, Consumer, Producer, wire
+from bus.cli import main
+from bus.errors import InconsistentGroupProtocol
+from nodes.cluster import LocalCluster
+from nodes.controller import COORDINATOR_BROKER_ID
+from nodes.kafka import codec
+from tests.conftest import wait_for
+
+confluent_kafka = pytest.importorskip("confluent_kafka")
+kafka = pytest.importorskip("kafka")
+aiokafka = pytest.importorskip("aiokafka")
+from kafka.protocol.consumer.metadata import ConsumerProtocolSubscription  # noqa: E402
+
+PARTITIONS = 4
+PER_PARTITION = 25
+CLIENT_S = 20
+SESSION_MS = 6_000  # the clients' session timeout (a close leaves at once, not after this)
+HEARTBEAT_MS = 300
+
+
+@pytest.fixture(scope="module")
+def groups_cluster(tmp_path_factory):
+    cluster = LocalCluster(str(tmp_path_factory.mktemp("kafka-groups") / "cluster"), 2, kafka_port=0)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def produce(cluster: LocalCluster, topic: str, per_partition: int, start: int = 0) -> None:
+    with Producer(cluster.bootstrap) as producer:
+        for o in range(start, start + per_partition):
+            for p in range(PARTITIONS):
+                producer.send(topic, b"p%d-%d" % (p, o), partition=p)
+        producer.flush()
+
+
+def describe(cluster: LocalCluster, group: str) -> str:
+    result = CliRunner(env={"BUS_BOOTSTRAP": cluster.bootstrap}).invoke(main, ["group", "describe", group],
+                                                                        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def partition_rows(output: str) -> dict:
+    """partition -> (member, committed, end, lag) from the table `bus group describe` prints."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["topic", "partition"])
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        _, partition, member, committed, end, lag = line.split()
+        rows[int(partition)] = (member, *[None if v == "-" else int(v) for v in (committed, end, lag)])
+    return rows
+
+
+# -- one face for three clients: poll() -> [(partition, offset)], assignment(), commit(), close() ---------
+
+class Confluent:
+    def __init__(self, bootstrap: str, group: str, topic: str):
+        self.consumer = confluent_kafka.Consumer({
+            "bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+            "enable.auto.commit": False, "session.timeout.ms": SESSION_MS, "heartbeat.interval.ms": HEARTBEAT_MS,
+            "fetch.wait.max.ms": 100})
+        self.consumer.subscribe([topic])
+
+    def poll(self) -> list:
+        out = []
+        for m in self.consumer.consume(num_messages=50, timeout=0.2):
+            assert m.error() is None, m.error()
+            out.append((m.partition(), m.offset()))
+        return out
+
+    def assignment(self) -> set:
+        return {tp.partition for tp in self.consumer.assignment()}
+
+    def commit(self) -> None:
+        self.consumer.commit(asynchronous=False)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class KafkaPython:
+    def __init__(self, bootstrap: str, group: str, topic: str):
+        self.consumer = kafka.KafkaConsumer(
+            topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
+            enable_auto_commit=False, session_timeout_ms=SESSION_MS, heartbeat_interval_ms=HEARTBEAT_MS,
+            fetch_max_wait_ms=100)
+
+    def poll(self) -> list:
+        batches = self.consumer.poll(timeout_ms=200)
+        return [(r.partition, r.offset) for records in batches.values() for r in records]
+
+    def assignment(self) -> set:
+        return {tp.partition for tp in self.consumer.assignment()}
+
+    def commit(self) -> None:
+        self.consumer.commit()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class AioKafka:
+    """aiokafka's consumer on an event loop of its own thread, driven synchronously."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start():
+            consumer = aiokafka.AIOKafkaConsumer(
+                topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
+                enable_auto_commit=False, session_timeout_ms=SESSION_MS, heartbeat_interval_ms=HEARTBEAT_MS,
+                fetch_max_wait_ms=100)
+            await consumer.start()
+            return consumer
+
+        self.consumer = self._run(start())
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(CLIENT_S)
+
+    def poll(self) -> list:
+        batches = self._run(self.consumer.getmany(timeout_ms=200))
+        return [(r.partition, r.offset) for records in batches.values() for r in records]
+
+    def assignment(self) -> set:
+        async def assigned():
+            return {tp.partition for tp in self.consumer.assignment()}
+        return self._run(assigned())
+
+    def commit(self) -> None:
+        self._run(self.consumer.commit())
+
+    def close(self) -> None:
+        try:
+            self._run(self.consumer.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(CLIENT_S)
+            self.loop.close()
+
+
+# What the clients raise for a commit refused (a rebalance under way) or with nothing consumed to commit.
+COMMIT_ERRORS = (confluent_kafka.KafkaException, kafka.errors.KafkaError, aiokafka.errors.KafkaError)
+CLIENTS = {"confluent-kafka": Confluent, "kafka-python": KafkaPython, "aiokafka": AioKafka}
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_two_members_share_a_topic_one_leaves_the_other_takes_over_and_a_restart_resumes_from_commits(
+        groups_cluster, client):
+    cluster, make = groups_cluster, CLIENTS[client]
+    topic, group = f"groups-{client}", f"readers-{client}"
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic(topic, PARTITIONS)
+    produce(cluster, topic, PER_PARTITION)
+    seen: dict[tuple, int] = {}  # (partition, offset) -> times handled
+    a = make(cluster.kafka_bootstrap, group, topic)
+    b = make(cluster.kafka_bootstrap, group, topic)
+    members = [a, b]
+    try:
+        def poll_all() -> set:
+            for consumer in members:
+                for record in consumer.poll():
+                    seen[record] = seen.get(record, 0) + 1
+            return set(seen)
+
+        def every(end: int) -> set:
+            return {(p, o) for p in range(PARTITIONS) for o in range(end)}
+
+        # Both members hold partitions, disjoint and together all of them, and read the first records.
+        def shared() -> bool:
+            poll_all()
+            held_a, held_b = a.assignment(), b.assignment()
+            return held_a and held_b and not held_a & held_b and held_a | held_b == set(range(PARTITIONS))
+        wait_for(shared, CLIENT_S, message="both members assigned")
+        wait_for(lambda: poll_all() >= every(PER_PARTITION), CLIENT_S, message="the first records")
+        a.commit()
+        a.close()  # leaves the group midway: b takes over a's partitions and reads what comes next there
+        members.remove(a)
+        produce(cluster, topic, PER_PARTITION, start=PER_PARTITION)
+        done = 2 * PER_PARTITION
+
+        # b handles and commits as an at-least-once loop does, until the group's offsets are at the end
+        # (a partition it held before is read again from the committed offset: the clients drop their
+        # positions in an eager rebalance; a commit the rebalance refuses is tried again).
+        def committed_to_the_end() -> bool:
+            poll_all()
+            try:
+                b.commit()
+            except COMMIT_ERRORS:
+                return False
+            with Admin(cluster.bootstrap) as admin:
+                partitions = admin.describe_group(group)["partitions"]
+            return {p["partition"]: p["committed"] for p in partitions} == dict.fromkeys(range(PARTITIONS), done)
+        wait_for(committed_to_the_end, CLIENT_S, interval_s=0.1, message="b committed every partition's end")
+        assert set(seen) == every(done)  # every record at least once, nothing else
+        assert b.assignment() == set(range(PARTITIONS))
+        # While b is in the group, `bus group describe` shows it with the committed offsets and no lag.
+        out = describe(cluster, group)
+        assert "state=stable" in out and "members=1" in out, out
+        rows = partition_rows(out)
+        assert {p: row[1:] for p, row in rows.items()} == {p: (done, done, 0) for p in range(PARTITIONS)}, out
+        assert len({row[0] for row in rows.values()}) == 1 and "-" not in {row[0] for row in rows.values()}
+        b.close()
+        members.remove(b)
+    finally:
+        for consumer in members:
+            consumer.close()
+
+    # Five more records per partition: the group's lag, then a restarted member reads only those.
+    produce(cluster, topic, 5, start=done)
+    out = describe(cluster, group)
+    assert {p: row[1:] for p, row in partition_rows(out).items()} == {
+        p: (done, done + 5, 5) for p in range(PARTITIONS)}, out
+    assert f"total lag: {PARTITIONS * 5}" in out
+    c = make(cluster.kafka_bootstrap, group, topic)
+    try:
+        got: list = []
+        wait_for(lambda: got.extend(c.poll()) or len(got) >= PARTITIONS * 5, CLIENT_S, message="the new records")
+        assert sorted(got) == [(p, o) for p in range(PARTITIONS) for o in range(done, done + 5)]
+    finally:
+        c.close()
+
+
+# -- raw Kafka requests (kafka-python's message classes, our own socket) -------------------------------
+
+class Raw:
+    """One connection to a Kafka listener; ``call(api_key, version, fields)`` -> the decoded response."""
+
+    def __init__(self, address: str):
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=CLIENT_S)
+        self.correlation_id = 0
+
+    def call(self, api_key: int, version: int, fields: dict):
+        self.correlation_id += 1
+        message = codec.build(codec.message_class(api_key, version, "request"), fields)
+        message.with_header(correlation_id=self.correlation_id, client_id="raw")
+        self.sock.sendall(bytes(message.encode(header=True, framed=True)))
+        (length,) = struct.unpack(">i", self._recv(4))
+        data = self._recv(length)
+        assert struct.unpack_from(">i", data)[0] == self.correlation_id
+        response = codec.message_class(api_key, version, "response")
+        flexible = response.flexible_version_q(version) and api_key != codec.API_VERSIONS
+        return response.decode(data[4 + flexible:])
+
+    def _recv(self, count: int) -> bytes:
+        out = b""
+        while len(out) < count:
+            chunk = self.sock.recv(count - len(out))
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            out += chunk
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def subscription(topic: str) -> bytes:
+    return bytes(ConsumerProtocolSubscription(version=0, topics=[topic], user_data=None).encode())
+
+
+def join_fields(group: str, member_id: str, metadata: bytes, session_ms: int = 1_500) -> dict:
+    return {"group_id": group, "session_timeout_ms": session_ms, "rebalance_timeout_ms": 10_000,
+            "member_id": member_id, "protocol_type": "consumer",
+            "protocols": [{"name": "range", "metadata": metadata}]}
+
+
+def test_find_coordinator_on_every_server_names_the_coordinator_which_metadata_lists(groups_cluster):
+    cluster = groups_cluster
+    host, port = cluster.kafka_bootstrap.rsplit(":", 1)
+    for index in (0, *cluster.node_ports):
+        raw = Raw(cluster.kafka_address(index))
+        try:
+            old = raw.call(codec.FIND_COORDINATOR, 1, {"key": "any-group", "key_type": 0})
+            assert (old.error_code, old.node_id, old.host, old.port) == (0, COORDINATOR_BROKER_ID, host, int(port))
+            batch = raw.call(codec.FIND_COORDINATOR, 4, {"key_type": 0, "coordinator_keys": ["a", "b"]})
+            assert [(c.key, c.node_id, c.error_code) for c in batch.coordinators] == [
+                ("a", COORDINATOR_BROKER_ID, 0), ("b", COORDINATOR_BROKER_ID, 0)]
+            assert raw.call(codec.FIND_COORDINATOR, 3, {"key": "t", "key_type": 1}).error_code == codec.INVALID_REQUEST
+            brokers = {b.node_id: (b.host, b.port) for b in raw.call(codec.METADATA, 12, {"topics": None}).brokers}
+            assert brokers[COORDINATOR_BROKER_ID] == (host, int(port)) and set(cluster.node_ports) <= set(brokers)
+            if index:  # a node: the group APIs are the coordinator's
+                assert raw.call(codec.HEARTBEAT, 4, {"group_id": "g", "generation_id": 1, "member_id": "m"}
+                                ).error_code == codec.NOT_COORDINATOR
+        finally:
+            raw.close()
+
+
+def test_a_member_that_stops_heartbeating_is_expelled_and_the_other_gets_its_partitions(groups_cluster):
+    cluster = groups_cluster
+    topic, group = "groups-expel", "expel"
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic(topic, PARTITIONS)
+    b = Confluent(cluster.kafka_bootstrap, group, topic)
+    raw = Raw(cluster.kafka_bootstrap)
+    try:
+        wait_for(lambda: b.poll() is not None and b.assignment() == set(range(PARTITIONS)), CLIENT_S,
+                 message="b alone holds everything")
+        # A raw member joins (its JoinGroup is held until b joins again), syncs, and then goes silent.
+        answers = {}
+
+        def join_and_sync():
+            first = raw.call(codec.JOIN_GROUP, 5, join_fields(group, "", subscription(topic)))
+            assert first.error_code == codec.MEMBER_ID_REQUIRED
+            joined = raw.call(codec.JOIN_GROUP, 5, join_fields(group, first.member_id, subscription(topic)))
+            answers["join"] = joined
+            answers["sync"] = raw.call(codec.SYNC_GROUP, 3, {"group_id": group, "generation_id": joined.generation_id,
+                                                             "member_id": joined.member_id, "assignments": []})
+
+        joiner = threading.Thread(target=join_and_sync, daemon=True)
+        joiner.start()
+        wait_for(lambda: b.poll() is not None and "sync" in answers, CLIENT_S, message="the raw member in")
+        joiner.join(CLIENT_S)
+        assert answers["join"].error_code == 0 and answers["sync"].error_code == 0
+        wait_for(lambda: b.poll() is not None and len(b.assignment()) == PARTITIONS // 2, CLIENT_S,
+                 message="b gives half back")
+        out = describe(cluster, group)
+        assert "members=2" in out and answers["join"].member_id in out, out
+        # Silent for longer than its 1.5 s session: out, and b holds everything again.
+        wait_for(lambda: b.poll() is not None and b.assignment() == set(range(PARTITIONS)), CLIENT_S,
+                 message="b holds everything again")
+        assert raw.call(codec.HEARTBEAT, 3, {"group_id": group, "generation_id": answers["join"].generation_id,
+                                             "member_id": answers["join"].member_id}).error_code == \
+            codec.UNKNOWN_MEMBER_ID
+        assert "members=1" in describe(cluster, group)
+    finally:
+        raw.close()
+        b.close()
+
+
+def test_bad_group_requests_get_kafkas_error_codes_and_the_coordinator_keeps_serving(groups_cluster):
+    cluster = groups_cluster
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic("groups-bad", 2)
+    raw = Raw(cluster.kafka_bootstrap)
+    try:
+        for garbage in (b"", b"\xff" * 7, b"\x00\x00\x7f\xff\xff\xff", b"\x00\x00\x00\x00\x00\x01\x00\x09t"):
+            answer = raw.call(codec.JOIN_GROUP, 3, join_fields("bad", "", garbage))
+            assert answer.error_code == codec.INCONSISTENT_GROUP_PROTOCOL
+        assert raw.call(codec.SYNC_GROUP, 3, {"group_id": "bad", "generation_id": 1, "member_id": "who",
+                                              "assignments": []}).error_code == codec.UNKNOWN_MEMBER_ID
+        assert raw.call(codec.JOIN_GROUP, 5, join_fields("bad", "unknown-id", subscription("t"))).error_code == \
+            codec.UNKNOWN_MEMBER_ID
+        commit = raw.call(codec.OFFSET_COMMIT, 8, {
+            "group_id": "bad", "generation_id_or_member_epoch": -1, "member_id": "", "topics": [
+                {"name": "no-such-topic", "partitions": [{"partition_index": 0, "committed_offset": 5}]},
+                {"name": "groups-bad", "partitions": [{"partition_index": 7, "committed_offset": 5},
+                                                      {"partition_index": 1, "committed_offset": -3},
+                                                      {"partition_index": 0, "committed_offset": 3}]}]})
+        assert [[p.error_code for p in t.partitions] for t in commit.topics] == [
+            [codec.UNKNOWN_TOPIC_OR_PARTITION], [codec.UNKNOWN_TOPIC_OR_PARTITION, codec.INVALID_COMMIT_OFFSET_SIZE,
+                                                 codec.NONE]]
+        # A simple commit of an assign() consumer is stored; a commit of a made-up generation is not.
+        fetched = raw.call(codec.OFFSET_FETCH, 7, {"group_id": "bad", "topics": None})
+        assert [(t.name, [(p.partition_index, p.committed_offset) for p in t.partitions]) for t in fetched.topics] == [
+            ("groups-bad", [(0, 3)])]
+        stale = raw.call(codec.OFFSET_COMMIT, 8, {
+            "group_id": "bad", "generation_id_or_member_epoch": 4, "member_id": "ghost", "topics": [
+                {"name": "groups-bad", "partitions": [{"partition_index": 0, "committed_offset": 9}]}]})
+        assert stale.topics[0].partitions[0].error_code == codec.UNKNOWN_MEMBER_ID
+        listed = raw.call(codec.LIST_GROUPS, 4, {"states_filter": []})
+        assert "bad" in {g.group_id for g in listed.groups}
+        described = raw.call(codec.DESCRIBE_GROUPS, 5, {"groups": ["bad", "nobody"]}).groups
+        assert [(g.group_id, g.group_state) for g in described] == [("bad", "Empty"), ("nobody", "Dead")]
+        # Still serving, this connection and others.
+        assert raw.call(codec.API_VERSIONS, 3, {}).error_code == 0
+    finally:
+        raw.close()
+
+
+def test_one_group_name_is_one_kind_and_kafka_commits_survive_a_coordinator_restart(make_cluster):
+    cluster = make_cluster(1, kafka_port=0)
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic("kinds", 1)
+    bus_member = Consumer(cluster.bootstrap, topics=["kinds"], group="shared", session_timeout_ms=3_000,
+                          heartbeat_interval_ms=300)
+    raw = Raw(cluster.kafka_bootstrap)
+    try:
+        wait_for(lambda: bus_member.poll(100) is not None and bus_member.assignment(), CLIENT_S,
+                 message="the bus member in")
+        refused = raw.call(codec.JOIN_GROUP, 3, join_fields("shared", "", subscription("kinds")))
+        assert refused.error_code == codec.INCONSISTENT_GROUP_PROTOCOL
+        assert raw.call(codec.OFFSET_COMMIT, 8, {
+            "group_id": "shared", "generation_id_or_member_epoch": -1, "member_id": "", "topics": [
+                {"name": "kinds", "partitions": [{"partition_index": 0, "committed_offset": 1}]}]}
+                        ).topics[0].partitions[0].error_code == codec.UNKNOWN_MEMBER_ID
+        joined = raw.call(codec.JOIN_GROUP, 3, join_fields("kafka-kind", "", subscription("kinds"), session_ms=10_000))
+        assert joined.error_code == 0
+        # The bus's join (what a bus Consumer sends, which logs the refusal and tries again) is refused.
+        with Admin(cluster.bootstrap) as admin, pytest.raises(InconsistentGroupProtocol, match="classic protocol"):
+            admin._requester.coordinator(wire.GROUP_JOIN, {"group_id": "kafka-kind", "client_id": "bus",
+                                                           "topics": ["kinds"], "session_timeout_ms": 3_000})
+        raw.call(codec.SYNC_GROUP, 3, {"group_id": "kafka-kind", "generation_id": joined.generation_id,
+                                       "member_id": joined.member_id, "assignments": []})
+        commit = raw.call(codec.OFFSET_COMMIT, 8, {
+            "group_id": "kafka-kind", "generation_id_or_member_epoch": joined.generation_id,
+            "member_id": joined.member_id, "topics": [
+                {"name": "kinds", "partitions": [{"partition_index": 0, "committed_offset": 7,
+                                                  "committed_metadata": "seven"}]}]})
+        assert commit.topics[0].partitions[0].error_code == 0
+    finally:
+        raw.close()
+        bus_member.close()
+    cluster.restart_coordinator()
+    raw = Raw(cluster.kafka_bootstrap)
+    try:
+        fetched = raw.call(codec.OFFSET_FETCH, 5, {"group_id": "kafka-kind", "topics": [
+            {"name": "kinds", "partition_indexes": [0]}]})
+        partition = fetched.topics[0].partitions[0]
+        assert (partition.committed_offset, partition.metadata, partition.error_code) == (7, "seven", 0)
+        # Its membership was soft state: the member hears it is unknown and joins again.
+        assert raw.call(codec.HEARTBEAT, 3, {"group_id": "kafka-kind", "generation_id": joined.generation_id,
+                                             "member_id": joined.member_id}).error_code == codec.UNKNOWN_MEMBER_ID
+    finally:
+        raw.close()
