@@ -20,6 +20,7 @@ from nodes.cluster import LocalCluster
 from nodes.controller import COORDINATOR_BROKER_ID
 from nodes.kafka import codec
 from tests.conftest import wait_for
+from tests.test_cli_groups import partition_rows
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 kafka = pytest.importorskip("kafka")
@@ -56,19 +57,6 @@ def describe(cluster: LocalCluster, group: str) -> str:
                                                                         catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def partition_rows(output: str) -> dict:
-    """partition -> (member, committed, end, lag) from the table `bus group describe` prints."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["topic", "partition"])
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.strip():
-            break
-        _, partition, member, committed, end, lag = line.split()
-        rows[int(partition)] = (member, *[None if v == "-" else int(v) for v in (committed, end, lag)])
-    return rows
 
 
 # -- one face for three clients: poll() -> [(partition, offset)], assignment(), commit(), close() ---------
