@@ -47,11 +47,12 @@ class Harness:
             self.answers[reply.token] = reply.values
         self.core.check_invariants()
 
-    def join(self, member_id: str = "", protocols=None, *, v4: bool = True, session_ms: int = SESSION_MS) -> int:
+    def join(self, member_id: str = "", protocols=None, *, v4: bool = True, session_ms: int = SESSION_MS,
+             instance: str | None = None) -> int:
         token = self._token()
         self._deliver(self.core.join(
-            token, GROUP, member_id, group_instance_id=None, client_id="c", client_host="", session_timeout_ms=session_ms,
-            rebalance_timeout_ms=REBALANCE_MS, protocol_type="consumer",
+            token, GROUP, member_id, group_instance_id=instance, client_id="c", client_host="",
+            session_timeout_ms=session_ms, rebalance_timeout_ms=REBALANCE_MS, protocol_type="consumer",
             protocols=protocols or [("range", subscription("t"))], require_known_member_id=v4, now_ms=self.now_ms))
         return token
 
@@ -61,14 +62,15 @@ class Harness:
         assert required["error_code"] == codec.MEMBER_ID_REQUIRED and required["member_id"]
         return required["member_id"], self.join(required["member_id"])
 
-    def sync(self, member_id: str, generation: int, assignments=None) -> int:
+    def sync(self, member_id: str, generation: int, assignments=None, instance: str | None = None) -> int:
         token = self._token()
-        self._deliver(self.core.sync(token, GROUP, generation, member_id, protocol_type=None, protocol_name=None,
-                                     assignments=assignments or {}, now_ms=self.now_ms))
+        self._deliver(self.core.sync(token, GROUP, generation, member_id, group_instance_id=instance,
+                                     protocol_type=None, protocol_name=None, assignments=assignments or {},
+                                     now_ms=self.now_ms))
         return token
 
-    def heartbeat(self, member_id: str, generation: int) -> int:
-        return self.core.heartbeat(GROUP, generation, member_id, now_ms=self.now_ms)
+    def heartbeat(self, member_id: str, generation: int, instance: str | None = None) -> int:
+        return self.core.heartbeat(GROUP, generation, member_id, group_instance_id=instance, now_ms=self.now_ms)
 
     def tick(self, to_ms: int) -> None:
         self.now_ms = to_ms
@@ -200,6 +202,41 @@ def test_join_before_v4_gets_a_member_id_at_once_and_a_repeated_join_is_answered
     assert h.core.groups[GROUP].generation == 3 and h.state() == STABLE
 
 
+def test_a_static_member_back_under_a_new_id_takes_its_place_without_a_rebalance_and_fences_the_old_id():
+    h = Harness()
+    leader, _ = h.first_join()
+    static_join = h.join(instance="host-1")  # KIP-345: no MEMBER_ID_REQUIRED round trip for a static member
+    h.join(leader)
+    old = h.answers[static_join]["member_id"]
+    generation = h.answers[static_join]["generation_id"]
+    h.sync(leader, generation, {leader: assignment("t", 0, 1), old: assignment("t", 2, 3)})
+    # The static member restarts: a new member id, the same instance id, the same metadata.
+    back = h.answers[h.join(instance="host-1")]
+    assert back["error_code"] == codec.NONE and back["generation_id"] == generation and back["member_id"] != old
+    assert h.state() == STABLE  # no rebalance: the leader's heartbeat says so
+    assert h.heartbeat(leader, generation) == codec.NONE
+    assert h.answers[h.sync(back["member_id"], generation, instance="host-1")]["assignment"] == assignment("t", 2, 3)
+    # The old incarnation is fenced wherever it names the instance id; its id alone is unknown.
+    assert h.heartbeat(old, generation, instance="host-1") == codec.FENCED_INSTANCE_ID
+    assert h.answers[h.join(old, instance="host-1")]["error_code"] == codec.FENCED_INSTANCE_ID
+    assert h.core.commit_error(GROUP, generation, old, group_instance_id="host-1", now_ms=h.now_ms) == \
+        codec.FENCED_INSTANCE_ID
+    assert h.heartbeat(old, generation) == codec.UNKNOWN_MEMBER_ID
+    # The leader restarting as a static member does not rebalance either (KIP-814: skip_assignment).
+    codes, _ = h.core.leave(GROUP, [(leader, None)], now_ms=h.now_ms)
+    assert h.answers[h.join(back["member_id"], instance="host-1")]["leader"] == back["member_id"]
+    generation = h.core.groups[GROUP].generation
+    h.sync(back["member_id"], generation, {back["member_id"]: assignment("t", 0, 1, 2, 3)})
+    again = h.answers[h.join(instance="host-1")]
+    assert again["leader"] == again["member_id"] and again["skip_assignment"] and again["generation_id"] == generation
+    assert [m["member_id"] for m in again["members"]] == [again["member_id"]] and h.state() == STABLE
+    assert h.answers[h.sync(again["member_id"], generation, instance="host-1")]["assignment"] == \
+        assignment("t", 0, 1, 2, 3)
+    # Leaving by instance id (LeaveGroup v3+) removes the member that holds it now.
+    codes, _ = h.core.leave(GROUP, [("", "host-1")], now_ms=h.now_ms)
+    assert codes == [codec.NONE] and h.core.describe(GROUP) is None
+
+
 def test_pending_member_ids_expire_after_the_session_timeout():
     h = Harness()
     required = h.answers[h.join()]
@@ -231,14 +268,16 @@ def test_subscribed_topics_reads_a_subscription_and_refuses_garbage():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_random_schedules_keep_the_invariants_and_answer_every_held_request(seed):
-    """Joins, syncs, heartbeats, leaves and clock jumps in a seeded random order: every call keeps the
+    """Joins (static ones too), syncs, heartbeats, leaves and clock jumps in a seeded random order: every call keeps the
     invariants, and once everyone leaves and time passes, every request was answered exactly once."""
     rng = random.Random(seed)
     h = Harness()
     members: list[str] = []
     for _ in range(300):
-        action = rng.choice(["join", "rejoin", "sync", "heartbeat", "leave", "tick"])
-        if action == "join" and len(members) < 5:
+        action = rng.choice(["join", "rejoin", "static", "sync", "heartbeat", "leave", "tick"])
+        if action == "static":
+            h.join(instance=rng.choice(["s1", "s2"]))  # a static member (re)starting under a new id
+        elif action == "join" and len(members) < 5:
             member, _ = h.first_join()
             members.append(member)
         elif action == "rejoin" and members:
@@ -257,7 +296,7 @@ def test_random_schedules_keep_the_invariants_and_answer_every_held_request(seed
             h._deliver(h.core.leave(GROUP, [(member, None)], now_ms=h.now_ms)[1])
         else:
             h.tick(h.now_ms + rng.choice([1, 100, 1000, SESSION_MS]))
-    h._deliver(h.core.leave(GROUP, [(m, None) for m in members], now_ms=h.now_ms)[1])
+    h._deliver(h.core.leave(GROUP, [(m, None) for m in members] + [("", "s1"), ("", "s2")], now_ms=h.now_ms)[1])
     h.tick(h.now_ms + REBALANCE_MS + SESSION_MS + 1)
     assert h.core.groups == {} and h.core.next_deadline_ms() is None
     assert set(h.answers) == set(range(1, h.tokens + 1))  # every request answered, none twice

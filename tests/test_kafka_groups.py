@@ -231,6 +231,41 @@ def test_two_members_share_a_topic_one_leaves_the_other_takes_over_and_a_restart
         c.close()
 
 
+def test_a_static_member_restarted_gets_its_partitions_back_without_a_rebalance(groups_cluster):
+    cluster = groups_cluster
+    topic, group = "groups-static", "static"
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic(topic, PARTITIONS)
+
+    def member(instance: str):
+        consumer = confluent_kafka.Consumer({
+            "bootstrap.servers": cluster.kafka_bootstrap, "group.id": group, "group.instance.id": instance,
+            "session.timeout.ms": SESSION_MS, "heartbeat.interval.ms": HEARTBEAT_MS})
+        consumer.subscribe([topic])
+        return consumer
+
+    def held(consumer) -> set:
+        return {tp.partition for tp in consumer.assignment()}
+
+    a, b = member("a"), member("b")
+    try:
+        wait_for(lambda: [c.poll(0.05) for c in (a, b)] and held(a) and held(b), CLIENT_S, message="both assigned")
+        before = held(a), held(b)
+        with Admin(cluster.bootstrap) as admin:
+            epoch = admin.describe_group(group)["group_epoch"]
+        a.close()  # a static member does not leave on close (KIP-345): its place waits for it
+        a = member("a")
+        wait_for(lambda: [c.poll(0.05) for c in (a, b)] and held(a), CLIENT_S, message="a back")
+        assert (held(a), held(b)) == before
+        with Admin(cluster.bootstrap) as admin:
+            described = admin.describe_group(group)
+        assert described["group_epoch"] == epoch  # the same generation: nobody rebalanced
+        assert sorted(m["group_instance_id"] for m in described["members"]) == ["a", "b"]
+    finally:
+        a.close()
+        b.close()
+
+
 # -- raw Kafka requests (kafka-python's message classes, our own socket) -------------------------------
 
 class Raw:

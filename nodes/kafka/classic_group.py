@@ -55,7 +55,7 @@ class Reply:
 @dataclass
 class Member:
     member_id: str
-    group_instance_id: str | None  # kept and reported; static membership's fencing is not implemented
+    group_instance_id: str | None  # static membership (KIP-345): unique in the group, survives a restart
     client_id: str
     client_host: str
     session_timeout_ms: int  # removed at now_ms > last_heartbeat_ms + session_timeout_ms (unless held)
@@ -152,11 +152,18 @@ class ClassicGroups:
             except ValueError:
                 return refuse(codec.INCONSISTENT_GROUP_PROTOCOL)
         group = self.groups.get(group_id)
+        holder = self._static_member(group, group_instance_id)
+        if holder is not None and member_id and member_id != holder.member_id:
+            return refuse(codec.FENCED_INSTANCE_ID)
         if group is not None and group.members and (
-                protocol_type != group.protocol_type or not self._common(group, protocols, member_id)):
+                protocol_type != group.protocol_type or
+                not self._common(group, protocols, member_id or (holder.member_id if holder else ""))):
             return refuse(codec.INCONSISTENT_GROUP_PROTOCOL)
         rebalance_timeout_ms = rebalance_timeout_ms if rebalance_timeout_ms > 0 else session_timeout_ms
         rebalance_timeout_ms = min(rebalance_timeout_ms, SESSION_TIMEOUT_MS_MAX)
+        if holder is not None and not member_id:
+            return self._replace_static(token, group, holder, client_id, client_host, session_timeout_ms,
+                                        rebalance_timeout_ms, protocols, now_ms)
         known = group is not None and member_id in group.members
         pending = group is not None and member_id in group.pending
         if member_id and not known and not pending:
@@ -168,7 +175,7 @@ class ClassicGroups:
             group = self.groups[group_id] = Group(group_id)
         if not member_id:
             member_id = self._new_member_id(client_id)
-            if require_known_member_id:
+            if require_known_member_id and group_instance_id is None:  # static members are exempt, as in Kafka
                 group.pending[member_id] = now_ms + session_timeout_ms
                 return [Reply(token, self.join_values(codec.MEMBER_ID_REQUIRED, member_id=member_id))]
         group.pending.pop(member_id, None)
@@ -199,8 +206,8 @@ class ClassicGroups:
         self.check_invariants(group_id)
         return replies
 
-    def sync(self, token, group_id: str, generation: int, member_id: str, *, protocol_type: str | None,
-             protocol_name: str | None, assignments: dict, now_ms: int) -> list[Reply]:
+    def sync(self, token, group_id: str, generation: int, member_id: str, *, group_instance_id: str | None = None,
+             protocol_type: str | None, protocol_name: str | None, assignments: dict, now_ms: int) -> list[Reply]:
         """SyncGroup; ``assignments``: member id -> bytes (the leader's; others send none)."""
         group = self.groups.get(group_id)
         member = group.members.get(member_id) if group is not None else None
@@ -209,6 +216,8 @@ class ClassicGroups:
             return [Reply(token, {"error_code": code, "protocol_type": group.protocol_type if group else None,
                                   "protocol_name": group.protocol if group else None, "assignment": assignment})]
 
+        if self._fenced(group, member_id, group_instance_id):
+            return answer(codec.FENCED_INSTANCE_ID)
         if member is None:
             return answer(codec.UNKNOWN_MEMBER_ID)
         if generation != group.generation:
@@ -239,10 +248,13 @@ class ClassicGroups:
         self.check_invariants(group_id)
         return replies
 
-    def heartbeat(self, group_id: str, generation: int, member_id: str, *, now_ms: int) -> int:
+    def heartbeat(self, group_id: str, generation: int, member_id: str, *, group_instance_id: str | None = None,
+                  now_ms: int) -> int:
         """Heartbeat: Kafka's error code (NONE, or REBALANCE_IN_PROGRESS: join again)."""
         group = self.groups.get(group_id)
         member = group.members.get(member_id) if group is not None else None
+        if self._fenced(group, member_id, group_instance_id):
+            return codec.FENCED_INSTANCE_ID
         if member is None:
             return codec.UNKNOWN_MEMBER_ID
         if generation != group.generation:
@@ -296,7 +308,8 @@ class ClassicGroups:
         self.check_invariants()
         return replies
 
-    def commit_error(self, group_id: str, generation: int, member_id: str, *, now_ms: int) -> int | None:
+    def commit_error(self, group_id: str, generation: int, member_id: str, *, group_instance_id: str | None = None,
+                     now_ms: int) -> int | None:
         """Whether an OffsetCommit may be written, as Kafka's classic coordinator judges it: None when this
         module does not know the group or it has no members (a simple commit, generation -1 and no member
         id, is then accepted: the caller decides); else Kafka's code (NONE: write it)."""
@@ -306,6 +319,8 @@ class ClassicGroups:
                 return None
             return codec.UNKNOWN_MEMBER_ID if member_id else codec.ILLEGAL_GENERATION
         member = group.members.get(member_id)
+        if self._fenced(group, member_id, group_instance_id):
+            return codec.FENCED_INSTANCE_ID
         if member is None:
             return codec.UNKNOWN_MEMBER_ID
         if group.state == COMPLETING_REBALANCE:
@@ -357,6 +372,8 @@ class ClassicGroups:
                        f"{group.group_id}: {group.state} with {len(group.members)} members")
             _invariant(not set(group.members) & set(group.pending), "a member id both pending and joined")
             _invariant(len(group.members) + len(group.pending) <= MEMBERS_PER_GROUP_MAX, "too many members")
+            instances = [m.group_instance_id for m in group.members.values() if m.group_instance_id is not None]
+            _invariant(len(instances) == len(set(instances)), f"{group.group_id}: a group instance id twice")
             if group.state in (COMPLETING_REBALANCE, STABLE):
                 _invariant(group.leader in group.members, f"{group.group_id}: leader {group.leader} not a member")
                 for m in group.members.values():
@@ -369,6 +386,49 @@ class ClassicGroups:
                        f"{group.group_id}: a rebalance deadline only while preparing a rebalance")
 
     # -- internals ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _static_member(group: Group | None, instance_id: str | None) -> Member | None:
+        if group is None or instance_id is None:
+            return None
+        return next((m for m in group.members.values() if m.group_instance_id == instance_id), None)
+
+    def _fenced(self, group: Group | None, member_id: str, instance_id: str | None) -> bool:
+        """KIP-345: a request naming a group instance id that another member id now holds."""
+        holder = self._static_member(group, instance_id)
+        return holder is not None and holder.member_id != member_id
+
+    def _replace_static(self, token, group: Group, old: Member, client_id: str, client_host: str,
+                        session_timeout_ms: int, rebalance_timeout_ms: int, protocols: tuple,
+                        now_ms: int) -> list[Reply]:
+        """KIP-345: a static member back under a new member id takes the old one's place (the old id is
+        fenced from now on). Its assignment is kept, and with the same metadata, no rebalance (the leader's
+        too): it is answered with the current generation, as Kafka does, and syncs to get its part."""
+        replies = []
+        for held, values in ((old.join, self.join_values(codec.FENCED_INSTANCE_ID, member_id=old.member_id)),
+                             (old.sync, {"error_code": codec.FENCED_INSTANCE_ID, "assignment": b""})):
+            if held is not None:
+                replies.append(Reply(held, values))
+        del group.members[old.member_id]
+        new_id = self._new_member_id(client_id)
+        unchanged = old.protocols == protocols
+        member = group.members[new_id] = Member(
+            new_id, old.group_instance_id, client_id, client_host, session_timeout_ms, rebalance_timeout_ms,
+            old.protocol_type, protocols, now_ms, assignment=old.assignment)
+        if group.leader == old.member_id:
+            group.leader = new_id
+        if group.state in (STABLE, COMPLETING_REBALANCE) and unchanged:
+            # A leader gets the members (as any leader's JoinGroup answer has them) and, once the group is
+            # stable, KIP-814's skip_assignment (v9+): the assignment stands, its SyncGroup gets its part.
+            values = self._generation_values(group, new_id)
+            values["skip_assignment"] = group.leader == new_id and group.state == STABLE
+            replies.append(Reply(token, values))
+        else:
+            member.join = token
+            replies += self._prepare_rebalance(group, now_ms)
+            replies += self._complete_join(group, now_ms)
+        self.check_invariants(group.group_id)
+        return replies
 
     def _new_member_id(self, client_id: str) -> str:
         self._member_seq += 1

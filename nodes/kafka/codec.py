@@ -99,6 +99,7 @@ INVALID_COMMIT_OFFSET_SIZE = 28
 GROUP_ID_NOT_FOUND = 69
 GROUP_MAX_SIZE_REACHED = 81
 MEMBER_ID_REQUIRED = 79
+FENCED_INSTANCE_ID = 82
 
 # The bus's error codes (bus/errors.py) as Kafka's: what a Kafka client must do with each is what a bus
 # client does (refresh metadata and retry, give up, or resolve an indeterminate outcome).

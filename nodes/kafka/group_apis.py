@@ -142,11 +142,13 @@ class GroupApis:
         token = self._hold(respond)
         self._deliver(self.classic.sync(
             token, body.group_id, body.generation_id, body.member_id,
+            group_instance_id=getattr(body, "group_instance_id", None),
             protocol_type=getattr(body, "protocol_type", None), protocol_name=getattr(body, "protocol_name", None),
             assignments={a.member_id: a.assignment for a in body.assignments or ()}, now_ms=self.clock_ms()))
 
     def _heartbeat(self, header, body, respond) -> None:
-        code = self.classic.heartbeat(body.group_id, body.generation_id, body.member_id, now_ms=self.clock_ms())
+        code = self.classic.heartbeat(body.group_id, body.generation_id, body.member_id, now_ms=self.clock_ms(),
+                                      group_instance_id=getattr(body, "group_instance_id", None))
         respond({"throttle_time_ms": 0, "error_code": code})
 
     def _leave(self, header, body, respond) -> None:
@@ -165,7 +167,8 @@ class GroupApis:
     def _offset_commit(self, header, body, respond) -> None:
         now_ms = self.clock_ms()
         group_id = body.group_id
-        gate = self.classic.commit_error(group_id, body.generation_id_or_member_epoch, body.member_id, now_ms=now_ms)
+        gate = self.classic.commit_error(group_id, body.generation_id_or_member_epoch, body.member_id,
+                                         group_instance_id=getattr(body, "group_instance_id", None), now_ms=now_ms)
         placement = self.topics()
         codes: dict[tuple, int] = {}
         wanted = {}
