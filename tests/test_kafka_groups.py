@@ -6,6 +6,7 @@ clock in tests/test_kafka_classic_group.py."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import struct
 import threading
@@ -42,6 +43,17 @@ def groups_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+def create_topic(cluster: LocalCluster, topic: str, partitions: int = PARTITIONS) -> None:
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic(topic, partitions, exist_ok=True)
+
+
+def new_group(cluster: LocalCluster, group: str) -> tuple[str, str]:
+    """A topic of PARTITIONS partitions for the group ``group`` of one test: (topic, group)."""
+    create_topic(cluster, f"groups-{group}")
+    return f"groups-{group}", group
 
 
 def produce(cluster: LocalCluster, topic: str, per_partition: int, start: int = 0) -> None:
@@ -158,9 +170,7 @@ CLIENTS = {"confluent-kafka": Confluent, "kafka-python": KafkaPython, "aiokafka"
 def test_two_members_share_a_topic_one_leaves_the_other_takes_over_and_a_restart_resumes_from_commits(
         groups_cluster, client):
     cluster, make = groups_cluster, CLIENTS[client]
-    topic, group = f"groups-{client}", f"readers-{client}"
-    with Admin(cluster.bootstrap) as admin:
-        admin.create_topic(topic, PARTITIONS)
+    topic, group = new_group(cluster, f"readers-{client}")
     produce(cluster, topic, PER_PARTITION)
     seen: dict[tuple, int] = {}  # (partition, offset) -> times handled
     a = make(cluster.kafka_bootstrap, group, topic)
@@ -233,9 +243,7 @@ def test_two_members_share_a_topic_one_leaves_the_other_takes_over_and_a_restart
 
 def test_a_static_member_restarted_gets_its_partitions_back_without_a_rebalance(groups_cluster):
     cluster = groups_cluster
-    topic, group = "groups-static", "static"
-    with Admin(cluster.bootstrap) as admin:
-        admin.create_topic(topic, PARTITIONS)
+    topic, group = new_group(cluster, "static")
 
     def member(instance: str):
         consumer = confluent_kafka.Consumer({
@@ -334,9 +342,7 @@ def test_find_coordinator_on_every_server_names_the_coordinator_which_metadata_l
 
 def test_a_member_that_stops_heartbeating_is_expelled_and_the_other_gets_its_partitions(groups_cluster):
     cluster = groups_cluster
-    topic, group = "groups-expel", "expel"
-    with Admin(cluster.bootstrap) as admin:
-        admin.create_topic(topic, PARTITIONS)
+    topic, group = new_group(cluster, "expel")
     b = Confluent(cluster.kafka_bootstrap, group, topic)
     raw = Raw(cluster.kafka_bootstrap)
     try:
@@ -376,8 +382,7 @@ def test_a_member_that_stops_heartbeating_is_expelled_and_the_other_gets_its_par
 
 def test_bad_group_requests_get_kafkas_error_codes_and_the_coordinator_keeps_serving(groups_cluster):
     cluster = groups_cluster
-    with Admin(cluster.bootstrap) as admin:
-        admin.create_topic("groups-bad", 2)
+    create_topic(cluster, "groups-bad", 2)
     raw = Raw(cluster.kafka_bootstrap)
     try:
         for garbage in (b"", b"\xff" * 7, b"\x00\x00\x7f\xff\xff\xff", b"\x00\x00\x00\x00\x00\x01\x00\x09t"):
@@ -414,10 +419,86 @@ def test_bad_group_requests_get_kafkas_error_codes_and_the_coordinator_keeps_ser
         raw.close()
 
 
+def hostile_group_request(rng: random.Random, n: int) -> tuple[int, int, dict]:
+    """(api key, version, fields) of a well-formed group request with values a rogue or broken client might
+    send: extreme integers, odd names, garbage metadata and assignments, unknown members and generations.
+    A JoinGroup that could be valid names a group of its own (``n``), so no fuzzed join waits on another's."""
+    i32 = [0, 1, -1, -2, 2**31 - 1, -2**31, 6_000]
+    names = ["fuzz", "no-such-topic", "", "x" * 300, "t\x00", "\u00e9"]
+    metadata = [b"", b"\xff" * 9, subscription("fuzz"), subscription("x" * 300), b"\x00\x00\x7f\xff\xff\xff"]
+    pick = rng.choice
+    kind = rng.randrange(9)
+    if kind == 0:
+        version = rng.randint(0, 4)
+        return codec.FIND_COORDINATOR, version, {"key": pick(names), "key_type": pick([0, 1, 2, -1]),
+                                                 "coordinator_keys": [pick(names) for _ in range(rng.randint(0, 3))]}
+    if kind == 1:
+        version = rng.randint(0, 9)
+        return codec.JOIN_GROUP, version, {
+            "group_id": pick([f"fuzz-{n}", "", "x" * 300, "g\x00"]), "session_timeout_ms": pick(i32),
+            "rebalance_timeout_ms": pick(i32), "member_id": pick(["", "who"]), "group_instance_id": pick([None, "i"]),
+            "protocol_type": pick(["consumer", "", "connect"]),
+            "protocols": [{"name": pick(["range", "range", ""]), "metadata": pick(metadata)}
+                          for _ in range(rng.randint(0, 3))], "reason": pick([None, "x"])}
+    if kind == 2:
+        return codec.SYNC_GROUP, rng.randint(0, 5), {
+            "group_id": pick(names), "generation_id": pick(i32), "member_id": pick(["", "who"]),
+            "group_instance_id": pick([None, "i"]), "protocol_type": pick([None, "consumer"]),
+            "protocol_name": pick([None, "range"]),
+            "assignments": [{"member_id": pick(["", "who"]), "assignment": pick(metadata)} for _ in range(2)]}
+    if kind == 3:
+        return codec.HEARTBEAT, rng.randint(0, 4), {"group_id": pick(names), "generation_id": pick(i32),
+                                                    "member_id": pick(["", "who"]), "group_instance_id": None}
+    if kind == 4:
+        return codec.LEAVE_GROUP, rng.randint(0, 5), {
+            "group_id": pick(names), "member_id": pick(["", "who"]),
+            "members": [{"member_id": pick(["", "who"]), "group_instance_id": pick([None, "i"])}
+                        for _ in range(rng.randint(0, 3))]}
+    if kind == 5:
+        return codec.OFFSET_COMMIT, rng.randint(2, 8), {
+            "group_id": pick(names), "generation_id_or_member_epoch": pick(i32), "member_id": pick(["", "who"]),
+            "retention_time_ms": pick([-1, 0, 2**62]), "topics": [{"name": pick(names), "partitions": [
+                {"partition_index": pick(i32), "committed_offset": pick([0, 5, -1, -2**63, 2**63 - 1]),
+                 "committed_leader_epoch": pick(i32), "committed_metadata": pick([None, "", "m" * 5_000])}
+                for _ in range(rng.randint(0, 3))]} for _ in range(rng.randint(0, 2))]}
+    if kind == 6:
+        version = rng.randint(1, 7)
+        topics = [{"name": pick(names), "partition_indexes": [pick(i32) for _ in range(rng.randint(0, 3))]}
+                  for _ in range(rng.randint(0, 2))]
+        return codec.OFFSET_FETCH, version, {"group_id": pick(names), "require_stable": pick([False, True]),
+                                             "topics": pick([None, topics]) if version >= 2 else topics}
+    if kind == 7:
+        return codec.LIST_GROUPS, rng.randint(0, 4), {"states_filter": [pick(["Stable", "", "x"])]}
+    return codec.DESCRIBE_GROUPS, rng.randint(0, 5), {"groups": [pick(names) for _ in range(rng.randint(0, 3))],
+                                                      "include_authorized_operations": pick([False, True])}
+
+
+def test_hostile_values_in_group_requests_get_answers_and_every_server_keeps_serving(groups_cluster):
+    """A seeded fuzz of the group APIs: each request, on a fresh connection to the coordinator or a node,
+    gets its answer; no process dies; a group forms after."""
+    cluster = groups_cluster
+    create_topic(cluster, "fuzz", 2)
+    rng = random.Random(17)
+    addresses = [cluster.kafka_bootstrap, cluster.kafka_address(1)]
+    for n in range(300):
+        api_key, version, fields = hostile_group_request(rng, n)
+        raw = Raw(addresses[n % 2])
+        try:
+            raw.call(api_key, version, fields)  # answered: the correlation id matches, the response decodes
+        finally:
+            raw.close()
+        assert cluster.coordinator.poll() is None and cluster.nodes[1].poll() is None, (api_key, version, fields)
+    raw = Raw(cluster.kafka_bootstrap)
+    try:
+        joined = raw.call(codec.JOIN_GROUP, 3, join_fields("after-fuzz", "", subscription("fuzz")))
+        assert joined.error_code == 0 and joined.leader == joined.member_id
+    finally:
+        raw.close()
+
+
 def test_one_group_name_is_one_kind_and_kafka_commits_survive_a_coordinator_restart(make_cluster):
     cluster = make_cluster(1, kafka_port=0)
-    with Admin(cluster.bootstrap) as admin:
-        admin.create_topic("kinds", 1)
+    create_topic(cluster, "kinds", 1)
     bus_member = Consumer(cluster.bootstrap, topics=["kinds"], group="shared", session_timeout_ms=3_000,
                           heartbeat_interval_ms=300)
     raw = Raw(cluster.kafka_bootstrap)

@@ -90,6 +90,11 @@ class Group:
     rebalance_deadline_ms: int | None = None  # while PreparingRebalance
 
 
+def valid_group_id(group_id) -> bool:
+    """1..249 characters without NUL: what the bus's committed-offset keys can hold (nodes/groups.py)."""
+    return isinstance(group_id, str) and 0 < len(group_id) <= GROUP_ID_CHARS_MAX and "\x00" not in group_id
+
+
 def subscribed_topics(metadata: bytes) -> list[str]:
     """The topics of a consumer's JoinGroup metadata (ConsumerProtocolSubscription); ValueError if it is
     not one."""
@@ -137,7 +142,7 @@ class ClassicGroups:
         def refuse(code: int, member: str = member_id) -> list[Reply]:
             return [Reply(token, self.join_values(code, member_id=member))]
 
-        if not isinstance(group_id, str) or not group_id or len(group_id) > GROUP_ID_CHARS_MAX:
+        if not valid_group_id(group_id):
             return refuse(codec.INVALID_GROUP_ID)
         if not SESSION_TIMEOUT_MS_MIN <= session_timeout_ms <= SESSION_TIMEOUT_MS_MAX:
             return refuse(codec.INVALID_SESSION_TIMEOUT)

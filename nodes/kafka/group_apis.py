@@ -30,7 +30,7 @@ from bus.errors import BusError
 from ..controller import COORDINATOR_BROKER_ID
 from ..groups import OFFSET_MAX, OFFSET_METADATA_CHARS_MAX
 from . import codec
-from .classic_group import ClassicGroups, Reply
+from .classic_group import ClassicGroups, Reply, valid_group_id
 from .listener import parse_host_port
 
 log = logging.getLogger("bus.kafka")
@@ -167,8 +167,12 @@ class GroupApis:
     def _offset_commit(self, header, body, respond) -> None:
         now_ms = self.clock_ms()
         group_id = body.group_id
-        gate = self.classic.commit_error(group_id, body.generation_id_or_member_epoch, body.member_id,
-                                         group_instance_id=getattr(body, "group_instance_id", None), now_ms=now_ms)
+        if not valid_group_id(group_id):
+            gate = codec.INVALID_GROUP_ID
+        else:
+            gate = self.classic.commit_error(group_id, body.generation_id_or_member_epoch, body.member_id,
+                                             group_instance_id=getattr(body, "group_instance_id", None),
+                                             now_ms=now_ms)
         placement = self.topics()
         codes: dict[tuple, int] = {}
         wanted = {}
@@ -202,7 +206,8 @@ class GroupApis:
             for topic in body.topics or ()]})
 
     def _offset_fetch(self, header, body, respond) -> None:
-        committed = self.offsets.groups.committed(body.group_id)
+        code = codec.NONE if valid_group_id(body.group_id) else codec.INVALID_GROUP_ID
+        committed = self.offsets.groups.committed(body.group_id) if code == codec.NONE else {}
         if body.topics is None:  # v2+: every partition the group committed
             by_topic: dict[str, list] = {}
             for topic, partition in sorted(committed):
@@ -216,9 +221,9 @@ class GroupApis:
             for partition in partitions:
                 offset, metadata = committed.get((name, partition), (NO_OFFSET, ""))
                 rows.append({"partition_index": partition, "committed_offset": offset, "committed_leader_epoch": -1,
-                             "metadata": metadata, "error_code": codec.NONE})
+                             "metadata": metadata, "error_code": code})
             topics.append({"name": name, "partitions": rows})
-        respond({"throttle_time_ms": 0, "topics": topics, "error_code": codec.NONE})
+        respond({"throttle_time_ms": 0, "topics": topics, "error_code": code})
 
     # -- ListGroups, DescribeGroups ----------------------------------------------------------------
 
