@@ -83,7 +83,8 @@ class Coordinator:
         if kafka_listen:
             self.groups.classic = kafka.ClassicGroups(uuid.uuid4().hex[:12])
             self.kafka_groups = kafka.GroupApis(lambda: self.kafka_advertise, classic=self.groups.classic,
-                                                offsets=self.groups, topics=lambda: self.controller.topics)
+                                                offsets=self.groups, topics=lambda: self.controller.topics,
+                                                cluster_id=lambda: self.controller.cluster_id)
             self.kafka = kafka.listen(
                 kafka_listen, cluster_id=lambda: self.controller.cluster_id, brokers=self._kafka_brokers,
                 topics=lambda: self.controller.topics, handlers=None, coordinator=self._ask_self,

@@ -145,6 +145,14 @@ class GroupService:
         """Whether the group has live members of the bus's own protocol."""
         return self.groups.has_live_members(group_id, now_ms)
 
+    def member_assignment(self, group_id: str, member_id: str) -> list:
+        """What a live member holds ([[topic, partition], ...]; [] for an unknown one)."""
+        try:
+            members = self.groups.describe(group_id)["members"]
+        except GroupError:
+            return []
+        return next((m["assignment"] for m in members if m["member_id"] == member_id), [])
+
     def kafka_commit(self, group_id: str, offsets: dict, now_ms: int) -> None:
         """Store a Kafka group's commit ``{(topic, partition): (offset, metadata)}`` (the classic protocol
         gated it) beside the bus's groups' offsets: persisted when this returns."""

@@ -10,6 +10,7 @@ import random
 import socket
 import struct
 import threading
+import uuid
 
 import pytest
 from click.testing import CliRunner
@@ -77,9 +78,12 @@ class Confluent:
     def __init__(self, bootstrap: str, group: str, topic: str):
         self.consumer = confluent_kafka.Consumer({
             "bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
-            "enable.auto.commit": False, "session.timeout.ms": SESSION_MS, "heartbeat.interval.ms": HEARTBEAT_MS,
-            "fetch.wait.max.ms": 100})
+            "enable.auto.commit": False, "fetch.wait.max.ms": 100, **self.protocol_settings()})
         self.consumer.subscribe([topic])
+
+    @staticmethod
+    def protocol_settings() -> dict:
+        return {"session.timeout.ms": SESSION_MS, "heartbeat.interval.ms": HEARTBEAT_MS}
 
     def poll(self) -> list:
         out = []
@@ -96,6 +100,14 @@ class Confluent:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class ConfluentConsumerProtocol(Confluent):
+    """KIP-848's protocol (ConsumerGroupHeartbeat): the coordinator assigns, as for the bus's own members."""
+
+    @staticmethod
+    def protocol_settings() -> dict:
+        return {"group.protocol": "consumer"}  # the session and heartbeat interval are the coordinator's
 
 
 class KafkaPython:
@@ -163,7 +175,8 @@ class AioKafka:
 
 # What the clients raise for a commit refused (a rebalance under way) or with nothing consumed to commit.
 COMMIT_ERRORS = (confluent_kafka.KafkaException, kafka.errors.KafkaError, aiokafka.errors.KafkaError)
-CLIENTS = {"confluent-kafka": Confluent, "kafka-python": KafkaPython, "aiokafka": AioKafka}
+CLIENTS = {"confluent-kafka": Confluent, "kafka-python": KafkaPython, "aiokafka": AioKafka,
+           "confluent-kafka-kip848": ConfluentConsumerProtocol}
 
 
 @pytest.mark.parametrize("client", sorted(CLIENTS))
@@ -413,6 +426,18 @@ def test_bad_group_requests_get_kafkas_error_codes_and_the_coordinator_keeps_ser
         assert "bad" in {g.group_id for g in listed.groups}
         described = raw.call(codec.DESCRIBE_GROUPS, 5, {"groups": ["bad", "nobody"]}).groups
         assert [(g.group_id, g.group_state) for g in described] == [("bad", "Empty"), ("nobody", "Dead")]
+        # KIP-848's heartbeat: an unknown member, an epoch it never had, an assignor the bus has not.
+        heartbeat = {"group_id": "kip848", "member_id": "m-1", "member_epoch": 0,
+                     "subscribed_topic_names": ["groups-bad"]}
+        joined = raw.call(codec.CONSUMER_GROUP_HEARTBEAT, 1, heartbeat)
+        assert joined.error_code == 0 and joined.member_id == "m-1" and joined.member_epoch > 0
+        assert [(tp.partitions) for tp in joined.assignment.topic_partitions] == [[0, 1]]
+        for fields, code in (({"member_id": "nobody", "member_epoch": 1}, codec.UNKNOWN_MEMBER_ID),
+                             ({"member_epoch": joined.member_epoch + 7}, codec.FENCED_MEMBER_EPOCH),
+                             ({"member_id": "m-2", "server_assignor": "magic"}, codec.UNSUPPORTED_ASSIGNOR),
+                             ({"member_id": "m-3", "subscribed_topic_names": None}, codec.INVALID_REQUEST)):
+            assert raw.call(codec.CONSUMER_GROUP_HEARTBEAT, 1, {**heartbeat, **fields}).error_code == code, fields
+        assert raw.call(codec.CONSUMER_GROUP_HEARTBEAT, 1, {**heartbeat, "member_epoch": -1}).error_code == 0
         # Still serving, this connection and others.
         assert raw.call(codec.API_VERSIONS, 3, {}).error_code == 0
     finally:
@@ -427,7 +452,7 @@ def hostile_group_request(rng: random.Random, n: int) -> tuple[int, int, dict]:
     names = ["fuzz", "no-such-topic", "", "x" * 300, "t\x00", "\u00e9"]
     metadata = [b"", b"\xff" * 9, subscription("fuzz"), subscription("x" * 300), b"\x00\x00\x7f\xff\xff\xff"]
     pick = rng.choice
-    kind = rng.randrange(9)
+    kind = rng.randrange(10)
     if kind == 0:
         version = rng.randint(0, 4)
         return codec.FIND_COORDINATOR, version, {"key": pick(names), "key_type": pick([0, 1, 2, -1]),
@@ -467,6 +492,14 @@ def hostile_group_request(rng: random.Random, n: int) -> tuple[int, int, dict]:
                   for _ in range(rng.randint(0, 2))]
         return codec.OFFSET_FETCH, version, {"group_id": pick(names), "require_stable": pick([False, True]),
                                              "topics": pick([None, topics]) if version >= 2 else topics}
+    if kind == 8:
+        return codec.CONSUMER_GROUP_HEARTBEAT, rng.randint(0, 1), {
+            "group_id": pick([f"fuzz-{n}", "", "x" * 300, "g\x00"]), "member_id": pick(["", "who", f"m-{n}"]),
+            "member_epoch": pick([0, 0, -1, -2, 1, 2**31 - 1, -2**31]), "instance_id": pick([None, "i"]),
+            "rebalance_timeout_ms": pick(i32), "subscribed_topic_names": pick([None, [], [pick(names)]]),
+            "subscribed_topic_regex": pick([None, "", "fu.*", "(", "x" * 2_000]),
+            "server_assignor": pick([None, "uniform", "range", "magic"]),
+            "topic_partitions": pick([None, [], [{"topic_id": uuid.uuid4(), "partitions": [pick(i32)]}]])}
     if kind == 7:
         return codec.LIST_GROUPS, rng.randint(0, 4), {"states_filter": [pick(["Stable", "", "x"])]}
     return codec.DESCRIBE_GROUPS, rng.randint(0, 5), {"groups": [pick(names) for _ in range(rng.randint(0, 3))],

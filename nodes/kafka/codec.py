@@ -22,6 +22,7 @@ from functools import cache
 
 from kafka.protocol.admin import (CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
                                   DescribeGroupsRequest, DescribeGroupsResponse, ListGroupsRequest, ListGroupsResponse)
+from kafka.protocol.api_message import ApiMessage
 from kafka.protocol.consumer import (FetchRequest, FetchResponse, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
                                      JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListOffsetsRequest,
                                      ListOffsetsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
@@ -30,10 +31,22 @@ from kafka.protocol.metadata import (ApiVersionsRequest, ApiVersionsResponse, Fi
                                      FindCoordinatorResponse, MetadataRequest, MetadataResponse)
 from kafka.protocol.producer import InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse
 
+from . import schemas
+
+
+class ConsumerGroupHeartbeatRequest(ApiMessage, load_json=schemas):
+    """KIP-848's heartbeat (``schemas/``: kafka-python 3 has no schema for it)."""
+
+
+class ConsumerGroupHeartbeatResponse(ApiMessage, load_json=schemas):
+    pass
+
+
 PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = (
     0, 1, 2, 3, 18, 19, 20, 22)
 OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP, DESCRIBE_GROUPS, \
     LIST_GROUPS = 8, 9, 10, 11, 12, 13, 14, 15, 16
+CONSUMER_GROUP_HEARTBEAT = 68
 # api key -> (request class, response class, lowest version, highest version): what ApiVersions
 # advertises, and all that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record
 # batches of magic 2; the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others
@@ -47,9 +60,10 @@ SUPPORTED = {
     CREATE_TOPICS: (CreateTopicsRequest, CreateTopicsResponse, 2, 7),  # answered by the coordinator
     DELETE_TOPICS: (DeleteTopicsRequest, DeleteTopicsResponse, 1, 5),  # by name (6 names topics by id)
     INIT_PRODUCER_ID: (InitProducerIdRequest, InitProducerIdResponse, 0, 4),  # idempotence; no transactions
-    # The group APIs (nodes/kafka/group_apis.py), on the coordinator; a node points at it. OffsetCommit 9+
-    # and OffsetFetch 8+ are KIP-848's member epochs and batches of groups; FindCoordinator 5+ transactions'.
-    OFFSET_COMMIT: (OffsetCommitRequest, OffsetCommitResponse, 2, 8),
+    # The group APIs (nodes/kafka/group_apis.py), on the coordinator; a node points at it. OffsetCommit 9 is
+    # the first a KIP-848 member may commit with (its member epoch); OffsetFetch 8+ batch groups;
+    # FindCoordinator 5+ are transactions'.
+    OFFSET_COMMIT: (OffsetCommitRequest, OffsetCommitResponse, 2, 9),
     OFFSET_FETCH: (OffsetFetchRequest, OffsetFetchResponse, 1, 7),
     FIND_COORDINATOR: (FindCoordinatorRequest, FindCoordinatorResponse, 0, 4),
     JOIN_GROUP: (JoinGroupRequest, JoinGroupResponse, 0, 9),
@@ -58,6 +72,7 @@ SUPPORTED = {
     SYNC_GROUP: (SyncGroupRequest, SyncGroupResponse, 0, 5),
     DESCRIBE_GROUPS: (DescribeGroupsRequest, DescribeGroupsResponse, 0, 5),
     LIST_GROUPS: (ListGroupsRequest, ListGroupsResponse, 0, 4),
+    CONSUMER_GROUP_HEARTBEAT: (ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, 0, 1),
 }
 
 # Kafka's error codes used here (org.apache.kafka.common.protocol.Errors).
@@ -100,6 +115,9 @@ GROUP_ID_NOT_FOUND = 69
 GROUP_MAX_SIZE_REACHED = 81
 MEMBER_ID_REQUIRED = 79
 FENCED_INSTANCE_ID = 82
+FENCED_MEMBER_EPOCH = 110
+UNSUPPORTED_ASSIGNOR = 112
+STALE_MEMBER_EPOCH = 113
 
 # The bus's error codes (bus/errors.py) as Kafka's: what a Kafka client must do with each is what a bus
 # client does (refresh metadata and retry, give up, or resolve an indeterminate outcome).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 
+from bus import wire
 from bus.clock import monotonic_ms
 from bus.errors import BusError
 
@@ -32,6 +33,7 @@ from ..groups import OFFSET_MAX, OFFSET_METADATA_CHARS_MAX
 from . import codec
 from .classic_group import ClassicGroups, Reply, valid_group_id
 from .listener import parse_host_port
+from .service import topic_uuid
 
 log = logging.getLogger("bus.kafka")
 
@@ -39,16 +41,31 @@ GROUP_KEY_TYPE = 0  # FindCoordinator's key type of a consumer group (1 is a tra
 # The bus's group states as Kafka's (KIP-848's names for groups of the consumer protocol).
 BUS_STATES = {"empty": "Empty", "stable": "Stable", "reconciling": "Reconciling"}
 NO_OFFSET = -1
+# KIP-848 (ConsumerGroupHeartbeat) members are the bus's own group members (nodes/groups.py). Their session
+# is the coordinator's to set (Kafka's group.consumer.session.timeout.ms, 45 s by default): 6 s here, so a
+# member heartbeats every 2 s (a third of it) and a partition moves within a few seconds.
+CONSUMER_SESSION_TIMEOUT_MS = 6_000
+JOIN_EPOCH, LEAVE_EPOCH, STATIC_LEAVE_EPOCH = 0, -1, -2
+SERVER_ASSIGNORS = {None: "sticky", "uniform": "sticky", "range": "range"}  # Kafka's names -> the bus's
+# The bus's group errors as a KIP-848 member's (ConsumerGroupHeartbeat) and its OffsetCommit's.
+HEARTBEAT_CODES = {"UNKNOWN_MEMBER_ID": codec.UNKNOWN_MEMBER_ID, "FENCED_MEMBER_EPOCH": codec.FENCED_MEMBER_EPOCH,
+                   "GROUP_FULL": codec.GROUP_MAX_SIZE_REACHED, "INCONSISTENT_ASSIGNOR": codec.UNSUPPORTED_ASSIGNOR,
+                   "INCONSISTENT_GROUP_PROTOCOL": codec.INCONSISTENT_GROUP_PROTOCOL}
+COMMIT_CODES = {"UNKNOWN_MEMBER_ID": codec.UNKNOWN_MEMBER_ID, "FENCED_MEMBER_EPOCH": codec.STALE_MEMBER_EPOCH,
+                "NOT_ASSIGNED": codec.STALE_MEMBER_EPOCH, "GROUP_NOT_EMPTY": codec.UNKNOWN_MEMBER_ID}
 
 
 class GroupApis:
     def __init__(self, coordinator_address, *, classic: ClassicGroups | None = None, offsets=None, topics=None,
-                 clock_ms=monotonic_ms):
+                 cluster_id=None, clock_ms=monotonic_ms):
         """``coordinator_address()``: HOST:PORT of the coordinator's Kafka listener, or None (unknown yet).
-        On the coordinator: ``classic`` (its ClassicGroups), ``offsets`` (its GroupService), ``topics()``
-        (the controller's placement); on a node all None."""
+        On the coordinator: ``classic`` (its ClassicGroups), ``offsets`` (its GroupService, whose wire
+        handlers serve KIP-848 members), ``topics()`` (the controller's placement), ``cluster_id()`` (for
+        topic ids); on a node all None."""
         self.coordinator_address = coordinator_address
         self.classic, self.offsets, self.topics, self.clock_ms = classic, offsets, topics, clock_ms
+        self.cluster_id = cluster_id
+        self.bus_groups = offsets.handlers() if offsets is not None else {}
         self.held: dict[int, object] = {}  # token -> respond of a request the core holds
         self._tokens = itertools.count(1)
 
@@ -57,7 +74,8 @@ class GroupApis:
         for key, handler in ((codec.JOIN_GROUP, self._join), (codec.SYNC_GROUP, self._sync),
                              (codec.HEARTBEAT, self._heartbeat), (codec.LEAVE_GROUP, self._leave),
                              (codec.OFFSET_COMMIT, self._offset_commit), (codec.OFFSET_FETCH, self._offset_fetch),
-                             (codec.LIST_GROUPS, self._list_groups), (codec.DESCRIBE_GROUPS, self._describe_groups)):
+                             (codec.LIST_GROUPS, self._list_groups), (codec.DESCRIBE_GROUPS, self._describe_groups),
+                             (codec.CONSUMER_GROUP_HEARTBEAT, self._consumer_group_heartbeat)):
             apis[key] = handler if self.classic is not None else self._not_coordinator
         return apis
 
@@ -167,8 +185,11 @@ class GroupApis:
     def _offset_commit(self, header, body, respond) -> None:
         now_ms = self.clock_ms()
         group_id = body.group_id
+        bus_member = False
         if not valid_group_id(group_id):
             gate = codec.INVALID_GROUP_ID
+        elif body.member_id and self.offsets.bus_members(group_id, now_ms):
+            gate, bus_member = None, True  # a KIP-848 member's: the bus's commit checks it (below)
         else:
             gate = self.classic.commit_error(group_id, body.generation_id_or_member_epoch, body.member_id,
                                              group_instance_id=getattr(body, "group_instance_id", None),
@@ -192,13 +213,19 @@ class GroupApis:
                 else:
                     wanted[tp] = (part.committed_offset, metadata)
         if wanted:
-            try:
-                self.offsets.kafka_commit(group_id, wanted, now_ms)  # on disk when it returns
+            try:  # on disk when it returns
+                if bus_member:
+                    self.bus_groups[wire.OFFSET_COMMIT]({
+                        "group_id": group_id, "member_id": body.member_id,
+                        "member_epoch": body.generation_id_or_member_epoch,
+                        "offsets": [[t, p, o, m] for (t, p), (o, m) in wanted.items()]}, now_ms)
+                else:
+                    self.offsets.kafka_commit(group_id, wanted, now_ms)
                 codes.update(dict.fromkeys(wanted, codec.NONE))
             except BusError as exc:
-                # Live bus members own the group's offsets (a simple commit cannot be theirs).
-                code = codec.UNKNOWN_MEMBER_ID if exc.code == "GROUP_NOT_EMPTY" else codec.kafka_code(exc.code)
-                codes.update(dict.fromkeys(wanted, code))
+                # Live bus members own the group's offsets (a simple commit cannot be theirs); a KIP-848
+                # member's commit at another epoch, or of a partition it no longer holds, is stale.
+                codes.update(dict.fromkeys(wanted, COMMIT_CODES.get(exc.code, codec.kafka_code(exc.code))))
         respond({"throttle_time_ms": 0, "topics": [
             {"name": topic.name, "partitions": [{"partition_index": p.partition_index,
                                                  "error_code": codes[(topic.name, p.partition_index)]}
@@ -224,6 +251,62 @@ class GroupApis:
                              "metadata": metadata, "error_code": code})
             topics.append({"name": name, "partitions": rows})
         respond({"throttle_time_ms": 0, "topics": topics, "error_code": code})
+
+    # -- ConsumerGroupHeartbeat (KIP-848): the bus's own groups -------------------------------------
+
+    def _consumer_group_heartbeat(self, header, body, respond) -> None:
+        """Join (epoch 0), heartbeat or leave (-1, -2) as a member of the bus's own group state machine,
+        which already is KIP-848's protocol: the coordinator assigns, a member gives partitions back before
+        another gets them, epochs fence. Topics travel as topic ids; a null owned list means unchanged (the
+        member still holds what it was granted)."""
+        now_ms = self.clock_ms()
+        cluster_id = self.cluster_id()
+        ids = {topic_uuid(cluster_id, t["id"]): name for name, t in self.topics().items()}
+        names = {name: topic_id for topic_id, name in ids.items()}
+        group_id, epoch = body.group_id, body.member_epoch
+
+        def answer(code: int, message: str | None = None, reply: dict | None = None) -> None:
+            values = {"throttle_time_ms": 0, "error_code": code, "error_message": message,
+                      "member_id": body.member_id or None, "member_epoch": epoch, "heartbeat_interval_ms": 0}
+            if reply is not None:
+                by_topic: dict[str, list] = {}
+                for topic, partition in reply["assignment"]:
+                    by_topic.setdefault(topic, []).append(partition)
+                values.update(member_id=reply["member_id"], member_epoch=reply["member_epoch"],
+                              heartbeat_interval_ms=reply["heartbeat_interval_ms"], assignment={"topic_partitions": [
+                                  {"topic_id": names[t], "partitions": p} for t, p in by_topic.items() if t in names]})
+            respond(values)
+
+        if not valid_group_id(group_id):
+            answer(codec.INVALID_GROUP_ID, f"group id {group_id!r}")
+            return
+        try:
+            if epoch == JOIN_EPOCH:
+                assignor = SERVER_ASSIGNORS.get(body.server_assignor)
+                if assignor is None:
+                    answer(codec.UNSUPPORTED_ASSIGNOR, f"assignors: {', '.join(a for a in SERVER_ASSIGNORS if a)}")
+                    return
+                regex = getattr(body, "subscribed_topic_regex", None) or None  # librdkafka sends "" for none
+                answer(codec.NONE, reply=self.bus_groups[wire.GROUP_JOIN]({
+                    "group_id": group_id, "client_id": header.client_id or "", "group_instance_id": body.instance_id,
+                    "topics": None if regex else body.subscribed_topic_names, "pattern": regex,
+                    "session_timeout_ms": CONSUMER_SESSION_TIMEOUT_MS, "assignor": assignor,
+                    "member_id": body.member_id or None}, now_ms))
+            elif epoch in (LEAVE_EPOCH, STATIC_LEAVE_EPOCH):
+                self.bus_groups[wire.GROUP_LEAVE]({"group_id": group_id, "member_id": body.member_id,
+                                                   "member_epoch": 0}, now_ms)
+                answer(codec.NONE)
+            else:
+                if body.topic_partitions is None:
+                    owned = self.offsets.member_assignment(group_id, body.member_id)
+                else:
+                    owned = [[ids[tp.topic_id], p] for tp in body.topic_partitions if tp.topic_id in ids
+                             for p in tp.partitions]
+                answer(codec.NONE, reply=self.bus_groups[wire.GROUP_HEARTBEAT]({
+                    "group_id": group_id, "member_id": body.member_id, "member_epoch": epoch, "owned": owned},
+                    now_ms))
+        except BusError as exc:
+            answer(HEARTBEAT_CODES.get(exc.code, codec.INVALID_REQUEST), exc.message)
 
     # -- ListGroups, DescribeGroups ----------------------------------------------------------------
 

@@ -92,7 +92,11 @@ class KafkaService:
         live = {b["node_id"] for b in brokers}
         placement = self.topics()
         cluster_id = self.cluster_id()
-        names = list(placement) if body.topics is None else [t.name for t in body.topics]
+        if body.topics is None:
+            names = list(placement)
+        else:  # v10+ may name a topic by its id alone (a KIP-848 member learns its assignment's topics so)
+            by_id = {topic_uuid(cluster_id, t["id"]): n for n, t in placement.items()}
+            names = [t.name if t.name is not None else by_id.get(getattr(t, "topic_id", None)) for t in body.topics]
         topics = []
         for name in names:
             topic = placement.get(name)
