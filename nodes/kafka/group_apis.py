@@ -1,6 +1,7 @@
 """Kafka's group APIs on the bus's servers, the thin shell over two pure cores: the classic protocol's
-membership (``classic_group.py``) and the bus's committed offsets (nodes/groups.py, through the
-coordinator's ``GroupService``, which persists before it returns).
+membership (``classic_group.py``) and the bus's own groups (nodes/groups.py, through the coordinator's
+``GroupService``, which persists before it returns), which hold every group's committed offsets and are
+the members of KIP-848's protocol (ConsumerGroupHeartbeat) too.
 
 Where each is answered: groups live on the coordinator, so every node answers FindCoordinator by
 **pointing at it** (its Kafka address, under ``COORDINATOR_BROKER_ID``, which the coordinator sends every
