@@ -41,6 +41,10 @@ def groups_cluster(tmp_path_factory):
     cluster = LocalCluster(str(tmp_path_factory.mktemp("kafka-groups") / "cluster"), 2, kafka_port=0)
     try:
         cluster.start()
+        # Every server's Metadata lists both nodes and the coordinator (addresses come with heartbeats).
+        for index in (0, *cluster.node_ports):
+            wait_for(lambda: len(brokers_of(cluster.kafka_address(index))) == 3, CLIENT_S,
+                     message=f"every broker in server {index}'s Metadata")
         yield cluster
     finally:
         cluster.stop()
@@ -322,6 +326,15 @@ class Raw:
         self.sock.close()
 
 
+def brokers_of(address: str) -> dict:
+    """broker id -> (host, port), as the Metadata of the server at ``address`` lists them."""
+    raw = Raw(address)
+    try:
+        return {b.node_id: (b.host, b.port) for b in raw.call(codec.METADATA, 12, {"topics": None}).brokers}
+    finally:
+        raw.close()
+
+
 def subscription(topic: str) -> bytes:
     return bytes(ConsumerProtocolSubscription(version=0, topics=[topic], user_data=None).encode())
 
@@ -344,7 +357,7 @@ def test_find_coordinator_on_every_server_names_the_coordinator_which_metadata_l
             assert [(c.key, c.node_id, c.error_code) for c in batch.coordinators] == [
                 ("a", COORDINATOR_BROKER_ID, 0), ("b", COORDINATOR_BROKER_ID, 0)]
             assert raw.call(codec.FIND_COORDINATOR, 3, {"key": "t", "key_type": 1}).error_code == codec.INVALID_REQUEST
-            brokers = {b.node_id: (b.host, b.port) for b in raw.call(codec.METADATA, 12, {"topics": None}).brokers}
+            brokers = brokers_of(cluster.kafka_address(index))
             assert brokers[COORDINATOR_BROKER_ID] == (host, int(port)) and set(cluster.node_ports) <= set(brokers)
             if index:  # a node: the group APIs are the coordinator's
                 assert raw.call(codec.HEARTBEAT, 4, {"group_id": "g", "generation_id": 1, "member_id": "m"}
