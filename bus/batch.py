@@ -97,8 +97,11 @@ def holds_kafka(attributes: int) -> bool:
     """Whether a batch whose header has ``attributes`` holds Kafka batches (CODEC_KAFKA)."""
     return attributes & CODEC_MASK == _KAFKA_ATTRIBUTE
 _ATTRIBUTES_KNOWN = APPEND_TIME | CODEC_MASK
+# The largest batch a node stores (nodes/node.py refuses a larger one with RECORD_TOO_LARGE; Kafka clients
+# are told it as max.message.bytes); producers default to 1 MiB.
+BATCH_BYTES_MAX = 16 << 20
 # The largest payload a compressed batch may hold once decompressed: the largest batch a node stores at all
-# (nodes/node.py, BATCH_BYTES_MAX, 16 MiB), so a reader's memory for one batch is bounded alike with or
+# (BATCH_BYTES_MAX), so a reader's memory for one batch is bounded alike with or
 # without compression, and a producer's batch (1 MiB by default) has room to spare. A claim above it is a
 # decompression bomb or a bug; it is refused before any decompressor runs.
 UNCOMPRESSED_BYTES_MAX = 16 << 20

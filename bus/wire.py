@@ -44,6 +44,7 @@ IDEMPOTENCE_WINDOW_BATCHES = 16
 PRODUCE = "produce"
 FETCH = "fetch"
 LIST_OFFSETS = "list_offsets"
+EPOCH_END_OFFSETS = "epoch_end_offsets"  # where a leader epoch ends (Kafka's OffsetForLeaderEpoch)
 REPLICA_FETCH = "replica_fetch"  # a follower's fetch from its leader
 # Ops served by the coordinator.
 METADATA = "metadata"

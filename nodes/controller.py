@@ -103,6 +103,12 @@ def partition_key(topic: str, index: int) -> bytes:
     return KEY_PARTITION + topic.encode() + b"\0" + _INDEX.pack(index)
 
 
+def default_min_insync_replicas(replication_factor: int) -> int:
+    """A topic's min ISR when its creator names none: 2 from three replicas on (one may fail and acks=all
+    still lands on two), else 1."""
+    return 2 if replication_factor >= 3 else 1
+
+
 class Controller:
     def __init__(self, cluster_id: str, *, node_session_timeout_ms: int = NODE_SESSION_TIMEOUT_MS):
         self.cluster_id = cluster_id
@@ -355,7 +361,7 @@ class Controller:
             raise InvalidRequest(f"replication_factor {replication_factor} is more than the {len(live)} live nodes "
                                  f"{live}; start more nodes or ask for fewer replicas")
         if min_insync_replicas is None:
-            min_insync_replicas = 2 if replication_factor >= 3 else 1
+            min_insync_replicas = default_min_insync_replicas(replication_factor)
         if not _is_int(min_insync_replicas) or not 1 <= min_insync_replicas <= replication_factor:
             raise InvalidRequest(f"min_insync_replicas must be an integer from 1 to the replication factor "
                                  f"{replication_factor}, not {min_insync_replicas!r}")

@@ -88,7 +88,7 @@ class Coordinator:
             self.kafka = kafka.listen(
                 kafka_listen, cluster_id=lambda: self.controller.cluster_id, brokers=self._kafka_brokers,
                 topics=lambda: self.controller.topics, handlers=None, coordinator=self._ask_self,
-                apis=self.kafka_groups.apis(), frame_bytes_max=16 << 20)
+                apis=self.kafka_groups.apis(), frame_bytes_max=16 << 20, node_id=COORDINATOR_BROKER_ID)
             self.kafka_advertise = kafka_advertise or self.kafka.address
         serve(self.metrics.registry, metrics_port, metrics_addr)
 

@@ -50,7 +50,6 @@ log = logging.getLogger("bus.node")
 HEARTBEAT_INTERVAL_MS = 300
 PLACEMENT_ASK_INTERVAL_MS = 50  # at most this often, a request for an unknown topic brings the heartbeat forward
 RETENTION_CHECK_INTERVAL_MS = 1_000
-BATCH_BYTES_MAX = 16 << 20  # the largest batch a node stores; producers default to 1 MiB
 MESSAGE_BYTES_MAX = 64 << 20  # zmq refuses larger messages outright (a rogue client cannot OOM us)
 FETCH_WAIT_MS_MAX = 60_000
 PRODUCE_TIMEOUT_MS_DEFAULT = 30_000  # how long an acks=all produce waits for its batches to be committed
@@ -123,14 +122,15 @@ class Node:
         self.hw_waiters = Purgatory()  # consumer fetches and acks=all produces: woken when the high watermark moves
         self.append_waiters = Purgatory()  # followers' fetches: woken by an append
         self.handlers = {wire.PRODUCE: self._produce, wire.FETCH: self._fetch, wire.LIST_OFFSETS: self._list_offsets,
-                         wire.REPLICA_FETCH: self._replica_fetch, wire.PING: lambda request: {"node_id": self.node_id}}
+                         wire.EPOCH_END_OFFSETS: self._epoch_end_offsets, wire.REPLICA_FETCH: self._replica_fetch,
+                         wire.PING: lambda request: {"node_id": self.node_id}}
         # Kafka's protocol on a listener of its own, in this loop, over the same handlers (docs/kafka.md).
         self.kafka_nodes: dict[int, str] = {}  # node id -> its Kafka listener's address, as the coordinator says
         self.kafka = None if not kafka_listen else kafka.listen(
             kafka_listen, cluster_id=lambda: self.cluster_id, brokers=self._kafka_brokers, topics=lambda: self.topics,
             handlers=self.handlers, coordinator=self._ask_coordinator,
             apis=kafka.GroupApis(lambda: self.kafka_nodes.get(COORDINATOR_BROKER_ID)).apis(),
-            frame_bytes_max=MESSAGE_BYTES_MAX)
+            frame_bytes_max=MESSAGE_BYTES_MAX, node_id=self.node_id)
         self.kafka_advertise = None if self.kafka is None else kafka_advertise or self.kafka.address
         self.produces: list = []  # this turn's produce requests, committed together at its end
         # The placement as last heard from the coordinator, cached on disk so a restarted node serves its
@@ -345,8 +345,9 @@ class Node:
             try:
                 replica = self._replica_for(topic, partition)
                 replica.check_produce(epoch[0] if epoch else None, acks)
-                if len(buf) > BATCH_BYTES_MAX:
-                    raise RecordTooLarge(f"batch of {len(buf)} bytes exceeds the node's {BATCH_BYTES_MAX}")
+                if len(buf) > batch_format.BATCH_BYTES_MAX:
+                    raise RecordTooLarge(f"batch of {len(buf)} bytes exceeds the node's "
+                                         f"{batch_format.BATCH_BYTES_MAX}")
                 items.append((index, (topic, partition), buf))
             except BusError as exc:
                 results[index] = _error_part(exc)
@@ -491,26 +492,58 @@ class Node:
     # -- list offsets --------------------------------------------------------------------------------
 
     def _list_offsets(self, request: Request) -> dict:
+        """Each part's offset for its spec; with ``detail`` (Kafka's ListOffsets asks it) each row also
+        carries the found record's timestamp (-1 for the log's ends and for none) and the leader epoch that
+        appended at the offset (the current one for "latest", as Kafka answers)."""
+        detail = bool(request.args.get("detail"))
         out = []
         for part in request.args["parts"]:
             topic, partition, spec, *epoch = part
             try:
                 replica = self._replica_for(topic, partition)
                 plog = self.logs[(topic, partition)]
+                timestamp_ms = -1
                 if spec == "earliest":
                     replica.check_epoch(epoch[0] if epoch else None)
                     offset = plog.start_offset
+                    leader_epoch = plog.epoch_for_offset(offset)
                 elif spec == "latest":
                     replica.check_list_offsets(epoch[0] if epoch else None)
-                    offset = replica.high_watermark
+                    offset, leader_epoch = replica.high_watermark, replica.leader_epoch
+                elif spec == "max_timestamp":
+                    replica.check_list_offsets(epoch[0] if epoch else None)
+                    offset, timestamp_ms = self.store.record_with_max_time(plog, replica.high_watermark)
+                    leader_epoch = plog.epoch_for_offset(offset) if offset >= 0 else -1
                 elif isinstance(spec, int) and not isinstance(spec, bool):
                     replica.check_list_offsets(epoch[0] if epoch else None)
-                    offset = max(self.store.offset_for_time(plog, spec, replica.high_watermark), plog.start_offset)
+                    offset, timestamp_ms = self.store.record_for_time(plog, spec, replica.high_watermark)
+                    offset = max(offset, plog.start_offset)
+                    leader_epoch = plog.epoch_for_offset(offset) if timestamp_ms >= 0 else -1
                 else:
-                    raise InvalidRequest(f"offset spec must be 'earliest', 'latest' or a timestamp, not {spec!r}")
-                out.append([None, None, offset, plog.start_offset, replica.high_watermark])
+                    raise InvalidRequest(f"offset spec must be 'earliest', 'latest', 'max_timestamp' or a "
+                                         f"timestamp, not {spec!r}")
+                row = [None, None, offset, plog.start_offset, replica.high_watermark]
+                out.append(row + [timestamp_ms, leader_epoch] if detail else row)
             except BusError as exc:
-                out.append([exc.code, exc.message, -1, -1, -1])
+                row = [exc.code, exc.message, -1, -1, -1]
+                out.append(row + [-1, -1] if detail else row)
+        return {"parts": out}
+
+    def _epoch_end_offsets(self, request: Request) -> dict:
+        """Where each asked leader epoch ends in this leader's log (Kafka's OffsetForLeaderEpoch, which a
+        consumer sends after a leader change to learn whether the log it read from was truncated): per part
+        ``[topic, partition, current_leader_epoch or None, leader_epoch]``, a row ``[code, message, epoch,
+        end_offset]`` from ``PartitionLog.end_offset_for_epoch`` (the latest epoch ends at the log end;
+        ``(-1, -1)`` when the epoch is newer than any here or none are kept)."""
+        out = []
+        for topic, partition, current_epoch, leader_epoch in request.args["parts"]:
+            try:
+                replica = self._replica_for(topic, partition)
+                replica.check_epoch(current_epoch)
+                epoch, end_offset = self.logs[(topic, partition)].end_offset_for_epoch(int(leader_epoch))
+                out.append([None, None, epoch, end_offset])
+            except BusError as exc:
+                out.append([exc.code, exc.message, -1, -1])
         return {"parts": out}
 
     # -- replication: the leader's side --------------------------------------------------------------

@@ -10,8 +10,9 @@ The operations (DESIGN.md, "One storage contract"; nats-server's store has the s
 - ``truncate_to(log, offset)``: a follower cuts a divergent tail (found by ``PartitionLog.truncation_offset``).
 - ``reset_to(log, offset)``: a follower empties its log and starts it at the leader's log start.
 - ``apply_retention``: drops whole batches from the head, never above the high watermark.
-- ``read(log, offset, bytes_max, upto)``, ``offset_for_time(log, timestamp_ms, upto)``: up to a bound (the
-  high watermark for consumers, the log end for followers).
+- ``read(log, offset, bytes_max, upto)``, ``record_for_time(log, timestamp_ms, upto)``,
+  ``record_with_max_time(log, upto)``: up to a bound (the high watermark for consumers, the log end for
+  followers).
 - ``set_high_watermark``: in memory; checkpointed by ``flush_due`` every
   HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS and by every write transaction.
 
@@ -122,26 +123,50 @@ def select_batches(batches, offset: int, end_offset: int, bytes_max: int, name: 
     return chunks, next_offset
 
 
-def offset_at_time(batches, timestamp_ms: int, end_offset: int) -> int:
-    """The earliest offset below ``end_offset`` whose record timestamp is >= ``timestamp_ms`` among
-    ``batches`` (stored batches in log order), else ``end_offset``."""
+def _record_stamps(value, header) -> list[int] | None:
+    """The timestamp of each record of a stored batch (a record without one of its own has the append
+    time); None when every record has the append time (then it is ``max_ts_ms``). Verified first: a
+    compressed payload is decompressed to read them, only for the one batch a lookup lands in."""
+    batch_format.verify(value)
+    stamps = batch_format.read_columns(value[batch_format.HEADER_BYTES:], header.record_count, header.attributes)[0]
+    return None if stamps is None else [header.append_ts_ms if ts is None else ts for ts in stamps]
+
+
+def record_at_time(batches, timestamp_ms: int, end_offset: int) -> tuple[int, int]:
+    """``(offset, timestamp_ms)`` of the earliest record below ``end_offset`` whose timestamp is >=
+    ``timestamp_ms`` among ``batches`` (stored batches in log order), else ``(end_offset, -1)``."""
     for value in batches:
         header = batch_format.read_header(value)
         if header.next_offset > end_offset:
             break
         if header.max_ts_ms < timestamp_ms:
             continue
-        batch_format.verify(value)
-        # A compressed payload is decompressed to read its timestamps: only for this one batch, the first
-        # whose max_ts_ms (in the header) reaches the time asked for.
-        stamps = batch_format.read_columns(value[batch_format.HEADER_BYTES:], header.record_count,
-                                           header.attributes)[0]
+        stamps = _record_stamps(value, header)
         if stamps is None:  # every record has the append time, which is then max_ts_ms: new enough
-            return header.base_offset
+            return header.base_offset, header.max_ts_ms
         for index, own_ts_ms in enumerate(stamps):
-            if (header.append_ts_ms if own_ts_ms is None else own_ts_ms) >= timestamp_ms:
-                return header.base_offset + index
-    return end_offset
+            if own_ts_ms >= timestamp_ms:
+                return header.base_offset + index, own_ts_ms
+    return end_offset, -1
+
+
+def record_with_max_time(batches, end_offset: int) -> tuple[int, int]:
+    """``(offset, timestamp_ms)`` of the first record below ``end_offset`` with the largest timestamp
+    (Kafka's ListOffsets MAX_TIMESTAMP, KIP-734), else ``(-1, -1)`` for none. Only the headers are read but
+    for the one batch holding it."""
+    best = None  # (max_ts_ms, value, header) of the first batch reaching the largest max_ts_ms so far
+    for value in batches:
+        header = batch_format.read_header(value)
+        if header.next_offset > end_offset:
+            break
+        if best is None or header.max_ts_ms > best[0]:
+            best = (header.max_ts_ms, value, header)
+    if best is None:
+        return -1, -1
+    max_ts_ms, value, header = best
+    stamps = _record_stamps(value, header)
+    index = 0 if stamps is None else stamps.index(max(stamps))
+    return header.base_offset + index, max_ts_ms
 
 
 def retention_cut(log: PartitionLog, batches, now_ms: int, retention_ms: int | None,
@@ -456,12 +481,19 @@ class LogContract:
                                                  bytes_max, log.name)
             return b"".join(chunks), next_offset
 
-    def offset_for_time(self, log: PartitionLog, timestamp_ms: int, upto: int | None = None) -> int:
-        """The earliest offset below ``upto`` (None: the log end) whose record timestamp is >=
-        ``timestamp_ms``; that bound if none."""
+    def record_for_time(self, log: PartitionLog, timestamp_ms: int, upto: int | None = None) -> tuple[int, int]:
+        """``(offset, timestamp_ms)`` of the earliest record below ``upto`` (None: the log end) whose
+        timestamp is >= ``timestamp_ms``; ``(that bound, -1)`` if none."""
         with self._reading() as txn:
             values = (value for _, value in self._batches_from(txn, log, log.start_offset))
-            return offset_at_time(values, timestamp_ms, self._end_offset(log, upto))
+            return record_at_time(values, timestamp_ms, self._end_offset(log, upto))
+
+    def record_with_max_time(self, log: PartitionLog, upto: int | None = None) -> tuple[int, int]:
+        """``(offset, timestamp_ms)`` of the first record below ``upto`` (None: the log end) with the largest
+        timestamp; ``(-1, -1)`` if there is none."""
+        with self._reading() as txn:
+            values = (value for _, value in self._batches_from(txn, log, log.start_offset))
+            return record_with_max_time(values, self._end_offset(log, upto))
 
     # -- retention -------------------------------------------------------------------------------
 

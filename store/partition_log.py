@@ -172,6 +172,11 @@ class PartitionLog:
         floor = [e for e in self.epochs if e[0] <= epoch]
         return (floor[-1][0] if floor else epoch), higher[1]
 
+    def epoch_for_offset(self, offset: int) -> int:
+        """The epoch of the leader that appended at ``offset``: the entry starting at it, else the last
+        one starting below it (Kafka's ``LeaderEpochFileCache.epochForOffset``); -1 for none."""
+        return next((epoch for epoch, start in reversed(self.epochs) if start <= offset), -1)
+
     def truncation_offset(self, leader_epoch: int, leader_end_offset: int) -> tuple[int, bool]:
         """Where this (follower's) log must be cut, given the leader's answer ``(leader_epoch,
         leader_end_offset)`` to ``end_offset_for_epoch`` of this log's latest epoch: ``(offset, complete)``,

@@ -19,7 +19,7 @@ from bus import Admin, Consumer, Producer
 from bus import batch as bf
 from bus.errors import CorruptRecord, RecordTooLarge
 from store import LogStore
-from store.log_contract import offset_at_time
+from store.log_contract import record_at_time, record_with_max_time
 from tests.core_helpers import consume_all
 
 TS = 1_700_000_000_000
@@ -196,7 +196,7 @@ def test_a_payload_above_the_bound_is_never_packed_compressed():
 @COMPRESSED
 def test_the_time_index_reads_timestamps_inside_compressed_batches(compression):
     # Three stored batches: own timestamps TS..TS+40 step 10 at offsets 0..4, then append-time records, then
-    # own timestamps again. offset_at_time (store/log_contract.py) decompresses the one batch it must.
+    # own timestamps again. record_at_time (store/log_contract.py) decompresses the one batch it must.
     own = [x for i in range(5) for x in (TS + 10 * i, None, b"a%d" % i, None)]
     later = [x for i in range(3) for x in (TS + 100 + i, None, b"c%d" % i, None)]
     stored = [bytes(bf.stamp(bf.pack_batch(own, 5, compression=compression), 0, TS + 50)[0]),
@@ -205,7 +205,10 @@ def test_the_time_index_reads_timestamps_inside_compressed_batches(compression):
     expected = {TS - 1: 0, TS: 0, TS + 1: 1, TS + 40: 4, TS + 41: 5, TS + 60: 5, TS + 61: 7, TS + 101: 8,
                 TS + 102: 9, TS + 103: 10}
     for timestamp_ms, offset in expected.items():
-        assert offset_at_time(iter(stored), timestamp_ms, 10) == offset, timestamp_ms
+        assert record_at_time(iter(stored), timestamp_ms, 10)[0] == offset, timestamp_ms
+    assert record_at_time(iter(stored), TS + 41, 10) == (5, TS + 60)  # append-time records: the append time
+    assert record_with_max_time(iter(stored), 10) == (9, TS + 102)
+    assert record_with_max_time(iter(stored), 7) == (5, TS + 60)
 
 
 # -- end to end over real processes ----------------------------------------------------------------------

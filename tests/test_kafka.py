@@ -25,7 +25,9 @@ from tests.conftest import wait_for
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 kafka = pytest.importorskip("kafka")
-from kafka.protocol.consumer import FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse  # noqa: E402
+from kafka.protocol.admin import DescribeConfigsRequest, DescribeConfigsResponse  # noqa: E402
+from kafka.protocol.consumer import (FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse,  # noqa: E402
+                                     OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse)
 from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse  # noqa
 from kafka.protocol.producer import (InitProducerIdRequest, InitProducerIdResponse, ProduceRequest,  # noqa: E402
                                      ProduceResponse)
@@ -95,7 +97,8 @@ def request(address: str, message, correlation_id: int = 1, sock: socket.socket 
         data = recv_frame(sock)
         assert struct.unpack_from(">i", data)[0] == correlation_id
         response = {0: ProduceResponse, 1: FetchResponse, 2: ListOffsetsResponse, 3: MetadataResponse,
-                    18: ApiVersionsResponse, 22: InitProducerIdResponse}[message.API_KEY][message.API_VERSION]
+                    18: ApiVersionsResponse, 22: InitProducerIdResponse, 23: OffsetForLeaderEpochResponse,
+                    32: DescribeConfigsResponse}[message.API_KEY][message.API_VERSION]
         flexible = response.flexible_version_q(message.API_VERSION) and response.API_KEY != 18
         return response.decode(data[4 + flexible:])
     finally:
@@ -458,7 +461,7 @@ def hostile_request(rng: random.Random):
     batch.append(0, timestamp=1, key=b"k", value=b"v", headers=[("h", b"x")])
     good = bytes(batch.build())
     pick = rng.choice
-    kind = rng.randrange(5)
+    kind = rng.randrange(7)
     if kind == 0:
         return ProduceRequest[rng.randint(3, 9)](
             acks=pick([1, -1, 2, -2, 32767]), timeout_ms=pick([0, 1, 1000, -1]), topic_data=[
@@ -474,23 +477,35 @@ def hostile_request(rng: random.Random):
                                                        fetch_offset=pick(i64), partition_max_bytes=pick(i32))
                 for _ in range(rng.randint(0, 3))]) for _ in range(rng.randint(0, 2))])
     if kind == 2:
-        return ListOffsetsRequest[rng.randint(1, 6)](replica_id=pick(i32), topics=[ListOffsetsRequest.ListOffsetsTopic(
+        return ListOffsetsRequest[rng.randint(1, 8)](replica_id=pick(i32), topics=[ListOffsetsRequest.ListOffsetsTopic(
             name=pick(names), partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(
                 partition_index=pick(i32), current_leader_epoch=pick(i32), timestamp=pick(i64))
                 for _ in range(rng.randint(0, 3))]) for _ in range(rng.randint(0, 2))])
     if kind == 3:
         return MetadataRequest[rng.randint(1, 12)](
             topics=pick([None, [], [MetadataRequest.MetadataRequestTopic(name=pick(names))]]))
+    if kind == 5:
+        return OffsetForLeaderEpochRequest[rng.randint(2, 4)](replica_id=pick(i32), topics=[
+            OffsetForLeaderEpochRequest.OffsetForLeaderTopic(topic=pick(names), partitions=[
+                OffsetForLeaderEpochRequest.OffsetForLeaderTopic.OffsetForLeaderPartition(
+                    partition=pick(i32), current_leader_epoch=pick(i32), leader_epoch=pick(i32))
+                for _ in range(rng.randint(0, 3))]) for _ in range(rng.randint(0, 2))])
+    if kind == 6:
+        return DescribeConfigsRequest[rng.randint(1, 4)](resources=[DescribeConfigsRequest.DescribeConfigsResource(
+            resource_type=pick([0, 2, 4, 8, -1, 127]), resource_name=pick(names + ["1", "-1", "None"]),
+            configuration_keys=pick([None, [], ["retention.ms", "x" * 300, ""]])) for _ in range(rng.randint(0, 3))],
+            include_synonyms=pick([True, False]))
     return InitProducerIdRequest[rng.randint(0, 4)](transactional_id=pick([None, "tx"]),
                                                     transaction_timeout_ms=pick(i32))
 
 
 def test_hostile_values_in_well_formed_requests_get_answers_and_every_server_keeps_serving(kafka_cluster):
-    """A seeded fuzz of the handlers behind the decoder: each request on a fresh connection gets its
-    response (a long poll here waits at most 50 ms), no process dies, and a produce and fetch work after."""
+    """A seeded fuzz of the handlers behind the decoder (every API but the topic admin ones): each request
+    on a fresh connection gets its response (a long poll here waits at most 50 ms), no process dies, and a
+    produce and fetch work after."""
     rng = random.Random(13)
     addresses = [kafka_cluster.kafka_address(1), kafka_cluster.kafka_bootstrap]
-    for n in range(300):
+    for n in range(400):
         message = hostile_request(rng)
         address = addresses[n % 2]
         sock = connect(address)
@@ -590,3 +605,196 @@ def test_acks_0_gets_no_response_and_the_next_request_on_the_connection_is_answe
     finally:
         sock.close()
     assert [r.value for r in read_bus(kafka_cluster, "acks0", 1, 1)] == [b"fire-and-forget"]
+
+
+# -- leader epochs: OffsetForLeaderEpoch, Fetch's and ListOffsets' fencing, the epochs ListOffsets answers ------
+
+def fetch_part(address: str, topic: str, offset: int, current_leader_epoch: int):
+    message = FetchRequest[12](replica_id=-1, max_wait_ms=0, min_bytes=1, max_bytes=1 << 20, isolation_level=0,
+                               topics=[FetchRequest.FetchTopic(topic=topic, partitions=[
+                                   FetchRequest.FetchTopic.FetchPartition(
+                                       partition=0, current_leader_epoch=current_leader_epoch, fetch_offset=offset,
+                                       partition_max_bytes=1 << 20)])])
+    return request(address, message).responses[0].partitions[0]
+
+
+def epoch_end(address: str, topic: str, current_leader_epoch: int, leader_epoch: int, version: int = 4):
+    message = OffsetForLeaderEpochRequest[version](replica_id=-1, topics=[
+        OffsetForLeaderEpochRequest.OffsetForLeaderTopic(topic=topic, partitions=[
+            OffsetForLeaderEpochRequest.OffsetForLeaderTopic.OffsetForLeaderPartition(
+                partition=0, current_leader_epoch=current_leader_epoch, leader_epoch=leader_epoch)])])
+    part = request(address, message).topics[0].partitions[0]
+    return part.error_code, part.leader_epoch, part.end_offset
+
+
+def list_offset(address: str, topic: str, timestamp: int, version: int = 8, current_leader_epoch: int = -1):
+    message = ListOffsetsRequest[version](replica_id=-1, topics=[ListOffsetsRequest.ListOffsetsTopic(
+        name=topic, partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(
+            partition_index=0, current_leader_epoch=current_leader_epoch, timestamp=timestamp)])])
+    part = request(address, message).topics[0].partitions[0]
+    return part.error_code, part.offset, part.timestamp, part.leader_epoch
+
+
+TS = 1_700_000_000_000
+
+
+def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_librdkafka_reads_across(make_cluster):
+    """Five records in epoch 0, the leader killed, three in epoch 1 on the new leader. OffsetForLeaderEpoch
+    answers each epoch's end from the leader-epoch checkpoint; a Fetch or ListOffsets with an older epoch is
+    FENCED_LEADER_EPOCH, with a newer one UNKNOWN_LEADER_EPOCH; ListOffsets names the epoch that appended the
+    offset it answers. A confluent-kafka consumer reading across the failover validates its position with
+    OffsetForLeaderEpoch (librdkafka does so after a leader change when the broker has it) and reads all
+    eight, once each."""
+    from confluent_kafka import Consumer as KConsumer, TopicPartition
+
+    cluster = make_cluster(2, kafka_port=0)
+    with Admin(cluster.bootstrap) as admin:
+        first = admin.create_topic("epochs", 1, replication_factor=2)["partitions"][0]["leader"]
+    with Producer(cluster.bootstrap, acks="all") as producer:
+        for i in range(5):
+            producer.send("epochs", b"v%d" % i, partition=0, timestamp_ms=TS + 10 * i)
+        producer.flush(CLIENT_S)
+    logs = []
+    consumer = KConsumer({"bootstrap.servers": cluster.kafka_bootstrap, "group.id": "unused-by-assign",
+                          "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+                          "topic.metadata.refresh.interval.ms": 500,
+                          "debug": "protocol", "logger": _Collect(logs)})
+    got = []
+    try:
+        consumer.assign([TopicPartition("epochs", 0, 0)])
+        deadline_s = time.monotonic() + CLIENT_S
+        while len(got) < 5 and time.monotonic() < deadline_s:
+            got += [m for m in consumer.consume(num_messages=10, timeout=0.2) if m.error() is None]
+        cluster.kill_node(first)
+
+        def new_leader():
+            with Admin(cluster.bootstrap) as admin:
+                state = admin.list_topics()["epochs"]["partitions"][0]
+            return state if state["leader"] != first and state["leader_epoch"] == 1 else None
+
+        state = wait_for(new_leader, CLIENT_S, message="a new leader in epoch 1")
+        leader = cluster.kafka_address(state["leader"])
+        # the leader answers once its high watermark has reached its epoch's start (KIP-207)
+        wait_for(lambda: list_offset(leader, "epochs", -1)[0] == 0, CLIENT_S, message="the new leader's offsets")
+        with Producer(cluster.bootstrap, acks=1) as producer:
+            for i in range(5, 8):
+                producer.send("epochs", b"v%d" % i, partition=0, timestamp_ms=TS + 10 * i)
+            producer.flush(CLIENT_S)
+        deadline_s = time.monotonic() + CLIENT_S
+        while len(got) < 8 and time.monotonic() < deadline_s:
+            got += [m for m in consumer.consume(num_messages=10, timeout=0.2) if m.error() is None]
+    finally:
+        consumer.close()
+    assert [(m.offset(), m.value()) for m in got] == [(i, b"v%d" % i) for i in range(8)]
+    # librdkafka 2.x asks v2; an answer it could not read would be logged as a failed validation, and a
+    # truncation it believed in would have reset the position (a record read twice or skipped above)
+    assert any("Received OffsetForLeaderEpochResponse" in line for line in logs), "no position validated"
+
+    assert epoch_end(leader, "epochs", 1, 0) == (0, 0, 5)  # epoch 0 ends where epoch 1 starts
+    assert epoch_end(leader, "epochs", 1, 1, version=2) == (0, 1, 8)  # the latest: the log end
+    assert epoch_end(leader, "epochs", -1, 1) == (0, 1, 8)  # no current epoch given: not fenced
+    assert epoch_end(leader, "epochs", 1, 7) == (0, -1, -1)  # newer than any here: undefined
+    assert epoch_end(leader, "epochs", 0, 0)[0] == 74  # FENCED_LEADER_EPOCH
+    assert epoch_end(leader, "epochs", 2, 0)[0] == 75  # UNKNOWN_LEADER_EPOCH
+    assert epoch_end(cluster.kafka_bootstrap, "epochs", 1, 0)[0] == 6  # the coordinator leads nothing
+    assert epoch_end(leader, "no-such-topic", 1, 0)[0] == 3
+
+    assert fetch_part(leader, "epochs", 0, 0).error_code == 74
+    assert fetch_part(leader, "epochs", 0, 2).error_code == 75
+    fetched = fetch_part(leader, "epochs", 0, 1)
+    assert fetched.error_code == 0 and fetched.high_watermark == 8
+    # each batch carries the epoch of the leader that appended it (what a consumer asks OffsetForLeaderEpoch of)
+    epochs = _batch_epochs(bytes(fetched.records))
+    assert epochs and all(epoch == (0 if base_offset < 5 else 1) for base_offset, epoch in epochs), epochs
+    assert list_offset(leader, "epochs", -1, current_leader_epoch=0)[0] == 74
+    assert list_offset(leader, "epochs", -2, current_leader_epoch=2)[0] == 75
+
+    # ListOffsets v8: (error, offset, timestamp, leader epoch of the offset)
+    assert list_offset(leader, "epochs", -2) == (0, 0, -1, 0)  # earliest
+    assert list_offset(leader, "epochs", -4) == (0, 0, -1, 0)  # earliest local: the whole log is local
+    assert list_offset(leader, "epochs", -1) == (0, 8, -1, 1)  # latest: the current epoch
+    assert list_offset(leader, "epochs", -3) == (0, 7, TS + 70, 1)  # the largest timestamp (v7+)
+    assert list_offset(leader, "epochs", TS + 25) == (0, 3, TS + 30, 0)
+    assert list_offset(leader, "epochs", TS + 41) == (0, 5, TS + 50, 1)
+    assert list_offset(leader, "epochs", TS + 71) == (0, -1, -1, -1)  # none at or after it
+    assert list_offset(leader, "epochs", TS + 25, version=1)[:3] == (0, 3, TS + 30)
+
+
+class _Collect:
+    """A librdkafka logger (confluent-kafka's "logger" setting) that keeps each line's message."""
+
+    def __init__(self, lines: list):
+        self.lines = lines
+
+    def log(self, level, message, *args):
+        self.lines.append(message % args if args else message)
+
+
+def _batch_epochs(data: bytes) -> list:
+    """(base offset, partition leader epoch) of each Kafka batch in ``data``."""
+    out, at = [], 0
+    while at < len(data):
+        base_offset, length, epoch = struct.unpack_from(">qii", data, at)
+        out.append((base_offset, epoch))
+        at += 12 + length
+    return out
+
+
+# -- DescribeConfigs ---------------------------------------------------------------------------------------
+
+def test_describe_configs_through_confluent_kafka_and_kafka_python_tell_the_topic_s_settings(kafka_cluster):
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource, ResourceType
+    from kafka.admin import ConfigResource as KConfigResource, ConfigResourceType, KafkaAdminClient
+
+    with Admin(kafka_cluster.bootstrap) as bus_admin:
+        bus_admin.create_topic("described", 2, replication_factor=2, min_insync_replicas=2, retention_ms=60_000)
+    wait_for(lambda: all("described" in {t.name for t in request(kafka_cluster.kafka_address(n),
+                                                                    MetadataRequest[12](topics=None)).topics}
+                         for n in kafka_cluster.node_ports), 10, message="every node knows the topic")
+    admin = AdminClient({"bootstrap.servers": kafka_cluster.kafka_bootstrap})
+    topic = ConfigResource(ResourceType.TOPIC, "described")
+    entries = admin.describe_configs([topic], request_timeout=10)[topic].result(CLIENT_S)
+    assert {name: (e.value, e.source) for name, e in entries.items()} == {
+        "retention.ms": ("60000", ConfigSource.DYNAMIC_TOPIC_CONFIG.value),
+        "retention.bytes": ("-1", ConfigSource.DEFAULT_CONFIG.value),  # the bus keeps everything by default
+        "min.insync.replicas": ("2", ConfigSource.DYNAMIC_TOPIC_CONFIG.value),
+        "cleanup.policy": ("delete", ConfigSource.DEFAULT_CONFIG.value),
+        "compression.type": ("producer", ConfigSource.DEFAULT_CONFIG.value),
+        "max.message.bytes": (str(16 << 20), ConfigSource.DEFAULT_CONFIG.value),
+        "message.timestamp.type": ("CreateTime", ConfigSource.DEFAULT_CONFIG.value)}
+    assert all(e.is_read_only and not e.is_sensitive for e in entries.values())
+    broker = ConfigResource(ResourceType.BROKER, "2")  # asked of node 2 itself
+    entries = admin.describe_configs([broker], request_timeout=10)[broker].result(CLIENT_S)
+    assert entries["message.max.bytes"].value == str(16 << 20)
+    assert entries["auto.create.topics.enable"].value == "false"
+    missing = ConfigResource(ResourceType.TOPIC, "no-such-topic")
+    with pytest.raises(KafkaException) as unknown:
+        admin.describe_configs([missing], request_timeout=10)[missing].result(CLIENT_S)
+    assert unknown.value.args[0].code() == 3  # UNKNOWN_TOPIC_OR_PARTITION
+    del admin
+
+    client = KafkaAdminClient(bootstrap_servers=kafka_cluster.kafka_bootstrap, request_timeout_ms=10_000)
+    try:
+        # its default filter: only what differs from the defaults
+        modified = client.describe_configs([KConfigResource(ConfigResourceType.TOPIC, "described")])
+        assert {name: c["value"] for name, c in modified["topic"]["described"].items()} == {
+            "retention.ms": "60000", "min.insync.replicas": "2"}
+        every = client.describe_configs([KConfigResource(ConfigResourceType.TOPIC, "described",
+                                                         configs={"retention.bytes": None, "cleanup.policy": None})],
+                                        config_filter="all", include_synonyms=True)
+        assert {name: c["value"] for name, c in every["topic"]["described"].items()} == {
+            "retention.bytes": "-1", "cleanup.policy": "delete"}
+        brokers = client.describe_configs([KConfigResource(ConfigResourceType.BROKER, "1")], config_filter="all")
+        assert brokers["broker"]["1"]["message.max.bytes"]["value"] == str(16 << 20)
+    finally:
+        client.close()
+    # asked directly: the coordinator answers topics too, and a broker not itself is INVALID_REQUEST
+    for address in (kafka_cluster.kafka_bootstrap, kafka_cluster.kafka_address(1)):
+        answer = request(address, DescribeConfigsRequest[4](resources=[
+            DescribeConfigsRequest.DescribeConfigsResource(resource_type=2, resource_name="described",
+                                                           configuration_keys=["retention.ms"]),
+            DescribeConfigsRequest.DescribeConfigsResource(resource_type=4, resource_name="2",
+                                                           configuration_keys=None)], include_synonyms=False))
+        assert [(r.error_code, [(c.name, c.value) for c in r.configs]) for r in answer.results] == [
+            (0, [("retention.ms", "60000")]), (42, [])]

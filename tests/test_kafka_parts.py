@@ -11,7 +11,9 @@ import struct
 
 import pytest
 from crc32c import crc32c
-from kafka.protocol.consumer import FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse
+from kafka.protocol.admin import DescribeConfigsRequest, DescribeConfigsResponse
+from kafka.protocol.consumer import (FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse,
+                                     OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse)
 from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse
 from kafka.protocol.producer import ProduceRequest, ProduceResponse
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
@@ -19,7 +21,7 @@ from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchB
 from bus import batch as bus_batch
 from bus import kafka_batch as kafka_format
 from bus.errors import CorruptRecord
-from nodes.kafka import codec, records
+from nodes.kafka import codec, configs, records
 from nodes.kafka.framing import FrameReader, FrameTooLarge, frame
 
 
@@ -333,16 +335,93 @@ def test_fetch_responses_encode_with_records(version):
     assert part.high_watermark == 5 and bytes(part.records) == data
 
 
-@pytest.mark.parametrize("version", [1, 6])
+def list_offsets_request(version: int, timestamp: int = -2):
+    return ListOffsetsRequest[version](replica_id=-1, topics=[ListOffsetsRequest.ListOffsetsTopic(
+        name="t", partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(
+            partition_index=0, current_leader_epoch=3, timestamp=timestamp)])])
+
+
+@pytest.mark.parametrize("version", [1, 6, 7, 8])
 def test_list_offsets_requests_and_responses(version):
-    message = ListOffsetsRequest[version](replica_id=-1, topics=[ListOffsetsRequest.ListOffsetsTopic(
-        name="t", partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(partition_index=0, timestamp=-2)])])
-    _, body = codec.decode_request(request_bytes(message))
-    assert body.topics[0].partitions[0].timestamp == -2
-    values = {"topics": [{"name": "t", "partitions": [{"partition_index": 0, "error_code": 0, "timestamp": -1,
+    _, body = codec.decode_request(request_bytes(list_offsets_request(version, -3)))
+    assert body.topics[0].partitions[0].timestamp == -3
+    values = {"topics": [{"name": "t", "partitions": [{"partition_index": 0, "error_code": 0, "timestamp": 1234,
                                                         "offset": 17, "leader_epoch": 2}]}]}
     answer = response_body(codec.RequestHeader(codec.LIST_OFFSETS, version, 9, None), values, ListOffsetsResponse)
-    assert answer.topics[0].partitions[0].offset == 17
+    [part] = answer.topics[0].partitions
+    assert (part.offset, part.timestamp) == (17, 1234)
+    assert part.leader_epoch == (2 if version >= 4 else -1)  # a field of v4 and up
+
+
+def offset_for_leader_epoch_request(version: int):
+    return OffsetForLeaderEpochRequest[version](replica_id=-1, topics=[OffsetForLeaderEpochRequest.OffsetForLeaderTopic(
+        topic="t", partitions=[OffsetForLeaderEpochRequest.OffsetForLeaderTopic.OffsetForLeaderPartition(
+            partition=1, current_leader_epoch=4, leader_epoch=2)])])
+
+
+@pytest.mark.parametrize("version", [2, 3, 4])
+def test_offset_for_leader_epoch_requests_and_responses(version):
+    _, body = codec.decode_request(request_bytes(offset_for_leader_epoch_request(version)))
+    [part] = body.topics[0].partitions
+    assert (body.topics[0].topic, part.partition, part.current_leader_epoch, part.leader_epoch) == ("t", 1, 4, 2)
+    values = {"topics": [{"topic": "t", "partitions": [{"partition": 1, "error_code": codec.FENCED_LEADER_EPOCH,
+                                                         "leader_epoch": 2, "end_offset": 40}]}]}
+    answer = response_body(codec.RequestHeader(codec.OFFSET_FOR_LEADER_EPOCH, version, 9, None), values,
+                           OffsetForLeaderEpochResponse)
+    [part] = answer.topics[0].partitions
+    assert (part.partition, part.error_code, part.leader_epoch, part.end_offset) == (1, 74, 2, 40)
+
+
+def describe_configs_request(version: int, resource_type: int = configs.TOPIC, name: str = "t", keys=None):
+    return DescribeConfigsRequest[version](resources=[DescribeConfigsRequest.DescribeConfigsResource(
+        resource_type=resource_type, resource_name=name, configuration_keys=keys)], include_synonyms=True)
+
+
+@pytest.mark.parametrize("version", [1, 3, 4])
+def test_describe_configs_requests_and_responses(version):
+    _, body = codec.decode_request(request_bytes(describe_configs_request(version, keys=["retention.ms"])))
+    [resource] = body.resources
+    assert (resource.resource_type, resource.resource_name, list(resource.configuration_keys)) == (
+        2, "t", ["retention.ms"])
+    topics = {"t": {"id": 1, "replication_factor": 1, "min_insync_replicas": 1, "retention_ms": 60_000,
+                    "retention_bytes": None, "partitions": []}}
+    row = configs.describe(resource.resource_type, resource.resource_name, resource.configuration_keys, topics,
+                           1, body.include_synonyms)
+    answer = response_body(codec.RequestHeader(codec.DESCRIBE_CONFIGS, version, 9, None),
+                           {"results": [row]}, DescribeConfigsResponse)
+    [result] = answer.results
+    [config] = result.configs
+    assert (result.error_code, config.name, config.value, config.read_only, config.config_source) == (
+        0, "retention.ms", "60000", True, configs.DYNAMIC_TOPIC_CONFIG)
+    assert [(s.name, s.value) for s in config.synonyms] == [("retention.ms", "60000")]
+
+
+def test_describe_configs_tells_a_topic_s_settings_and_the_bus_s_defaults():
+    topics = {"t": {"id": 1, "replication_factor": 3, "min_insync_replicas": 2, "retention_ms": None,
+                    "retention_bytes": 1 << 30, "partitions": []},
+              "u": {"id": 2, "replication_factor": 3, "min_insync_replicas": 3, "retention_ms": 5,
+                    "retention_bytes": None, "partitions": []}}
+
+    def values(name, keys=None):
+        row = configs.describe(configs.TOPIC, name, keys, topics, 1, False)
+        assert row["error_code"] == 0
+        return {c["name"]: (c["value"], c["config_source"]) for c in row["configs"]}
+
+    default, topic = configs.DEFAULT_CONFIG, configs.DYNAMIC_TOPIC_CONFIG
+    assert values("t") == {"retention.ms": ("-1", default), "retention.bytes": (str(1 << 30), topic),
+                           "min.insync.replicas": ("2", default),  # three replicas: 2 is the default
+                           "cleanup.policy": ("delete", default), "compression.type": ("producer", default),
+                           "max.message.bytes": (str(16 << 20), default),
+                           "message.timestamp.type": ("CreateTime", default)}
+    assert values("u", ["min.insync.replicas", "retention.ms", "no.such.config"]) == {
+        "min.insync.replicas": ("3", topic), "retention.ms": ("5", topic)}  # an unknown name is left out
+    assert configs.describe(configs.TOPIC, "nope", None, topics, 1, False)["error_code"] == 3
+    broker = configs.describe(configs.BROKER, "1", ["message.max.bytes"], topics, 1, False)
+    assert [(c["name"], c["value"]) for c in broker["configs"]] == [("message.max.bytes", str(16 << 20))]
+    assert configs.describe(configs.BROKER, "", None, topics, None, False)["configs"]  # the defaults, anywhere
+    for name, broker_id in (("2", 1), ("None", None), ("1", None)):
+        assert configs.describe(configs.BROKER, name, None, topics, broker_id, False)["error_code"] == 42
+    assert configs.describe(8, "1", None, topics, 1, False)["error_code"] == 42  # BROKER_LOGGER: not here
 
 
 def test_bus_error_codes_map_to_kafka_codes():
@@ -388,6 +467,10 @@ VALID_REQUESTS = [
     request_bytes(ListOffsetsRequest[6](replica_id=-1, topics=[ListOffsetsRequest.ListOffsetsTopic(
         name="t", partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(partition_index=0,
                                                                                        timestamp=-1)])])),
+    request_bytes(list_offsets_request(8, -3)),
+    request_bytes(offset_for_leader_epoch_request(2)), request_bytes(offset_for_leader_epoch_request(4)),
+    request_bytes(describe_configs_request(1, keys=["retention.ms", "cleanup.policy"])),
+    request_bytes(describe_configs_request(4, configs.BROKER, "1")),
 ]
 
 
@@ -471,11 +554,12 @@ def test_snappy_raw_and_xerial_framed_batches_convert_and_a_claim_past_the_bound
 
 
 def test_the_time_index_and_a_replica_read_a_kafka_producers_stored_batch_like_any_other():
-    from store.log_contract import offset_at_time
+    from store.log_contract import record_at_time, record_with_max_time
 
     stored_batch = stored(bus_batch.wrap_kafka(kafka_batch(ROWS)), 20)
-    assert offset_at_time([stored_batch], ROWS[2][0], 25) == 22  # ROWS' timestamps rise by 7 ms
-    assert offset_at_time([stored_batch], ROWS[-1][0] + 1, 25) == 25
+    assert record_at_time([stored_batch], ROWS[2][0], 25) == (22, ROWS[2][0])  # ROWS' timestamps rise by 7 ms
+    assert record_at_time([stored_batch], ROWS[-1][0] + 1, 25) == (25, -1)
+    assert record_with_max_time([stored_batch], 25) == (24, ROWS[-1][0])  # ListOffsets' -3
     header = bus_batch.verify(stored_batch)  # what a follower checks before appending the leader's bytes
     assert (header.base_offset, header.next_offset, header.leader_epoch) == (20, 25, 3)
 

@@ -343,10 +343,14 @@ def test_read_stops_at_the_bound_and_out_of_range_is_the_log_s_own(stores):
     with pytest.raises(OffsetOutOfRange):
         store.read(log, 7, 1 << 20, upto=4)
     assert [o for o, _ in records(store.read(log, 4, 1 << 20)[0])] == [4, 5]  # a follower reads to the end
-    assert store.offset_for_time(log, TS + 5, upto=4) == 1
-    assert store.offset_for_time(log, TS + 25, upto=4) == 4  # at 4, above the bound: the bound
-    assert store.offset_for_time(log, TS + 25) == 4
-    assert store.offset_for_time(log, TS + 31) == 6
+    assert store.record_for_time(log, TS + 5, upto=4) == (1, TS + 10)
+    assert store.record_for_time(log, TS + 25, upto=4) == (4, -1)  # at 4, above the bound: the bound
+    assert store.record_for_time(log, TS + 25) == (4, TS + 30)
+    assert store.record_for_time(log, TS + 31) == (6, -1)
+    # The largest timestamp below the bound: the first record of the batch at 2 (both have TS + 20)
+    assert store.record_with_max_time(log, upto=4) == (2, TS + 20)
+    assert store.record_with_max_time(log) == (4, TS + 30)
+    assert store.record_with_max_time(log, upto=0) == (-1, -1)
     store.close()
 
 
@@ -455,6 +459,12 @@ def test_end_offset_for_epoch_has_kafka_s_answers():
     assert log.end_offset_for_epoch(-1) == (-1, -1)
     assert _log([]).end_offset_for_epoch(0) == (-1, -1)
     assert _log([]).latest_epoch() == -1 and log.latest_epoch() == 6
+
+
+def test_epoch_for_offset_has_kafka_s_answers():
+    log = _log([(1, 10), (3, 40), (6, 70)])
+    assert [log.epoch_for_offset(o) for o in (9, 10, 39, 40, 69, 70, 100, 10**9)] == [-1, 1, 1, 3, 3, 6, 6, 6]
+    assert _log([]).epoch_for_offset(0) == -1
 
 
 def test_truncation_offset_covers_each_branch():

@@ -150,21 +150,24 @@ def test_drop_partition_forgets_its_log_and_producers(store):
     assert (log.start_offset, log.next_offset, log.size_bytes, log.producers) == (0, 0, 0, {})
 
 
-def test_offset_for_time(store):
+def test_record_for_time_and_with_max_time(store):
     log = store.open_partition("1/0")
     flat = [TS, None, b"a", None, TS + 10, None, b"b", None, TS + 20, None, b"c", None]
     ok(store.append([(log, bf.pack_batch(flat, 3))])[0])
     ok(store.append([(log, batch(1, ts=TS + 100))])[0])
-    assert store.offset_for_time(log, 0) == 0
-    assert store.offset_for_time(log, TS + 5) == 1
-    assert store.offset_for_time(log, TS + 20) == 2
-    assert store.offset_for_time(log, TS + 21) == 3
+    assert store.record_for_time(log, 0)[0] == 0
+    assert store.record_for_time(log, TS + 5)[0] == 1
+    assert store.record_for_time(log, TS + 20)[0] == 2
+    assert store.record_for_time(log, TS + 21)[0] == 3
     # Records without a timestamp of their own have their batch's append time (now, well after TS + 100).
     _, append_ts_ms, _ = ok(store.append([(log, bf.pack_batch([None, None, b"d", None], 1))])[0])
     assert append_ts_ms > TS + 100
-    assert store.offset_for_time(log, TS + 101) == 4
-    assert store.offset_for_time(log, append_ts_ms) == 4
-    assert store.offset_for_time(log, append_ts_ms + 1) == 5
+    assert store.record_for_time(log, TS + 101)[0] == 4
+    assert store.record_for_time(log, append_ts_ms)[0] == 4
+    assert store.record_for_time(log, append_ts_ms + 1)[0] == 5
+    assert store.record_for_time(log, TS + 5) == (1, TS + 10) and store.record_for_time(log, TS + 101) == (
+        4, append_ts_ms)
+    assert store.record_with_max_time(log) == (4, append_ts_ms)  # the append time counts as the record's
 
 
 @pytest.mark.parametrize("sync", ["interval", "none"])

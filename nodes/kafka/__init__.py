@@ -14,11 +14,11 @@ from .service import KafkaService
 
 
 def listen(address: str, *, cluster_id, brokers, topics, handlers, coordinator, apis: dict,
-           frame_bytes_max: int) -> KafkaListener:
+           frame_bytes_max: int, node_id: int | None = None) -> KafkaListener:
     """A Kafka listener bound to ``address`` (HOST:PORT) serving ``KafkaService(cluster_id, brokers, topics,
-    handlers, coordinator, apis)`` (``apis``: the group APIs, ``GroupApis.apis()``); the server registers
-    it in its poller each loop turn and serves what is ready."""
-    service = KafkaService(cluster_id, brokers, topics, handlers, coordinator, apis)
+    handlers, coordinator, apis, node_id)`` (``apis``: the group APIs, ``GroupApis.apis()``; ``node_id``: the
+    broker this is); the server registers it in its poller each loop turn and serves what is ready."""
+    service = KafkaService(cluster_id, brokers, topics, handlers, coordinator, apis, node_id)
     return KafkaListener(address, service.handle, frame_bytes_max=frame_bytes_max)
 
 

@@ -21,12 +21,14 @@ import typing
 from functools import cache
 
 from kafka.protocol.admin import (CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
-                                  DescribeGroupsRequest, DescribeGroupsResponse, ListGroupsRequest, ListGroupsResponse)
+                                  DescribeConfigsRequest, DescribeConfigsResponse, DescribeGroupsRequest,
+                                  DescribeGroupsResponse, ListGroupsRequest, ListGroupsResponse)
 from kafka.protocol.api_message import ApiMessage
 from kafka.protocol.consumer import (FetchRequest, FetchResponse, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
                                      JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListOffsetsRequest,
                                      ListOffsetsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
-                                     OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse)
+                                     OffsetFetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse,
+                                     SyncGroupRequest, SyncGroupResponse)
 from kafka.protocol.metadata import (ApiVersionsRequest, ApiVersionsResponse, FindCoordinatorRequest,
                                      FindCoordinatorResponse, MetadataRequest, MetadataResponse)
 from kafka.protocol.producer import InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse
@@ -47,6 +49,7 @@ PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS, CREATE_TOPICS, DELETE_TOPI
 OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP, DESCRIBE_GROUPS, \
     LIST_GROUPS = 8, 9, 10, 11, 12, 13, 14, 15, 16
 CONSUMER_GROUP_HEARTBEAT = 68
+OFFSET_FOR_LEADER_EPOCH, DESCRIBE_CONFIGS = 23, 32
 # api key -> (request class, response class, lowest version, highest version): what ApiVersions
 # advertises, and all that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record
 # batches of magic 2; the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others
@@ -54,7 +57,8 @@ CONSUMER_GROUP_HEARTBEAT = 68
 SUPPORTED = {
     PRODUCE: (ProduceRequest, ProduceResponse, 3, 9),
     FETCH: (FetchRequest, FetchResponse, 4, 12),
-    LIST_OFFSETS: (ListOffsetsRequest, ListOffsetsResponse, 1, 6),
+    # 7: -3, the record with the largest timestamp; 8: -4, the local log start (9 and up: tiered storage)
+    LIST_OFFSETS: (ListOffsetsRequest, ListOffsetsResponse, 1, 8),
     METADATA: (MetadataRequest, MetadataResponse, 1, 12),
     API_VERSIONS: (ApiVersionsRequest, ApiVersionsResponse, 0, 3),
     CREATE_TOPICS: (CreateTopicsRequest, CreateTopicsResponse, 2, 7),  # answered by the coordinator
@@ -73,6 +77,9 @@ SUPPORTED = {
     DESCRIBE_GROUPS: (DescribeGroupsRequest, DescribeGroupsResponse, 0, 5),
     LIST_GROUPS: (ListGroupsRequest, ListGroupsResponse, 0, 4),
     CONSUMER_GROUP_HEARTBEAT: (ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, 0, 1),
+    # The schema's whole range (Kafka 4 dropped 0 and 1); consumers' truncation check after a leader change
+    OFFSET_FOR_LEADER_EPOCH: (OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, 2, 4),
+    DESCRIBE_CONFIGS: (DescribeConfigsRequest, DescribeConfigsResponse, 1, 4),  # topics and brokers (configs.py)
 }
 
 # Kafka's error codes used here (org.apache.kafka.common.protocol.Errors).

@@ -3,7 +3,7 @@ the ZeroMQ ROUTER serves (``Node._produce``, ``_fetch``, ``_list_offsets``), and
 Kafka's response. So a Kafka produce takes part in the node's group commit, an acks=-1 produce waits in
 the node's purgatory for the high watermark, and a fetch long-polls there like a bus consumer's.
 
-``KafkaService(cluster_id, brokers, topics, handlers, coordinator)``: three callables saying what
+``KafkaService(cluster_id, brokers, topics, handlers, coordinator, node_id)``: three callables saying what
 Metadata tells (the cluster id; node id -> "host:port" of every live node's Kafka listener; the placement,
 as the controller keeps it); the node's op handlers, or None on the coordinator, which leads nothing and
 answers every partition of a produce, fetch or list-offsets with NOT_LEADER_OR_FOLLOWER; and
@@ -32,12 +32,16 @@ from bus import wire
 from bus.errors import BusError, CorruptRecord
 
 from ..server import LATER, Reply, Request
-from . import codec, records
+from . import codec, configs, records
 from .listener import parse_host_port
 
 log = logging.getLogger("bus.kafka")
 
-EARLIEST, LATEST = -2, -1  # ListOffsets' timestamps that name an end of the log
+# ListOffsets' timestamps that name a place rather than a time (the bus's specs for them): -1 the high
+# watermark, -2 the log start, -3 the record with the largest timestamp (v7, KIP-734), -4 the local log
+# start (v8, KIP-405: with no tiered storage the whole log is local, so the log start). Kafka's broker
+# takes each whatever the request's version (the clients keep to their versions).
+OFFSET_SPECS = {-1: "latest", -2: "earliest", -3: "max_timestamp", -4: "earliest"}
 ACKS = {0: 0, 1: 1, -1: "all"}
 _TOPIC_ID_NAMESPACE = uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8")  # RFC 4122's URL namespace
 
@@ -66,15 +70,20 @@ def topic_uuid(cluster_id: str | None, topic_id: int) -> uuid.UUID:
 
 
 class KafkaService:
-    def __init__(self, cluster_id, brokers, topics, handlers: dict | None, coordinator, apis: dict | None = None):
-        """``apis``: more api key -> handler(header, body, respond) (the group APIs, group_apis.py)."""
+    def __init__(self, cluster_id, brokers, topics, handlers: dict | None, coordinator, apis: dict | None = None,
+                 node_id: int | None = None):
+        """``apis``: more api key -> handler(header, body, respond) (the group APIs, group_apis.py);
+        ``node_id``: the broker this is (DescribeConfigs answers for its id)."""
         self.cluster_id, self.brokers, self.topics = cluster_id, brokers, topics
+        self.node_id = node_id
         self.handlers = handlers
         self.coordinator = coordinator
         self.apis = {codec.API_VERSIONS: self._api_versions, codec.METADATA: self._metadata,
                      codec.PRODUCE: self._produce, codec.FETCH: self._fetch, codec.LIST_OFFSETS: self._list_offsets,
                      codec.INIT_PRODUCER_ID: self._init_producer_id, codec.CREATE_TOPICS: self._create_topics,
-                     codec.DELETE_TOPICS: self._delete_topics, **(apis or {})}
+                     codec.DELETE_TOPICS: self._delete_topics,
+                     codec.OFFSET_FOR_LEADER_EPOCH: self._offset_for_leader_epoch,
+                     codec.DESCRIBE_CONFIGS: self._describe_configs, **(apis or {})}
 
     def handle(self, header: codec.RequestHeader, body, respond) -> None:
         self.apis[header.api_key](header, body, respond)
@@ -131,6 +140,12 @@ class KafkaService:
                          "producer_epoch": result["epoch"]})
 
         self.coordinator(wire.INIT_PRODUCER_ID, {}, answer)
+
+    def _describe_configs(self, header, body, respond) -> None:
+        topics = self.topics()
+        respond({"throttle_time_ms": 0, "results": [
+            configs.describe(r.resource_type, r.resource_name, r.configuration_keys, topics, self.node_id,
+                             bool(getattr(body, "include_synonyms", False))) for r in body.resources]})
 
     # -- CreateTopics, DeleteTopics: the coordinator's -------------------------------------------------
 
@@ -315,10 +330,9 @@ class KafkaService:
         for t in body.topics:
             for p in t.partitions:
                 epoch = getattr(p, "current_leader_epoch", -1)
-                spec = {EARLIEST: "earliest", LATEST: "latest"}.get(p.timestamp, p.timestamp)
                 asked.append((t.name, p.partition_index, p.timestamp))
-                parts.append([t.name, p.partition_index, spec, *(() if epoch < 0 else (epoch,))])
-        placement = self.topics()
+                parts.append([t.name, p.partition_index, OFFSET_SPECS.get(p.timestamp, p.timestamp),
+                              *(() if epoch < 0 else (epoch,))])
 
         def answered(result, _bulk, error) -> None:
             by_topic: dict[str, list] = {}
@@ -329,20 +343,49 @@ class KafkaService:
                     entry["error_code"] = (codec.NOT_LEADER_OR_FOLLOWER if error is None
                                            else codec.kafka_code(error.code))
                 else:
-                    code, _, offset, _, high_watermark = row
+                    code, _, offset, _, high_watermark, found_ms, leader_epoch = row
                     entry["error_code"] = codec.kafka_code(code)
-                    if code is None:
-                        # For a timestamp with no record at or after it Kafka answers offset -1.
-                        found = timestamp < 0 or offset < high_watermark
-                        entry["offset"] = offset if found else -1
-                        try:
-                            entry["leader_epoch"] = placement[topic]["partitions"][partition]["leader_epoch"]
-                        except (KeyError, IndexError):
-                            pass
+                    # For a time with no record at or after it Kafka answers offset -1 (the node: its bound,
+                    # the high watermark, with no timestamp found).
+                    none_found = timestamp not in OFFSET_SPECS and found_ms < 0
+                    if code is None and not none_found:
+                        entry.update(offset=offset, timestamp=found_ms, leader_epoch=leader_epoch)
                 by_topic.setdefault(topic, []).append(entry)
             respond({"throttle_time_ms": 0, "topics": [{"name": t, "partitions": p} for t, p in by_topic.items()]})
 
         if self.handlers is None:
             answered(None, (), None)
             return
-        self._call(wire.LIST_OFFSETS, {"parts": parts}, answered)
+        self._call(wire.LIST_OFFSETS, {"parts": parts, "detail": True}, answered)
+
+    # -- OffsetForLeaderEpoch --------------------------------------------------------------------------
+
+    def _offset_for_leader_epoch(self, header, body, respond) -> None:
+        """Where each asked leader epoch ends on this leader (``Node._epoch_end_offsets``): a consumer
+        whose position is past the end of the epoch it last read in was truncated (KIP-320). Fenced by
+        ``current_leader_epoch`` as Fetch is."""
+        asked = [(t.topic, p.partition, p.current_leader_epoch, p.leader_epoch)
+                 for t in body.topics for p in t.partitions]
+
+        def answered(result, _bulk, error) -> None:
+            by_topic: dict[str, list] = {}
+            rows = result["parts"] if result is not None else [None] * len(asked)
+            for (topic, partition, _, _), row in zip(asked, rows):
+                entry = {"partition": partition, "leader_epoch": -1, "end_offset": -1}
+                if row is None:
+                    entry["error_code"] = (codec.NOT_LEADER_OR_FOLLOWER if error is None
+                                           else codec.kafka_code(error.code))
+                else:
+                    code, _, epoch, end_offset = row
+                    entry["error_code"] = codec.kafka_code(code)
+                    if code is None:
+                        entry.update(leader_epoch=epoch, end_offset=end_offset)
+                by_topic.setdefault(topic, []).append(entry)
+            respond({"throttle_time_ms": 0, "topics": [{"topic": t, "partitions": p} for t, p in by_topic.items()]})
+
+        if self.handlers is None:
+            answered(None, (), None)
+            return
+        parts = [[topic, partition, None if current < 0 else current, epoch]
+                 for topic, partition, current, epoch in asked]
+        self._call(wire.EPOCH_END_OFFSETS, {"parts": parts}, answered)
