@@ -36,7 +36,7 @@ from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchB
 from tests.test_kafka_parts import ABORTED_KIO  # noqa: E402
 
 KCAT = shutil.which("kcat")
-TOPICS = {"kcat-in": 2, "bus-out": 2, "confluent": 3, "raw": 1, "fuzz": 2, "acks0": 1}
+TOPICS = {"kcat-in": 2, "bus-out": 2, "confluent": 3, "raw": 1, "fuzz": 2, "acks0": 1, "kcat-query": 1}
 CLIENT_S = 20  # a Kafka client command's timeout
 
 
@@ -179,6 +179,30 @@ def test_kcat_produces_and_the_bus_consumer_reads_the_same_records_at_the_same_o
     read = kcat("-b", kafka_cluster.kafka_bootstrap, "-C", "-t", "kcat-in", "-p", "1", "-e", "-f", "%o %k %T\\n")
     assert read.returncode == 0, read.stderr
     assert read.stdout.splitlines() == [f"{r.offset} {r.key.decode()} {r.timestamp_ms}" for r in records]
+
+
+@needs_kcat
+def test_kcat_queries_offsets_by_time_reads_from_an_offset_and_lists_a_topic_from_any_node(kafka_cluster):
+    ts = 1_700_000_000_000
+    acked = produce_bus(kafka_cluster, "kcat-query", 0, [(None, b"q%d" % i, None, ts + 100 * i) for i in range(10)])
+    assert [m.offset for m in acked] == list(range(10))
+    for timestamp, offset in ((ts + 250, 3), (ts, 0), (-2, 0), (-1, 10), (ts + 901, -1)):  # -1: none at or after it
+        queried = kcat("-b", kafka_cluster.kafka_bootstrap, "-Q", "-t", f"kcat-query:0:{timestamp}")
+        assert queried.returncode == 0, queried.stderr
+        assert queried.stdout.strip() == f"kcat-query [0] offset {offset}", timestamp
+    read = kcat("-b", kafka_cluster.kafka_bootstrap, "-C", "-t", "kcat-query", "-p", "0", "-o", "3", "-c", "4", "-e",
+                "-f", "%o %s\\n")
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.splitlines() == [f"{i} q{i}" for i in range(3, 7)]
+    with Admin(kafka_cluster.bootstrap) as admin:
+        state = admin.list_topics()["kcat-query"]["partitions"][0]
+    for node_id in kafka_cluster.node_ports:  # bootstrapped from a node: the same brokers, the same leader
+        listed = kcat("-b", kafka_cluster.kafka_address(node_id), "-L", "-t", "kcat-query")
+        assert listed.returncode == 0, listed.stderr
+        assert f"from broker {node_id}: " in listed.stdout and " 3 brokers:" in listed.stdout  # the nodes, the coordinator
+        assert f"broker {COORDINATOR_BROKER_ID} at {kafka_cluster.kafka_bootstrap}" in listed.stdout
+        assert (f"partition 0, leader {state['leader']}, replicas: {','.join(map(str, state['replicas']))}, "
+                f"isrs: {','.join(map(str, state['isr']))}") in listed.stdout
 
 
 def bus_records(count: int) -> list:
