@@ -263,25 +263,32 @@ def test_the_bus_producer_writes_and_kcat_and_kafka_python_read_exactly_those(ka
         consumer.close()
 
 
+class Deliveries:
+    """confluent-kafka's on_delivery: each delivered record's key -> (partition, offset), and the errors."""
+
+    def __init__(self):
+        self.by_key, self.failed = {}, []
+
+    def __call__(self, error, message) -> None:
+        if error is not None:
+            self.failed.append(error)
+        else:
+            self.by_key[message.key()] = (message.partition(), message.offset())
+
+
 def test_confluent_kafka_produces_1000_keyed_records_idempotent_with_acks_all_and_reads_them_back(kafka_cluster):
     from confluent_kafka import OFFSET_BEGINNING, Consumer as KConsumer, Producer as KProducer, TopicPartition
 
     bootstrap = kafka_cluster.kafka_bootstrap
     producer = KProducer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
                           "linger.ms": 5})
-    delivered, failed = {}, []
-
-    def on_delivery(error, message):
-        if error is not None:
-            failed.append(error)
-        else:
-            delivered[message.key()] = (message.partition(), message.offset())
-
+    deliveries = Deliveries()
     for i in range(1000):
-        producer.produce("confluent", key=b"key-%d" % i, value=b"value-%d" % i, on_delivery=on_delivery)
+        producer.produce("confluent", key=b"key-%d" % i, value=b"value-%d" % i, on_delivery=deliveries)
     assert producer.flush(CLIENT_S) == 0
     del producer
-    assert failed == [] and len(delivered) == 1000
+    delivered = deliveries.by_key
+    assert deliveries.failed == [] and len(delivered) == 1000
     by_partition = {}
     for key, (partition, offset) in delivered.items():
         by_partition.setdefault(partition, []).append(offset)

@@ -16,7 +16,7 @@ import pytest
 from bus import Admin, Producer
 from nodes.cluster import LocalCluster
 from tests.conftest import wait_for
-from tests.test_kafka import CLIENT_S, fetch_part, leader_address, read_bus
+from tests.test_kafka import CLIENT_S, Deliveries, fetch_part, leader_address, read_bus
 
 RECORDS = 10_000
 PARTITIONS = 3
@@ -105,22 +105,15 @@ def test_confluent_kafka_creates_produces_10000_idempotent_and_reads_them_back_a
     del admin
     sent = rows("confluent")
     producer = KProducer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
-    delivered, failed = {}, []
-
-    def on_delivery(error, message):
-        if error is not None:
-            failed.append(error)
-        else:
-            delivered[message.key()] = (message.partition(), message.offset())
-
+    deliveries = Deliveries()
     for key, value, headers, timestamp in sent:
-        producer.produce(topic, key=key, value=value, headers=headers, timestamp=timestamp, on_delivery=on_delivery)
+        producer.produce(topic, key=key, value=value, headers=headers, timestamp=timestamp, on_delivery=deliveries)
         producer.poll(0)
     assert producer.flush(CLIENT_S) == 0
     del producer
-    assert failed == []
+    assert deliveries.failed == []
     read = confluent_read(bootstrap, topic, RECORDS)
-    check_read(read, sent, delivered)
+    check_read(read, sent, deliveries.by_key)
     assert bus_view(clients_cluster, topic) == sort_rows(read)
     [producer_id] = producer_ids(clients_cluster, topic)
     assert producer_id >= 0
