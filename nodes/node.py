@@ -537,10 +537,11 @@ class Node:
         ``(-1, -1)`` when the epoch is newer than any here or none are kept)."""
         out = []
         for topic, partition, current_epoch, leader_epoch in request.args["parts"]:
+            leader_epoch = int(leader_epoch)  # before any part is answered: a bad one refuses the request
             try:
                 replica = self._replica_for(topic, partition)
                 replica.check_epoch(current_epoch)
-                epoch, end_offset = self.logs[(topic, partition)].end_offset_for_epoch(int(leader_epoch))
+                epoch, end_offset = self.logs[(topic, partition)].end_offset_for_epoch(leader_epoch)
                 out.append([None, None, epoch, end_offset])
             except BusError as exc:
                 out.append([exc.code, exc.message, -1, -1])

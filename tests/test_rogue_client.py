@@ -107,6 +107,13 @@ NODE_GARBAGE = [
      "INVALID_REQUEST"),
     ("list_offsets parts not a list", [packb([V, "list_offsets", 33, {"parts": 5}])], "INVALID_REQUEST"),
     ("fetch with bulk frames", [packb([V, "fetch", 34, {"parts": []}]), b"x"], "INVALID_REQUEST"),
+    ("epoch_end_offsets parts not a list", [packb([V, "epoch_end_offsets", 35, {"parts": 5}])], "INVALID_REQUEST"),
+    ("epoch_end_offsets part of wrong arity", [packb([V, "epoch_end_offsets", 36, {"parts": [["target", 0, 1]]}])],
+     "INVALID_REQUEST"),
+    ("epoch_end_offsets epoch not a number",
+     [packb([V, "epoch_end_offsets", 37, {"parts": [["target", 0, None, "one"]]}])], "INVALID_REQUEST"),
+    ("epoch_end_offsets current epoch not a number",
+     [packb([V, "epoch_end_offsets", 38, {"parts": [["target", 0, "one", 0]]}])], "INVALID_REQUEST"),
 ]
 
 COORDINATOR_GARBAGE = [
