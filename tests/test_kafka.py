@@ -7,6 +7,7 @@ shows a plain producer too.
 
 from __future__ import annotations
 
+import logging
 import random
 import select
 import shutil
@@ -669,14 +670,16 @@ def list_offset(address: str, topic: str, timestamp: int, version: int = 8, curr
 TS = 1_700_000_000_000
 
 
-def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_librdkafka_reads_across(make_cluster):
+def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_clients_read_across(make_cluster,
+                                                                                                    caplog):
     """Five records in epoch 0, the leader killed, three in epoch 1 on the new leader. OffsetForLeaderEpoch
     answers each epoch's end from the leader-epoch checkpoint; a Fetch or ListOffsets with an older epoch is
     FENCED_LEADER_EPOCH, with a newer one UNKNOWN_LEADER_EPOCH; ListOffsets names the epoch that appended the
-    offset it answers. A confluent-kafka consumer reading across the failover validates its position with
-    OffsetForLeaderEpoch (librdkafka does so after a leader change when the broker has it) and reads all
-    eight, once each."""
+    offset it answers. A confluent-kafka and a kafka-python consumer reading across the failover validate
+    their positions with OffsetForLeaderEpoch (both do so after a leader change when the broker has it,
+    KIP-320) and read all eight, once each."""
     from confluent_kafka import Consumer as KConsumer, TopicPartition
+    from kafka import KafkaConsumer, TopicPartition as KTopicPartition
 
     cluster = make_cluster(2, kafka_port=0)
     with Admin(cluster.bootstrap) as admin:
@@ -690,12 +693,23 @@ def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_l
                           "enable.auto.commit": False, "fetch.wait.max.ms": 100,
                           "topic.metadata.refresh.interval.ms": 500,
                           "debug": "protocol", "logger": _Collect(logs)})
-    got = []
+    other = KafkaConsumer(bootstrap_servers=cluster.kafka_bootstrap, enable_auto_commit=False,
+                          request_timeout_ms=10_000, metadata_max_age_ms=500)
+    got, other_got = [], []
+
+    def read(count: int) -> None:
+        deadline_s = time.monotonic() + CLIENT_S
+        while (len(got) < count or len(other_got) < count) and time.monotonic() < deadline_s:
+            got.extend(m for m in consumer.consume(num_messages=10, timeout=0.1) if m.error() is None)
+            for batch in other.poll(timeout_ms=100).values():
+                other_got.extend(batch)
+
+    caplog.set_level(logging.DEBUG, logger="kafka.consumer.fetcher")
     try:
         consumer.assign([TopicPartition("epochs", 0, 0)])
-        deadline_s = time.monotonic() + CLIENT_S
-        while len(got) < 5 and time.monotonic() < deadline_s:
-            got += [m for m in consumer.consume(num_messages=10, timeout=0.2) if m.error() is None]
+        other.assign([KTopicPartition("epochs", 0)])
+        other.seek(KTopicPartition("epochs", 0), 0)
+        read(5)
         cluster.kill_node(first)
 
         def new_leader():
@@ -711,15 +725,18 @@ def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_l
             for i in range(5, 8):
                 producer.send("epochs", b"v%d" % i, partition=0, timestamp_ms=TS + 10 * i)
             producer.flush(CLIENT_S)
-        deadline_s = time.monotonic() + CLIENT_S
-        while len(got) < 8 and time.monotonic() < deadline_s:
-            got += [m for m in consumer.consume(num_messages=10, timeout=0.2) if m.error() is None]
+        read(8)
     finally:
         consumer.close()
+        other.close()
     assert [(m.offset(), m.value()) for m in got] == [(i, b"v%d" % i) for i in range(8)]
+    assert [(r.offset, r.value) for r in other_got] == [(i, b"v%d" % i) for i in range(8)]
     # librdkafka 2.x asks v2; an answer it could not read would be logged as a failed validation, and a
     # truncation it believed in would have reset the position (a record read twice or skipped above)
-    assert any("Received OffsetForLeaderEpochResponse" in line for line in logs), "no position validated"
+    assert any("Received OffsetForLeaderEpochResponse" in line for line in logs), "librdkafka validated nothing"
+    assert "Sending OffsetForLeaderEpochRequest" in caplog.text, "kafka-python validated nothing"
+    # no error answered (its warnings and errors)
+    assert "OffsetForLeaderEpoch for" not in caplog.text and "from OffsetForLeaderEpoch" not in caplog.text
 
     assert epoch_end(leader, "epochs", 1, 0) == (0, 0, 5)  # epoch 0 ends where epoch 1 starts
     assert epoch_end(leader, "epochs", 1, 1, version=2) == (0, 1, 8)  # the latest: the log end
