@@ -7,6 +7,7 @@ shows a plain producer too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import select
@@ -790,7 +791,7 @@ def _batch_epochs(data: bytes) -> list:
 
 # -- DescribeConfigs ---------------------------------------------------------------------------------------
 
-def test_describe_configs_through_confluent_kafka_and_kafka_python_tell_the_topic_s_settings(kafka_cluster):
+def test_describe_configs_through_each_client_s_admin_tells_the_topic_s_settings(kafka_cluster):
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource, ResourceType
     from kafka.admin import ConfigResource as KConfigResource, ConfigResourceType, KafkaAdminClient
@@ -837,6 +838,24 @@ def test_describe_configs_through_confluent_kafka_and_kafka_python_tell_the_topi
         assert brokers["broker"]["1"]["message.max.bytes"]["value"] == str(16 << 20)
     finally:
         client.close()
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource as AConfigResource, ConfigResourceType as AType
+
+    async def aiokafka_describe():
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_cluster.kafka_bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            return await admin.describe_configs([AConfigResource(AType.TOPIC, "described",
+                                                                 {"retention.ms": None, "max.message.bytes": None})])
+        finally:
+            await admin.close()
+
+    [response] = asyncio.run(aiokafka_describe())
+    # aiokafka asks v2 and hands back its tuples: (error, message, type, name, [(name, value, ...), ...])
+    [(error_code, _, _, name, entries)] = response.resources
+    assert (error_code, name) == (0, "described")
+    assert sorted((config, value) for config, value, *_ in entries) == [
+        ("max.message.bytes", str(16 << 20)), ("retention.ms", "60000")]
     # asked directly: the coordinator answers topics too, and a broker not itself is INVALID_REQUEST
     for address in (kafka_cluster.kafka_bootstrap, kafka_cluster.kafka_address(1)):
         answer = request(address, DescribeConfigsRequest[4](resources=[
