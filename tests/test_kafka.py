@@ -856,12 +856,16 @@ def test_describe_configs_through_each_client_s_admin_tells_the_topic_s_settings
     assert (error_code, name) == (0, "described")
     assert sorted((config, value) for config, value, *_ in entries) == [
         ("max.message.bytes", str(16 << 20)), ("retention.ms", "60000")]
-    # asked directly: the coordinator answers topics too, and a broker not itself is INVALID_REQUEST
-    for address in (kafka_cluster.kafka_bootstrap, kafka_cluster.kafka_address(1)):
+    # asked directly: the coordinator answers topics too, and for a broker only itself (the coordinator is
+    # broker COORDINATOR_BROKER_ID): another is INVALID_REQUEST
+    for address, itself in ((kafka_cluster.kafka_bootstrap, COORDINATOR_BROKER_ID), (kafka_cluster.kafka_address(1), 1)):
         answer = request(address, DescribeConfigsRequest[4](resources=[
             DescribeConfigsRequest.DescribeConfigsResource(resource_type=2, resource_name="described",
                                                            configuration_keys=["retention.ms"]),
             DescribeConfigsRequest.DescribeConfigsResource(resource_type=4, resource_name="2",
-                                                           configuration_keys=None)], include_synonyms=False))
+                                                           configuration_keys=None),
+            DescribeConfigsRequest.DescribeConfigsResource(resource_type=4, resource_name=str(itself),
+                                                           configuration_keys=["message.max.bytes"])],
+            include_synonyms=False))
         assert [(r.error_code, [(c.name, c.value) for c in r.configs]) for r in answer.results] == [
-            (0, [("retention.ms", "60000")]), (42, [])]
+            (0, [("retention.ms", "60000")]), (42, []), (0, [("message.max.bytes", str(16 << 20))])]
