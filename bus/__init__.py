@@ -29,13 +29,14 @@ _PUBLIC = {
     "TopicPartition": "records",
 }
 
-# public submodules, loaded on first use like the names above (``bus.serializers.json_serializer``)
-_SUBMODULES = ("errors", "serializers")
+# public submodules, loaded on first use like the names above (``bus.serializers.json_serializer``,
+# ``bus.aio.Producer``: the asyncio clients)
+_SUBMODULES = ("aio", "errors", "serializers")
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 
 if TYPE_CHECKING:
-    from . import errors, serializers
+    from . import aio, errors, serializers
     from .admin import Admin
     from .consumer import Consumer
     from .errors import BusError

@@ -260,6 +260,18 @@ class GroupMember:
         if self.enable_auto_commit:
             self._maybe_auto_commit(now_ms)
 
+    def on_poll_is_quick(self) -> bool:
+        """Whether ``on_poll()`` would now make no request, wait for no heartbeat and call no callback: nothing
+        to reconcile, not lost, not lapsed. bus.aio polls in the event loop's thread only then (and in a worker
+        thread otherwise), so that a rebalance's commits and offset fetches never block the loop."""
+        with self._lock:
+            if self.reconcile_pending or self._join_error is not None:
+                return False
+            if self._state == JOINING:
+                return True
+            return (self._state == MEMBER and self._granted == self._applied and not self._adding
+                    and not self._lapsed(monotonic_ms()))
+
     def on_records(self, records) -> bool:
         """End of every poll(): from now on the user's handler runs, timed by max_poll_interval_ms.
 
