@@ -17,7 +17,6 @@ import bus
 import bus.aio
 from bus.errors import BufferFull
 from nodes.cluster import LocalCluster
-from tests.conftest import wait_for
 
 
 @pytest.fixture(scope="module")
