@@ -18,7 +18,7 @@ from bus.batch import pack_batch, stamp
 from bus.clock import LOOP_WAIT_MS_MAX
 from bus.errors import CorruptRecord
 from bus.producer import FutureList, ProducerBatch, RecordFuture
-from bus.rotation import take_in_turn
+from bus.rotation import take_draining, take_in_turn
 from tests.conftest import wait_for
 
 
@@ -162,6 +162,24 @@ def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
     assert served == [("a", 100), ("b", 40), ("c", 60), ("a", 100), ("c", 100), ("a", 50), ("c", 50), ("c", 100)]
     assert list(ready) == ["c"] and left == {"a": 0, "b": 0, "c": 690}
     assert take_in_turn(ready, 0, take) == 0 and take_in_turn(OrderedDict(), 10, take) == 0
+
+
+def test_take_draining_the_bench_baseline_drains_each_key_before_the_next():
+    ready = OrderedDict.fromkeys("abc")
+    left = {"a": 250, "b": 40, "c": 1000}
+    served = []
+
+    def take(key, n):
+        k = min(n, left[key])
+        left[key] -= k
+        served.append((key, k))
+        return k, left[key] > 0
+
+    for _ in range(4):
+        assert take_draining(ready, 100, take) == 100
+    # a to its end (over three polls), then b, then c: the order before fair polling
+    assert served == [("a", 100), ("a", 100), ("a", 50), ("b", 40), ("c", 10), ("c", 100)]
+    assert list(ready) == ["c"] and left == {"a": 0, "b": 0, "c": 890}
 
 
 @pytest.mark.parametrize("seed", range(20))
