@@ -27,6 +27,7 @@ _PUBLIC = {
     "RecordFuture": "producer",
     "RecordMetadata": "records",
     "TopicPartition": "records",
+    "run_consumers": "fork_guard",
 }
 
 # public submodules, loaded on first use like the names above (``bus.serializers.json_serializer``,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .consumer import Consumer
     from .errors import BusError
     from .producer import FutureList, Producer, RecordFuture
+    from .fork_guard import run_consumers
     from .records import Record, RecordMetadata, TopicPartition
 
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from . import admin as _admin, consumer as _consumer, producer as _producer
+from . import admin as _admin, consumer as _consumer, fork_guard, producer as _producer
 from .errors import BufferFull, ClosedError
 from .records import Record, RecordMetadata
 
@@ -42,32 +42,32 @@ def _worker(name: str, threads: int = 1) -> concurrent.futures.ThreadPoolExecuto
     return concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
 
-class RecordAwaitable:
+class RecordAwaitable(tuple):
     """The outcome of one ``Producer.send()``: ``await`` it for RecordMetadata, or the record's typed error.
 
     Not a coroutine (nothing to warn about when it is never awaited: sends are fire-and-forget until
-    ``flush()``) and not a future per record: a (watch, batch, index) triple, where the watch is the batch's
-    list of waiting loop futures. Awaiting makes one loop future only if the batch is not done yet; its
-    cancellation touches no other record's.
+    ``flush()``) and not a future per record: the sync RecordFuture's (batch, index) pair, made with one C
+    call as that is. The loop futures that wait are the batch's (``ProducerBatch.aio_watch``): awaiting makes
+    one only if the batch is not done yet, and its cancellation touches no other record's.
     """
 
-    __slots__ = ("_watch", "_batch", "_index")
-
-    def __init__(self, watch: _BatchWatch | None, batch, index: int):
-        self._watch, self._batch, self._index = watch, batch, index
+    __slots__ = ()
 
     def done(self) -> bool:
-        return self._batch.done.is_set()
+        return self[0].done.is_set()
 
     def __await__(self):
-        batch = self._batch
+        batch = self[0]
         if not batch.done.is_set():
-            waiter = self._watch.loop.create_future()
-            self._watch.waiters.append(waiter)
+            waiter = batch.aio_watch.loop.create_future()
+            batch.aio_watch.waiters.append(waiter)
             yield from waiter.__await__()
         if batch.error is not None:
             raise batch.error
-        return batch.metadata(self._index)
+        return batch.metadata(self[1])
+
+
+_new_awaitable = tuple.__new__
 
 
 class _BatchWatch:
@@ -124,32 +124,38 @@ class Producer:
     def __init__(self, bootstrap: str | None = None, **options: Any):
         self._sync = _producer.Producer(bootstrap, **options)
         self._worker = _worker("bus-aio-producer")
-        self._watches: dict = {}  # ProducerBatch -> _BatchWatch, until the batch completes
         # Sends waiting to be handed to the sync producer, in order: [(send's arguments, loop future of its
         # RecordFuture)]; and the task that hands them over.
         self._deferred: deque = deque()
         self._drainer: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        fork_guard.register(self)
 
     @property
     def bootstrap(self) -> str:
         return self._sync.bootstrap
 
     def send(self, topic: str, value: bytes | None, key: bytes | None = None, headers=None,
-             partition: int | None = None, timestamp_ms: int | None = None):
+             partition: int | None = None, timestamp_ms: int | None = None) -> RecordAwaitable:
         """Queue one record (the arguments of ``bus.Producer.send``); returns an awaitable of its
         RecordMetadata. Call it from the event loop's thread."""
-        if self._closed:
-            raise ClosedError("send() on a closed Producer")
+        # The hot path, once per record: the sync send() when it cannot block (the topic known, room for the
+        # largest record, nothing queued before it), the batch's watch made by its first record only.
         sync = self._sync
         try:
-            known = topic in sync._partition_counts
+            inline = (not self._deferred and not self._closed and sync._free_bytes >= sync._record_bytes_max
+                      and topic in sync._partition_counts)
         except TypeError:  # an unhashable topic: the sync send() names it
-            known = True
-        if self._deferred or not known or sync._free_bytes < sync._record_bytes_max:
+            inline = True
+        if not inline:
+            if self._closed:
+                raise ClosedError("send() on a closed Producer")
             return self._send_deferred((topic, value, key, headers, partition, timestamp_ms))
-        return self._awaitable(sync.send(topic, value, key, headers, partition, timestamp_ms))
+        future = sync.send(topic, value, key, headers, partition, timestamp_ms)
+        if future[0].aio_watch is None:
+            self._watch(future)
+        return _new_awaitable(RecordAwaitable, future)
 
     def _send_deferred(self, args: tuple) -> _DeferredSend:
         """Queue a send behind those already waiting (in order: a partition's records keep their order)."""
@@ -191,27 +197,26 @@ class Producer:
         finally:
             self._drainer = None
 
-    def _awaitable(self, record_future) -> RecordAwaitable:
-        """The awaitable of a sync RecordFuture: the first record of each batch registers the batch's one
-        completion callback."""
-        batch, index = record_future
-        watch = self._watches.get(batch)
-        if watch is None and not batch.done.is_set():
-            watch = self._watches[batch] = _BatchWatch(self._running_loop())
-            loop = watch.loop
+    def _awaitable(self, future) -> RecordAwaitable:
+        """The awaitable of a sync RecordFuture (a deferred send's, once handed over)."""
+        if future[0].aio_watch is None:
+            self._watch(future)
+        return _new_awaitable(RecordAwaitable, future)
 
-            def completed(_metadata, _error, batch=batch, watch=watch) -> None:  # in the sender thread
-                try:
-                    loop.call_soon_threadsafe(self._settle, batch, watch)
-                except RuntimeError:  # the loop is closed: no one is left waiting
-                    pass
+    def _watch(self, future) -> None:
+        """The first record of a batch: give the batch its watch and its one completion callback, which the
+        sender thread runs and which settles the watch in the loop."""
+        batch = future[0]
+        watch = batch.aio_watch = _BatchWatch(self._running_loop())
+        call_soon_threadsafe = watch.loop.call_soon_threadsafe
 
-            record_future.add_callback(completed)
-        return RecordAwaitable(watch, batch, index)
+        def completed(_metadata, _error) -> None:  # in the sender thread
+            try:
+                call_soon_threadsafe(watch.settle)
+            except RuntimeError:  # the loop is closed: no one is left waiting
+                pass
 
-    def _settle(self, batch, watch: _BatchWatch) -> None:
-        self._watches.pop(batch, None)
-        watch.settle()
+        future.add_callback(completed)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -266,6 +271,7 @@ class Consumer:
         self._poller = _worker("bus-aio-poll")
         self._worker = _worker("bus-aio-consumer")
         self._polls_in_thread = 0  # while one is in the poll thread, polls go there too (it holds _poll_lock)
+        fork_guard.register(self)
 
     def _call(self, fn, *args) -> asyncio.Future:
         if self._sync._closed:
@@ -433,6 +439,7 @@ class Admin:
     def __init__(self, bootstrap: str | None = None, **options: Any):
         self._sync = _admin.Admin(bootstrap, **options)
         self._worker = _worker("bus-aio-admin")
+        fork_guard.register(self)
 
     create_topic = _in_worker("create_topic")
     delete_topic = _in_worker("delete_topic")

@@ -36,6 +36,7 @@ from collections import OrderedDict, deque
 
 import zmq
 
+from . import fork_guard
 from .batch import HEADER_BYTES, iter_batches, read_columns
 from .connection import Requester
 from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, SerializationError, Timeout
@@ -187,6 +188,7 @@ class Consumer:
             except BaseException:
                 self.close()  # e.g. a ConfigError from the group options: leave no thread behind
                 raise
+        fork_guard.register(self)  # in a forked child, every call raises ForkedError instead of hanging
 
     # -- assignment and positions ------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from itertools import accumulate as _accumulate, repeat as _repeat
 
 import zmq
 
-from . import gil
+from . import fork_guard, gil
 from .batch import CODECS, UNCOMPRESSED_BYTES_MAX
 from .connection import Requester
 from .errors import (BufferFull, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, SerializationError, Timeout,
@@ -168,7 +168,8 @@ class ProducerBatch:
 
     __slots__ = ("topic", "partition", "flat", "count", "bytes", "created_s",
                  "deadline_s", "done", "base_offset", "append_ts_ms", "error", "callbacks", "payload",
-                 "producer_id", "producer_epoch", "sequence", "sent", "attempts", "maybe_written", "last_error")
+                 "producer_id", "producer_epoch", "sequence", "sent", "attempts", "maybe_written", "last_error",
+                 "aio_watch")
 
     def __init__(self, topic, partition, created_s, deadline_s):
         self.topic, self.partition = topic, partition
@@ -189,6 +190,7 @@ class ProducerBatch:
         # was not committed): only then may the batch be stored although it failed.
         self.maybe_written = False
         self.last_error = None  # the last retriable error an attempt met
+        self.aio_watch = None  # bus.aio: the event loop's tasks awaiting this batch's records (bus/aio.py)
 
     def complete(self, base_offset: int, error: BaseException | None, append_ts_ms: int = -1) -> None:
         self.base_offset, self.error, self.append_ts_ms = base_offset, error, append_ts_ms
@@ -381,6 +383,7 @@ class Producer:
         gil.acquire()
         self._sender.start()
         self._partition_counts: dict[str, int] = {}
+        fork_guard.register(self)  # in a forked child, every call raises ForkedError instead of hanging
 
     # -- sending -----------------------------------------------------------------------------------
 
