@@ -29,6 +29,7 @@ from typing import Any
 
 from . import admin as _admin, consumer as _consumer, fork_guard, producer as _producer
 from .errors import BufferFull, ClosedError
+from .producer import RecordFuture
 from .records import Record, RecordMetadata
 
 # Sends that must wait before the sync producer takes them (the first records of a topic whose partition
@@ -40,34 +41,6 @@ DEFERRED_SENDS_MAX = 100_000
 
 def _worker(name: str, threads: int = 1) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
-
-
-class RecordAwaitable(tuple):
-    """The outcome of one ``Producer.send()``: ``await`` it for RecordMetadata, or the record's typed error.
-
-    Not a coroutine (nothing to warn about when it is never awaited: sends are fire-and-forget until
-    ``flush()``) and not a future per record: the sync RecordFuture's (batch, index) pair, made with one C
-    call as that is. The loop futures that wait are the batch's (``ProducerBatch.aio_watch``): awaiting makes
-    one only if the batch is not done yet, and its cancellation touches no other record's.
-    """
-
-    __slots__ = ()
-
-    def done(self) -> bool:
-        return self[0].done.is_set()
-
-    def __await__(self):
-        batch = self[0]
-        if not batch.done.is_set():
-            waiter = batch.aio_watch.loop.create_future()
-            batch.aio_watch.waiters.append(waiter)
-            yield from waiter.__await__()
-        if batch.error is not None:
-            raise batch.error
-        return batch.metadata(self[1])
-
-
-_new_awaitable = tuple.__new__
 
 
 class _BatchWatch:
@@ -101,7 +74,7 @@ class _DeferredSend:
 
     def __await__(self):
         record_future = yield from asyncio.shield(self._queued).__await__()
-        return (yield from self._producer._awaitable(record_future).__await__())
+        return (yield from record_future.__await__())
 
 
 class Producer:
@@ -123,6 +96,7 @@ class Producer:
 
     def __init__(self, bootstrap: str | None = None, **options: Any):
         self._sync = _producer.Producer(bootstrap, **options)
+        self._sync._on_new_batch = self._watch
         self._worker = _worker("bus-aio-producer")
         # Sends waiting to be handed to the sync producer, in order: [(send's arguments, loop future of its
         # RecordFuture)]; and the task that hands them over.
@@ -137,11 +111,15 @@ class Producer:
         return self._sync.bootstrap
 
     def send(self, topic: str, value: bytes | None, key: bytes | None = None, headers=None,
-             partition: int | None = None, timestamp_ms: int | None = None) -> RecordAwaitable:
-        """Queue one record (the arguments of ``bus.Producer.send``); returns an awaitable of its
-        RecordMetadata. Call it from the event loop's thread."""
+             partition: int | None = None, timestamp_ms: int | None = None) -> RecordFuture:
+        """Queue one record (the arguments of ``bus.Producer.send``); returns its RecordFuture, to be awaited
+        for its RecordMetadata (not get(): that would block the loop). Call it from the event loop's thread.
+
+        Not a coroutine (nothing to warn about when it is never awaited: sends are fire-and-forget until
+        ``flush()``) and not a loop future per record: the sync send()'s own future, whose batch's watch
+        wakes the tasks awaiting it (``RecordFuture.__await__``)."""
         # The hot path, once per record: the sync send() when it cannot block (the topic known, room for the
-        # largest record, nothing queued before it), the batch's watch made by its first record only.
+        # largest record, nothing queued before it). Each batch gets its watch as it opens (_watch).
         sync = self._sync
         try:
             inline = (not self._deferred and not self._closed and sync._free_bytes >= sync._record_bytes_max
@@ -152,10 +130,7 @@ class Producer:
             if self._closed:
                 raise ClosedError("send() on a closed Producer")
             return self._send_deferred((topic, value, key, headers, partition, timestamp_ms))
-        future = sync.send(topic, value, key, headers, partition, timestamp_ms)
-        if future[0].aio_watch is None:
-            self._watch(future)
-        return _new_awaitable(RecordAwaitable, future)
+        return sync.send(topic, value, key, headers, partition, timestamp_ms)
 
     def _send_deferred(self, args: tuple) -> _DeferredSend:
         """Queue a send behind those already waiting (in order: a partition's records keep their order)."""
@@ -197,17 +172,11 @@ class Producer:
         finally:
             self._drainer = None
 
-    def _awaitable(self, future) -> RecordAwaitable:
-        """The awaitable of a sync RecordFuture (a deferred send's, once handed over)."""
-        if future[0].aio_watch is None:
-            self._watch(future)
-        return _new_awaitable(RecordAwaitable, future)
-
-    def _watch(self, future) -> None:
-        """The first record of a batch: give the batch its watch and its one completion callback, which the
-        sender thread runs and which settles the watch in the loop."""
-        batch = future[0]
-        watch = batch.aio_watch = _BatchWatch(self._running_loop())
+    def _watch(self, batch) -> None:
+        """``on_new_batch`` of the sync producer (under its lock, in the loop's thread or the worker's): give
+        the batch its watch and its one completion callback, which the sender thread runs and which settles
+        the watch in the loop."""
+        watch = batch.aio_watch = _BatchWatch(self._loop or asyncio.get_running_loop())
         call_soon_threadsafe = watch.loop.call_soon_threadsafe
 
         def completed(_metadata, _error) -> None:  # in the sender thread
@@ -216,13 +185,17 @@ class Producer:
             except RuntimeError:  # the loop is closed: no one is left waiting
                 pass
 
-        future.add_callback(completed)
+        _producer.RecordFuture((batch, 0)).add_callback(completed)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         return loop
+
+    def metrics(self) -> dict:
+        """``bus.Producer.metrics()``, with ``sends_waiting``: sends queued behind a lookup or a full buffer."""
+        return {**self._sync.metrics(), "sends_waiting": len(self._deferred)}
 
     async def _handed_over(self) -> None:
         """Wait until every send waiting in the queue is handed to the sync producer."""
@@ -383,6 +356,10 @@ class Consumer:
     def paused(self) -> set:
         return self._sync.paused()
 
+    def metrics(self) -> dict:
+        """``bus.Consumer.metrics()``: counters read from memory, no request."""
+        return self._sync.metrics()
+
     def assignment(self) -> set:
         return self._sync.assignment()
 
@@ -468,4 +445,4 @@ class Admin:
         await self.close()
 
 
-__all__ = ["Admin", "Consumer", "Producer", "RecordAwaitable", "RecordMetadata", "DEFERRED_SENDS_MAX"]
+__all__ = ["Admin", "Consumer", "Producer", "RecordFuture", "RecordMetadata", "DEFERRED_SENDS_MAX"]

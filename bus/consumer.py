@@ -169,6 +169,8 @@ class Consumer:
         self._ready: OrderedDict = OrderedDict()
         self._paused: set = set()  # assigned partitions pause() took out of the rotation and the fetches
         self._chunk_bytes = 0  # bytes of every partition's held chunks (held_bytes), against prefetch_bytes_max
+        self._records_consumed = 0  # records poll() handed out, for metrics()
+        self._bytes_fetched = 0  # bytes of the fetched chunks taken into the buffer, for metrics()
         self._closed = False
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
@@ -439,6 +441,7 @@ class Consumer:
             records = self._poll(timeout_ms, max_records)
             if records and (self.key_deserializer is not None or self.value_deserializer is not None):
                 records = self._deserialized(records)
+            self._records_consumed += len(records)
             return records
 
     def _deserialized(self, records: list) -> list:
@@ -767,6 +770,7 @@ class Consumer:
                 state.chunks.append((offset, data))
                 state.held_bytes += len(data)
                 self._chunk_bytes += len(data)
+                self._bytes_fetched += len(data)
                 if tp not in self._ready and tp not in self._paused:
                     self._ready[tp] = None  # at the end of the rotation
                 arrived = True
@@ -796,6 +800,24 @@ class Consumer:
             if state is not None and state.epoch == epoch:
                 state.error = error
                 self._data.notify_all()
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """Counters since the consumer was made, as kafka-python's metrics() holds them (snake_case names):
+        ``records_consumed`` (handed out by poll(); put back records not counted), ``bytes_fetched``,
+        ``fetch_requests``, ``fetch_errors``, ``buffered_bytes`` (the prefetch buffer now), and per assigned
+        partition ``lag`` ({(topic, partition): log end offset - position}, where both are known; the log
+        end is the high watermark the last fetch saw), ``records_lag_max`` the largest of them."""
+        self._check_open("metrics()")
+        fetcher = self._fetcher
+        with self._lock:
+            lag = {tp: max(0, s.log_end - s.position) for tp, s in self._states.items()
+                   if s.log_end is not None and s.position is not None}
+            out = {"records_consumed": self._records_consumed, "bytes_fetched": self._bytes_fetched,
+                   "fetch_requests": fetcher.fetch_requests, "fetch_errors": fetcher.fetch_errors,
+                   "buffered_bytes": self._chunk_bytes}
+        return {**out, "lag": lag, "records_lag_max": max(lag.values(), default=0)}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

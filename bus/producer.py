@@ -243,6 +243,23 @@ class RecordFuture(tuple):
             raise Timeout(f"record not completed within {timeout} s")
         return self._batch.error
 
+    def __await__(self):
+        """bus.aio: ``await`` a record a ``bus.aio.Producer`` sent, in its event loop, for its RecordMetadata or
+        its error. The loop futures that wait are the batch's (``ProducerBatch.aio_watch``, settled in the loop
+        by the batch's one completion callback): one is made only if the batch is not done yet, and its
+        cancellation touches no other record's."""
+        batch = self[0]
+        if not batch.done.is_set():
+            watch = batch.aio_watch
+            if watch is None:
+                raise TypeError("only records sent by a bus.aio.Producer can be awaited; use get() with bus.Producer")
+            waiter = watch.loop.create_future()
+            watch.waiters.append(waiter)
+            yield from waiter.__await__()
+        if batch.error is not None:
+            raise batch.error
+        return batch.metadata(self[1])
+
     def add_callback(self, fn) -> None:
         """``fn(metadata, exception)`` once the record is acknowledged or failed (at once if it already is)."""
         batch = self._batch
@@ -371,6 +388,9 @@ class Producer:
         self._rotation: dict[str, int] = {}
         self._closed = False
         self._flush_requested = False
+        # Called with each batch as it opens, under _lock: bus.aio's producer gives it the watch its records
+        # are awaited through (one per batch, so that send() itself does nothing more per record).
+        self._on_new_batch = None
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, metadata_timeout_ms)
 
@@ -630,6 +650,8 @@ class Producer:
             now_s = time.monotonic()
             batch = self._open[(topic, partition)] = ProducerBatch(
                 topic, partition, now_s, now_s + self.delivery_timeout_s)
+            if self._on_new_batch is not None:
+                self._on_new_batch(batch)
             self._wake()
         if sticky:
             self._sticky_open[topic] = batch
@@ -675,6 +697,25 @@ class Producer:
             self._free_bytes += batch.bytes
             assert self._free_bytes <= self.buffer_bytes
             self._space.notify_all()
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """Counters since the producer was made, as kafka-python's metrics() holds them (snake_case names):
+        records and bytes acknowledged (``records_sent``, ``bytes_sent``: buffer bytes, as ``batch_bytes``
+        counts them; with acks=0, sent), ``batches_sent``, ``requests_sent``, ``retries`` (batch attempts
+        retried), ``record_errors`` / ``batch_errors`` (completed with an error), ``requests_in_flight``,
+        ``batches_in_flight``, ``buffer_bytes_used`` and ``buffer_bytes_total``, ``batch_records_avg``.
+        Read without stopping the sender, so two counters may be a batch apart."""
+        sender = self._sender
+        in_flight = list(sender.in_flight.values())
+        return {"records_sent": sender.records_acked, "bytes_sent": sender.bytes_acked,
+                "batches_sent": sender.batches_acked, "requests_sent": sender.requests_sent,
+                "retries": sender.retries, "record_errors": sender.records_failed,
+                "batch_errors": sender.batches_failed, "requests_in_flight": len(in_flight),
+                "batches_in_flight": sum(len(batches) for _, batches, _ in in_flight),
+                "buffer_bytes_used": self.buffer_bytes - self._free_bytes, "buffer_bytes_total": self.buffer_bytes,
+                "batch_records_avg": sender.records_acked / sender.batches_acked if sender.batches_acked else 0.0}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -79,6 +79,13 @@ class Sender(BackgroundIO):
         self.in_flight: dict[int, tuple] = {}  # request id -> (node id, batches, deadline_s)
         self.node_in_flight: dict[int, int] = {}
         self.producer_ids: list | None = None  # [producer_id, epoch] for new partition queues
+        # For Producer.metrics(): written by this thread only, read unlocked (plain ints), once per batch or
+        # request, never per record.
+        self.requests_sent = 0  # produce requests handed to a socket
+        self.batch_attempts = 0  # batches in them (a retried batch counts once per attempt)
+        self.retries = 0  # batch attempts that failed retriably and were queued again
+        self.records_acked = self.bytes_acked = self.batches_acked = 0  # acknowledged (or sent, with acks=0)
+        self.records_failed = self.batches_failed = 0  # completed with an error
 
     # -- the loop (bus/background.py runs it) ------------------------------------------------------
 
@@ -235,6 +242,8 @@ class Sender(BackgroundIO):
         for batch in batches:
             batch.sent = True
             batch.attempts += 1
+        self.requests_sent += 1
+        self.batch_attempts += len(batches)
         try:
             connection.send(wire.PRODUCE, args, [b.payload for b in batches], request_id=request_id)
         except zmq.ZMQError as exc:
@@ -290,6 +299,7 @@ class Sender(BackgroundIO):
             queue.in_flight -= 1
         queue.retrying = True
         queue.not_before_s = time.monotonic() + self.retry_backoff_s
+        self.retries += 1
         bisect.insort(queue.queue, batch, key=lambda b: b.sequence)
         log.debug("retrying %s/%s seq %d after %s", batch.topic, batch.partition, batch.sequence, exc)
 
@@ -303,6 +313,13 @@ class Sender(BackgroundIO):
         self._finish(batch, -1, exc)
 
     def _finish(self, batch, base_offset: int, exc: BusError | None, append_ts_ms: int = -1) -> None:
+        if exc is None:
+            self.batches_acked += 1
+            self.records_acked += batch.count
+            self.bytes_acked += batch.bytes
+        else:
+            self.batches_failed += 1
+            self.records_failed += batch.count
         batch.complete(base_offset, exc, append_ts_ms)
         self.producer._release(batch)
 

@@ -286,3 +286,40 @@ def test_every_call_after_close_is_a_closed_error(clients):
         assert [r async for r in consumer] == []  # iterating a closed consumer just ends
 
     run(body())
+
+
+def test_metrics_count_what_was_sent_fetched_and_consumed_and_the_lag(clients):
+    topic = f"conf-metrics-{clients.kind}"
+
+    async def body():
+        async with clients.admin() as admin:
+            await admin.create_topic(topic, 1, exist_ok=True)
+        async with clients.producer() as producer:
+            assert producer.metrics()["records_sent"] == 0
+            for i in range(100):
+                producer.send(topic, b"%03d" % i)
+            await producer.flush()
+            sent = producer.metrics()
+            assert sent["records_sent"] == 100 and sent["bytes_sent"] >= 300
+            assert 1 <= sent["requests_sent"] and 1 <= sent["batches_sent"] <= 100
+            assert sent["record_errors"] == sent["batch_errors"] == sent["retries"] == 0
+            # (the buffer is released just after a batch completes: not asserted here, it may be a batch behind)
+            assert sent["requests_in_flight"] == 0 and sent["buffer_bytes_total"] == 64 << 20
+            assert sent["batch_records_avg"] == 100 / sent["batches_sent"]
+            async with clients.consumer(auto_offset_reset="earliest") as consumer:
+                await consumer.assign([(topic, 0)])
+                assert len(await poll_until(consumer, 100)) == 100
+                got = consumer.metrics()
+                assert got["records_consumed"] == 100 and got["bytes_fetched"] >= 300 and got["fetch_requests"] >= 1
+                assert got["fetch_errors"] == 0 and got["lag"] == {(topic, 0): 0}
+                for i in range(10):  # ten more, fetched but not polled: a lag of ten
+                    producer.send(topic, b"late")
+                await producer.flush()
+                loop = asyncio.get_running_loop()
+                deadline_s = loop.time() + 10
+                while consumer.metrics()["lag"] != {(topic, 0): 10}:
+                    assert loop.time() < deadline_s, consumer.metrics()
+                    await asyncio.sleep(0.02)
+                assert consumer.metrics()["records_lag_max"] == 10
+
+    run(body())
