@@ -37,6 +37,9 @@ from .records import Record, RecordMetadata
 # raises BufferFull at once rather than hold records without bound. send() cannot block the loop, so this
 # queue is what stands for the sync send()'s wait of up to max_block_ms.
 DEFERRED_SENDS_MAX = 100_000
+# A poll waiting in the loop for records looks again at least this often (a rebalance to act on, an error, a
+# close: the notifications that wake it at once are the fetch replies').
+WAIT_SLICE_MS = 50
 
 
 def _worker(name: str, threads: int = 1) -> concurrent.futures.ThreadPoolExecutor:
@@ -77,7 +80,20 @@ class _DeferredSend:
         return (yield from record_future.__await__())
 
 
-class Producer:
+class _Closing:
+    """``async with`` for the clients below: closes on the way out."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class Producer(_Closing):
     """bus.Producer for asyncio: the same keyword options (``help(bus.Producer)``), errors and guarantees.
 
     ``send()`` is a plain call that never blocks the loop and returns an awaitable of RecordMetadata, so many
@@ -220,14 +236,8 @@ class Producer:
         finally:
             self._worker.shutdown(wait=False)
 
-    async def __aenter__(self) -> Producer:
-        return self
 
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
-
-
-class Consumer:
+class Consumer(_Closing):
     """bus.Consumer for asyncio: the same arguments and group options (``help(bus.Consumer)``), errors and
     guarantees.
 
@@ -244,6 +254,9 @@ class Consumer:
         self._poller = _worker("bus-aio-poll")
         self._worker = _worker("bus-aio-consumer")
         self._polls_in_thread = 0  # while one is in the poll thread, polls go there too (it holds _poll_lock)
+        # The loop whose event the consumer's notifications set (Consumer._data.on_notify), and that event.
+        self._signal_loop: asyncio.AbstractEventLoop | None = None
+        self._signal_event: asyncio.Event | None = None
         fork_guard.register(self)
 
     def _call(self, fn, *args) -> asyncio.Future:
@@ -252,17 +265,50 @@ class Consumer:
         return asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def poll(self, timeout_ms: int = 1000, max_records: int = 10_000) -> list[Record]:
-        """Records as ``bus.Consumer.poll``: taken in the loop's thread when some are buffered and the group
-        has nothing to reconcile; otherwise waited for in the consumer's poll thread. A cancelled poll puts
-        back what it took (its partitions' positions return to those records), so cancelling loses none."""
+        """Records as ``bus.Consumer.poll``. Taken in the loop's thread when the group has nothing to reconcile,
+        and waited for in the loop too (woken once per fetch reply that brings data, or every WAIT_SLICE_MS
+        to look again); while the group has a rebalance to act on (commits, offset fetches, callbacks) the
+        poll runs in the consumer's poll thread instead. A cancelled poll puts back what that thread took
+        (its partitions' positions return to those records), so cancelling loses none."""
         sync = self._sync
-        group = sync._group
-        if not self._polls_in_thread and (group is None or group.on_poll_is_quick()):
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + max(0, timeout_ms) / 1000
+        while True:
+            group = sync._group
+            if self._polls_in_thread or not (group is None or group.on_poll_is_quick()):
+                remaining_ms = max(0, int((deadline_s - loop.time()) * 1000))
+                return await self._poll_waiting_in_thread(remaining_ms, max_records)
             # Nothing can block here: sync.poll's lock is free (no poll is in the thread), the group has no
             # request to make, and a timeout of 0 waits for nothing.
             records = sync.poll(0, max_records)
-            if records or timeout_ms <= 0:
+            remaining_s = deadline_s - loop.time()
+            if records or remaining_s <= 0:
                 return records
+            arrived = self._arrived(loop)
+            arrived.clear()  # before yielding: a notify from now on sets it again
+            try:
+                await asyncio.wait_for(arrived.wait(), min(remaining_s, WAIT_SLICE_MS / 1000))
+            except asyncio.TimeoutError:
+                pass
+
+    def _arrived(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+        """The event the consumer's notifications set in ``loop`` (made anew for another loop)."""
+        if self._signal_loop is not loop:
+            event = asyncio.Event()
+            call_soon_threadsafe = loop.call_soon_threadsafe
+
+            def notified() -> None:  # any thread, under the consumer's lock: only schedules
+                try:
+                    call_soon_threadsafe(event.set)
+                except RuntimeError:  # that loop is closed
+                    pass
+
+            self._signal_loop, self._signal_event = loop, event
+            self._sync._data.on_notify = notified
+        return self._signal_event
+
+    async def _poll_waiting_in_thread(self, timeout_ms: int, max_records: int) -> list[Record]:
+        sync = self._sync
         if sync._closed:
             sync.poll(0)  # its ClosedError (the threads are gone)
         token = _ThreadPoll()
@@ -376,12 +422,6 @@ class Consumer:
             self._worker.shutdown(wait=False)
             self._poller.shutdown(wait=False)
 
-    async def __aenter__(self) -> Consumer:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
-
 
 class _ThreadPoll:
     """One poll in the poll thread: whether the awaiting task gave up on it, and whether its records were
@@ -409,7 +449,7 @@ def _in_worker(name: str):
     return method
 
 
-class Admin:
+class Admin(_Closing):
     """bus.Admin for asyncio: every call of the sync Admin, awaited (its one worker thread makes the requests,
     in the order called)."""
 
@@ -437,12 +477,6 @@ class Admin:
             await asyncio.get_running_loop().run_in_executor(self._worker, self._sync.close)
         finally:
             self._worker.shutdown(wait=False)
-
-    async def __aenter__(self) -> Admin:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
 
 
 __all__ = ["Admin", "Consumer", "Producer", "RecordFuture", "RecordMetadata", "DEFERRED_SENDS_MAX"]

@@ -16,16 +16,11 @@ import pytest
 import bus
 import bus.aio
 from bus.errors import BufferFull
-from nodes.cluster import LocalCluster
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    cluster = LocalCluster(str(tmp_path_factory.mktemp("aio") / "cluster"), 1).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+def served(one_node):
+    return one_node
 
 
 def run(coroutine, timeout_s: float = 60):
@@ -128,14 +123,15 @@ def test_many_sends_in_flight_complete_with_one_callback_per_batch(served, monke
     run(body())
 
 
-def test_a_cancelled_poll_loses_no_record(served):
+def test_a_cancelled_poll_loses_no_record_and_a_waiting_poll_wakes_for_data(served):
     topic = "aio-cancel"
     create(served, topic, 1)
 
     async def body():
         async with bus.aio.Consumer(served.bootstrap, auto_offset_reset="earliest") as consumer:
             await consumer.assign([(topic, 0)])
-            waiting = asyncio.ensure_future(consumer.poll(timeout_ms=3_000))
+            # A poll in the poll thread (as while a rebalance is to be acted on), cancelled while it waits.
+            waiting = asyncio.ensure_future(consumer._poll_waiting_in_thread(3_000, 10_000))
             await asyncio.sleep(0.2)  # let it reach the poll thread; no records yet
             with bus.Producer(served.bootstrap) as producer:
                 for i in range(50):
@@ -148,6 +144,11 @@ def test_a_cancelled_poll_loses_no_record(served):
             while len(got) < 50 and asyncio.get_running_loop().time() < deadline_s:
                 got += await consumer.poll(timeout_ms=200)
             assert [r.value for r in got] == [b"%d" % i for i in range(50)]
+            # A poll waiting in the loop is woken by the fetch that brings a record.
+            waiting = asyncio.ensure_future(consumer.poll(timeout_ms=10_000))
+            async with bus.aio.Producer(served.bootstrap) as producer:
+                await producer.send(topic, b"late")
+            assert [r.value for r in await asyncio.wait_for(waiting, 5)] == [b"late"]
 
     run(body())
 

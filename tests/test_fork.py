@@ -18,21 +18,17 @@ import pytest
 import bus
 import bus.aio
 from bus.errors import ForkedError
-from nodes.cluster import REPO_ROOT, LocalCluster
+from nodes.cluster import REPO_ROOT
 from tests.conftest import wait_for
 
 TOPIC = "forked"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    cluster = LocalCluster(str(tmp_path_factory.mktemp("fork") / "cluster"), 1).start()
-    try:
-        with bus.Admin(cluster.bootstrap) as admin:
-            admin.create_topic(TOPIC, 3)
-        yield cluster
-    finally:
-        cluster.stop()
+def served(one_node):
+    with bus.Admin(one_node.bootstrap) as admin:
+        admin.create_topic(TOPIC, 3)
+    return one_node
 
 
 def _in_child(calls) -> dict:

@@ -145,7 +145,8 @@ class _Buffers:
         return len(items), bool(self.buffered[key])
 
 
-def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
+def _counted():
+    """Three keys with 250, 40 and 1,000 items, and a take that records what each call took."""
     ready = OrderedDict.fromkeys("abc")
     left = {"a": 250, "b": 40, "c": 1000}
     served = []
@@ -155,6 +156,12 @@ def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
         left[key] -= k
         served.append((key, k))
         return k, left[key] > 0
+
+    return ready, left, served, take
+
+
+def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
+    ready, left, served, take = _counted()
 
     for _ in range(6):
         assert take_in_turn(ready, 100, take) == 100  # never short while anything is buffered
@@ -165,15 +172,7 @@ def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
 
 
 def test_take_draining_the_bench_baseline_drains_each_key_before_the_next():
-    ready = OrderedDict.fromkeys("abc")
-    left = {"a": 250, "b": 40, "c": 1000}
-    served = []
-
-    def take(key, n):
-        k = min(n, left[key])
-        left[key] -= k
-        served.append((key, k))
-        return k, left[key] > 0
+    ready, left, served, take = _counted()
 
     for _ in range(4):
         assert take_draining(ready, 100, take) == 100
