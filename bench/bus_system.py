@@ -420,7 +420,8 @@ def produce_client_aio(
 ) -> ClientReport:
     """``produce_client`` with bus.aio's Producer in an asyncio loop: ``send()`` per record, the loop given a
     turn after each chunk of ACK_CHUNK_RECORDS (so acknowledgements are taken as they come, as a service's
-    loop would), each chunk's last awaitable timed by a task."""
+    loop would) and ``wait_for_room()`` awaited there (the backpressure of a full buffer), each chunk's last
+    awaitable timed by a task."""
     import asyncio
 
     assert not bulk, "bus.aio has no send_many()"
@@ -452,6 +453,7 @@ async def _produce_aio(bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, 
             j += 1
             if acks != 0:
                 timers.append(asyncio.ensure_future(_timed(last, acked.chunk(time.monotonic_ns(), n))))
+            await producer.wait_for_room()  # backpressure, where the sync send() blocks on a full buffer
             await asyncio.sleep(0)
         await producer.flush()
         await asyncio.gather(*timers)

@@ -9,13 +9,14 @@ progress (docs/architecture.md, "The clients").
 
 What must never happen here: a call that blocks the event loop on I/O. What runs in the loop's thread is
 only what the sync client does from memory: ``send()`` appending to an open batch, ``poll()`` taking
-records already fetched, ``seek()``, ``pause()``. Anything that may wait (a metadata lookup, buffer space, a
-commit, an offset fetch, a rebalance's reconciliation, ``flush()``, ``close()``, an empty buffer) runs in
-the client's own worker thread and is awaited.
+records already fetched, ``seek()``, ``pause()``. Anything that may wait on the network (a metadata lookup,
+buffer space, a commit, an offset fetch, a rebalance's reconciliation, ``flush()``, ``close()``) runs in the
+client's own worker thread and is awaited.
 
-Completions cross into the loop once per batch, never once per record: a produce reply completes a batch
-in the sender thread, whose one callback (``loop.call_soon_threadsafe``) wakes every task awaiting one of
-its records; a poll that waited in the worker thread returns all of its records at once.
+Completions cross into the loop once per batch or fetch, never once per record: a produce reply completes
+a batch in the sender thread, whose one callback (``loop.call_soon_threadsafe``) wakes every task awaiting
+one of its records; a poll with nothing buffered awaits the consumer's notification, which the fetcher
+gives once per reply that brings data.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from .records import Record, RecordMetadata
 # Sends that must wait before the sync producer takes them (the first records of a topic whose partition
 # count is being looked up, or a buffer with less room than the largest record): beyond this many, send()
 # raises BufferFull at once rather than hold records without bound. send() cannot block the loop, so this
-# queue is what stands for the sync send()'s wait of up to max_block_ms.
+# queue is what stands for the sync send()'s wait of up to max_block_ms; a loop that sends faster than the
+# cluster takes awaits Producer.wait_for_room() now and then.
 DEFERRED_SENDS_MAX = 100_000
 # A poll waiting in the loop for records looks again at least this often (a rebalance to act on, an error, a
 # close: the notifications that wake it at once are the fetch replies').
@@ -161,23 +163,30 @@ class Producer(_Closing):
         return _DeferredSend(queued, self)
 
     async def _drain_deferred(self) -> None:
-        """Hand the waiting sends to the sync producer in order: in the loop's thread when that cannot block
-        (the topic known, room in the buffer), else in the worker thread (which looks the topic up or waits
-        for space, up to max_block_ms)."""
+        """Hand the waiting sends to the sync producer in order, in the loop's thread, each once it cannot
+        block: a topic not known yet is looked up in the worker thread (once: the sends after it find it
+        known), and while the buffer has less room than the largest record this waits in the loop for the
+        sender to release some (``Producer._space``'s notification), up to ``max_block_ms``, then fails that
+        send with BufferFull as the sync send() would."""
         sync, loop = self._sync, self._running_loop()
+        room = asyncio.Event()
+        call_soon_threadsafe = loop.call_soon_threadsafe
+        sync._space.on_notify = lambda: call_soon_threadsafe(room.set)
         try:
             while self._deferred:
                 args, queued = self._deferred[0]
-                topic = args[0]
                 try:
-                    known = topic in sync._partition_counts
-                except TypeError:
-                    known = True
-                try:
-                    if known and sync._free_bytes >= sync._record_bytes_max:
-                        record_future = sync.send(*args)
-                    else:
-                        record_future = await loop.run_in_executor(self._worker, sync.send, *args)
+                    try:
+                        known = args[0] in sync._partition_counts
+                    except TypeError:
+                        known = True
+                    if not known:
+                        await loop.run_in_executor(self._worker, sync._partitions, args[0])
+                        continue  # known now (or UnknownTopic, below): the send goes as any other
+                    if sync._free_bytes < sync._record_bytes_max:
+                        await self._wait_for_room(room)
+                        continue
+                    record_future = sync.send(*args)
                 except Exception as exc:
                     if not queued.done():
                         queued.set_exception(exc)
@@ -186,7 +195,25 @@ class Producer(_Closing):
                         queued.set_result(record_future)
                 self._deferred.popleft()
         finally:
+            sync._space.on_notify = None
             self._drainer = None
+
+    async def _wait_for_room(self, room: asyncio.Event) -> None:
+        """Until the buffer has room for the largest record; BufferFull after max_block_ms (as the sync send)."""
+        sync, loop = self._sync, self._running_loop()
+        deadline_s = loop.time() + sync.max_block_s
+        while sync._free_bytes < sync._record_bytes_max:
+            room.clear()
+            with sync._lock:
+                sync._close_open_batches()  # so the sender can ship them and free space
+            remaining_s = deadline_s - loop.time()
+            if remaining_s <= 0 or self._sync._closed:
+                raise BufferFull(f"producer buffer of {sync.buffer_bytes} bytes stayed full for "
+                                 f"{sync.max_block_s * 1000:.0f} ms (max_block_ms); the record was not sent")
+            try:
+                await asyncio.wait_for(room.wait(), min(remaining_s, WAIT_SLICE_MS / 1000))
+            except asyncio.TimeoutError:
+                pass
 
     def _watch(self, batch) -> None:
         """``on_new_batch`` of the sync producer (under its lock, in the loop's thread or the worker's): give
@@ -213,8 +240,10 @@ class Producer(_Closing):
         """``bus.Producer.metrics()``, with ``sends_waiting``: sends queued behind a lookup or a full buffer."""
         return {**self._sync.metrics(), "sends_waiting": len(self._deferred)}
 
-    async def _handed_over(self) -> None:
-        """Wait until every send waiting in the queue is handed to the sync producer."""
+    async def wait_for_room(self) -> None:
+        """Return once no send is waiting for buffer space or a topic's metadata: what a loop that sends
+        faster than the cluster takes awaits now and then (where the sync send() would block), so that it
+        never meets the DEFERRED_SENDS_MAX bound. At once when nothing waits."""
         while self._drainer is not None:
             await asyncio.shield(self._drainer)
 
@@ -222,7 +251,7 @@ class Producer(_Closing):
         """Ship every record sent so far and wait until each is acknowledged or failed."""
         if self._closed:
             raise ClosedError("flush() on a closed Producer")
-        await self._handed_over()
+        await self.wait_for_room()
         await self._running_loop().run_in_executor(self._worker, self._sync.flush, timeout)
 
     async def close(self, timeout: float | None = None) -> None:
@@ -231,7 +260,7 @@ class Producer(_Closing):
             return
         self._closed = True
         try:
-            await self._handed_over()
+            await self.wait_for_room()
             await self._running_loop().run_in_executor(self._worker, self._sync.close, timeout)
         finally:
             self._worker.shutdown(wait=False)

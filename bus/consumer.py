@@ -43,6 +43,7 @@ from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, S
 from .metadata import check_bootstrap
 from .records import Record, TopicPartition
 from .rotation import take_in_turn
+from .signal import Signal
 
 _new_record = tuple.__new__
 _map, _repeat = map, itertools.repeat
@@ -70,19 +71,6 @@ class PartitionState:
 
     def has_data(self) -> bool:
         return bool(self.runs or self.chunks)
-
-
-class _Signal(threading.Condition):
-    """Consumer._data: a condition whose every notify_all() also calls ``on_notify`` when one is set, so that
-    bus.aio's consumer waits for data in its event loop (one loop wake-up per fetch reply) rather than in a
-    thread. Called with the consumer's lock held: it must only schedule, never block."""
-
-    on_notify = None
-
-    def notify_all(self) -> None:
-        super().notify_all()
-        if self.on_notify is not None:
-            self.on_notify()
 
 
 # The group options and their defaults, as GroupMember (bus/group_member.py) takes them; the suite checks
@@ -175,7 +163,8 @@ class Consumer:
         self.key_deserializer, self.value_deserializer = key_deserializer, value_deserializer
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll() at a time (see poll())
-        self._data = _Signal(self._lock)  # signalled when data, errors or positions arrive
+        # Signalled when data, errors or positions arrive; bus.aio's consumer hooks its loop to it (on_notify).
+        self._data = Signal(self._lock)
         self._states: dict[tuple, PartitionState] = {}
         # The partitions that have buffered data, in the order poll() serves them (bus/rotation.py). Exactly
         # those whose state has_data() and that are not paused, at every release of _lock.

@@ -50,6 +50,7 @@ from .errors import (BufferFull, ClosedError, ConfigError, InvalidRecord, Record
                      UnknownPartition)
 from .metadata import check_bootstrap, partition_for_key
 from .records import RecordMetadata
+from .signal import Signal
 
 RECORD_OVERHEAD_BYTES = 16  # msgpack framing and the timestamp, for buffer accounting
 TIMESTAMP_MS_MAX = (1 << 63) - 1  # a batch header's i64
@@ -376,7 +377,8 @@ class Producer:
             self.send, self.send_many = self._send_serialized, self._send_many_serialized
         self._record_bytes_max = min(max_record_bytes, buffer_bytes)
         self._lock = threading.Lock()
-        self._space = threading.Condition(self._lock)  # signalled when buffer space is released
+        # Signalled when buffer space is released; bus.aio's producer hooks its loop to it (on_notify).
+        self._space = Signal(self._lock)
         self._open: dict[tuple, ProducerBatch] = {}
         self._ready: deque[ProducerBatch] = deque()
         self._taken: set[ProducerBatch] = set()  # handed to the sender, not yet completed
@@ -626,15 +628,19 @@ class Producer:
     def _wait_for_space(self, size: int) -> None:
         deadline_s = time.monotonic() + self.max_block_s
         while size > self._free_bytes:
-            # Close open batches so the sender can ship them and free space.
-            for open_batch in list(self._open.values()):
-                self._close_batch(open_batch)
-            self._wake()
+            self._close_open_batches()
             remaining = deadline_s - time.monotonic()
             if remaining <= 0 or self._closed:
                 raise BufferFull(f"producer buffer of {self.buffer_bytes} bytes stayed full for "
                                  f"{self.max_block_s * 1000:.0f} ms (max_block_ms); the record was not sent")
             self._space.wait(remaining)
+
+    def _close_open_batches(self) -> None:
+        """The buffer is short of room: close every open batch so the sender ships them and frees space.
+        Caller holds the lock."""
+        for open_batch in list(self._open.values()):
+            self._close_batch(open_batch)
+        self._wake()
 
     def _batch_for(self, topic: str, partition: int | None, count: int) -> ProducerBatch:
         """The open batch a record goes to (opened if need be); ``partition=None`` means the topic's sticky

@@ -87,7 +87,7 @@ def test_send_never_blocks_the_loop_with_the_buffer_full_and_the_node_stopped(se
     run(body())
 
 
-def test_deferred_sends_are_bounded(served):
+def test_deferred_sends_are_bounded_and_wait_for_room_is_the_backpressure(served):
     topic = "aio-bound"
     create(served, topic, 1)
 
@@ -98,6 +98,16 @@ def test_deferred_sends_are_bounded(served):
                 producer.send(topic, b"one too many")
             await producer.flush()
             assert (await pending[-1]).offset == bus.aio.DEFERRED_SENDS_MAX - 1
+        # A loop sending 16 times its buffer, awaiting wait_for_room() now and then, never meets the bound.
+        async with bus.aio.Producer(served.bootstrap, buffer_bytes=1 << 20, batch_bytes=64 << 10,
+                                    max_record_bytes=64 << 10) as producer:
+            value = b"v" * 1000
+            for chunk in range(16):
+                pending = [producer.send(topic, value) for _ in range(1000)]
+                assert producer.metrics()["sends_waiting"] <= 1000
+                await producer.wait_for_room()
+            await producer.flush()
+            assert (await pending[-1]).offset == bus.aio.DEFERRED_SENDS_MAX + 16_000 - 1
 
     run(body())
 

@@ -18,7 +18,7 @@ import bus
 import bus.aio
 from bus.errors import ClosedError, ConfigError, InvalidRecord, OffsetOutOfRange, UnknownTopic
 
-PRODUCER_AWAITED = {"flush", "close"}
+PRODUCER_AWAITED = {"flush", "close", "wait_for_room"}
 CONSUMER_AWAITED = {"poll", "assign", "subscribe", "unsubscribe", "commit", "committed", "position",
                     "partitions_for_topic", "offsets_for_times", "beginning_offsets", "end_offsets", "close"}
 ADMIN_AWAITED = {"create_topic", "delete_topic", "list_topics", "nodes", "describe_topic", "elect_unclean",
