@@ -156,11 +156,36 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux reports KiB
 
 
+def cpu_s() -> float:
+    """CPU seconds this process (all its threads) used so far, user and system."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _started(report: ClientReport, gate: Gate) -> None:
+    """Through the start gate: the measured window (and the client's CPU count) starts now."""
+    report.start_ns = gate.wait()
+    report.extra["cpu_start_s"] = cpu_s()
+
+
+def _client_usage(report: ClientReport) -> None:
+    """At the end of a client's measured work: its peak RSS, and the CPU it used since the gate."""
+    report.extra["rss_peak_mb"] = rss_peak_mb()
+    report.extra["cpu_s"] = cpu_s() - report.extra.pop("cpu_start_s")
+
+
 def _client_rss(result: Result, reports: list[ClientReport]) -> None:
-    """Keep the clients' largest peak RSS with the result (runner.py shows it): memory must stay bounded."""
+    """Keep the clients' largest peak RSS with the result (runner.py shows it): memory must stay bounded; and
+    their CPU per record, which other processes on the machine change far less than they change records/s."""
     peaks = [r.extra["rss_peak_mb"] for r in reports if "rss_peak_mb" in r.extra]
     if peaks:
         result.config["client_rss_peak_mb"] = max(peaks)
+    cpu = [r.extra["cpu_s"] for r in reports if "cpu_s" in r.extra]
+    records = sum(r.records for r in reports)
+    if cpu and records:
+        result.config["client_cpu_us_per_record"] = sum(cpu) / records * 1e6
 
 
 def _linger_ms(cfg: BenchConfig) -> int:
@@ -357,7 +382,7 @@ def produce_client(
     chunks, heads, lasts = _value_chunks(cfg, index, chunk)
     try:
         producer._partitions(topic)  # the topic's metadata, fetched before the gate (send() caches it)
-        report.start_ns = gate.wait()
+        _started(report, gate)
         sent = j = 0
         if bulk:
             send_many = producer.send_many
@@ -410,7 +435,7 @@ def _produced(report: ClientReport, acked: _Acks, acks: Any, count: int) -> Clie
     else:
         acked.wait(count)
     report.records = count
-    report.extra["rss_peak_mb"] = rss_peak_mb()
+    _client_usage(report)
     return report
 
 
@@ -440,7 +465,7 @@ async def _produce_aio(bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, 
     timers = []
     try:
         producer._sync._partitions(topic)  # the topic's metadata, fetched before the gate (send() caches it)
-        report.start_ns = gate.wait()
+        _started(report, gate)
         sent = j = 0
         send = producer.send
         while sent < count:
@@ -596,7 +621,7 @@ def consume_client(
         for tp in tps:
             sync.position(tp)  # resolved before the gate
         reader = _Reader(report, sum(stored[p] for p in parts), latency, index, cfg.timeout_s)
-        report.start_ns = gate.wait()
+        _started(report, gate)
         if not latency:
             for tp in tps:
                 sync.seek(tp, 0)
@@ -614,7 +639,7 @@ def consume_client(
                              f"{short}")
         report.records = reader.got
         report.extra["partitions"] = parts
-        report.extra["rss_peak_mb"] = rss_peak_mb()
+        _client_usage(report)
         if group is not None:
             _leave_together(done, len(shared), cfg.timeout_s)
         return report

@@ -194,7 +194,9 @@ def variant_lines(pairs: Sequence[tuple[Result, Result]]) -> list[str]:
     for r, base in pairs:
         q = replication_ratio(r, base)
         if q is not None and r.mode != "latency":
-            out.append(f"  {r.system} {r.mode}: {q:.2f}x the records/s of {base.system}")
+            cpu, base_cpu = r.config.get("client_cpu_us_per_record"), base.config.get("client_cpu_us_per_record")
+            per_record = f" (client CPU per record {cpu / base_cpu:.2f}x)" if cpu and base_cpu else ""
+            out.append(f"  {r.system} {r.mode}: {q:.2f}x the records/s of {base.system}{per_record}")
     return out
 
 

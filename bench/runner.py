@@ -179,6 +179,8 @@ def run_mode(
             r.notes.append(f"throughput in the run's last third is {flat:.2f}x its first third (1.00: flat)")
         if "client_rss_peak_mb" in r.config:
             r.notes.append(f"largest client process peak RSS {r.config['client_rss_peak_mb']:,.0f} MB")
+        if "client_cpu_us_per_record" in r.config:
+            r.notes.append(f"client processes' CPU {r.config['client_cpu_us_per_record']:.2f} us per record")
     return results
 
 

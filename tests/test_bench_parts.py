@@ -822,8 +822,9 @@ def test_aio_and_drain_order_rows_are_named_and_compared_with_their_base_in_the_
     rows = [bus_result(rps=100.0), bus_result(rps=80.0, client="aio"), bus_result("consume", rps=200.0),
             bus_result("consume", rps=150.0, client="aio"), bus_result("consume", rps=205.0, poll_order="drain"),
             bus_result(rps=300.0, r=3, acks=1)]
+    rows[0].config["client_cpu_us_per_record"], rows[1].config["client_cpu_us_per_record"] = 1.0, 1.25
     table = report.format_table(rows)
-    assert "bus aio R=1 acks=1 produce: 0.80x the records/s of bus R=1 acks=1" in table
+    assert "bus aio R=1 acks=1 produce: 0.80x the records/s of bus R=1 acks=1 (client CPU per record 1.25x)" in table
     assert "bus aio R=1 acks=1 consume: 0.75x the records/s of bus R=1 acks=1" in table
     assert "bus R=1 acks=1 consume: 0.98x the records/s of bus R=1 acks=1 drain" in table
     assert "bus R=3 acks=1 produce: 3.00x the records/s of bus R=1 acks=1" in table  # aio rows not in that pairing
