@@ -23,7 +23,7 @@ CHILD_STOP_TIMEOUT_S = 10.0  # run_consumers: after SIGTERM, how long a child ha
 _clients: weakref.WeakSet = weakref.WeakSet()
 
 
-def register(client) -> None:
+def register(client: object) -> None:
     """Called by each client's constructor: disarm it in any process forked from this one."""
     client._created_pid = os.getpid()
     _clients.add(client)
