@@ -81,8 +81,10 @@ def test_send_never_blocks_the_loop_with_the_buffer_full_and_the_node_stopped(se
                 served.resume_node(1)
             offsets = [(await p).offset for p in pending]
         assert offsets == list(range(1, 2_001))  # every one written once, in order
-        assert slowest_send_s < 0.05, slowest_send_s
-        assert lag.longest_s < 0.1, lag.longest_s
+        # A send() that blocked would have waited for the node (0.5 s at least); these bounds leave room for a
+        # loaded machine's scheduling, not for that.
+        assert slowest_send_s < 0.25, slowest_send_s
+        assert lag.longest_s < 0.25, lag.longest_s
 
     run(body())
 
