@@ -63,6 +63,11 @@ from .results import (
 
 SYSTEM_NAME = "bus"
 SEND_MANY_NAME = "bus send_many"
+AIO_NAME = "bus aio"  # bus.aio's Producer and Consumer, in an asyncio loop
+CLIENTS = ("sync", "aio")
+# The consumer's order over its partitions: "fair" (bus/rotation.py, take_in_turn), or "drain" (take_draining:
+# the order before fair polling, each partition drained before the next), to measure what fairness costs.
+POLL_ORDERS = ("fair", "drain")
 # The Producer's compression= values (bus.batch.CODECS, not imported: this module loads without the bus).
 COMPRESSIONS = (None, "lz4", "zstd")
 
@@ -97,6 +102,8 @@ class BusOptions:
     group: bool = True  # consumers as one consumer group; False: assign() over a split of the partitions
     send_many: bool = False  # produce with send_many() (the bulk path) instead of send() per record
     compression: str | None = None  # the producers' Producer(compression=...): None, "lz4" or "zstd"
+    client: str = "sync"  # the measured clients: bus's ("sync") or bus.aio's ("aio")
+    poll_order: str = "fair"  # the measured consumers' order over their partitions (POLL_ORDERS)
 
     @property
     def node_count(self) -> int:
@@ -110,6 +117,10 @@ class BusOptions:
             raise ValueError(f"acks must be 0, 1 or 'all', not {self.acks!r}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be None, 'lz4' or 'zstd', not {self.compression!r}")
+        if self.client not in CLIENTS or self.poll_order not in POLL_ORDERS:
+            raise ValueError(f"client must be one of {CLIENTS} and poll_order one of {POLL_ORDERS}")
+        if self.client == "aio" and self.send_many:
+            raise ValueError("bus.aio has no send_many(): its rows are send()'s")
         if self.replication_factor < 1:
             raise ValueError("replication_factor must be >= 1")
         if self.bootstrap is None and self.replication_factor > self.node_count:
@@ -126,10 +137,11 @@ def system_name(opts: BusOptions) -> str:
     min_insync_replicas when given) and acks, then the codec when the producer compresses, so rows of one
     run with different settings tell apart: ``bus R=3 acks=all``, ``bus send_many R=1 acks=1 zstd``. An
     uncompressed row's name says nothing of compression: it is named as before there was any."""
-    base = SEND_MANY_NAME if opts.send_many else SYSTEM_NAME
+    base = SEND_MANY_NAME if opts.send_many else AIO_NAME if opts.client == "aio" else SYSTEM_NAME
     isr = "" if opts.min_insync_replicas is None else f" M={opts.min_insync_replicas}"
     codec = "" if opts.compression is None else f" {opts.compression}"
-    return f"{base} R={opts.replication_factor}{isr} acks={opts.acks}{codec}"
+    order = "" if opts.poll_order == "fair" else f" {opts.poll_order}"
+    return f"{base} R={opts.replication_factor}{isr} acks={opts.acks}{codec}{order}"
 
 
 def is_bus(name: str) -> bool:
@@ -144,11 +156,36 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux reports KiB
 
 
+def cpu_s() -> float:
+    """CPU seconds this process (all its threads) used so far, user and system."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _started(report: ClientReport, gate: Gate) -> None:
+    """Through the start gate: the measured window (and the client's CPU count) starts now."""
+    report.start_ns = gate.wait()
+    report.extra["cpu_start_s"] = cpu_s()
+
+
+def _client_usage(report: ClientReport) -> None:
+    """At the end of a client's measured work: its peak RSS, and the CPU it used since the gate."""
+    report.extra["rss_peak_mb"] = rss_peak_mb()
+    report.extra["cpu_s"] = cpu_s() - report.extra.pop("cpu_start_s")
+
+
 def _client_rss(result: Result, reports: list[ClientReport]) -> None:
-    """Keep the clients' largest peak RSS with the result (runner.py shows it): memory must stay bounded."""
+    """Keep the clients' largest peak RSS with the result (runner.py shows it): memory must stay bounded; and
+    their CPU per record, which other processes on the machine change far less than they change records/s."""
     peaks = [r.extra["rss_peak_mb"] for r in reports if "rss_peak_mb" in r.extra]
     if peaks:
         result.config["client_rss_peak_mb"] = max(peaks)
+    cpu = [r.extra["cpu_s"] for r in reports if "cpu_s" in r.extra]
+    records = sum(r.records for r in reports)
+    if cpu and records:
+        result.config["client_cpu_us_per_record"] = sum(cpu) / records * 1e6
 
 
 def _linger_ms(cfg: BenchConfig) -> int:
@@ -156,10 +193,14 @@ def _linger_ms(cfg: BenchConfig) -> int:
     return max(0, round(cfg.linger_ms))
 
 
-def bench_producer(bootstrap: str, cfg: BenchConfig, acks: Any, compression: str | None = None) -> Any:
-    """The producer every bench client uses: the user's defaults but for what the BenchConfig, acks and
-    compression say."""
-    from bus import Producer
+def bench_producer(bootstrap: str, cfg: BenchConfig, acks: Any, compression: str | None = None,
+                   client: str = "sync") -> Any:
+    """The producer every bench client uses (``client``: bus's or bus.aio's): the user's defaults but for what
+    the BenchConfig, acks and compression say."""
+    if client == "aio":
+        from bus.aio import Producer
+    else:
+        from bus import Producer
 
     return Producer(
         bootstrap,
@@ -338,15 +379,10 @@ def produce_client(
     report = ClientReport(0, 0, 0, latency_counts=array("q"))
     acked = _Acks(report)
     chunk = SEND_MANY_RECORDS if bulk else ACK_CHUNK_RECORDS
-    pool = cfg.client_values(index)
-    assert len(pool) % chunk == 0, (len(pool), chunk)  # values.POOL_CHUNK_RECORDS: whole chunks
-    # The pool cut once into the chunks handed out (one send_many call, or one timed acknowledgement), and for
-    # send() each chunk's last value apart: the loop below does no more per record than with one fixed value.
-    chunks = [pool[i:i + chunk] for i in range(0, len(pool), chunk)]
-    heads, lasts = [c[:-1] for c in chunks], [c[-1] for c in chunks]
+    chunks, heads, lasts = _value_chunks(cfg, index, chunk)
     try:
         producer._partitions(topic)  # the topic's metadata, fetched before the gate (send() caches it)
-        report.start_ns = gate.wait()
+        _started(report, gate)
         sent = j = 0
         if bulk:
             send_many = producer.send_many
@@ -376,16 +412,88 @@ def produce_client(
                 if acks != 0:
                     future.add_callback(acked.chunk(time.monotonic_ns(), n))
         producer.flush()
-        if acks == 0:
-            report.end_ns = time.monotonic_ns()  # nothing is acknowledged: the end is the flush
-            report.add_event(report.end_ns, count)
-        else:
-            acked.wait(count)
-        report.records = count
-        report.extra["rss_peak_mb"] = rss_peak_mb()
-        return report
+        return _produced(report, acked, acks, count)
     finally:
         producer.close()
+
+
+def _value_chunks(cfg: BenchConfig, index: int, chunk: int) -> tuple[list, list, list]:
+    """The client's pool of values cut once into the chunks handed out (one send_many call, or one timed
+    acknowledgement), and for send() each chunk's last value apart: the send loops do no more per record than
+    with one fixed value."""
+    pool = cfg.client_values(index)
+    assert len(pool) % chunk == 0, (len(pool), chunk)  # values.POOL_CHUNK_RECORDS: whole chunks
+    chunks = [pool[i:i + chunk] for i in range(0, len(pool), chunk)]
+    return chunks, [c[:-1] for c in chunks], [c[-1] for c in chunks]
+
+
+def _produced(report: ClientReport, acked: _Acks, acks: Any, count: int) -> ClientReport:
+    """A produce client's report once everything was flushed."""
+    if acks == 0:
+        report.end_ns = time.monotonic_ns()  # nothing is acknowledged: the end is the flush
+        report.add_event(report.end_ns, count)
+    else:
+        acked.wait(count)
+    report.records = count
+    _client_usage(report)
+    return report
+
+
+def produce_client_aio(
+    bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, compression: str | None, bulk: bool, index: int,
+    count: int, gate: Gate
+) -> ClientReport:
+    """``produce_client`` with bus.aio's Producer in an asyncio loop: ``send()`` per record, the loop given a
+    turn after each chunk of ACK_CHUNK_RECORDS (so acknowledgements are taken as they come, as a service's
+    loop would) and ``wait_for_room()`` awaited there (the backpressure of a full buffer), each chunk's last
+    awaitable timed by a task."""
+    import asyncio
+
+    assert not bulk, "bus.aio has no send_many()"
+    return asyncio.run(_produce_aio(bootstrap, topic, cfg, acks, compression, index, count, gate))
+
+
+async def _produce_aio(bootstrap: str, topic: str, cfg: BenchConfig, acks: Any, compression: str | None,
+                       index: int, count: int, gate: Gate) -> ClientReport:
+    import asyncio
+
+    producer = bench_producer(bootstrap, cfg, acks, compression, client="aio")
+    report = ClientReport(0, 0, 0, latency_counts=array("q"))
+    acked = _Acks(report)
+    chunk = ACK_CHUNK_RECORDS
+    chunks, heads, lasts = _value_chunks(cfg, index, chunk)
+    timers = []
+    try:
+        producer._sync._partitions(topic)  # the topic's metadata, fetched before the gate (send() caches it)
+        _started(report, gate)
+        sent = j = 0
+        send = producer.send
+        while sent < count:
+            n = min(chunk, count - sent)
+            k = j % len(chunks)
+            for value in heads[k] if n == chunk else chunks[k][:n - 1]:
+                send(topic, value)
+            last = send(topic, lasts[k] if n == chunk else chunks[k][n - 1])
+            sent += n
+            j += 1
+            if acks != 0:
+                timers.append(asyncio.ensure_future(_timed(last, acked.chunk(time.monotonic_ns(), n))))
+            await producer.wait_for_room()  # backpressure, where the sync send() blocks on a full buffer
+            await asyncio.sleep(0)
+        await producer.flush()
+        await asyncio.gather(*timers)
+        return _produced(report, acked, acks, count)
+    finally:
+        await producer.close()
+
+
+async def _timed(awaitable: Any, on_ack: Any) -> None:
+    try:
+        metadata = await awaitable
+    except Exception as exc:
+        on_ack(None, exc)
+    else:
+        on_ack(metadata, None)
 
 
 def latency_produce_client(
@@ -472,67 +580,104 @@ def consume_client(
     shared: Any,
     done: Any,
     latency: bool,
+    client: str,
+    poll_order: str,
     gate: Gate,
 ) -> ClientReport:
     """Read this consumer's partitions to their ends (``stored[p]`` records each) with ``poll()``.
 
     ``group``: subscribe as a member of it (``parts`` is then what the group assigns); else ``assign(parts)``.
     ``latency``: the topic is being written while we read; take each record's end-to-end latency.
+    ``client``: "aio" reads with bus.aio's Consumer (``await poll()`` in an asyncio loop; set up before the gate
+    through the sync consumer it wraps). ``poll_order``: "drain" serves the partitions in the draining order.
     """
-    from bus import Consumer, TopicPartition
+    import asyncio
 
+    from bus import TopicPartition
+
+    if client == "aio":
+        from bus.aio import Consumer
+    else:
+        from bus import Consumer
     if group is not None:
         consumer = Consumer(bootstrap, topics=[topic], group=group, auto_offset_reset="earliest")
     else:
         consumer = Consumer(bootstrap, auto_offset_reset="earliest")
+    sync = consumer._sync if client == "aio" else consumer
+    if poll_order == "drain":
+        from bus.rotation import take_draining
+
+        sync._take_order = take_draining
     report = ClientReport(0, 0, 0)
-    lat = report.latencies_ns
     try:
         if group is not None:
-            parts = _join(consumer, topic, index, shared, cfg.partitions)
+            parts = _join(sync, topic, index, shared, cfg.partitions)
         else:
-            consumer.assign([(topic, p) for p in parts])
+            sync.assign([(topic, p) for p in parts])
         tps = [TopicPartition(topic, p) for p in parts]
         if not latency:
             for tp in tps:
-                consumer.seek(tp, stored[tp.partition])  # park at the end: nothing is read before the gate
+                sync.seek(tp, stored[tp.partition])  # park at the end: nothing is read before the gate
         for tp in tps:
-            consumer.position(tp)  # resolved before the gate
-        want = sum(stored[p] for p in parts)
-        report.start_ns = gate.wait()
+            sync.position(tp)  # resolved before the gate
+        reader = _Reader(report, sum(stored[p] for p in parts), latency, index, cfg.timeout_s)
+        _started(report, gate)
         if not latency:
             for tp in tps:
-                consumer.seek(tp, 0)
-        give_up = report.start_ns + int(cfg.timeout_s * 1e9)
-        poll = consumer.poll
-        unpack = SEND_TIME.unpack_from
-        got = 0
-        while got < want:
-            records = poll(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS_MAX)
-            if not records:
-                if time.monotonic_ns() > give_up:
-                    raise BenchError(f"consumer {index}: {got} of {want} records after {cfg.timeout_s} s")
-                continue
-            if latency:
-                now_wall = time.time_ns()
-                lat.extend([now_wall - unpack(r.value)[0] for r in records])
-            now = time.monotonic_ns()
-            n = len(records)
-            got += n
-            report.add_event(now, n)
-            report.end_ns = now
-        ends = {tp.partition: consumer.position(tp) for tp in tps}
+                sync.seek(tp, 0)
+        reader.give_up_ns = report.start_ns + int(cfg.timeout_s * 1e9)
+        if client == "aio":
+            asyncio.run(_read_aio(consumer, reader))
+        else:
+            poll = consumer.poll
+            while reader.got < reader.want:
+                reader.took(poll(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS_MAX))
+        ends = {tp.partition: sync.position(tp) for tp in tps}
         short = {p: (ends[p], stored[p]) for p in parts if ends[p] != stored[p]}
-        if got != want or short:
-            raise BenchError(f"consumer {index}: {got} records for {want} stored; positions != ends: {short}")
-        report.records = got
+        if reader.got != reader.want or short:
+            raise BenchError(f"consumer {index}: {reader.got} records for {reader.want} stored; positions != ends: "
+                             f"{short}")
+        report.records = reader.got
         report.extra["partitions"] = parts
-        report.extra["rss_peak_mb"] = rss_peak_mb()
+        _client_usage(report)
         if group is not None:
             _leave_together(done, len(shared), cfg.timeout_s)
         return report
     finally:
-        consumer.close()
+        if client == "aio":
+            asyncio.run(consumer.close())
+        else:
+            consumer.close()
+
+
+class _Reader:
+    """What a consume client's measured loop does with each poll's records (the same for both clients)."""
+
+    def __init__(self, report: ClientReport, want: int, latency: bool, index: int, timeout_s: float):
+        self.report, self.want, self.latency, self.index, self.timeout_s = report, want, latency, index, timeout_s
+        self.got = 0
+        self.give_up_ns = 0
+
+    def took(self, records: list) -> None:
+        report = self.report
+        if not records:
+            if time.monotonic_ns() > self.give_up_ns:
+                raise BenchError(f"consumer {self.index}: {self.got} of {self.want} records after {self.timeout_s} s")
+            return
+        if self.latency:
+            now_wall, unpack = time.time_ns(), SEND_TIME.unpack_from
+            report.latencies_ns.extend([now_wall - unpack(r.value)[0] for r in records])
+        now = time.monotonic_ns()
+        n = len(records)
+        self.got += n
+        report.add_event(now, n)
+        report.end_ns = now
+
+
+async def _read_aio(consumer: Any, reader: _Reader) -> None:
+    poll = consumer.poll
+    while reader.got < reader.want:
+        reader.took(await poll(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS_MAX))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -554,7 +699,8 @@ def _consumers(
     group = f"bench-{uuid.uuid4().hex[:12]}" if opts.group else None
     splits = assign_partitions(cfg.partitions, cfg.consumers)
     return [
-        (consume_client, (cl.bootstrap, cl.topic, cfg, i, group, splits[i], stored, shared, done, latency))
+        (consume_client, (cl.bootstrap, cl.topic, cfg, i, group, splits[i], stored, shared, done, latency,
+                          opts.client, opts.poll_order))
         for i in range(cfg.consumers)
     ]
 
@@ -577,8 +723,9 @@ def make_bus_system(opts: BusOptions | None = None) -> System:
     def run_produce(cfg: BenchConfig) -> Result:
         cfg.validate()
         with scratch_dir(cfg, "bus") as d, BusCluster(cfg, opts, d) as cl:
+            client = produce_client_aio if opts.client == "aio" else produce_client
             clients = [
-                (produce_client, (cl.bootstrap, cl.topic, cfg, opts.acks, opts.compression, opts.send_many, j, n))
+                (client, (cl.bootstrap, cl.topic, cfg, opts.acks, opts.compression, opts.send_many, j, n))
                 for j, n in enumerate(split(cfg.records, cfg.producers))
             ]
             reports, usage = run_clients(clients, cl.pids, cfg.timeout_s)

@@ -31,6 +31,7 @@ from .results import (
     replication_ratio,
     stored_per_record,
     stored_ratio,
+    variant_pairs,
 )
 from .stats import MB
 
@@ -142,6 +143,12 @@ def format_table(results: Sequence[Result], legend: bool = True) -> str:
     pairs = compression_lines(results)
     if pairs:
         out += ["", "against no compression (same run):", *pairs]
+    pairs = variant_lines(variant_pairs(results, "client", "sync"))
+    if pairs:
+        out += ["", "bus.aio against the sync client (same run):", *pairs]
+    pairs = variant_lines([(fair, drain) for drain, fair in variant_pairs(results, "poll_order", "fair")])
+    if pairs:
+        out += ["", "fair polling against the draining order (same run):", *pairs]
     stored = storage_rows(results)
     if len(stored) > 1:
         out += ["", "on disk after each produce run:", *aligned(stored, STORAGE_COLUMNS, "  ")]
@@ -178,6 +185,18 @@ def compression_lines(results: Sequence[Result]) -> list[str]:
             continue
         what = f"p99 {q:.2f}x (end to end; above 1 is slower)" if r.mode == "latency" else f"{q:.2f}x the records/s"
         out.append(f"  {r.system} {r.mode}: {what} of {base.system}")
+    return out
+
+
+def variant_lines(pairs: Sequence[tuple[Result, Result]]) -> list[str]:
+    """One line per (row, base) pair of throughput rows: the row's records/s over the base's."""
+    out = []
+    for r, base in pairs:
+        q = replication_ratio(r, base)
+        if q is not None and r.mode != "latency":
+            cpu, base_cpu = r.config.get("client_cpu_us_per_record"), base.config.get("client_cpu_us_per_record")
+            per_record = f" (client CPU per record {cpu / base_cpu:.2f}x)" if cpu and base_cpu else ""
+            out.append(f"  {r.system} {r.mode}: {q:.2f}x the records/s of {base.system}{per_record}")
     return out
 
 

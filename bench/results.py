@@ -333,7 +333,7 @@ def replication_pairs(results: Sequence[Result]) -> list[tuple[Result, Result]]:
     without ``config["bus"]`` (the baselines) are never paired."""
     def key(r: Result) -> tuple:
         bus = r.config["bus"]
-        return bus["send_many"], bus.get("compression"), r.mode
+        return bus["send_many"], bus.get("client"), bus.get("poll_order"), bus.get("compression"), r.mode
 
     buses = [r for r in results if "bus" in r.config]
     pairs = []
@@ -363,11 +363,24 @@ def compression_pairs(results: Sequence[Result]) -> list[tuple[Result, Result]]:
     (the same path, replicas, min_insync_replicas, acks and mode); one without such a row is left out."""
     def key(r: Result) -> tuple:
         bus = r.config["bus"]
-        return bus["send_many"], bus["replication_factor"], bus.get("min_insync_replicas"), bus["acks"], r.mode
+        return (bus["send_many"], bus.get("client"), bus.get("poll_order"), bus["replication_factor"],
+                bus.get("min_insync_replicas"), bus["acks"], r.mode)
 
     buses = [r for r in results if "bus" in r.config]
     plain = {key(r): r for r in reversed(buses) if r.config["bus"].get("compression") is None}  # the first
     return [(r, plain[key(r)]) for r in buses if r.config["bus"].get("compression") is not None and key(r) in plain]
+
+
+def variant_pairs(results: Sequence[Result], field: str, base_value: Any) -> list[tuple[Result, Result]]:
+    """Each bus result whose ``config["bus"][field]`` is not ``base_value`` (e.g. client "aio", poll_order
+    "drain"), paired with the result of the same mode that differs from it in that field alone."""
+    def key(r: Result) -> tuple:
+        return r.mode, sorted((k, repr(v)) for k, v in r.config["bus"].items() if k != field)
+
+    buses = [r for r in results if "bus" in r.config]
+    bases = [r for r in buses if r.config["bus"].get(field) == base_value]
+    return [(r, base) for r in buses if r.config["bus"].get(field, base_value) != base_value
+            for base in bases if key(base) == key(r)]
 
 
 def stored_ratio(result: Result, base: Result) -> float | None:

@@ -179,6 +179,8 @@ def run_mode(
             r.notes.append(f"throughput in the run's last third is {flat:.2f}x its first third (1.00: flat)")
         if "client_rss_peak_mb" in r.config:
             r.notes.append(f"largest client process peak RSS {r.config['client_rss_peak_mb']:,.0f} MB")
+        if "client_cpu_us_per_record" in r.config:
+            r.notes.append(f"client processes' CPU {r.config['client_cpu_us_per_record']:.2f} us per record")
     return results
 
 
@@ -235,6 +237,8 @@ def run_bench(
     modes: Sequence[str] = DEFAULT_MODES,
     runs: int = 1,
     send_many: bool = True,
+    aio: bool = False,
+    drain_order: bool = False,
     json_path: str | None = None,
     plot_path: str | None = None,
     say: Callable[[str], None] = print,
@@ -243,7 +247,9 @@ def run_bench(
 ) -> tuple[list[Result], dict[str, str]]:
     """Run the bench; print progress and the table through ``say`` (and progress bars on ``progress``, a
     terminal, while each run runs). ``bus``: the bus's options, or several (one system each: e.g. one per
-    replication factor, ``bus_variants``). Returns (results, failures)."""
+    replication factor, ``bus_variants``). ``aio``: bus.aio's producer and consumer as rows of their own (produce
+    and consume); ``drain_order``: the consumer with the draining order as its own row (consume), so fair
+    polling's cost is measured in the same run. Returns (results, failures)."""
     cfg.validate()
     buses = [bus] if isinstance(bus, BusOptions) else list(bus)
     if not buses:
@@ -255,6 +261,8 @@ def run_bench(
     baselines = available_systems(peers, say)
     the_buses = [make_bus_system(b) for b in buses]
     bulks = [make_bus_system(dataclasses.replace(b, send_many=True)) for b in buses]
+    aios = [make_bus_system(dataclasses.replace(b, client="aio")) for b in buses] if aio else []
+    drains = [make_bus_system(dataclasses.replace(b, poll_order="drain")) for b in buses] if drain_order else []
     say(
         f"bus bench: {cfg.records:,} records of {cfg.record_bytes} bytes ({cfg.values} values), "
         f"{cfg.partitions} partition(s), "
@@ -277,6 +285,10 @@ def run_bench(
         systems = [s for s in baselines if s.name == RAW] + the_buses
         if mode == "produce" and send_many:
             systems += bulks
+        if mode in ("produce", "consume"):
+            systems += aios
+        if mode == "consume":
+            systems += drains
         systems += [s for s in baselines if s.name != RAW]
         if mode == "latency":
             say(f"{mode}: {cfg.latency_rate:,} records/s for {cfg.latency_seconds:g} s")
@@ -307,7 +319,8 @@ def exit_status(failures: dict[str, str]) -> int:
 def command_line(options: dict[str, Any]) -> str:
     """The ``bus bench`` command line that repeats a run with exactly these options (for the JSON file)."""
     words = ["bus", "bench"]
-    flags = {"group": ("--group", "--assign"), "send_many": ("--send-many", "--no-send-many")}
+    flags = {"group": ("--group", "--assign"), "send_many": ("--send-many", "--no-send-many"),
+             "aio": ("--aio", "--no-aio"), "drain_order": ("--drain-order", "--no-drain-order")}
     for name, value in options.items():
         if name in flags:
             words.append(flags[name][0] if value else flags[name][1])
@@ -344,6 +357,8 @@ def bench_command(
     data_dir: str | None,
     group: bool,
     send_many: bool,
+    aio: bool = False,
+    drain_order: bool = False,
     say: Callable[[str], None] = print,
 ) -> int:
     """The ``bus bench`` command's body (options as click parses them). Returns the exit status.
@@ -381,7 +396,8 @@ def bench_command(
                    producers=producers, consumers=consumers, acks=acks, compression=compression,
                    linger_ms=linger_ms, batch_bytes=batch_bytes,
                    sync=sync, runs=runs, latency_rate=latency_rate, latency_seconds=latency_seconds, kills=kills,
-                   peers=peers, modes=modes, bootstrap=bootstrap, data_dir=data_dir, group=group, send_many=send_many)
+                   peers=peers, modes=modes, bootstrap=bootstrap, data_dir=data_dir, group=group, send_many=send_many,
+                   aio=aio, drain_order=drain_order)
     for path, option in ((json_path, "--json"), (plot_path, "--plot")):
         # Checked before a run that may last an hour, not when its results are written at the end.
         parent = os.path.dirname(os.path.abspath(path)) if path else None
@@ -389,6 +405,7 @@ def bench_command(
             raise ValueError(f"{option} {path}: the directory {parent} does not exist (create it first)")
     meta = {"command": command_line(options), "options": options}
     _, failures = run_bench(cfg, buses, peers=peer_list, modes=mode_list, runs=runs, send_many=send_many,
+                            aio=aio, drain_order=drain_order,
                             json_path=json_path, plot_path=plot_path, say=say, meta=meta,
                             progress=sys.stderr if sys.stderr.isatty() else None)
     for key, message in failures.items():

@@ -27,19 +27,22 @@ _PUBLIC = {
     "RecordFuture": "producer",
     "RecordMetadata": "records",
     "TopicPartition": "records",
+    "run_consumers": "fork_guard",
 }
 
-# public submodules, loaded on first use like the names above (``bus.serializers.json_serializer``)
-_SUBMODULES = ("errors", "serializers")
+# public submodules, loaded on first use like the names above (``bus.serializers.json_serializer``,
+# ``bus.aio.Producer``: the asyncio clients)
+_SUBMODULES = ("aio", "errors", "serializers")
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 
 if TYPE_CHECKING:
-    from . import errors, serializers
+    from . import aio, errors, serializers
     from .admin import Admin
     from .consumer import Consumer
     from .errors import BusError
     from .producer import FutureList, Producer, RecordFuture
+    from .fork_guard import run_consumers
     from .records import Record, RecordMetadata, TopicPartition
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import zmq
 
-from . import wire
+from . import fork_guard, wire
 from .connection import Requester
 from .errors import BusError, ClosedError, ConfigError, NodeUnavailable, NotLeader, TopicExists, error_for
 from .metadata import check_bootstrap
@@ -49,6 +49,7 @@ class Admin:
         self._closed = False
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
+        fork_guard.register(self)  # in a forked child, every call raises ForkedError instead of hanging
 
     def _check_open(self, call: str) -> None:
         """Every public call but close() starts here: on a closed Admin it raises ClosedError, having done

@@ -655,6 +655,11 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
               help="consumers as one consumer group, or by assign() over a split of the partitions")
 @click.option("--send-many/--no-send-many", default=True, show_default=True,
               help="also measure Producer.send_many as its own row")
+@click.option("--aio/--no-aio", default=False, show_default=True,
+              help="also measure bus.aio's Producer and Consumer as rows of their own (produce, consume)")
+@click.option("--drain-order/--no-drain-order", default=False, show_default=True,
+              help="also measure the consumer serving its partitions in the draining order, not in turn (consume): "
+                   "what fair polling costs")
 def bench(**options):
     """Measure the bus beside the raw pyzmq+LMDB ceiling, Redis Streams and NATS JetStream."""
     try:

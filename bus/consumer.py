@@ -36,12 +36,14 @@ from collections import OrderedDict, deque
 
 import zmq
 
+from . import fork_guard
 from .batch import HEADER_BYTES, iter_batches, read_columns
 from .connection import Requester
 from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, SerializationError, Timeout
 from .metadata import check_bootstrap
 from .records import Record, TopicPartition
 from .rotation import take_in_turn
+from .signal import Signal
 
 _new_record = tuple.__new__
 _map, _repeat = map, itertools.repeat
@@ -109,6 +111,10 @@ class Consumer:
       every commit, in the thread that made it (the committer thread for asynchronous and automatic ones).
     """
 
+    # The order poll() serves the partitions with data in (bus/rotation.py); the bench swaps in the draining
+    # order to measure fairness's cost.
+    _take_order = staticmethod(take_in_turn)
+
     def __init__(self, bootstrap: str | None = None, topics=None, group: str | None = None, *,
                  auto_offset_reset: str = "latest", fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
                  fetch_max_bytes: int = 50 << 20, max_partition_fetch_bytes: int = 8 << 20,
@@ -157,13 +163,16 @@ class Consumer:
         self.key_deserializer, self.value_deserializer = key_deserializer, value_deserializer
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll() at a time (see poll())
-        self._data = threading.Condition(self._lock)  # signalled when data, errors or positions arrive
+        # Signalled when data, errors or positions arrive; bus.aio's consumer hooks its loop to it (on_notify).
+        self._data = Signal(self._lock)
         self._states: dict[tuple, PartitionState] = {}
         # The partitions that have buffered data, in the order poll() serves them (bus/rotation.py). Exactly
         # those whose state has_data() and that are not paused, at every release of _lock.
         self._ready: OrderedDict = OrderedDict()
         self._paused: set = set()  # assigned partitions pause() took out of the rotation and the fetches
         self._chunk_bytes = 0  # bytes of every partition's held chunks (held_bytes), against prefetch_bytes_max
+        self._records_consumed = 0  # records poll() handed out, for metrics()
+        self._bytes_fetched = 0  # bytes of the fetched chunks taken into the buffer, for metrics()
         self._closed = False
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
@@ -183,6 +192,7 @@ class Consumer:
             except BaseException:
                 self.close()  # e.g. a ConfigError from the group options: leave no thread behind
                 raise
+        fork_guard.register(self)  # in a forked child, every call raises ForkedError instead of hanging
 
     # -- assignment and positions ------------------------------------------------------------------
 
@@ -433,6 +443,7 @@ class Consumer:
             records = self._poll(timeout_ms, max_records)
             if records and (self.key_deserializer is not None or self.value_deserializer is not None):
                 records = self._deserialized(records)
+            self._records_consumed += len(records)
             return records
 
     def _deserialized(self, records: list) -> list:
@@ -541,7 +552,7 @@ class Consumer:
         """Move up to ``max_records`` returnable records into ``out``: from the partitions with data in turn
         (bus/rotation.py), as many of each as it has, decoding its chunks as needed. Caller holds ``_lock``."""
         if len(out) < max_records and self._ready:
-            take_in_turn(self._ready, max_records - len(out), lambda tp, n: self._take_from(tp, out, n))
+            self._take_order(self._ready, max_records - len(out), lambda tp, n: self._take_from(tp, out, n))
 
     def _take_from(self, tp, out: list, n: int) -> tuple[int, bool]:
         """Move up to ``n`` of ``tp``'s records into ``out`` from its position, in offset order; returns how
@@ -761,6 +772,7 @@ class Consumer:
                 state.chunks.append((offset, data))
                 state.held_bytes += len(data)
                 self._chunk_bytes += len(data)
+                self._bytes_fetched += len(data)
                 if tp not in self._ready and tp not in self._paused:
                     self._ready[tp] = None  # at the end of the rotation
                 arrived = True
@@ -790,6 +802,24 @@ class Consumer:
             if state is not None and state.epoch == epoch:
                 state.error = error
                 self._data.notify_all()
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """Counters since the consumer was made, as kafka-python's metrics() holds them (snake_case names):
+        ``records_consumed`` (handed out by poll(); put back records not counted), ``bytes_fetched``,
+        ``fetch_requests``, ``fetch_errors``, ``buffered_bytes`` (the prefetch buffer now), and per assigned
+        partition ``lag`` ({(topic, partition): log end offset - position}, where both are known; the log
+        end is the high watermark the last fetch saw), ``records_lag_max`` the largest of them."""
+        self._check_open("metrics()")
+        fetcher = self._fetcher
+        with self._lock:
+            lag = {tp: max(0, s.log_end - s.position) for tp, s in self._states.items()
+                   if s.log_end is not None and s.position is not None}
+            out = {"records_consumed": self._records_consumed, "bytes_fetched": self._bytes_fetched,
+                   "fetch_requests": fetcher.fetch_requests, "fetch_errors": fetcher.fetch_errors,
+                   "buffered_bytes": self._chunk_bytes}
+        return {**out, "lag": lag, "records_lag_max": max(lag.values(), default=0)}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -266,6 +266,15 @@ class ClosedError(BusError):
     code = "CLOSED"
 
 
+class ForkedError(BusError):
+    """A client used in a process forked (``os.fork()``, multiprocessing's "fork" start method) from the one
+    that made it: its background threads did not survive the fork and its sockets belong to the parent, so
+    the call would hang. Nothing was done (definite). Make the client in the child instead; for one consumer
+    per process, ``bus.run_consumers(n, target)`` starts each child with "spawn"."""
+
+    code = "FORKED"
+
+
 class InvalidRecord(BusError, TypeError):
     """``send()`` or ``send_many()`` was given an argument of the wrong type: a value or key that is not bytes
     (or bytearray / memoryview; a value may be None, a tombstone), headers that are not (str, bytes) pairs, a

@@ -37,6 +37,9 @@ class Fetcher(BackgroundIO):
         # answer holds up its own partitions, and the others for at most RESET_HOLD_MS (until hold_s), never
         # close().
         self.resets: dict[int, tuple] = {}
+        # For Consumer.metrics(): written by this thread only, read unlocked (plain ints).
+        self.fetch_requests = 0  # fetch requests sent
+        self.fetch_errors = 0  # fetch replies that failed, and partitions a reply failed for good
 
     # -- the loop (bus/background.py runs it) ------------------------------------------------------
 
@@ -149,6 +152,7 @@ class Fetcher(BackgroundIO):
                 connection.send(wire.FETCH, args, request_id=request_id)
             except zmq.ZMQError:
                 continue
+            self.fetch_requests += 1
             deadline_s = now_s + (self.consumer.fetch_max_wait_ms + self.consumer.request_timeout_ms) / 1000
             self.outstanding[node_id] = (request_id, parts, deadline_s)
 
@@ -163,6 +167,7 @@ class Fetcher(BackgroundIO):
             return  # superseded: a newer fetch to this node is out
         del self.outstanding[node_id]
         if error is not None:
+            self.fetch_errors += 1
             log.warning("fetch from node %d failed: %s: %s", node_id, *error)
             return
         parts = current[1]
@@ -180,6 +185,7 @@ class Fetcher(BackgroundIO):
                 if error_class(code).refresh_metadata:
                     self._refresh_metadata(force=True)
             else:
+                self.fetch_errors += 1
                 self.consumer._fetch_error(tp, epoch, error_for(code, message))
         if fetched:
             self.consumer._fetched(fetched)

@@ -6,6 +6,10 @@ what the group decides. It must never let a partition be read by this consumer w
 already have granted it to another member, and never commit an offset past a record ``poll()`` has not
 returned (at-least-once: a record is handled once the next ``poll()`` is called, or ``commit()`` is).
 
+The member's states and timers (joining, member, lost, left; when to heartbeat, when max_poll_interval_ms
+has passed, what an answer changes) are a pure core, bus/member_core.py, that this module drives under
+``GroupMember._lock``; what is left here is the I/O, the threads and the reconciliation.
+
 Threads (DESIGN.md: liveness is not progress):
 - The heartbeat thread owns its own DEALER to the coordinator. It joins, heartbeats every
   ``heartbeat_interval_ms`` with the member epoch and the partitions owned, and takes the coordinator's
@@ -49,18 +53,18 @@ import time
 import uuid
 
 from . import wire
-from .clock import LOOP_WAIT_MS_MAX, monotonic_ms
+from .clock import monotonic_ms
 from .connection import Connection
 from .errors import (
     BusError,
     ClosedError,
     ConfigError,
     FencedMemberEpoch,
-    InvalidRequest,
     OffsetOutOfRange,
     Timeout,
     UnknownMemberId,
 )
+from .member_core import CLOSED, LEFT, LOST, MEMBER, MemberCore
 from .records import TopicPartition
 
 log = logging.getLogger("bus.group")
@@ -75,11 +79,6 @@ COMMIT_QUEUE_MAX = 64  # asynchronous commits waiting for the committer thread
 RECONCILE_PASSES_MAX = 4  # per poll(): each pass acts on the latest assignment
 CLOSE_WAIT_S_MAX = 5.0  # close() waits at most this long for queued asynchronous commits
 
-JOINING = "joining"  # the heartbeat thread is joining under ``_member_id``
-MEMBER = "member"  # joined; heartbeating
-LOST = "lost"  # fenced or evicted: the user's thread must drop every partition, then rejoin
-LEFT = "left"  # left for max_poll_interval: as LOST, on the next poll()
-CLOSED = "closed"
 
 
 def _check_name(what: str, value, chars_max: int = NAME_CHARS_MAX) -> None:
@@ -167,31 +166,24 @@ class GroupMember:
         self.client_id = client_id
         self.on_assign, self.on_revoke, self.on_lost, self.on_commit = on_assign, on_revoke, on_lost, on_commit
         # A heartbeat or join attempt ends within a third of the session, and a failed one is retried within
-        # another third: a member whose coordinator is down still completes an attempt every session.
+        # another third (MemberCore.retry_backoff_ms): a member whose coordinator is down still completes an
+        # attempt every session.
         self._heartbeat_timeout_ms = max(1, session_timeout_ms // 3)
-        self._retry_backoff_ms = max(1, min(heartbeat_interval_ms, session_timeout_ms // 3))
         # Commits and offset fetches come from the user's thread; a dead coordinator must not block it long.
         self._request_timeout_ms = max(1, min(consumer.request_timeout_ms, session_timeout_ms))
 
         self._lock = threading.Condition()
-        self._state = JOINING
-        self._member_id = self._new_member_id()  # chosen here: a retried join finds its member
-        self._epoch = 0  # the member epoch of the latest reply
-        self._granted = frozenset()  # the partitions the latest reply says this member may own
-        self._applied: set = set()  # partitions the consumer reads now; changed by the user's thread only
-        self._adding: set = set()  # being added by the user's thread (committed offsets being fetched)
-        self._lost_error: BusError | None = None  # why the member was fenced or evicted
-        self._join_error: BusError | None = None  # a join refusal for poll() to raise, once
-        self._force_heartbeat = False
         now_ms = monotonic_ms()
-        self._last_poll_ms = now_ms  # when poll() last began or ended
-        self._poll_until_ms = now_ms  # the latest a poll() in progress may block until (its timeout)
-        self._last_attempt_ms = now_ms  # start time of the latest completed heartbeat or join attempt
+        # The membership's states and timers (bus/member_core.py): read and changed under _lock only.
+        self._core = MemberCore(
+            join_fields={"group_id": group, "client_id": client_id, "group_instance_id": group_instance_id,
+                         "topics": topics, "pattern": pattern, "session_timeout_ms": session_timeout_ms,
+                         "assignor": assignor},
+            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms,
+            max_poll_interval_ms=max_poll_interval_ms, new_member_id=self._new_member_id, now_ms=now_ms)
         self._next_auto_commit_ms = now_ms + auto_commit_interval_ms
         self._committed: dict = {}  # tp -> offset this incarnation committed last (unchanged: not resent)
         self._auto_commit_inflight = False
-        self._closing = False
-        self.reconcile_pending = False  # set when poll() has work to do; Consumer.poll reads it unlocked
         self._commit_queue: queue.Queue | None = None
         self._commits_waiting = 0  # asynchronous commits queued or being sent
         self._committer: threading.Thread | None = None
@@ -200,20 +192,31 @@ class GroupMember:
 
     # -- public (through the Consumer) ---------------------------------------------------------------
 
+    # The core's state and last attempt under their old names: tests/test_faults_groups.py sets them (under
+    # _lock) to stand for a freeze inside poll() and for a fencing learned meanwhile.
+    _state = property(lambda self: self._core.state, lambda self, value: setattr(self._core, "state", value))
+    _last_attempt_ms = property(lambda self: self._core.last_attempt_ms,
+                                lambda self, value: setattr(self._core, "last_attempt_ms", value))
+
+    @property
+    def reconcile_pending(self) -> bool:
+        """Whether poll() has work to do: a plain flag, read without the lock by Consumer.poll."""
+        return self._core.reconcile_pending
+
     @property
     def member_id(self) -> str:
         with self._lock:
-            return self._member_id
+            return self._core.member_id
 
     @property
     def member_epoch(self) -> int:
         with self._lock:
-            return self._epoch
+            return self._core.epoch
 
     @property
     def state(self) -> str:
         with self._lock:
-            return self._state
+            return self._core.state
 
     def commit(self, offsets=None) -> dict:
         """Commit ``offsets`` ({tp: offset} or {tp: (offset, metadata)}), by default the positions of what
@@ -246,9 +249,8 @@ class GroupMember:
         session, reconcile, auto-commit. Time blocked inside poll() counts as polling, as in Kafka."""
         now_ms = monotonic_ms()
         with self._lock:
-            self._last_poll_ms = now_ms
-            self._poll_until_ms = now_ms + max(0, timeout_ms)
-            error, self._join_error = self._join_error, None
+            self._core.polling(now_ms, timeout_ms)
+            error, self._core.join_error = self._core.join_error, None
         if error is not None:
             raise error
         self._check_session()
@@ -259,6 +261,13 @@ class GroupMember:
                 break
         if self.enable_auto_commit:
             self._maybe_auto_commit(now_ms)
+
+    def on_poll_is_quick(self) -> bool:
+        """Whether ``on_poll()`` would now make no request, wait for no heartbeat and call no callback: nothing
+        to reconcile, not lost, not lapsed. bus.aio polls in the event loop's thread only then (and in a worker
+        thread otherwise), so that a rebalance's commits and offset fetches never block the loop."""
+        with self._lock:
+            return self._core.poll_is_quick(monotonic_ms())
 
     def on_records(self, records) -> bool:
         """End of every poll(): from now on the user's handler runs, timed by max_poll_interval_ms.
@@ -271,10 +280,10 @@ class GroupMember:
         back."""
         now_ms = monotonic_ms()
         with self._lock:
-            self._last_poll_ms = self._poll_until_ms = now_ms
+            self._core.last_poll_ms = self._core.poll_until_ms = now_ms
             if not records:
                 return True
-            return self._state not in (LOST, LEFT) and not self._lapsed(now_ms)
+            return self._core.state not in (LOST, LEFT) and not self._core.lapsed(now_ms)
 
     def close(self) -> None:
         """Commit what poll() returned (auto-commit on), call on_revoke, and leave so the partitions move now.
@@ -283,10 +292,10 @@ class GroupMember:
         (or for its session timeout) so a restart does not rebalance the group.
         """
         with self._lock:
-            if self._state == CLOSED or self._closing:
+            if self._core.state == CLOSED or self._core.closing:
                 return
-            was_member = self._state == MEMBER
-            was_lost = self._state in (LOST, LEFT)
+            was_member = self._core.state == MEMBER
+            was_lost = self._core.state in (LOST, LEFT)
         try:
             if was_member:
                 applied = self._applied_now()
@@ -306,13 +315,13 @@ class GroupMember:
                     self._call(self.on_lost or self.on_revoke, sorted(applied))
         finally:
             with self._lock:
-                self._closing = True
+                self._core.closing = True
                 self._lock.notify_all()
             self._thread.join()
             self._stop_committer()
             with self._lock:  # read after the thread stopped: a join answered meanwhile must be left too
-                still_member = self._state == MEMBER
-                member_id, epoch = self._member_id, self._epoch
+                still_member = self._core.state == MEMBER
+                member_id, epoch = self._core.member_id, self._core.epoch
             if still_member and self.group_instance_id is None:
                 try:
                     self.consumer._requester.coordinator(wire.GROUP_LEAVE, {
@@ -321,47 +330,25 @@ class GroupMember:
                 except BusError as exc:
                     log.info("group %s: leave on close failed (the session timeout will do): %s", self.group_id, exc)
             with self._lock:
-                self._state = CLOSED
+                self._core.state = CLOSED
                 self._lock.notify_all()
 
     # -- the heartbeat thread ---------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
         connection = None
-        next_attempt_ms = 0
         try:
             while True:
                 with self._lock:
-                    if self._closing:
+                    if self._core.closing:
                         return
-                    now_ms = monotonic_ms()
-                    op = None
-                    polled_ms = max(self._last_poll_ms, min(now_ms, self._poll_until_ms))  # now, inside poll()
-                    if self._state == MEMBER and now_ms - polled_ms > self.max_poll_interval_ms:
-                        op, args = wire.GROUP_LEAVE, {"group_id": self.group_id, "member_id": self._member_id,
-                                                      "member_epoch": self._epoch, "reason": "max_poll_interval"}
-                        log.warning("group %s: poll() not called for %d ms (max_poll_interval_ms=%d); leaving the "
-                                    "group, the next poll() rejoins", self.group_id, now_ms - polled_ms,
-                                    self.max_poll_interval_ms)
-                        self._set_lost(LEFT, UnknownMemberId(
-                            f"member {self._member_id} left group {self.group_id!r}: poll() was not called "
-                            f"within max_poll_interval_ms={self.max_poll_interval_ms}"))
-                    elif self._state == JOINING and now_ms >= next_attempt_ms:
-                        op, args = wire.GROUP_JOIN, self._join_args()
-                    elif self._state == MEMBER and (self._force_heartbeat or now_ms >= next_attempt_ms):
-                        self._force_heartbeat = False
-                        owned = self._applied | self._granted | self._adding
-                        op, args = wire.GROUP_HEARTBEAT, {
-                            "group_id": self.group_id, "member_id": self._member_id, "member_epoch": self._epoch,
-                            "owned": sorted([t, p] for t, p in owned)}
+                    op, args = self._core.next_request(monotonic_ms())
                     if op is None:
-                        wait_ms = min(LOOP_WAIT_MS_MAX, max(1, next_attempt_ms - now_ms))
-                        if self._state == MEMBER:
-                            poll_deadline_ms = max(self._last_poll_ms, self._poll_until_ms) + self.max_poll_interval_ms + 1
-                            wait_ms = min(wait_ms, max(1, poll_deadline_ms - now_ms))
-                        self._lock.wait(wait_ms / 1000)
+                        self._lock.wait(args / 1000)  # args: how long to wait, in ms
                         continue
-                    member_id = self._member_id
+                    if op == wire.GROUP_LEAVE:
+                        self._lock.notify_all()  # left for max_poll_interval: a poll() waiting for a heartbeat
+                    member_id = self._core.member_id
                 if connection is None:
                     connection = Connection(self.consumer._context, self.consumer.bootstrap)
                 started_ms = monotonic_ms()
@@ -374,16 +361,9 @@ class GroupMember:
                     # A fresh socket: nothing queued for a dead coordinator is delivered late to a new one.
                     connection.close()
                     connection = None
-                wake = False
                 with self._lock:
-                    self._last_attempt_ms = max(self._last_attempt_ms, started_ms)
+                    wake = self._core.answered(op, member_id, result, error, started_ms, monotonic_ms())
                     self._lock.notify_all()
-                    if op == wire.GROUP_JOIN:
-                        next_attempt_ms, wake = self._joined(member_id, result, error, started_ms)
-                    elif op == wire.GROUP_HEARTBEAT:
-                        next_attempt_ms, wake = self._heartbeat_answered(member_id, result, error, started_ms)
-                    else:
-                        wake = True  # left: the next poll() drops the partitions and rejoins
                 if wake:
                     self._wake_consumer()
         except Exception:
@@ -393,81 +373,22 @@ class GroupMember:
             if connection is not None:
                 connection.close()
 
-    def _join_args(self) -> dict:
-        return {"group_id": self.group_id, "client_id": self.client_id, "group_instance_id": self.group_instance_id,
-                "topics": self.topics, "pattern": self.pattern, "session_timeout_ms": self.session_timeout_ms,
-                "assignor": self.assignor, "member_id": self._member_id}
-
-    def _joined(self, member_id, result, error, started_ms) -> tuple[int, bool]:
-        """Take a join's answer (lock held); returns (next attempt time, whether poll() has work)."""
-        now_ms = monotonic_ms()
-        if self._state != JOINING or self._member_id != member_id:
-            return now_ms, False
-        if error is None:
-            self._state = MEMBER
-            self._epoch = result["member_epoch"]
-            self._granted = frozenset(TopicPartition(t, p) for t, p in result["assignment"])
-            log.info("group %s: joined as %s at epoch %d with %d partition(s)", self.group_id, member_id,
-                     self._epoch, len(self._granted))
-            self.reconcile_pending = bool(self._granted)
-            return started_ms + self.heartbeat_interval_ms, self.reconcile_pending
-        if error.retriable:
-            log.info("group %s: join not answered (%s); retrying", self.group_id, error)
-            return now_ms + self._retry_backoff_ms, False
-        if type(error) is InvalidRequest:  # e.g. "member id is being evicted": join under a new id
-            self._member_id = self._new_member_id()
-            return now_ms + self._retry_backoff_ms, False
-        # INVALID_CONFIG, INCONSISTENT_ASSIGNOR, GROUP_FULL ...: the user must hear of it; keep trying slowly.
-        log.warning("group %s: join refused: %s", self.group_id, error)
-        self._join_error = error
-        return now_ms + max(self._retry_backoff_ms, min(self.session_timeout_ms, 1_000)), True
-
-    def _heartbeat_answered(self, member_id, result, error, started_ms) -> tuple[int, bool]:
-        now_ms = monotonic_ms()
-        if self._state != MEMBER or self._member_id != member_id:
-            return now_ms, False
-        if error is None:
-            self._epoch = result["member_epoch"]
-            granted = frozenset(TopicPartition(t, p) for t, p in result["assignment"])
-            self._granted = granted
-            if granted != self._applied:
-                self.reconcile_pending = True
-            return started_ms + self.heartbeat_interval_ms, self.reconcile_pending
-        if isinstance(error, (UnknownMemberId, FencedMemberEpoch)):
-            log.warning("group %s: member %s fenced: %s", self.group_id, member_id, error)
-            self._set_lost(LOST, error)
-            return now_ms, True
-        log.info("group %s: heartbeat failed (%s); retrying", self.group_id, error)
-        return now_ms + self._retry_backoff_ms, False
-
-    def _set_lost(self, state: str, error: BusError) -> None:
-        """The member is gone (lock held); the user's thread drops its partitions at the next poll()."""
-        self._state = state
-        self._lost_error = error
-        self.reconcile_pending = True
-        self._lock.notify_all()
-
     def _wake_consumer(self) -> None:
         with self.consumer._lock:
             self.consumer._data.notify_all()
 
     # -- the user's thread: reconciliation ------------------------------------------------------------
 
-    def _lapsed(self, now_ms: int) -> bool:
-        """Whether no heartbeat attempt began within the last session timeout (lock held): the coordinator
-        may have evicted this member without it knowing yet."""
-        return self._state == MEMBER and not self._closing and now_ms - self._last_attempt_ms > self.session_timeout_ms
-
     def _check_session(self) -> None:
         """After a freeze longer than the session, wait for a fresh heartbeat before reading on."""
         with self._lock:
             now_ms = monotonic_ms()
-            if not self._lapsed(now_ms):
+            if not self._core.lapsed(now_ms):
                 return
-            self._force_heartbeat = True
+            self._core.force_heartbeat = True
             self._lock.notify_all()
             deadline_ms = now_ms + self._heartbeat_timeout_ms + 200
-            while self._state == MEMBER and self._last_attempt_ms < now_ms and not self._closing:
+            while self._core.state == MEMBER and self._core.last_attempt_ms < now_ms and not self._core.closing:
                 remaining_ms = deadline_ms - monotonic_ms()
                 if remaining_ms <= 0:
                     break
@@ -476,20 +397,14 @@ class GroupMember:
     def _drop_if_lost(self) -> bool:
         """If fenced, evicted or left: drop every partition (on_lost), rejoin as a new member. True if so."""
         with self._lock:
-            if self._state not in (LOST, LEFT) or self._closing:
+            if self._core.state not in (LOST, LEFT) or self._core.closing:
                 return False
-            lost = sorted(self._applied)
-            error = self._lost_error
+            lost = sorted(self._core.applied)
+            error = self._core.lost_error
         self.consumer._set_assignment([])
         with self._lock:
-            self._applied.clear()
-            self._adding.clear()
-            self._granted = frozenset()
+            self._core.rejoin()
             self._committed.clear()
-            self._epoch = 0
-            self._member_id = self._new_member_id()
-            self._state = JOINING
-            self.reconcile_pending = False
             self._lock.notify_all()
         log.warning("group %s: lost %d partition(s) (%s); rejoining", self.group_id, len(lost), error)
         if lost:
@@ -499,16 +414,16 @@ class GroupMember:
     def _reconcile(self) -> bool:
         """One pass towards the granted assignment. True when there is nothing (more) to do now."""
         with self._lock:
-            self.reconcile_pending = False
-            if self._state != MEMBER or self._closing:
+            self._core.reconcile_pending = False
+            if self._core.state != MEMBER or self._core.closing:
                 return True
-            granted = self._granted
-            revoke = self._applied - granted
-            add = granted - self._applied
+            granted = self._core.granted
+            revoke = self._core.applied - granted
+            add = granted - self._core.applied
             if not revoke and not add:
                 return True
-            self._adding = set(add)
-            member_id = self._member_id
+            self._core.adding = set(add)
+            member_id = self._core.member_id
         if revoke and not self._revoke(revoke, member_id):
             return False
         if add and not self._add(add, member_id):
@@ -521,20 +436,20 @@ class GroupMember:
                 self._commit_sync(self._positions(revoke), member_id)
             except (UnknownMemberId, FencedMemberEpoch):
                 with self._lock:
-                    self._adding.clear()
+                    self._core.adding.clear()
                 return False  # fenced meanwhile: everything is dropped as lost instead
             except BusError as exc:
                 # Given back all the same: the next owner starts at the last commit (at-least-once).
                 log.warning("group %s: commit of revoked partitions failed: %s", self.group_id, exc)
         self._call(self.on_revoke, sorted(revoke))
         with self._lock:
-            keep = sorted(self._applied - revoke)
+            keep = sorted(self._core.applied - revoke)
         self.consumer._set_assignment(keep)
         with self._lock:
-            self._applied -= revoke
+            self._core.applied -= revoke
             for tp in revoke:
                 self._committed.pop(tp, None)
-            self._force_heartbeat = True  # tell the coordinator now, so the partitions move at once
+            self._core.force_heartbeat = True  # tell the coordinator now, so the partitions move at once
             self._lock.notify_all()
         return True
 
@@ -544,18 +459,18 @@ class GroupMember:
         except BusError as exc:
             log.warning("group %s: fetching committed offsets failed: %s", self.group_id, exc)
             with self._lock:
-                self._adding.clear()
+                self._core.adding.clear()
             return False
         positions = {tp: offset for tp, offset in committed.items() if offset is not None}
         with self._lock:
-            if self._state != MEMBER or self._member_id != member_id or self._closing:
-                self._adding.clear()
+            if self._core.state != MEMBER or self._core.member_id != member_id or self._core.closing:
+                self._core.adding.clear()
                 return False
-            wanted = sorted(self._applied | add)
+            wanted = sorted(self._core.applied | add)
         self.consumer._set_assignment(wanted, positions)
         with self._lock:
-            self._applied |= add
-            self._adding.clear()
+            self._core.applied |= add
+            self._core.adding.clear()
             self._committed.update(positions)
         if self.consumer.auto_offset_reset == "none":
             for tp in sorted(add - positions.keys()):
@@ -569,7 +484,7 @@ class GroupMember:
 
     def _applied_now(self) -> set:
         with self._lock:
-            return set(self._applied)
+            return set(self._core.applied)
 
     def _positions(self, tps) -> dict:
         """{tp: (position, None)}: the offset after the last record poll() returned, where known."""
@@ -608,18 +523,18 @@ class GroupMember:
 
     def _send_commit(self, offsets: dict, member_id: str | None) -> dict:
         with self._lock:
-            if self._state == CLOSED:
+            if self._core.state == CLOSED:
                 raise ClosedError("commit on a closed consumer")
-            if member_id is not None and member_id != self._member_id:
+            if member_id is not None and member_id != self._core.member_id:
                 raise UnknownMemberId(f"member {member_id} of group {self.group_id!r} was fenced and rejoined "
-                                      f"as {self._member_id}")
-            if self._state in (LOST, LEFT):
-                raise self._lost_error
+                                      f"as {self._core.member_id}")
+            if self._core.state in (LOST, LEFT):
+                raise self._core.lost_error
             if not offsets:
                 return {}
-            if self._state != MEMBER:
+            if self._core.state != MEMBER:
                 raise UnknownMemberId(f"not a member of group {self.group_id!r} yet (joining)")
-            member_id, epoch = self._member_id, self._epoch
+            member_id, epoch = self._core.member_id, self._core.epoch
         parts = [[t, p, offset, metadata] for (t, p), (offset, metadata) in sorted(offsets.items())]
         for _ in range(3):
             try:
@@ -634,13 +549,14 @@ class GroupMember:
                 continue
             except UnknownMemberId as exc:
                 with self._lock:
-                    if self._member_id == member_id and self._state == MEMBER:
-                        self._set_lost(LOST, exc)
+                    if self._core.member_id == member_id and self._core.state == MEMBER:
+                        self._core.set_lost(LOST, exc)
+                        self._lock.notify_all()
                 self._wake_consumer()
                 raise
             committed = {TopicPartition(t, p): offset for t, p, offset in result["committed"]}
             with self._lock:
-                if self._member_id == member_id:
+                if self._core.member_id == member_id:
                     self._committed.update(committed)
             return committed
         raise FencedMemberEpoch(f"member {member_id} of group {self.group_id!r}: epoch kept moving during a commit")
@@ -648,20 +564,20 @@ class GroupMember:
     def _await_new_epoch(self, member_id: str, epoch: int) -> int | None:
         """After FENCED_MEMBER_EPOCH: the member's new epoch once a fresh heartbeat answered, else None."""
         with self._lock:
-            if self._member_id == member_id and self._state == MEMBER and self._epoch != epoch:
-                return self._epoch
+            if self._core.member_id == member_id and self._core.state == MEMBER and self._core.epoch != epoch:
+                return self._core.epoch
             start_ms = monotonic_ms()
             deadline_ms = start_ms + self._heartbeat_timeout_ms + 200
-            self._force_heartbeat = True
+            self._core.force_heartbeat = True
             self._lock.notify_all()
-            while (self._member_id == member_id and self._state == MEMBER and not self._closing
-                   and self._last_attempt_ms < start_ms):
+            while (self._core.member_id == member_id and self._core.state == MEMBER and not self._core.closing
+                   and self._core.last_attempt_ms < start_ms):
                 remaining_ms = deadline_ms - monotonic_ms()
                 if remaining_ms <= 0:
                     break
                 self._lock.wait(remaining_ms / 1000)
-            if self._member_id == member_id and self._state == MEMBER and self._epoch != epoch:
-                return self._epoch
+            if self._core.member_id == member_id and self._core.state == MEMBER and self._core.epoch != epoch:
+                return self._core.epoch
             return None
 
     def _fetch_committed(self, tps) -> dict:
@@ -671,10 +587,10 @@ class GroupMember:
 
     def _maybe_auto_commit(self, now_ms: int) -> None:
         with self._lock:
-            if now_ms < self._next_auto_commit_ms or self._auto_commit_inflight or self._state != MEMBER:
+            if now_ms < self._next_auto_commit_ms or self._auto_commit_inflight or self._core.state != MEMBER:
                 return
             self._next_auto_commit_ms = now_ms + self.auto_commit_interval_ms
-            applied, committed = set(self._applied), dict(self._committed)
+            applied, committed = set(self._core.applied), dict(self._committed)
         offsets = {tp: v for tp, v in self._positions(applied).items() if committed.get(tp) != v[0]}
         if not offsets:
             return
@@ -691,9 +607,9 @@ class GroupMember:
 
     def _enqueue_commit(self, offsets: dict, callback, block: bool) -> None:
         with self._lock:
-            if self._closing or self._state == CLOSED:
+            if self._core.closing or self._core.state == CLOSED:
                 raise ClosedError("commit_async on a closed consumer")
-            member_id = self._member_id
+            member_id = self._core.member_id
             if self._committer is None:
                 self._commit_queue = queue.Queue(COMMIT_QUEUE_MAX)
                 self._committer = threading.Thread(target=self._commit_loop, name="bus-group-committer", daemon=True)

@@ -43,13 +43,14 @@ from itertools import accumulate as _accumulate, repeat as _repeat
 
 import zmq
 
-from . import gil
+from . import fork_guard, gil
 from .batch import CODECS, UNCOMPRESSED_BYTES_MAX
 from .connection import Requester
 from .errors import (BufferFull, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, SerializationError, Timeout,
                      UnknownPartition)
 from .metadata import check_bootstrap, partition_for_key
 from .records import RecordMetadata
+from .signal import Signal
 
 RECORD_OVERHEAD_BYTES = 16  # msgpack framing and the timestamp, for buffer accounting
 TIMESTAMP_MS_MAX = (1 << 63) - 1  # a batch header's i64
@@ -168,7 +169,8 @@ class ProducerBatch:
 
     __slots__ = ("topic", "partition", "flat", "count", "bytes", "created_s",
                  "deadline_s", "done", "base_offset", "append_ts_ms", "error", "callbacks", "payload",
-                 "producer_id", "producer_epoch", "sequence", "sent", "attempts", "maybe_written", "last_error")
+                 "producer_id", "producer_epoch", "sequence", "sent", "attempts", "maybe_written", "last_error",
+                 "aio_watch")
 
     def __init__(self, topic, partition, created_s, deadline_s):
         self.topic, self.partition = topic, partition
@@ -189,6 +191,7 @@ class ProducerBatch:
         # was not committed): only then may the batch be stored although it failed.
         self.maybe_written = False
         self.last_error = None  # the last retriable error an attempt met
+        self.aio_watch = None  # bus.aio: the event loop's tasks awaiting this batch's records (bus/aio.py)
 
     def complete(self, base_offset: int, error: BaseException | None, append_ts_ms: int = -1) -> None:
         self.base_offset, self.error, self.append_ts_ms = base_offset, error, append_ts_ms
@@ -240,6 +243,23 @@ class RecordFuture(tuple):
         if not self._batch.done.wait(timeout):
             raise Timeout(f"record not completed within {timeout} s")
         return self._batch.error
+
+    def __await__(self):
+        """bus.aio: ``await`` a record a ``bus.aio.Producer`` sent, in its event loop, for its RecordMetadata or
+        its error. The loop futures that wait are the batch's (``ProducerBatch.aio_watch``, settled in the loop
+        by the batch's one completion callback): one is made only if the batch is not done yet, and its
+        cancellation touches no other record's."""
+        batch = self[0]
+        if not batch.done.is_set():
+            watch = batch.aio_watch
+            if watch is None:
+                raise TypeError("only records sent by a bus.aio.Producer can be awaited; use get() with bus.Producer")
+            waiter = watch.loop.create_future()
+            watch.waiters.append(waiter)
+            yield from waiter.__await__()
+        if batch.error is not None:
+            raise batch.error
+        return batch.metadata(self[1])
 
     def add_callback(self, fn) -> None:
         """``fn(metadata, exception)`` once the record is acknowledged or failed (at once if it already is)."""
@@ -357,7 +377,8 @@ class Producer:
             self.send, self.send_many = self._send_serialized, self._send_many_serialized
         self._record_bytes_max = min(max_record_bytes, buffer_bytes)
         self._lock = threading.Lock()
-        self._space = threading.Condition(self._lock)  # signalled when buffer space is released
+        # Signalled when buffer space is released; bus.aio's producer hooks its loop to it (on_notify).
+        self._space = Signal(self._lock)
         self._open: dict[tuple, ProducerBatch] = {}
         self._ready: deque[ProducerBatch] = deque()
         self._taken: set[ProducerBatch] = set()  # handed to the sender, not yet completed
@@ -369,6 +390,9 @@ class Producer:
         self._rotation: dict[str, int] = {}
         self._closed = False
         self._flush_requested = False
+        # Called with each batch as it opens, under _lock: bus.aio's producer gives it the watch its records
+        # are awaited through (one per batch, so that send() itself does nothing more per record).
+        self._on_new_batch = None
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, metadata_timeout_ms)
 
@@ -381,6 +405,7 @@ class Producer:
         gil.acquire()
         self._sender.start()
         self._partition_counts: dict[str, int] = {}
+        fork_guard.register(self)  # in a forked child, every call raises ForkedError instead of hanging
 
     # -- sending -----------------------------------------------------------------------------------
 
@@ -603,15 +628,19 @@ class Producer:
     def _wait_for_space(self, size: int) -> None:
         deadline_s = time.monotonic() + self.max_block_s
         while size > self._free_bytes:
-            # Close open batches so the sender can ship them and free space.
-            for open_batch in list(self._open.values()):
-                self._close_batch(open_batch)
-            self._wake()
+            self._close_open_batches()
             remaining = deadline_s - time.monotonic()
             if remaining <= 0 or self._closed:
                 raise BufferFull(f"producer buffer of {self.buffer_bytes} bytes stayed full for "
                                  f"{self.max_block_s * 1000:.0f} ms (max_block_ms); the record was not sent")
             self._space.wait(remaining)
+
+    def _close_open_batches(self) -> None:
+        """The buffer is short of room: close every open batch so the sender ships them and frees space.
+        Caller holds the lock."""
+        for open_batch in list(self._open.values()):
+            self._close_batch(open_batch)
+        self._wake()
 
     def _batch_for(self, topic: str, partition: int | None, count: int) -> ProducerBatch:
         """The open batch a record goes to (opened if need be); ``partition=None`` means the topic's sticky
@@ -627,6 +656,8 @@ class Producer:
             now_s = time.monotonic()
             batch = self._open[(topic, partition)] = ProducerBatch(
                 topic, partition, now_s, now_s + self.delivery_timeout_s)
+            if self._on_new_batch is not None:
+                self._on_new_batch(batch)
             self._wake()
         if sticky:
             self._sticky_open[topic] = batch
@@ -672,6 +703,25 @@ class Producer:
             self._free_bytes += batch.bytes
             assert self._free_bytes <= self.buffer_bytes
             self._space.notify_all()
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """Counters since the producer was made, as kafka-python's metrics() holds them (snake_case names):
+        records and bytes acknowledged (``records_sent``, ``bytes_sent``: buffer bytes, as ``batch_bytes``
+        counts them; with acks=0, sent), ``batches_sent``, ``requests_sent``, ``retries`` (batch attempts
+        retried), ``record_errors`` / ``batch_errors`` (completed with an error), ``requests_in_flight``,
+        ``batches_in_flight``, ``buffer_bytes_used`` and ``buffer_bytes_total``, ``batch_records_avg``.
+        Read without stopping the sender, so two counters may be a batch apart."""
+        sender = self._sender
+        in_flight = list(sender.in_flight.values())
+        return {"records_sent": sender.records_acked, "bytes_sent": sender.bytes_acked,
+                "batches_sent": sender.batches_acked, "requests_sent": sender.requests_sent,
+                "retries": sender.retries, "record_errors": sender.records_failed,
+                "batch_errors": sender.batches_failed, "requests_in_flight": len(in_flight),
+                "batches_in_flight": sum(len(batches) for _, batches, _ in in_flight),
+                "buffer_bytes_used": self.buffer_bytes - self._free_bytes, "buffer_bytes_total": self.buffer_bytes,
+                "batch_records_avg": sender.records_acked / sender.batches_acked if sender.batches_acked else 0.0}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

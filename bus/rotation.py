@@ -37,6 +37,17 @@ def take_in_turn(ready: OrderedDict, want: int, take: Callable[[Hashable, int], 
     ``ready`` may gain keys while ``take`` runs (another thread adding data, under the caller's protocol);
     the key being served is put at the end when it has more, and dropped when it has none.
     """
+    return _serve(ready, want, take, True)
+
+
+def take_draining(ready: OrderedDict, want: int, take: Callable[[Hashable, int], tuple[int, bool]]) -> int:
+    """``take_in_turn``'s baseline: the order before fair polling, each key drained before the next (the key
+    being served stays at the head while it has items). Not the consumer's: ``bus bench --drain-order`` puts
+    it in a measured consumer's ``_take_order`` to show what fairness costs (docs/benchmarks.md)."""
+    return _serve(ready, want, take, False)
+
+
+def _serve(ready: OrderedDict, want: int, take, rotate: bool) -> int:
     assert want >= 0
     taken = 0
     while taken < want and ready:
@@ -44,9 +55,9 @@ def take_in_turn(ready: OrderedDict, want: int, take: Callable[[Hashable, int], 
         n, more = take(key, want - taken)
         assert 0 <= n <= want - taken and not (more and n < want - taken), (key, n, more, want - taken)
         taken += n
-        if more:
+        if not more:
+            ready.pop(key, None)
+        elif rotate:
             ready[key] = None  # at the end: served this turn
             ready.move_to_end(key)
-        else:
-            ready.pop(key, None)
     return taken

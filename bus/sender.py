@@ -1,5 +1,9 @@
 """The producer's sender thread: ships closed batches to partition owners, retries, completes futures.
 
+The per-partition decisions (the window, retries in order, renumbering, delivery timeouts) are
+PartitionQueue's methods, pure (``now_s`` passed in; tests/test_sender_core.py); this thread drives them
+and does the I/O (producer ids, sends, replies).
+
 It owns every socket of the producer (ZeroMQ sockets are single-threaded; the loop, the metadata and the
 node connections are bus/background.py's); ``send()`` reaches it only through the accumulator (under
 ``Producer._lock``) and a wake-up message on an inproc socket.
@@ -65,6 +69,72 @@ class PartitionQueue:
         self.producer_id, self.producer_epoch = producer_id, producer_epoch
         self.not_before_s = 0.0
 
+    # The partition's decisions, pure (no socket, thread or clock: ``now_s`` is passed in); Sender drives them.
+
+    def sendable(self, now_s: float) -> bool:
+        """Whether batches of this partition may go out now: it has some, is past its back-off, and no retry
+        is waiting for batches still in flight. Call renumber_needed() next, when it says True."""
+        if not self.queue or now_s < self.not_before_s:
+            return False
+        return not (self.retrying and self.in_flight)
+
+    def renumber_needed(self) -> bool:
+        """After sendable(): whether the queue must be renumbered (a batch failed) before anything goes out.
+        Ends the retry hold either way."""
+        needed = self.retrying and (self.renumber or self.new_producer_id)
+        self.retrying = False
+        return needed
+
+    def take_if_in_window(self, idempotent: bool):
+        """The next queued batch, taken out of the queue and counted in flight, if it may go out now (within
+        the window of PARTITION_IN_FLIGHT_BATCHES_MAX from the oldest unsettled one); else None."""
+        if not self.queue:
+            return None
+        if idempotent:
+            window, batch = self.window, self.queue[0]
+            while window and window[0].done.is_set():
+                window.popleft()
+            if not (window and batch.sequence <= window[-1].sequence):  # not a resend of one in the window
+                if len(window) >= PARTITION_IN_FLIGHT_BATCHES_MAX:
+                    return None
+                window.append(batch)
+        elif self.in_flight >= PARTITION_IN_FLIGHT_BATCHES_MAX:
+            return None
+        self.in_flight += 1
+        return self.queue.pop(0)
+
+    def acknowledged(self, batch) -> None:
+        """One of its in-flight batches was written."""
+        self.in_flight -= 1
+        self.acked_sequence = max(self.acked_sequence, batch.sequence + batch.count)
+
+    def retry(self, batch, exc: BusError, now_s: float, backoff_s: float, in_flight: bool = True) -> None:
+        """``batch`` goes again (after ``backoff_s``), in sequence order, once every in-flight batch is back."""
+        batch.last_error = exc
+        if exc.outcome != DEFINITE:
+            batch.maybe_written = True
+        if in_flight:
+            self.in_flight -= 1
+        self.retrying = True
+        self.not_before_s = now_s + backoff_s
+        bisect.insort(self.queue, batch, key=lambda b: b.sequence)
+
+    def failed(self, exc: BusError) -> None:
+        """A batch failed for good: the ones after it are renumbered before they go (under a fresh producer id
+        when its fate is unknown, as it may have been written)."""
+        self.retrying = True
+        if exc.outcome == DEFINITE:
+            self.renumber = True
+        else:
+            self.new_producer_id = True
+
+    def expired(self, now_s: float) -> list:
+        """The queued batches whose delivery timeout has passed, taken out of the queue (oldest first)."""
+        out = []
+        while self.queue and self.queue[0].deadline_s <= now_s:
+            out.append(self.queue.pop(0))
+        return out
+
 
 class Sender(BackgroundIO):
     def __init__(self, producer, context: zmq.Context, *, request_timeout_ms: int, max_in_flight_per_node: int,
@@ -79,6 +149,13 @@ class Sender(BackgroundIO):
         self.in_flight: dict[int, tuple] = {}  # request id -> (node id, batches, deadline_s)
         self.node_in_flight: dict[int, int] = {}
         self.producer_ids: list | None = None  # [producer_id, epoch] for new partition queues
+        # For Producer.metrics(): written by this thread only, read unlocked (plain ints), once per batch or
+        # request, never per record.
+        self.requests_sent = 0  # produce requests handed to a socket
+        self.batch_attempts = 0  # batches in them (a retried batch counts once per attempt)
+        self.retries = 0  # batch attempts that failed retriably and were queued again
+        self.records_acked = self.bytes_acked = self.batches_acked = 0  # acknowledged (or sent, with acks=0)
+        self.records_failed = self.batches_failed = 0  # completed with an error
 
     # -- the loop (bus/background.py runs it) ------------------------------------------------------
 
@@ -180,14 +257,10 @@ class Sender(BackgroundIO):
             return
         by_node: dict[int, list] = {}
         for (topic, partition), queue in self.partitions.items():
-            if not queue.queue or now_s < queue.not_before_s:
+            if not queue.sendable(now_s):
                 continue
-            if queue.retrying:
-                if queue.in_flight:
-                    continue
-                if queue.renumber or queue.new_producer_id:
-                    self._renumber(queue)
-                queue.retrying = False
+            if queue.renumber_needed():
+                self._renumber(queue)
             try:
                 node_id = self.metadata.leader(topic, partition)
             except UnknownTopic:
@@ -204,29 +277,15 @@ class Sender(BackgroundIO):
             while self.node_in_flight.get(node_id, 0) < self.max_in_flight:
                 batches, size = [], 0
                 for queue in queues:
-                    while (queue.queue and self._in_window(queue)
-                           and (not batches or size + len(queue.queue[0].payload) <= REQUEST_BYTES_MAX)):
-                        batch = queue.queue.pop(0)
+                    while queue.queue and (not batches or size + len(queue.queue[0].payload) <= REQUEST_BYTES_MAX):
+                        batch = queue.take_if_in_window(self.idempotent)
+                        if batch is None:
+                            break
                         batches.append(batch)
                         size += len(batch.payload)
-                        queue.in_flight += 1
                 if not batches:
                     break
                 self._send_request(node_id, connection, batches, now_s)
-
-    def _in_window(self, queue: PartitionQueue) -> bool:
-        """Whether the partition's next queued batch may go out now; if so, it joins the window."""
-        if not self.idempotent:
-            return queue.in_flight < PARTITION_IN_FLIGHT_BATCHES_MAX
-        window, batch = queue.window, queue.queue[0]
-        while window and window[0].done.is_set():
-            window.popleft()
-        if window and batch.sequence <= window[-1].sequence:
-            return True  # a resend of a batch already in the window
-        if len(window) >= PARTITION_IN_FLIGHT_BATCHES_MAX:
-            return False
-        window.append(batch)
-        return True
 
     def _send_request(self, node_id: int, connection: Connection, batches: list, now_s: float) -> None:
         request_id = next_request_id()
@@ -235,6 +294,8 @@ class Sender(BackgroundIO):
         for batch in batches:
             batch.sent = True
             batch.attempts += 1
+        self.requests_sent += 1
+        self.batch_attempts += len(batches)
         try:
             connection.send(wire.PRODUCE, args, [b.payload for b in batches], request_id=request_id)
         except zmq.ZMQError as exc:
@@ -267,42 +328,40 @@ class Sender(BackgroundIO):
 
     def _outcome(self, batch, exc: BusError | None, base_offset: int = -1, append_ts_ms: int = -1) -> None:
         queue = self.partitions[(batch.topic, batch.partition)]
-        queue.in_flight -= 1
         if exc is None:
-            queue.acked_sequence = max(queue.acked_sequence, batch.sequence + batch.count)
+            queue.acknowledged(batch)
             self._finish(batch, base_offset, None, append_ts_ms)
-        elif exc.retriable:
-            if exc.refresh_metadata:
-                self._refresh_metadata(force=True)
-                if self.metadata is not None and batch.topic not in self.metadata.topics:
-                    self._fail(queue, batch, UnknownTopic(f"topic {batch.topic!r} no longer exists"))
-                    return
-            self._retry(batch, exc)
-        else:
+            return
+        queue.in_flight -= 1
+        if not exc.retriable:
             self._fail(queue, batch, exc)
+            return
+        if exc.refresh_metadata:
+            self._refresh_metadata(force=True)
+            if self.metadata is not None and batch.topic not in self.metadata.topics:
+                self._fail(queue, batch, UnknownTopic(f"topic {batch.topic!r} no longer exists"))
+                return
+        self._retry(batch, exc)
 
     def _retry(self, batch, exc: BusError, counted: bool = False) -> None:
-        queue = self.partitions[(batch.topic, batch.partition)]
-        batch.last_error = exc
-        if exc.outcome != DEFINITE:
-            batch.maybe_written = True
-        if counted:
-            queue.in_flight -= 1
-        queue.retrying = True
-        queue.not_before_s = time.monotonic() + self.retry_backoff_s
-        bisect.insort(queue.queue, batch, key=lambda b: b.sequence)
+        self.partitions[(batch.topic, batch.partition)].retry(batch, exc, time.monotonic(), self.retry_backoff_s,
+                                                              in_flight=counted)
+        self.retries += 1
         log.debug("retrying %s/%s seq %d after %s", batch.topic, batch.partition, batch.sequence, exc)
 
     def _fail(self, queue: PartitionQueue, batch, exc: BusError) -> None:
         """Fail a batch for good. Later batches of its partition are renumbered before they go again."""
-        queue.retrying = True
-        if exc.outcome == DEFINITE:
-            queue.renumber = True
-        else:
-            queue.new_producer_id = True
+        queue.failed(exc)
         self._finish(batch, -1, exc)
 
     def _finish(self, batch, base_offset: int, exc: BusError | None, append_ts_ms: int = -1) -> None:
+        if exc is None:
+            self.batches_acked += 1
+            self.records_acked += batch.count
+            self.bytes_acked += batch.bytes
+        else:
+            self.batches_failed += 1
+            self.records_failed += batch.count
         batch.complete(base_offset, exc, append_ts_ms)
         self.producer._release(batch)
 
@@ -315,8 +374,7 @@ class Sender(BackgroundIO):
             for batch in batches:
                 self._outcome(batch, Timeout(f"no reply from node {node_id} within the request timeout"))
         for queue in self.partitions.values():
-            while queue.queue and queue.queue[0].deadline_s <= now_s:
-                batch = queue.queue.pop(0)
+            for batch in queue.expired(now_s):
                 if batch.sent and not batch.maybe_written and batch.last_error is not None:
                     # Every attempt was refused before anything was written (e.g. NotEnoughReplicas): say
                     # which refusal, and that it is definite.

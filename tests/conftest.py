@@ -39,6 +39,16 @@ def make_cluster(tmp_path):
         cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory) -> LocalCluster:
+    """A running 1-node cluster shared by a module's tests (each uses topics of its own)."""
+    cluster = LocalCluster(str(tmp_path_factory.mktemp("one-node") / "cluster"), 1).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
 def cluster(make_cluster) -> LocalCluster:
     """A running 3-node cluster."""

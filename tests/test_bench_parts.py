@@ -580,8 +580,10 @@ def test_a_pool_holds_a_batch_of_distinct_values_in_whole_chunks():
         BenchConfig(values="xml").validate()
 
 
-def bus_result(mode="produce", rps=100.0, codec=None, stored=None, r=1, acks=1, send_many=False):
-    opts = BusOptions(replication_factor=r, acks=acks, compression=codec, send_many=send_many, nodes=r)
+def bus_result(mode="produce", rps=100.0, codec=None, stored=None, r=1, acks=1, send_many=False, client="sync",
+               poll_order="fair"):
+    opts = BusOptions(replication_factor=r, acks=acks, compression=codec, send_many=send_many, nodes=r, client=client,
+                      poll_order=poll_order)
     config = {"bus": {**dataclasses.asdict(opts), "nodes": r}}
     return Result(bus_system.system_name(opts), mode, 1000, 1_000_000, 1.0, rps, 1.0, p99_ms=2.0 * rps / 100,
                   stored_bytes=stored, config=config)
@@ -807,3 +809,29 @@ def test_only_the_bench_and_its_extra_count_as_not_installed():
     for name in ("bench.harnes", "msgpack", "psutilx", "natsort"):
         assert not bench_not_installed(missing(name)), name
     assert not bench_not_installed(ModuleNotFoundError("no name"))
+
+
+def test_aio_and_drain_order_rows_are_named_and_compared_with_their_base_in_the_same_run():
+    aio = BusOptions(client="aio", replication_factor=3, acks="all", nodes=3)
+    assert bus_system.system_name(aio) == "bus aio R=3 acks=all"
+    assert bus_system.system_name(BusOptions(poll_order="drain")) == "bus R=1 acks=1 drain"
+    with pytest.raises(ValueError, match="send_many"):
+        BusOptions(client="aio", send_many=True).validate()
+    with pytest.raises(ValueError, match="poll_order"):
+        BusOptions(poll_order="random").validate()
+    rows = [bus_result(rps=100.0), bus_result(rps=80.0, client="aio"), bus_result("consume", rps=200.0),
+            bus_result("consume", rps=150.0, client="aio"), bus_result("consume", rps=205.0, poll_order="drain"),
+            bus_result(rps=300.0, r=3, acks=1)]
+    rows[0].config["client_cpu_us_per_record"], rows[1].config["client_cpu_us_per_record"] = 1.0, 1.25
+    table = report.format_table(rows)
+    assert "bus aio R=1 acks=1 produce: 0.80x the records/s of bus R=1 acks=1 (client CPU per record 1.25x)" in table
+    assert "bus aio R=1 acks=1 consume: 0.75x the records/s of bus R=1 acks=1" in table
+    assert "bus R=1 acks=1 consume: 0.98x the records/s of bus R=1 acks=1 drain" in table
+    assert "bus R=3 acks=1 produce: 3.00x the records/s of bus R=1 acks=1" in table  # aio rows not in that pairing
+    assert runner_command_line(aio=True, drain_order=False) == "bus bench --aio --no-drain-order"
+
+
+def runner_command_line(**options):
+    from bench import runner
+
+    return runner.command_line(options)

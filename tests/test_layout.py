@@ -20,7 +20,7 @@ import pytest
 from nodes.cluster import REPO_ROOT
 
 FORMATS = {"bus.wire", "bus.batch", "bus.kafka_batch", "bus.errors", "bus.records", "bus.clock"}
-CLIENT = {"bus.producer", "bus.consumer", "bus.admin", "bus.sender", "bus.fetcher", "bus.group_member",
+CLIENT = {"bus.aio", "bus.fork_guard", "bus.producer", "bus.consumer", "bus.admin", "bus.sender", "bus.fetcher", "bus.group_member",
           "bus.background", "bus.cli"}
 PACKAGES = ("bus", "nodes", "store", "bench")
 SABOTAGE = "tests.harness.sabotage"

@@ -18,7 +18,7 @@ from bus.batch import pack_batch, stamp
 from bus.clock import LOOP_WAIT_MS_MAX
 from bus.errors import CorruptRecord
 from bus.producer import FutureList, ProducerBatch, RecordFuture
-from bus.rotation import take_in_turn
+from bus.rotation import take_draining, take_in_turn
 from tests.conftest import wait_for
 
 
@@ -145,7 +145,8 @@ class _Buffers:
         return len(items), bool(self.buffered[key])
 
 
-def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
+def _counted():
+    """Three keys with 250, 40 and 1,000 items, and a take that records what each call took."""
     ready = OrderedDict.fromkeys("abc")
     left = {"a": 250, "b": 40, "c": 1000}
     served = []
@@ -156,12 +157,28 @@ def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
         served.append((key, k))
         return k, left[key] > 0
 
+    return ready, left, served, take
+
+
+def test_take_in_turn_serves_the_keys_with_data_in_turn_and_fills_each_take():
+    ready, left, served, take = _counted()
+
     for _ in range(6):
         assert take_in_turn(ready, 100, take) == 100  # never short while anything is buffered
     # a; then b runs out and the same poll goes on to c; a again; c; a's last 50 and c's; c ...
     assert served == [("a", 100), ("b", 40), ("c", 60), ("a", 100), ("c", 100), ("a", 50), ("c", 50), ("c", 100)]
     assert list(ready) == ["c"] and left == {"a": 0, "b": 0, "c": 690}
     assert take_in_turn(ready, 0, take) == 0 and take_in_turn(OrderedDict(), 10, take) == 0
+
+
+def test_take_draining_the_bench_baseline_drains_each_key_before_the_next():
+    ready, left, served, take = _counted()
+
+    for _ in range(4):
+        assert take_draining(ready, 100, take) == 100
+    # a to its end (over three polls), then b, then c: the order before fair polling
+    assert served == [("a", 100), ("a", 100), ("a", 50), ("b", 40), ("c", 10), ("c", 100)]
+    assert list(ready) == ["c"] and left == {"a": 0, "b": 0, "c": 890}
 
 
 @pytest.mark.parametrize("seed", range(20))
