@@ -103,12 +103,13 @@ class PartitionLog:
         self.size_bytes += batch_bytes
         if producer_id >= 0:
             entry = self.producers.get(producer_id)
-            # A leader's append continues the window (check_sequence saw to it). A follower's copies what
-            # its leader accepted, which may not: a leader that forgot the producer (its batches gone to
-            # retention, and the leader's replica rebuilt from what was left) took a sequence 0 again.
-            # The window then starts afresh, as the leader's did.
-            follows = entry is not None and entry[0] == epoch and entry[1][-1][1] + 1 == base_sequence
-            kept = entry[1] if follows else ()
+            kept = entry[1] if entry is not None and entry[0] == epoch else ()
+            # A leader's own append continues the window (check_sequence saw to it). A follower's
+            # (``leader_epoch`` given) copies what its leader accepted, which may not: a leader that forgot
+            # the producer (its batches gone to retention, and the leader's replica rebuilt from what was
+            # left) took a sequence 0 again. The window then starts afresh, as the leader's did.
+            if leader_epoch is not None and kept and kept[-1][1] + 1 != base_sequence:
+                kept = ()
             batch = (base_sequence, base_sequence + record_count - 1, base_offset)
             self.producers[producer_id] = (epoch, (kept + (batch,))[-PRODUCER_BATCHES_KEPT:])
         return token
