@@ -38,8 +38,9 @@ import threading
 import time
 from bisect import bisect_left as _bisect_left, bisect_right as _bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import accumulate as _accumulate, repeat as _repeat
+from typing import TYPE_CHECKING, Any, TypeAlias, cast, overload
 
 import zmq
 
@@ -49,8 +50,24 @@ from .connection import Requester
 from .errors import (BufferFull, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, SerializationError, Timeout,
                      UnknownPartition)
 from .metadata import check_bootstrap, partition_for_key
-from .records import RecordMetadata
+from .records import Buffer, RecordMetadata
 from .signal import Signal
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Generator
+
+    from .aio import _BatchWatch
+    from .sender import Sender
+
+# What send() takes as a record's headers: (name, value) pairs, or a dict of name to value.
+Headers: TypeAlias = Sequence[tuple[str, Buffer]] | Mapping[str, Buffer]
+# A key_serializer= or value_serializer=: any object to bytes (None, a tombstone or no key, is never passed).
+Serializer: TypeAlias = Callable[[Any], Buffer | None]
+# A send callback (RecordFuture.add_callback): the record's metadata, or None and its error.
+SendCallback: TypeAlias = Callable[[RecordMetadata | None, BaseException | None], object]
+# A send_many() run: (batch, first index in the batch, record count).
+Run: TypeAlias = tuple["ProducerBatch", int, int]
 
 RECORD_OVERHEAD_BYTES = 16  # msgpack framing and the timestamp, for buffer accounting
 TIMESTAMP_MS_MAX = (1 << 63) - 1  # a batch header's i64
@@ -58,7 +75,7 @@ TIMESTAMP_MS_MAX = (1 << 63) - 1  # a batch header's i64
 
 # -- the inputs' checks: send()'s slow path, run only when a cheap type test fails --------------------------
 
-def _wrong_type(argument: str, value, expected: str, hint: str = "") -> InvalidRecord:
+def _wrong_type(argument: str, value: object, expected: str, hint: str = "") -> InvalidRecord:
     return InvalidRecord(f"{argument} must be {expected}, not {type(value).__name__}{hint}")
 
 
@@ -68,7 +85,7 @@ _SERIALIZER_HINTS = {  # what else to do about a value or key of the wrong type
 }
 
 
-def _as_bytes(argument: str, value, none_means: str | None = None, spelled: str | None = None):
+def _as_bytes(argument: str, value: object, none_means: str | None = None, spelled: str | None = None) -> bytes | None:
     """``value`` as bytes (a bytearray or memoryview copied: the caller may change it after send() returns),
     or None where ``none_means`` says what None is; else InvalidRecord naming ``argument`` (and, for a value or
     a key, the serializer that would take it)."""
@@ -86,7 +103,7 @@ def _as_bytes(argument: str, value, none_means: str | None = None, spelled: str 
     raise _wrong_type(argument, value, expected, hint + (_SERIALIZER_HINTS.get(spelled, "") if none_means else ""))
 
 
-def _serialized(serializer, argument: str, obj, where: str = ""):
+def _serialized(serializer: Serializer, argument: str, obj: object, where: str = "") -> Buffer | None:
     """``serializer(obj)``, for ``argument`` ("key" or "value"; ``where`` names it in a list): None is passed
     through without calling it. It must return bytes, bytearray, memoryview or None."""
     if obj is None:
@@ -102,30 +119,35 @@ def _serialized(serializer, argument: str, obj, where: str = ""):
     return data
 
 
-def _checked_record(value, key, headers) -> tuple:
+def _checked_record(value: object, key: object, headers: object
+                    ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None, int]:
     """send()'s slow path, for a record whose value, key or headers are not plain bytes and None: each checked
     and normalized. Returns (value, key, headers, buffer bytes)."""
     if type(value) is not bytes:
         value = _as_bytes("value", value, "a tombstone")
     if key is not None and type(key) is not bytes:
         key = _as_bytes("key", key, "no key")
+    assert (value is None or type(value) is bytes) and (key is None or type(key) is bytes)
     size = RECORD_OVERHEAD_BYTES + (0 if value is None else len(value)) + (0 if key is None else len(key))
+    checked_headers = None
     if headers is not None:
-        headers, header_bytes = _checked_headers(headers)
+        checked_headers, header_bytes = _checked_headers(headers)
         size += header_bytes
-    return value, key, headers, size
+    return value, key, checked_headers, size
 
 
-def _checked_headers(headers) -> tuple[list, int]:
+def _checked_headers(headers: object) -> tuple[list[tuple[str, bytes]], int]:
     """Headers as the batch holds them, a new list of (str, bytes) (the caller's may change after send()), from
     a list or tuple of pairs or a dict; and their buffer bytes."""
+    pairs: Iterable[Any]
     if type(headers) is dict or isinstance(headers, dict):
         pairs = headers.items()
     elif type(headers) is list or isinstance(headers, (list, tuple)):
         pairs = headers
     else:
         raise _wrong_type("headers", headers, "a list of (str, bytes) pairs or a dict of str to bytes")
-    out, size = [], 0
+    out: list[tuple[str, bytes]] = []
+    size = 0
     for pair in pairs:
         if type(pair) is tuple and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is bytes:
             out.append(pair)  # the usual header: immutable as it is
@@ -136,29 +158,31 @@ def _checked_headers(headers) -> tuple[list, int]:
     return out, size
 
 
-def _checked_header(i: int, pair) -> tuple:
+def _checked_header(i: int, pair: object) -> tuple[str, bytes]:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise _wrong_type(f"headers[{i}]", pair, "a (name, value) pair")
     name, value = pair
     if not isinstance(name, str):
         hint = ": decode it (name.decode())" if isinstance(name, (bytes, bytearray)) else ""
         raise _wrong_type(f"the name of headers[{i}]", name, "str", hint)
-    return str(name), _as_bytes(f"the value of header {name!r}", value, spelled="value")
+    data = _as_bytes(f"the value of header {name!r}", value, spelled="value")
+    assert data is not None  # None is refused without none_means
+    return str(name), data
 
 
-def _checked_int(argument: str, value, expected: str, low: int | None = None, high: int | None = None) -> int:
+def _checked_int(argument: str, value: Any, expected: str, low: int | None = None, high: int | None = None) -> int:
     """An int argument, given as something else: a bool is refused (True is not 1), an int-like (numpy.int64,
     an IntEnum) taken as its int; ConfigError outside [low, high] when given."""
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
         hint = f": pass int({argument})" if isinstance(value, float) else ""
         raise _wrong_type(argument, value, f"{expected} or None", hint)
-    value = operator.index(value)
-    if low is not None and not low <= value <= high:
-        raise ConfigError(f"{argument} must be from {low} to {high}, not {value}")
-    return value
+    number = operator.index(value)
+    if low is not None and not low <= number <= high:  # type: ignore[operator]  # high is given with low
+        raise ConfigError(f"{argument} must be from {low} to {high}, not {number}")
+    return number
 
 
-def _checked_topic(topic) -> None:
+def _checked_topic(topic: object) -> None:
     if not isinstance(topic, str):
         hint = ": decode it (topic.decode())" if isinstance(topic, (bytes, bytearray)) else ""
         raise _wrong_type("topic", topic, "str", hint)
@@ -172,26 +196,26 @@ class ProducerBatch:
                  "producer_id", "producer_epoch", "sequence", "sent", "attempts", "maybe_written", "last_error",
                  "aio_watch")
 
-    def __init__(self, topic, partition, created_s, deadline_s):
+    def __init__(self, topic: str, partition: int, created_s: float, deadline_s: float) -> None:
         self.topic, self.partition = topic, partition
-        self.flat = []  # timestamp_ms or None, key, value, headers per record (bus.batch's payload layout)
+        self.flat: list[Any] = []  # timestamp_ms or None, key, value, headers per record (bus.batch's payload layout)
         self.count = 0
         self.bytes = 0
         self.created_s, self.deadline_s = created_s, deadline_s
         self.done = threading.Event()
         self.base_offset = -1
         self.append_ts_ms = -1  # the node's append time: the timestamp of records sent without one
-        self.error = None
-        self.callbacks = None  # [(index, fn)] run by the sender thread on completion
-        self.payload = None  # the packed batch, made once by the sender
+        self.error: BaseException | None = None
+        self.callbacks: list[tuple[int, SendCallback]] | None = None  # [(index, fn)] run by the sender thread on completion
+        self.payload: bytes | None = None  # the packed batch, made once by the sender
         self.producer_id = self.producer_epoch = self.sequence = -1
         self.sent = False  # ever handed to a socket
         self.attempts = 0
         # Whether an attempt ended without a definite answer (a timeout, a lost connection, an append that
         # was not committed): only then may the batch be stored although it failed.
         self.maybe_written = False
-        self.last_error = None  # the last retriable error an attempt met
-        self.aio_watch = None  # bus.aio: the event loop's tasks awaiting this batch's records (bus/aio.py)
+        self.last_error: BaseException | None = None  # the last retriable error an attempt met
+        self.aio_watch: _BatchWatch | None = None  # bus.aio: the event loop's tasks awaiting this batch's records (bus/aio.py)
 
     def complete(self, base_offset: int, error: BaseException | None, append_ts_ms: int = -1) -> None:
         self.base_offset, self.error, self.append_ts_ms = base_offset, error, append_ts_ms
@@ -210,12 +234,12 @@ class ProducerBatch:
 
     def metadata(self, index: int) -> RecordMetadata:
         offset = -1 if self.base_offset < 0 else self.base_offset + index
-        timestamp_ms = self.flat[4 * index]
+        timestamp_ms: int | None = self.flat[4 * index]
         return RecordMetadata(self.topic, self.partition, offset,
                               self.append_ts_ms if timestamp_ms is None else timestamp_ms)
 
 
-class RecordFuture(tuple):
+class RecordFuture(tuple[ProducerBatch, int]):
     """The outcome of one ``send()``: ``get(timeout)`` returns RecordMetadata or raises the typed error.
 
     A (batch, index) pair: a tuple subclass with tuple's own constructor, ``RecordFuture((batch, index))``,
@@ -224,8 +248,13 @@ class RecordFuture(tuple):
 
     __slots__ = ()
 
-    _batch = property(lambda self: self[0])
-    _index = property(lambda self: self[1])
+    @property
+    def _batch(self) -> ProducerBatch:
+        return self[0]
+
+    @property
+    def _index(self) -> int:
+        return self[1]
 
     def done(self) -> bool:
         return self._batch.done.is_set()
@@ -239,12 +268,12 @@ class RecordFuture(tuple):
 
     result = get
 
-    def exception(self, timeout: float | None = None):
+    def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self._batch.done.wait(timeout):
             raise Timeout(f"record not completed within {timeout} s")
         return self._batch.error
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, RecordMetadata]:
         """bus.aio: ``await`` a record a ``bus.aio.Producer`` sent, in its event loop, for its RecordMetadata or
         its error. The loop futures that wait are the batch's (``ProducerBatch.aio_watch``, settled in the loop
         by the batch's one completion callback): one is made only if the batch is not done yet, and its
@@ -254,14 +283,14 @@ class RecordFuture(tuple):
             watch = batch.aio_watch
             if watch is None:
                 raise TypeError("only records sent by a bus.aio.Producer can be awaited; use get() with bus.Producer")
-            waiter = watch.loop.create_future()
+            waiter: asyncio.Future[None] = watch.loop.create_future()
             watch.waiters.append(waiter)
             yield from waiter.__await__()
         if batch.error is not None:
             raise batch.error
         return batch.metadata(self[1])
 
-    def add_callback(self, fn) -> None:
+    def add_callback(self, fn: SendCallback) -> None:
         """``fn(metadata, exception)`` once the record is acknowledged or failed (at once if it already is)."""
         batch = self._batch
         with _callback_lock:
@@ -271,7 +300,7 @@ class RecordFuture(tuple):
         fn(batch.metadata(self._index) if batch.error is None else None, batch.error)
 
 
-class FutureList(Sequence):
+class FutureList(Sequence[RecordFuture]):
     """The futures of one ``send_many()`` call, in the order of its values: a read-only sequence of
     RecordFuture, each made when it is looked at. The records went in runs of consecutive indexes in a few
     batches; keeping the runs instead of a future per record is what makes the call cheap (a million
@@ -279,20 +308,26 @@ class FutureList(Sequence):
 
     __slots__ = ("_runs", "_starts", "_len")
 
-    def __init__(self, runs: list):
+    def __init__(self, runs: list[Run]) -> None:
         self._runs = runs  # [(batch, first index in the batch, record count)], in value order
         self._starts = list(_accumulate([0] + [count for _, _, count in runs[:-1]]))
         self._len = sum(count for _, _, count in runs)
 
     @classmethod
-    def of(cls, futures: list) -> FutureList:
+    def of(cls, futures: list[RecordFuture]) -> FutureList:
         """The FutureList of futures made one by one (send_many's per-record path)."""
         return cls([(future[0], future[1], 1) for future in futures])
 
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, at):
+    @overload
+    def __getitem__(self, at: int) -> RecordFuture: ...
+
+    @overload
+    def __getitem__(self, at: slice) -> list[RecordFuture]: ...
+
+    def __getitem__(self, at: int | slice) -> RecordFuture | list[RecordFuture]:
         if isinstance(at, slice):
             return [self[i] for i in range(*at.indices(self._len))]
         if at < 0:
@@ -303,20 +338,20 @@ class FutureList(Sequence):
         batch, first, _ = self._runs[run]
         return RecordFuture((batch, first + at - self._starts[run]))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[RecordFuture]:
         for batch, first, count in self._runs:
             yield from _map(RecordFuture, zip(_repeat(batch), range(first, first + count)))
 
-    def __add__(self, other):
+    def __add__(self, other: Iterable[RecordFuture]) -> list[RecordFuture]:
         return list(self) + list(other)
 
-    def __radd__(self, other):
+    def __radd__(self, other: Iterable[RecordFuture]) -> list[RecordFuture]:
         return list(other) + list(self)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, (list, FutureList)) and list(self) == list(other)
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"<FutureList of {self._len} records in {len(self._runs)} batch run(s)>"
@@ -327,12 +362,12 @@ _map, _add = map, operator.add
 
 
 class Producer:
-    def __init__(self, bootstrap: str | None = None, *, acks="all", linger_ms: int = 2, batch_bytes: int = 1 << 20,
+    def __init__(self, bootstrap: str | None = None, *, acks: int | str = "all", linger_ms: int = 2, batch_bytes: int = 1 << 20,
                  buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000, request_timeout_ms: int = 30_000,
                  delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
                  max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
-                 metadata_timeout_ms: int = 10_000, compression: str | None = None, key_serializer=None,
-                 value_serializer=None):
+                 metadata_timeout_ms: int = 10_000, compression: str | None = None,
+                 key_serializer: Serializer | None = None, value_serializer: Serializer | None = None) -> None:
         if acks not in (0, 1, -1, "all"):
             raise ConfigError(f"acks must be 0, 1 or 'all', not {acks!r}")
         if compression not in CODECS:
@@ -362,7 +397,7 @@ class Producer:
                 raise ConfigError(f"{name} must be a callable (object -> bytes) or None, not {fn!r}")
         self.bootstrap = check_bootstrap(bootstrap)
         # On the wire: 0, 1, or -1 for "all" (every in-sync replica has the batch on disk; Kafka's value).
-        self.acks = -1 if acks in (-1, "all") else acks
+        self.acks: int = -1 if acks in (-1, "all") else int(acks)
         self.linger_s = linger_ms / 1000
         self.batch_bytes = batch_bytes
         self.buffer_bytes = buffer_bytes
@@ -374,12 +409,13 @@ class Producer:
         if key_serializer is not None or value_serializer is not None:
             # These stand in for the class's send and send_many, which stay as they are for a producer
             # without serializers: its hot path never tests for them.
-            self.send, self.send_many = self._send_serialized, self._send_many_serialized
+            self.send, self.send_many = (  # type: ignore[method-assign]
+                self._send_serialized, self._send_many_serialized)
         self._record_bytes_max = min(max_record_bytes, buffer_bytes)
         self._lock = threading.Lock()
         # Signalled when buffer space is released; bus.aio's producer hooks its loop to it (on_notify).
         self._space = Signal(self._lock)
-        self._open: dict[tuple, ProducerBatch] = {}
+        self._open: dict[tuple[str, int], ProducerBatch] = {}
         self._ready: deque[ProducerBatch] = deque()
         self._taken: set[ProducerBatch] = set()  # handed to the sender, not yet completed
         self._free_bytes = buffer_bytes  # buffer_bytes less the bytes of records held
@@ -392,16 +428,16 @@ class Producer:
         self._flush_requested = False
         # Called with each batch as it opens, under _lock: bus.aio's producer gives it the watch its records
         # are awaited through (one per batch, so that send() itself does nothing more per record).
-        self._on_new_batch = None
+        self._on_new_batch: Callable[[ProducerBatch], None] | None = None
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, metadata_timeout_ms)
 
         from .sender import Sender
 
-        self._sender = Sender(self, self._context, request_timeout_ms=request_timeout_ms,
+        self._sender: Sender = Sender(self, self._context, request_timeout_ms=request_timeout_ms,
                               max_in_flight_per_node=max_in_flight_per_node, idempotent=idempotent,
                               retry_backoff_ms=retry_backoff_ms, metadata_timeout_ms=metadata_timeout_ms)
-        self._wake = self._sender.waker
+        self._wake: Callable[[], None] = self._sender.waker
         gil.acquire()
         self._sender.start()
         self._partition_counts: dict[str, int] = {}
@@ -424,8 +460,8 @@ class Producer:
             self._partition_counts[topic] = count
         return count
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers=None, partition: int | None = None,
-             timestamp_ms: int | None = None) -> RecordFuture:
+    def send(self, topic: str, value: Buffer | None, key: Buffer | None = None, headers: Headers | None = None,
+             partition: int | None = None, timestamp_ms: int | None = None) -> RecordFuture:
         """Queue one record; returns a future of its RecordMetadata. Thread-safe.
 
         ``value`` and ``key`` are bytes (or bytearray / memoryview, copied); ``value=None`` is a tombstone and
@@ -489,8 +525,8 @@ class Producer:
         finally:
             lock.release()
 
-    def _send_serialized(self, topic: str, value, key=None, headers=None, partition: int | None = None,
-                         timestamp_ms: int | None = None) -> RecordFuture:
+    def _send_serialized(self, topic: str, value: Any, key: Any = None, headers: Headers | None = None,
+                         partition: int | None = None, timestamp_ms: int | None = None) -> RecordFuture:
         """send() for a producer with serializers: the key and value serialized (None passed through), then
         checked and sent as send() does."""
         if self.value_serializer is not None:
@@ -499,7 +535,8 @@ class Producer:
             key = _serialized(self.key_serializer, "key", key)
         return Producer.send(self, topic, value, key, headers, partition, timestamp_ms)
 
-    def _send_many_serialized(self, topic: str, values, keys=None, partition: int | None = None) -> FutureList:
+    def _send_many_serialized(self, topic: str, values: Iterable[Any], keys: Iterable[Any] | None = None,
+                              partition: int | None = None) -> FutureList:
         """send_many() for a producer with serializers: every value and key serialized before any is sent."""
         if isinstance(values, (bytes, bytearray, memoryview, str)):
             raise _wrong_type("values", values, "a list (or other iterable) of values", ": for one record, call send()")
@@ -529,7 +566,8 @@ class Producer:
             self._wait_for_space(size)  # waits on self._space, releasing the lock
         return self._batch_for(topic, partition, count)
 
-    def send_many(self, topic: str, values, keys=None, partition: int | None = None) -> FutureList:
+    def send_many(self, topic: str, values: Iterable[Buffer | None], keys: Iterable[Buffer | None] | None = None,
+                  partition: int | None = None) -> FutureList:
         """Send many records in one call (cheaper per record than ``send()``). Returns their futures.
 
         Without keys, the values go in whole runs: one lock round per batch they fill, no Python code per
@@ -578,18 +616,18 @@ class Producer:
                 if batch.bytes + size < self.batch_bytes:
                     # The usual case: all of them fit in the open batch without filling it. One run, and no
                     # running total to bisect.
-                    run = self._append_values(batch, values, size)
+                    run = self._append_values(batch, cast("list[bytes]", values), size)
                     return FutureList([run])
-            return FutureList(self._send_runs(topic, values, partition, count))
+            return FutureList(self._send_runs(topic, cast("list[bytes]", values), partition, count))
         finally:
             lock.release()
 
-    def _send_runs(self, topic: str, values: list, partition: int | None, count: int) -> list:
+    def _send_runs(self, topic: str, values: list[bytes], partition: int | None, count: int) -> list[Run]:
         """send_many()'s general case, under the lock: the values go in runs, one per batch they reach,
         waiting for buffer space as send() would. Returns the runs (batch, first index, count)."""
         # total[i]: buffer bytes of values[0..i], as send() counts them (len + RECORD_OVERHEAD_BYTES each).
         total = list(_accumulate(_map(_add, _map(len, values), _repeat(RECORD_OVERHEAD_BYTES))))
-        runs: list = []
+        runs: list[Run] = []
         n, pos = len(values), 0
         while pos < n:
             if self._closed:
@@ -610,11 +648,11 @@ class Producer:
             pos += k
         return runs
 
-    def _append_values(self, batch: ProducerBatch, values: list, size: int) -> tuple:
+    def _append_values(self, batch: ProducerBatch, values: list[bytes], size: int) -> Run:
         """Append records of ``values`` (no timestamp, key or headers) taking ``size`` buffer bytes; closes
         the batch if that fills it. Returns the run (batch, first index, count). Caller holds the lock."""
         k, index = len(values), batch.count
-        flat = [None] * (4 * k)  # timestamp_ms, key, value, headers per record (bus/batch.py)
+        flat: list[bytes | None] = [None] * (4 * k)  # timestamp_ms, key, value, headers per record (bus/batch.py)
         flat[2::4] = values
         batch.flat += flat
         batch.count = index + k
@@ -651,6 +689,7 @@ class Producer:
             if partition is None:
                 partition = self._sticky[topic] = self._rotation.get(topic, 0) % count
                 self._rotation[topic] = partition + 1
+        assert partition is not None
         batch = self._open.get((topic, partition))
         if batch is None:
             now_s = time.monotonic()
@@ -673,7 +712,8 @@ class Producer:
 
     # -- called by the sender thread ---------------------------------------------------------------
 
-    def _take_ready(self, now_s: float, held=()) -> tuple[list, float | None]:
+    def _take_ready(self, now_s: float, held: Iterable[tuple[str, int]] = ()
+                    ) -> tuple[list[ProducerBatch], float | None]:
         """Batches to ship now, and when the next open batch's linger expires.
 
         ``held``: (topic, partition)s that already have a closed batch waiting to go. Their open batch stays
@@ -706,7 +746,7 @@ class Producer:
 
     # -- metrics -----------------------------------------------------------------------------------
 
-    def metrics(self) -> dict:
+    def metrics(self) -> dict[str, int | float]:
         """Counters since the producer was made, as kafka-python's metrics() holds them (snake_case names):
         records and bytes acknowledged (``records_sent``, ``bytes_sent``: buffer bytes, as ``batch_bytes``
         counts them; with acks=0, sent), ``batches_sent``, ``requests_sent``, ``retries`` (batch attempts
@@ -758,8 +798,8 @@ class Producer:
             finally:
                 gil.release()
 
-    def __enter__(self):
+    def __enter__(self) -> Producer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
