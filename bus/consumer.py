@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import gc
 import itertools
+import re
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -41,9 +44,14 @@ from .batch import HEADER_BYTES, iter_batches, read_columns
 from .connection import Requester
 from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, SerializationError, Timeout
 from .metadata import check_bootstrap
-from .records import Record, TopicPartition
+from .records import (Buffer, CommitCallback, CommitOffsets, Deserializer, Partitions, PartitionsCallback, Record,
+                      TopicPartition)
 from .rotation import take_in_turn
 from .signal import Signal
+
+if TYPE_CHECKING:
+    from .fetcher import Fetcher
+    from .group_member import GroupMember
 
 _new_record = tuple.__new__
 _map, _repeat = map, itertools.repeat
@@ -54,18 +62,18 @@ class PartitionState:
     __slots__ = ("position", "fetch_offset", "epoch", "reset", "error", "log_end", "chunks", "decoded_at", "runs",
                  "held_bytes", "spent_bytes")
 
-    def __init__(self, reset):
-        self.position = None  # next offset poll() returns; None until resolved
-        self.fetch_offset = None  # next offset to fetch (ahead of position by what is buffered)
+    def __init__(self, reset: str | int | None) -> None:
+        self.position: int | None = None  # next offset poll() returns; None until resolved
+        self.fetch_offset: int | None = None  # next offset to fetch (ahead of position by what is buffered)
         self.epoch = 0  # goes up on every seek; fetches of an older epoch are dropped, and the buffer with it
         self.reset = reset  # "earliest" / "latest" / a timestamp while the position is being resolved
-        self.error = None  # an error to raise from poll() for this partition
-        self.log_end = None  # last seen log end offset, for lag
-        self.chunks: deque = deque()  # (fetched offset, bytes) of this epoch not yet wholly decoded, in order
+        self.error: BaseException | None = None  # an error to raise from poll() for this partition
+        self.log_end: int | None = None  # last seen log end offset, for lag
+        self.chunks: deque[tuple[int, Buffer]] = deque()  # (fetched offset, bytes) of this epoch not yet wholly decoded, in order
         self.decoded_at = 0  # byte position in chunks[0] of its first batch not yet decoded
         # [first offset, records, next index]: runs of records at consecutive offsets, decoded and not yet
         # returned (all from chunks[0], or from the chunk just before it, wholly decoded).
-        self.runs: deque = deque()
+        self.runs: deque[list[Any]] = deque()
         self.held_bytes = 0  # bytes of the chunks whose records are not all handed out (counted in _chunk_bytes)
         self.spent_bytes = 0  # of those, the bytes of chunks wholly decoded (or dropped) whose records are in runs
 
@@ -75,7 +83,7 @@ class PartitionState:
 
 # The group options and their defaults, as GroupMember (bus/group_member.py) takes them; the suite checks
 # that the two signatures agree.
-GROUP_OPTION_DEFAULTS = {
+GROUP_OPTION_DEFAULTS: dict[str, object] = {
     "pattern": None, "session_timeout_ms": 10_000, "heartbeat_interval_ms": 1_000, "max_poll_interval_ms": 300_000,
     "enable_auto_commit": True, "auto_commit_interval_ms": 5_000, "group_instance_id": None, "assignor": "sticky",
     "client_id": None, "on_assign": None, "on_revoke": None, "on_lost": None, "on_commit": None,
@@ -115,17 +123,20 @@ class Consumer:
     # order to measure fairness's cost.
     _take_order = staticmethod(take_in_turn)
 
-    def __init__(self, bootstrap: str | None = None, topics=None, group: str | None = None, *,
+    def __init__(self, bootstrap: str | None = None, topics: Iterable[str] | re.Pattern[str] | None = None,
+                 group: str | None = None, *,
                  auto_offset_reset: str = "latest", fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
                  fetch_max_bytes: int = 50 << 20, max_partition_fetch_bytes: int = 8 << 20,
                  prefetch_bytes_max: int = 64 << 20, request_timeout_ms: int = 30_000,
-                 retry_backoff_ms: int = 50, key_deserializer=None, value_deserializer=None,
+                 retry_backoff_ms: int = 50, key_deserializer: Deserializer | None = None,
+                 value_deserializer: Deserializer | None = None,
                  pattern: str | None = None, session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 1_000,
                  max_poll_interval_ms: int = 300_000, enable_auto_commit: bool = True,
                  auto_commit_interval_ms: int = 5_000, group_instance_id: str | None = None,
-                 assignor: str = "sticky", client_id: str | None = None, on_assign=None, on_revoke=None,
-                 on_lost=None, on_commit=None):
-        group_options = {
+                 assignor: str = "sticky", client_id: str | None = None, on_assign: PartitionsCallback | None = None,
+                 on_revoke: PartitionsCallback | None = None, on_lost: PartitionsCallback | None = None,
+                 on_commit: CommitCallback | None = None) -> None:
+        group_options: dict[str, Any] = {
             "pattern": pattern, "session_timeout_ms": session_timeout_ms,
             "heartbeat_interval_ms": heartbeat_interval_ms, "max_poll_interval_ms": max_poll_interval_ms,
             "enable_auto_commit": enable_auto_commit, "auto_commit_interval_ms": auto_commit_interval_ms,
@@ -165,11 +176,11 @@ class Consumer:
         self._poll_lock = threading.Lock()  # one poll() at a time (see poll())
         # Signalled when data, errors or positions arrive; bus.aio's consumer hooks its loop to it (on_notify).
         self._data = Signal(self._lock)
-        self._states: dict[tuple, PartitionState] = {}
+        self._states: dict[TopicPartition, PartitionState] = {}
         # The partitions that have buffered data, in the order poll() serves them (bus/rotation.py). Exactly
         # those whose state has_data() and that are not paused, at every release of _lock.
-        self._ready: OrderedDict = OrderedDict()
-        self._paused: set = set()  # assigned partitions pause() took out of the rotation and the fetches
+        self._ready: OrderedDict[TopicPartition, None] = OrderedDict()
+        self._paused: set[TopicPartition] = set()  # assigned partitions pause() took out of the rotation and the fetches
         self._chunk_bytes = 0  # bytes of every partition's held chunks (held_bytes), against prefetch_bytes_max
         self._records_consumed = 0  # records poll() handed out, for metrics()
         self._bytes_fetched = 0  # bytes of the fetched chunks taken into the buffer, for metrics()
@@ -178,11 +189,11 @@ class Consumer:
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
         from .fetcher import Fetcher
 
-        self._fetcher = Fetcher(self, self._context)
-        self._wake = self._fetcher.waker
+        self._fetcher: Fetcher = Fetcher(self, self._context)
+        self._wake: Callable[[], None] = self._fetcher.waker
         self._fetcher.start()
-        self._group = None
-        self._left_group = None  # the group this consumer left by unsubscribe(), for the errors after it
+        self._group: GroupMember | None = None
+        self._left_group: str | None = None  # the group this consumer left by unsubscribe(), for the errors after it
         self._group_options = group_options  # for subscribe(): the same options, another subscription
         if group is not None:
             from .group_member import GroupMember
@@ -202,7 +213,7 @@ class Consumer:
         if self._closed:
             raise ClosedError(f"{call} on a closed Consumer")
 
-    def assign(self, partitions) -> None:
+    def assign(self, partitions: Partitions) -> None:
         """Read exactly these (topic, partition) pairs; positions start per ``auto_offset_reset``."""
         self._check_open("assign()")
         if self._group is not None:
@@ -213,7 +224,8 @@ class Consumer:
                 raise ConfigError(f"topic {topic!r} has no partition {partition}")
         self._set_assignment([TopicPartition(t, p) for t, p in partitions])
 
-    def _set_assignment(self, partitions, positions: dict | None = None) -> None:
+    def _set_assignment(self, partitions: list[TopicPartition], positions: Mapping[TopicPartition, int] | None = None
+                        ) -> None:
         with self._lock:
             wanted = set(partitions)
             for tp in list(self._states):
@@ -230,13 +242,13 @@ class Consumer:
             self._data.notify_all()
         self._wake()
 
-    def assignment(self) -> set:
+    def assignment(self) -> set[TopicPartition]:
         """The (topic, partition) pairs this consumer reads now: assign()'s, or those the group gave it."""
         self._check_open("assignment()")
         with self._lock:
             return set(self._states)
 
-    def subscription(self) -> set | str:
+    def subscription(self) -> set[str] | str:
         """The topics this group member subscribed to (a set), or the pattern it subscribed with (a str, the
         regular expression's source); an empty set for a consumer without a subscription (one that uses
         assign(), or one after unsubscribe())."""
@@ -246,7 +258,7 @@ class Consumer:
             return set()
         return group.pattern if group.pattern is not None else set(group.topics)
 
-    def subscribe(self, topics=None, *, pattern: str | None = None) -> None:
+    def subscribe(self, topics: Iterable[str] | re.Pattern[str] | None = None, *, pattern: str | None = None) -> None:
         """Replace the group subscription with ``topics`` (a list of names, or a compiled regular expression)
         or ``pattern`` (a str): the member first gives back everything as unsubscribe() does (so this is an
         eager rebalance of this member, not a cooperative one), then joins the group again with the new
@@ -284,7 +296,7 @@ class Consumer:
                 self._left_group = group.group_id
         self._set_assignment([])
 
-    def partitions_for_topic(self, topic: str) -> set | None:
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
         """The partition ids of ``topic`` ({0, 1, ...}) from the cluster's metadata; None for a topic that
         does not exist, as kafka-python."""
         self._check_open("partitions_for_topic()")
@@ -293,7 +305,7 @@ class Consumer:
         meta = self._requester.metadata([topic]).topics.get(topic)
         return None if meta is None else set(range(len(meta["partitions"])))
 
-    def pause(self, partitions) -> None:
+    def pause(self, partitions: Partitions) -> None:
         """Stop fetching ``partitions`` (assigned (topic, partition) pairs) and returning their records from
         poll(), until resume(); their positions and what they have buffered stay. Pausing a paused partition
         does nothing. A partition revoked or unassigned is no longer paused."""
@@ -305,7 +317,7 @@ class Consumer:
                 self._ready.pop(tp, None)
         self._wake()  # a fetch out for them is superseded by one without them
 
-    def resume(self, partitions) -> None:
+    def resume(self, partitions: Partitions) -> None:
         """Serve ``partitions`` again, from their positions (first what they had buffered). Resuming one that
         is not paused does nothing."""
         self._check_open("resume()")
@@ -319,13 +331,13 @@ class Consumer:
             self._data.notify_all()
         self._wake()
 
-    def paused(self) -> set:
+    def paused(self) -> set[TopicPartition]:
         """The partitions paused now."""
         self._check_open("paused()")
         with self._lock:
             return set(self._paused)
 
-    def _assigned_now(self, partitions, call: str) -> list:
+    def _assigned_now(self, partitions: object, call: str) -> list[TopicPartition]:
         if isinstance(partitions, (str, bytes, TopicPartition)) or not hasattr(partitions, "__iter__"):
             raise ConfigError(f"{call} takes a list of (topic, partition) pairs, not {partitions!r}")
         tps = []
@@ -341,7 +353,7 @@ class Consumer:
 
     # -- group offsets (bus/group_member.py) -------------------------------------------------------------
 
-    def _member(self):
+    def _member(self) -> GroupMember:
         if self._group is None and self._left_group is not None:
             raise ConfigError(f"this consumer left group {self._left_group!r} by unsubscribe(): it has no "
                               "committed offsets any more; make a Consumer with group=... for them")
@@ -349,34 +361,34 @@ class Consumer:
             raise ConfigError("committed offsets belong to a group; construct the Consumer with group=...")
         return self._group
 
-    def commit(self, offsets: dict | None = None) -> dict:
+    def commit(self, offsets: CommitOffsets | None = None) -> dict[TopicPartition, int]:
         """Commit ``offsets`` ({tp: offset}), by default the positions of what poll() returned. Synchronous;
         returns {tp: committed offset}. A fenced member gets FencedMemberEpoch / UnknownMemberId (it then
         drops its partitions and rejoins on the next poll())."""
         self._check_open("commit()")
         return self._member().commit(offsets)
 
-    def commit_async(self, offsets: dict | None = None, callback=None) -> None:
+    def commit_async(self, offsets: CommitOffsets | None = None, callback: CommitCallback | None = None) -> None:
         """As commit(), in the background; ``callback(offsets, exception_or_None)`` when done."""
         self._check_open("commit_async()")
         self._member().commit_async(offsets, callback)
 
-    def committed(self, tp) -> int | None:
+    def committed(self, tp: tuple[str, int]) -> int | None:
         """The offset the group has committed for ``tp``, or None."""
         self._check_open("committed()")
         return self._member().committed(tp)
 
-    def seek(self, tp, offset: int) -> None:
+    def seek(self, tp: tuple[str, int], offset: int) -> None:
         """Next poll() returns ``tp`` from ``offset`` (OffsetOutOfRange then applies auto_offset_reset)."""
         self._reposition([TopicPartition(*tp)], offset)
 
-    def seek_to_beginning(self, partitions=None) -> None:
+    def seek_to_beginning(self, partitions: Partitions | None = None) -> None:
         self._reposition(partitions, "earliest")
 
-    def seek_to_end(self, partitions=None) -> None:
+    def seek_to_end(self, partitions: Partitions | None = None) -> None:
         self._reposition(partitions, "latest")
 
-    def _reposition(self, partitions, target) -> None:
+    def _reposition(self, partitions: Partitions | None, target: int | str) -> None:
         self._check_open("seek()")
         with self._lock:
             tps = list(self._states) if partitions is None else [TopicPartition(*tp) for tp in partitions]
@@ -395,7 +407,7 @@ class Consumer:
                     state.reset = target
         self._wake()
 
-    def position(self, tp, timeout_ms: int = 30_000) -> int:
+    def position(self, tp: tuple[str, int], timeout_ms: int = 30_000) -> int:
         """The offset of the next record poll() returns for ``tp`` (waits for it to be resolved)."""
         self._check_open("position()")
         tp = TopicPartition(*tp)
@@ -413,27 +425,27 @@ class Consumer:
                     raise Timeout(f"position of {tp} not resolved within {timeout_ms} ms")
                 self._data.wait(remaining)
 
-    def offsets_for_times(self, timestamps: dict) -> dict:
+    def offsets_for_times(self, timestamps: Mapping[tuple[str, int], int]) -> dict[TopicPartition, int]:
         """{tp: earliest offset whose timestamp >= ts} (the log end offset where no record is that new)."""
         self._check_open("offsets_for_times()")
         return self._list_offsets({TopicPartition(*tp): ts for tp, ts in timestamps.items()})
 
-    def beginning_offsets(self, partitions) -> dict:
+    def beginning_offsets(self, partitions: Partitions) -> dict[TopicPartition, int]:
         self._check_open("beginning_offsets()")
         return self._list_offsets({TopicPartition(*tp): "earliest" for tp in partitions})
 
-    def end_offsets(self, partitions) -> dict:
+    def end_offsets(self, partitions: Partitions) -> dict[TopicPartition, int]:
         self._check_open("end_offsets()")
         return self._list_offsets({TopicPartition(*tp): "latest" for tp in partitions})
 
-    def _list_offsets(self, specs: dict) -> dict:
+    def _list_offsets(self, specs: dict[tuple[str, int], str | int]) -> dict[TopicPartition, int]:
         from .admin import list_offsets
 
         return list_offsets(self._requester, specs)
 
     # -- polling -----------------------------------------------------------------------------------
 
-    def poll(self, timeout_ms: int = 1000, max_records: int = 10_000) -> list:
+    def poll(self, timeout_ms: int = 1000, max_records: int = 10_000) -> list[Record]:
         """Records from the prefetch buffer, waiting up to ``timeout_ms`` for the first. Raises a partition's
         fetch error (e.g. OffsetOutOfRange with auto_offset_reset="none") once, then goes on.
 
@@ -446,14 +458,15 @@ class Consumer:
             self._records_consumed += len(records)
             return records
 
-    def _deserialized(self, records: list) -> list:
+    def _deserialized(self, records: list[Record]) -> list[Record]:
         """``records`` with their keys and values deserialized. At a record that fails, the ones from it on
         are put back (its partition's position stays at it): those before it are returned and the error is its
         partition's, raised by the next poll(); with none before it, it is raised now."""
         key_fn, value_fn = self.key_deserializer, self.value_deserializer
-        out = []
+        out: list[Record] = []
         for r in records:
-            key, value = r[3], r[4]
+            key: Any = r[3]
+            value: Any = r[4]
             argument = "key"
             try:
                 if key_fn is not None and key is not None:
@@ -478,13 +491,13 @@ class Consumer:
             out.append(_new_record(Record, (r[0], r[1], r[2], key, value, r[5], r[6])))
         return out
 
-    def _poll(self, timeout_ms: int, max_records: int) -> list:
+    def _poll(self, timeout_ms: int, max_records: int) -> list[Record]:
         self._check_open("poll()")
         group = self._group  # once: unsubscribe() may drop it meanwhile
         if group is not None:
             group.on_poll(timeout_ms)
         deadline_s = time.monotonic() + timeout_ms / 1000
-        out = []
+        out: list[Record] = []
         while True:
             with self._lock:
                 while True:
@@ -511,7 +524,7 @@ class Consumer:
             out = []
         return out
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Record]:
         """Records as they come, until the consumer is closed (from another thread, or a handler)."""
         while not self._closed:
             try:
@@ -522,10 +535,10 @@ class Consumer:
                 raise
             yield from records
 
-    def _unread(self, records) -> None:
+    def _unread(self, records: list[Record]) -> None:
         """Put back records taken for poll() but not handed out: each partition's position returns to the first
         of them, as a seek would, and what was buffered past it is fetched again."""
-        first: dict = {}
+        first: dict[TopicPartition, int] = {}
         for r in records:
             first.setdefault(TopicPartition(r.topic, r.partition), r.offset)
         with self._lock:
@@ -548,13 +561,13 @@ class Consumer:
                 raise OffsetOutOfRange(f"{tp[0]}/{tp[1]} has no position and auto_offset_reset is "
                                        "'none'; seek() to an offset first")
 
-    def _take(self, out: list, max_records: int) -> None:
+    def _take(self, out: list[Record], max_records: int) -> None:
         """Move up to ``max_records`` returnable records into ``out``: from the partitions with data in turn
         (bus/rotation.py), as many of each as it has, decoding its chunks as needed. Caller holds ``_lock``."""
         if len(out) < max_records and self._ready:
             self._take_order(self._ready, max_records - len(out), lambda tp, n: self._take_from(tp, out, n))
 
-    def _take_from(self, tp, out: list, n: int) -> tuple[int, bool]:
+    def _take_from(self, tp: TopicPartition, out: list[Record], n: int) -> tuple[int, bool]:
         """Move up to ``n`` of ``tp``'s records into ``out`` from its position, in offset order; returns how
         many, and whether ``tp`` has data left (``take_in_turn``'s ``take``). Caller holds ``_lock``.
 
@@ -600,7 +613,7 @@ class Consumer:
         # Paused during a decode (the lock let go): it leaves the rotation now, its buffer kept.
         return len(out) - start, state.has_data() and tp not in self._paused
 
-    def _decode(self, tp, state: PartitionState, want: int) -> None:
+    def _decode(self, tp: TopicPartition, state: PartitionState, want: int) -> None:
         """Decode batches of ``tp``'s first chunk (whole batches, CRC-checked) into runs of Records, until
         ``want`` records or the chunk's end; a chunk wholly decoded leaves ``chunks``.
 
@@ -665,15 +678,19 @@ class Consumer:
             state.decoded_at = at
 
     @staticmethod
-    def _decode_runs(tp, fetched_offset: int, data, at: int, want: int) -> tuple[list, int, CorruptRecord | None]:
+    def _decode_runs(tp: TopicPartition, fetched_offset: int, data: Buffer, at: int, want: int
+                     ) -> tuple[list[list[Any]], int, CorruptRecord | None]:
         """The runs (see _take_from) of the records at ``fetched_offset`` and after in the batches of ``data``
         from byte ``at`` on: batch after batch until ``want`` records or the end. Returns the runs, the byte
         position of the first batch not decoded, and the CorruptRecord that stopped the decode there, if one
         did (the runs are the records before it)."""
         topic, partition = tp
-        runs = []
-        run = None
+        runs: list[list[Any]] = []
+        run: list[Any] | None = None
         decoded = 0
+        # The payload's columns (bus/batch.py read_columns), and what stands in for one that is None.
+        headers: Iterable[Any] | None
+        timestamps: Iterable[Any]
         batches = iter_batches(memoryview(data)[at:])
         while True:
             try:
@@ -690,6 +707,7 @@ class Consumer:
             except CorruptRecord as exc:
                 return runs, at, exc
             at += HEADER_BYTES + header.payload_len
+            assert values is not None  # read_columns gives every column but values as None when none has one
             # A column that is None: no record of the batch has one (the usual batch has values only).
             if stamps is None:
                 timestamps = _repeat(header.append_ts_ms)  # one int shared by the batch's records
@@ -711,7 +729,7 @@ class Consumer:
                 break
         return runs, at, None
 
-    def _drop_buffer(self, tp, state: PartitionState) -> None:
+    def _drop_buffer(self, tp: TopicPartition, state: PartitionState) -> None:
         """Forget what ``tp`` has buffered (a seek, a put-back, a reset, its removal). Caller holds ``_lock``."""
         self._chunk_bytes -= state.held_bytes
         state.held_bytes = state.spent_bytes = state.decoded_at = 0
@@ -733,11 +751,11 @@ class Consumer:
 
     # -- called by the fetcher thread --------------------------------------------------------------
 
-    def _pending_resets(self) -> list:
+    def _pending_resets(self) -> list[tuple[TopicPartition, str | int, int]]:
         with self._lock:
             return [(tp, s.reset, s.epoch) for tp, s in self._states.items() if s.reset is not None and s.reset != "none"]
 
-    def _resolved(self, tp, epoch: int, offset: int) -> None:
+    def _resolved(self, tp: TopicPartition, epoch: int, offset: int) -> None:
         with self._lock:
             state = self._states.get(tp)
             if state is not None and state.epoch == epoch and state.reset is not None:
@@ -745,7 +763,7 @@ class Consumer:
                 state.reset = None
                 self._data.notify_all()
 
-    def _fetchable(self) -> dict:
+    def _fetchable(self) -> dict[TopicPartition, tuple[int, int]]:
         with self._lock:
             if self._chunk_bytes >= self.prefetch_bytes_max:
                 return {}
@@ -755,7 +773,7 @@ class Consumer:
                     for tp, s in sorted(self._states.items(), key=lambda item: item[1].held_bytes)
                     if s.fetch_offset is not None and tp not in self._paused}
 
-    def _fetched(self, parts) -> None:
+    def _fetched(self, parts: Iterable[tuple[TopicPartition, int, int, Buffer, int, int]]) -> None:
         """A fetch reply's data, ``[(tp, epoch, fetched offset, data, next offset, log end)]``, taken in one
         hold of the lock: the partitions of one reply join the rotation together, in the reply's order."""
         with self._lock:
@@ -779,7 +797,7 @@ class Consumer:
             if arrived:
                 self._data.notify_all()
 
-    def _out_of_range(self, tp, epoch: int, offset: int, log_start: int, log_end: int) -> None:
+    def _out_of_range(self, tp: TopicPartition, epoch: int, offset: int, log_start: int, log_end: int) -> None:
         with self._lock:
             state = self._states.get(tp)
             if state is None or state.epoch != epoch or state.fetch_offset != offset:
@@ -796,7 +814,7 @@ class Consumer:
                 state.reset = self.auto_offset_reset
             self._data.notify_all()
 
-    def _fetch_error(self, tp, epoch: int, error) -> None:
+    def _fetch_error(self, tp: TopicPartition, epoch: int, error: BaseException) -> None:
         with self._lock:
             state = self._states.get(tp)
             if state is not None and state.epoch == epoch:
@@ -805,7 +823,7 @@ class Consumer:
 
     # -- metrics -----------------------------------------------------------------------------------
 
-    def metrics(self) -> dict:
+    def metrics(self) -> dict[str, Any]:
         """Counters since the consumer was made, as kafka-python's metrics() holds them (snake_case names):
         ``records_consumed`` (handed out by poll(); put back records not counted), ``bytes_fetched``,
         ``fetch_requests``, ``fetch_errors``, ``buffered_bytes`` (the prefetch buffer now), and per assigned
@@ -837,8 +855,8 @@ class Consumer:
             self._requester.close()
             self._context.term()
 
-    def __enter__(self):
+    def __enter__(self) -> Consumer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple, TypeAlias
 
 # What the formats read bytes from: a received frame's buffer, a slice of one, or bytes.
@@ -28,3 +29,15 @@ class RecordMetadata(NamedTuple):
 class TopicPartition(NamedTuple):
     topic: str
     partition: int
+
+
+# What the clients take as partitions: (topic, partition) pairs (TopicPartitions among them).
+Partitions: TypeAlias = Iterable[tuple[str, int]]
+# The offsets a commit is given: {tp: offset} or {tp: (offset, metadata or None)}.
+CommitOffsets: TypeAlias = Mapping[tuple[str, int], int | tuple[int, str | None]]
+# A consumer's key_deserializer= or value_deserializer=: bytes to any object (never given None).
+Deserializer: TypeAlias = Callable[[bytes], object]
+# on_assign, on_revoke, on_lost: called with the partitions, sorted.
+PartitionsCallback: TypeAlias = Callable[[list[TopicPartition]], object]
+# on_commit and commit_async's callback: the offsets ({tp: (offset, metadata)}), and the error or None.
+CommitCallback: TypeAlias = Callable[[dict[TopicPartition, tuple[int, str | None]], BaseException | None], object]

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+Key = TypeVar("Key", bound=Hashable)  # what ``ready`` holds: the consumer's TopicPartitions
 
 
-def take_in_turn(ready: OrderedDict, want: int, take: Callable[[Hashable, int], tuple[int, bool]]) -> int:
+def take_in_turn(ready: OrderedDict[Key, None], want: int, take: Callable[[Key, int], tuple[int, bool]]) -> int:
     """Serve up to ``want`` items from the keys of ``ready`` in turn; returns how many were taken.
 
     ``take(key, n)`` hands out up to ``n`` of ``key``'s items and returns ``(taken, more)``: ``more`` says
@@ -40,14 +43,15 @@ def take_in_turn(ready: OrderedDict, want: int, take: Callable[[Hashable, int], 
     return _serve(ready, want, take, True)
 
 
-def take_draining(ready: OrderedDict, want: int, take: Callable[[Hashable, int], tuple[int, bool]]) -> int:
+def take_draining(ready: OrderedDict[Key, None], want: int, take: Callable[[Key, int], tuple[int, bool]]) -> int:
     """``take_in_turn``'s baseline: the order before fair polling, each key drained before the next (the key
     being served stays at the head while it has items). Not the consumer's: ``bus bench --drain-order`` puts
     it in a measured consumer's ``_take_order`` to show what fairness costs (docs/benchmarks.md)."""
     return _serve(ready, want, take, False)
 
 
-def _serve(ready: OrderedDict, want: int, take, rotate: bool) -> int:
+def _serve(ready: OrderedDict[Key, None], want: int, take: Callable[[Key, int], tuple[int, bool]], rotate: bool
+           ) -> int:
     assert want >= 0
     taken = 0
     while taken < want and ready:
