@@ -23,15 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from . import admin as _admin, consumer as _consumer, fork_guard, producer as _producer
 from .errors import BufferFull, ClosedError
-from .producer import RecordFuture
-from .records import Record, RecordMetadata
+from .producer import Headers, ProducerBatch, RecordFuture
+from .records import (Buffer, CommitCallback, CommitOffsets, Partitions, Record, RecordMetadata,
+                      TopicPartition)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Self = TypeVar("_Self", bound="_Closing")
 
 # Sends that must wait before the sync producer takes them (the first records of a topic whose partition
 # count is being looked up, or a buffer with less room than the largest record): beyond this many, send()
@@ -42,6 +48,9 @@ DEFERRED_SENDS_MAX = 100_000
 # A poll waiting in the loop for records looks again at least this often (a rebalance to act on, an error, a
 # close: the notifications that wake it at once are the fetch replies').
 WAIT_SLICE_MS = 50
+
+# A send's arguments, as bus.Producer.send takes them: (topic, value, key, headers, partition, timestamp_ms).
+_SendArguments = tuple[str, Buffer | None, Buffer | None, "Headers | None", int | None, int | None]
 
 
 def _worker(name: str, threads: int = 1) -> concurrent.futures.ThreadPoolExecutor:
@@ -55,7 +64,7 @@ class _BatchWatch:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.waiters: list[asyncio.Future] = []
+        self.waiters: list[asyncio.Future[None]] = []
 
     def settle(self) -> None:
         for waiter in self.waiters:
@@ -64,12 +73,21 @@ class _BatchWatch:
         self.waiters.clear()
 
 
+class PendingRecord(Protocol):
+    """What ``Producer.send()`` returns: awaited, the record's RecordMetadata (or its error); ``done()`` says
+    whether it is settled. A RecordFuture, or a send queued behind others (_DeferredSend)."""
+
+    def done(self) -> bool: ...
+
+    def __await__(self) -> Generator[Any, None, RecordMetadata]: ...
+
+
 class _DeferredSend:
     """A send() that had to wait (see Producer): awaiting it awaits its turn in the queue, then its record."""
 
     __slots__ = ("_queued", "_producer")
 
-    def __init__(self, queued: asyncio.Future, producer: Producer):
+    def __init__(self, queued: asyncio.Future[RecordFuture], producer: Producer) -> None:
         self._queued, self._producer = queued, producer
 
     def done(self) -> bool:
@@ -77,7 +95,7 @@ class _DeferredSend:
         return queued.done() and (queued.cancelled() or queued.exception() is not None
                                   or queued.result()[0].done.is_set())
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, RecordMetadata]:
         record_future = yield from asyncio.shield(self._queued).__await__()
         return (yield from record_future.__await__())
 
@@ -88,10 +106,10 @@ class _Closing:
     async def close(self) -> None:
         raise NotImplementedError
 
-    async def __aenter__(self):
+    async def __aenter__(self: _Self) -> _Self:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 
@@ -112,14 +130,14 @@ class Producer(_Closing):
     when it is awaited.
     """
 
-    def __init__(self, bootstrap: str | None = None, **options: Any):
+    def __init__(self, bootstrap: str | None = None, **options: Any) -> None:
         self._sync = _producer.Producer(bootstrap, **options)
         self._sync._on_new_batch = self._watch
         self._worker = _worker("bus-aio-producer")
         # Sends waiting to be handed to the sync producer, in order: [(send's arguments, loop future of its
         # RecordFuture)]; and the task that hands them over.
-        self._deferred: deque = deque()
-        self._drainer: asyncio.Task | None = None
+        self._deferred: deque[tuple[_SendArguments, asyncio.Future[RecordFuture]]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         fork_guard.register(self)
@@ -128,8 +146,8 @@ class Producer(_Closing):
     def bootstrap(self) -> str:
         return self._sync.bootstrap
 
-    def send(self, topic: str, value: bytes | None, key: bytes | None = None, headers=None,
-             partition: int | None = None, timestamp_ms: int | None = None) -> RecordFuture:
+    def send(self, topic: str, value: Buffer | None, key: Buffer | None = None, headers: Headers | None = None,
+             partition: int | None = None, timestamp_ms: int | None = None) -> PendingRecord:
         """Queue one record (the arguments of ``bus.Producer.send``); returns its RecordFuture, to be awaited
         for its RecordMetadata (not get(): that would block the loop). Call it from the event loop's thread.
 
@@ -150,13 +168,13 @@ class Producer(_Closing):
             return self._send_deferred((topic, value, key, headers, partition, timestamp_ms))
         return sync.send(topic, value, key, headers, partition, timestamp_ms)
 
-    def _send_deferred(self, args: tuple) -> _DeferredSend:
+    def _send_deferred(self, args: _SendArguments) -> _DeferredSend:
         """Queue a send behind those already waiting (in order: a partition's records keep their order)."""
         if len(self._deferred) >= DEFERRED_SENDS_MAX:
             raise BufferFull(f"{DEFERRED_SENDS_MAX} sends are waiting for metadata or buffer space "
                              "(bus.aio.DEFERRED_SENDS_MAX); the record was not sent")
         loop = self._running_loop()
-        queued = loop.create_future()
+        queued: asyncio.Future[RecordFuture] = loop.create_future()
         self._deferred.append((args, queued))
         if self._drainer is None:
             self._drainer = loop.create_task(self._drain_deferred())
@@ -215,14 +233,14 @@ class Producer(_Closing):
             except asyncio.TimeoutError:
                 pass
 
-    def _watch(self, batch) -> None:
+    def _watch(self, batch: ProducerBatch) -> None:
         """``on_new_batch`` of the sync producer (under its lock, in the loop's thread or the worker's): give
         the batch its watch and its one completion callback, which the sender thread runs and which settles
         the watch in the loop."""
         watch = batch.aio_watch = _BatchWatch(self._loop or asyncio.get_running_loop())
         call_soon_threadsafe = watch.loop.call_soon_threadsafe
 
-        def completed(_metadata, _error) -> None:  # in the sender thread
+        def completed(_metadata: RecordMetadata | None, _error: BaseException | None) -> None:  # in the sender thread
             try:
                 call_soon_threadsafe(watch.settle)
             except RuntimeError:  # the loop is closed: no one is left waiting
@@ -236,7 +254,7 @@ class Producer(_Closing):
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    def metrics(self) -> dict:
+    def metrics(self) -> dict[str, int | float]:
         """``bus.Producer.metrics()``, with ``sends_waiting``: sends queued behind a lookup or a full buffer."""
         return {**self._sync.metrics(), "sends_waiting": len(self._deferred)}
 
@@ -276,7 +294,8 @@ class Consumer(_Closing):
     worker thread, not in the loop (use ``loop.call_soon_threadsafe`` to reach it).
     """
 
-    def __init__(self, bootstrap: str | None = None, topics=None, group: str | None = None, **options: Any):
+    def __init__(self, bootstrap: str | None = None, topics: Iterable[str] | re.Pattern[str] | None = None,
+                 group: str | None = None, **options: Any) -> None:
         self._sync = _consumer.Consumer(bootstrap, topics, group, **options)
         # Polls that wait run one at a time in their own thread (so that one abandoned by a cancellation is
         # settled before the next); the other calls in a second, not held up behind a poll waiting for records.
@@ -288,7 +307,7 @@ class Consumer(_Closing):
         self._signal_event: asyncio.Event | None = None
         fork_guard.register(self)
 
-    def _call(self, fn, *args) -> asyncio.Future:
+    def _call(self, fn: Callable[..., _R], *args: Any) -> asyncio.Future[_R]:
         if self._sync._closed:
             fn(*args)  # its ClosedError, at once (the worker is gone)
         return asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -334,6 +353,7 @@ class Consumer(_Closing):
 
             self._signal_loop, self._signal_event = loop, event
             self._sync._data.on_notify = notified
+        assert self._signal_event is not None  # set with _signal_loop, just above if not before
         return self._signal_event
 
     async def _poll_waiting_in_thread(self, timeout_ms: int, max_records: int) -> list[Record]:
@@ -352,7 +372,7 @@ class Consumer(_Closing):
                 token.abandoned = True
             raise
 
-    def _poll_in_thread(self, token: _ThreadPoll, timeout_ms: int, max_records: int) -> list:
+    def _poll_in_thread(self, token: _ThreadPoll, timeout_ms: int, max_records: int) -> list[Record]:
         records = self._sync.poll(timeout_ms, max_records)
         with token.lock:
             if token.abandoned:  # cancelled while waiting: no one will take these
@@ -361,7 +381,7 @@ class Consumer(_Closing):
             token.delivered = True
         return records
 
-    def _thread_poll_done(self, future: asyncio.Future, token: _ThreadPoll) -> None:
+    def _thread_poll_done(self, future: asyncio.Future[list[Record]], token: _ThreadPoll) -> None:
         """In the loop, once the thread's poll returned. Cancelled after the thread delivered its records:
         they go back before any other poll can run (inline polls wait for this; the poll thread is one)."""
         self._polls_in_thread -= 1
@@ -380,65 +400,66 @@ class Consumer(_Closing):
             for record in records:
                 yield record
 
-    async def assign(self, partitions) -> None:
+    async def assign(self, partitions: Partitions) -> None:
         await self._call(self._sync.assign, partitions)
 
-    async def subscribe(self, topics=None, *, pattern: str | None = None) -> None:
+    async def subscribe(self, topics: Iterable[str] | re.Pattern[str] | None = None, *,
+                        pattern: str | None = None) -> None:
         await self._call(lambda: self._sync.subscribe(topics, pattern=pattern))
 
     async def unsubscribe(self) -> None:
         await self._call(self._sync.unsubscribe)
 
-    async def commit(self, offsets: dict | None = None) -> dict:
+    async def commit(self, offsets: CommitOffsets | None = None) -> dict[TopicPartition, int]:
         return await self._call(self._sync.commit, offsets)
 
-    async def committed(self, tp) -> int | None:
+    async def committed(self, tp: tuple[str, int]) -> int | None:
         return await self._call(self._sync.committed, tp)
 
-    async def position(self, tp, timeout_ms: int = 30_000) -> int:
+    async def position(self, tp: tuple[str, int], timeout_ms: int = 30_000) -> int:
         return await self._call(self._sync.position, tp, timeout_ms)
 
-    async def partitions_for_topic(self, topic: str) -> set | None:
+    async def partitions_for_topic(self, topic: str) -> set[int] | None:
         return await self._call(self._sync.partitions_for_topic, topic)
 
-    async def offsets_for_times(self, timestamps: dict) -> dict:
+    async def offsets_for_times(self, timestamps: Mapping[tuple[str, int], int]) -> dict[TopicPartition, int]:
         return await self._call(self._sync.offsets_for_times, timestamps)
 
-    async def beginning_offsets(self, partitions) -> dict:
+    async def beginning_offsets(self, partitions: Partitions) -> dict[TopicPartition, int]:
         return await self._call(self._sync.beginning_offsets, partitions)
 
-    async def end_offsets(self, partitions) -> dict:
+    async def end_offsets(self, partitions: Partitions) -> dict[TopicPartition, int]:
         return await self._call(self._sync.end_offsets, partitions)
 
-    def commit_async(self, offsets: dict | None = None, callback=None) -> None:
+    def commit_async(self, offsets: CommitOffsets | None = None, callback: CommitCallback | None = None) -> None:
         self._sync.commit_async(offsets, callback)
 
-    def seek(self, tp, offset: int) -> None:
+    def seek(self, tp: tuple[str, int], offset: int) -> None:
         self._sync.seek(tp, offset)
 
-    def seek_to_beginning(self, partitions=None) -> None:
+    def seek_to_beginning(self, partitions: Partitions | None = None) -> None:
         self._sync.seek_to_beginning(partitions)
 
-    def seek_to_end(self, partitions=None) -> None:
+    def seek_to_end(self, partitions: Partitions | None = None) -> None:
         self._sync.seek_to_end(partitions)
 
-    def pause(self, partitions) -> None:
+    def pause(self, partitions: Partitions) -> None:
         self._sync.pause(partitions)
 
-    def resume(self, partitions) -> None:
+    def resume(self, partitions: Partitions) -> None:
         self._sync.resume(partitions)
 
-    def paused(self) -> set:
+    def paused(self) -> set[TopicPartition]:
         return self._sync.paused()
 
-    def metrics(self) -> dict:
+    def metrics(self) -> dict[str, Any]:
         """``bus.Consumer.metrics()``: counters read from memory, no request."""
         return self._sync.metrics()
 
-    def assignment(self) -> set:
+    def assignment(self) -> set[TopicPartition]:
         return self._sync.assignment()
 
-    def subscription(self) -> set | str:
+    def subscription(self) -> set[str] | str:
         return self._sync.subscription()
 
     async def close(self) -> None:
@@ -458,16 +479,18 @@ class _ThreadPoll:
 
     __slots__ = ("lock", "abandoned", "delivered")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.abandoned = self.delivered = False
 
 
-def _in_worker(name: str):
-    """An Admin method that runs ``bus.Admin.<name>`` in the admin's worker thread (every one is a request)."""
-    sync_method = getattr(_admin.Admin, name)
+def _in_worker(sync_method: Callable[Concatenate[_admin.Admin, _P], _R]
+               ) -> Callable[Concatenate[Admin, _P], Coroutine[Any, Any, _R]]:
+    """An Admin method that runs ``sync_method`` (``bus.Admin.<name>``) in the admin's worker thread (every
+    one is a request), with its signature."""
+    name = sync_method.__name__
 
-    async def method(self, *args, **kwargs):
+    async def method(self: Admin, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if self._sync._closed:
             return sync_method(self._sync, *args, **kwargs)  # its ClosedError, at once (the worker is gone)
         return await asyncio.get_running_loop().run_in_executor(
@@ -482,22 +505,22 @@ class Admin(_Closing):
     """bus.Admin for asyncio: every call of the sync Admin, awaited (its one worker thread makes the requests,
     in the order called)."""
 
-    def __init__(self, bootstrap: str | None = None, **options: Any):
+    def __init__(self, bootstrap: str | None = None, **options: Any) -> None:
         self._sync = _admin.Admin(bootstrap, **options)
         self._worker = _worker("bus-aio-admin")
         fork_guard.register(self)
 
-    create_topic = _in_worker("create_topic")
-    delete_topic = _in_worker("delete_topic")
-    list_topics = _in_worker("list_topics")
-    nodes = _in_worker("nodes")
-    describe_topic = _in_worker("describe_topic")
-    elect_unclean = _in_worker("elect_unclean")
-    list_groups = _in_worker("list_groups")
-    describe_group = _in_worker("describe_group")
-    reset_offsets = _in_worker("reset_offsets")
-    delete_group = _in_worker("delete_group")
-    group_offsets = _in_worker("group_offsets")
+    create_topic = _in_worker(_admin.Admin.create_topic)
+    delete_topic = _in_worker(_admin.Admin.delete_topic)
+    list_topics = _in_worker(_admin.Admin.list_topics)
+    nodes = _in_worker(_admin.Admin.nodes)
+    describe_topic = _in_worker(_admin.Admin.describe_topic)
+    elect_unclean = _in_worker(_admin.Admin.elect_unclean)
+    list_groups = _in_worker(_admin.Admin.list_groups)
+    describe_group = _in_worker(_admin.Admin.describe_group)
+    reset_offsets = _in_worker(_admin.Admin.reset_offsets)
+    delete_group = _in_worker(_admin.Admin.delete_group)
+    group_offsets = _in_worker(_admin.Admin.group_offsets)
 
     async def close(self) -> None:
         if self._sync._closed:
@@ -508,4 +531,4 @@ class Admin(_Closing):
             self._worker.shutdown(wait=False)
 
 
-__all__ = ["Admin", "Consumer", "Producer", "RecordFuture", "RecordMetadata", "DEFERRED_SENDS_MAX"]
+__all__ = ["Admin", "Consumer", "Producer", "PendingRecord", "RecordFuture", "RecordMetadata", "DEFERRED_SENDS_MAX"]

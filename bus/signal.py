@@ -8,10 +8,11 @@ schedule (``loop.call_soon_threadsafe``), never block or take another lock.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 
 class Signal(threading.Condition):
-    on_notify = None  # a callable, or None
+    on_notify: Callable[[], object] | None = None
 
     def notify_all(self) -> None:
         super().notify_all()
