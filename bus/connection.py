@@ -34,7 +34,7 @@ def next_request_id() -> int:
 
 
 class Connection:
-    def __init__(self, context: zmq.Context, address: str, *, monitor: bool = False):
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str, *, monitor: bool = False) -> None:
         self.address = address
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -42,7 +42,7 @@ class Connection:
         self.socket.setsockopt(zmq.RCVHWM, SOCKET_HWM_MESSAGES)
         self.socket.setsockopt(zmq.RECONNECT_IVL, 50)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1_000)
-        self.monitor = None
+        self.monitor: zmq.Socket[bytes] | None = None
         # Disconnected and not connected again since (monitored connections only): a request sent now would
         # wait in the socket for a node that may never come back, while its partitions' leadership moves.
         self.down = False
@@ -50,17 +50,18 @@ class Connection:
             self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self.socket.connect(address)
 
-    def send(self, op: str, args, bulk=(), request_id: int | None = None) -> int:
+    def send(self, op: str, args: Any, bulk: Sequence[wire.Frame] = (), request_id: int | None = None) -> int:
         request_id = next_request_id() if request_id is None else request_id
         frames = wire.encode_request(op, request_id, args, bulk)
         self.socket.send_multipart(frames, copy=not bulk)
         return request_id
 
-    def recv(self):
+    def recv(self) -> tuple[Any, list[Any] | None, Any, list[wire.Frame]]:
         """(request_id, error, result, bulk) of the next reply; blocks."""
         return wire.decode_reply(self.socket.recv_multipart())
 
-    def request(self, op: str, args, bulk=(), timeout_ms: int = 10_000):
+    def request(self, op: str, args: Any, bulk: Sequence[wire.Frame] = (), timeout_ms: int = 10_000
+                ) -> tuple[Any, list[wire.Frame]]:
         """Send one request and wait for its reply. Returns (result, bulk); raises the typed error."""
         request_id = self.send(op, args, bulk)
         deadline_s = time.monotonic() + timeout_ms / 1000
@@ -104,7 +105,7 @@ class Waker:
     ends. The owner calls ``close()`` after joining the thread.
     """
 
-    def __init__(self, context: zmq.Context, name: str):
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], name: str) -> None:
         address = f"inproc://bus-wake-{name}-{next(_wake_ids)}"
         self.pull = context.socket(zmq.PULL)
         self.pull.bind(address)
@@ -139,7 +140,7 @@ class Requester:
     lookup); the background threads own their sockets instead.
     """
 
-    def __init__(self, context: zmq.Context, bootstrap: str, timeout_ms: int):
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], bootstrap: str, timeout_ms: int) -> None:
         self.context, self.bootstrap, self.timeout_ms = context, bootstrap, timeout_ms
         self._lock = threading.Lock()
         self._connections: dict[str, Connection] = {}
