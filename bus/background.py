@@ -19,18 +19,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import zmq
 
 from . import wire
-from .connection import Connection, Waker
+from .connection import Connection, Waker, ZmqContext
 from .errors import BusError
 from .metadata import ClusterMetadata
 
 
 class BackgroundIO(threading.Thread):
-    def __init__(self, context: zmq.Context, *, name: str, bootstrap: str, metadata_timeout_ms: int,
-                 retry_backoff_s: float, log: logging.Logger):
+    def __init__(self, context: ZmqContext, *, name: str, bootstrap: str, metadata_timeout_ms: int,
+                 retry_backoff_s: float, log: logging.Logger) -> None:
         super().__init__(name=name, daemon=True)
         self.context = context
         self.bootstrap = bootstrap
@@ -109,7 +110,8 @@ class BackgroundIO(threading.Thread):
                 continue
             self._on_reply(node_id, request_id, error, result, bulk)
 
-    def _on_reply(self, node_id: int, request_id: int, error, result, bulk) -> None:
+    def _on_reply(self, node_id: int, request_id: int, error: list[Any] | None, result: Any, bulk: list[wire.Frame]
+                  ) -> None:
         """One reply from ``node_id``: ``error`` is None or the wire's [code, message]."""
         raise NotImplementedError
 
@@ -127,6 +129,7 @@ class BackgroundIO(threading.Thread):
         if now_s < self.metadata_refresh_s:
             return
         self.metadata_refresh_s = now_s + self.retry_backoff_s
+        assert self.coordinator is not None  # made by run(), the thread that calls this
         try:
             result, _ = self.coordinator.request(wire.METADATA, {}, timeout_ms=self.metadata_timeout_ms)
         except BusError as exc:
@@ -138,11 +141,13 @@ class BackgroundIO(threading.Thread):
     def _reset_coordinator(self) -> None:
         """A fresh socket after a failed request: nothing queued for a coordinator that did not answer stays
         in front of the next request."""
+        assert self.coordinator is not None  # made by run(), the thread that calls this
         self.coordinator.close()
         self.coordinator = Connection(self.context, self.bootstrap)
 
     def _connection(self, node_id: int) -> Connection:
         """The connection to ``node_id`` at its current address (metadata must be known)."""
+        assert self.metadata is not None
         address = self.metadata.address(node_id)
         connection = self.nodes.get(node_id)
         if connection is None or connection.address != address:

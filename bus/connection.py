@@ -11,7 +11,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -21,6 +21,9 @@ from .errors import Timeout, error_for
 
 if TYPE_CHECKING:
     from .metadata import ClusterMetadata
+
+# A client's ZeroMQ context, whose sockets send and receive bytes frames.
+ZmqContext: TypeAlias = "zmq.Context[zmq.Socket[bytes]]"
 
 SOCKET_HWM_MESSAGES = 1_000
 _request_ids = itertools.count(1)
@@ -34,7 +37,7 @@ def next_request_id() -> int:
 
 
 class Connection:
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str, *, monitor: bool = False) -> None:
+    def __init__(self, context: ZmqContext, address: str, *, monitor: bool = False) -> None:
         self.address = address
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -105,7 +108,7 @@ class Waker:
     ends. The owner calls ``close()`` after joining the thread.
     """
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], name: str) -> None:
+    def __init__(self, context: ZmqContext, name: str) -> None:
         address = f"inproc://bus-wake-{name}-{next(_wake_ids)}"
         self.pull = context.socket(zmq.PULL)
         self.pull.bind(address)
@@ -140,7 +143,7 @@ class Requester:
     lookup); the background threads own their sockets instead.
     """
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], bootstrap: str, timeout_ms: int) -> None:
+    def __init__(self, context: ZmqContext, bootstrap: str, timeout_ms: int) -> None:
         self.context, self.bootstrap, self.timeout_ms = context, bootstrap, timeout_ms
         self._lock = threading.Lock()
         self._connections: dict[str, Connection] = {}

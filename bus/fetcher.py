@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import zmq
 
 from . import wire
 from .background import BackgroundIO
 from .clock import LOOP_WAIT_MS_MAX
-from .connection import next_request_id
+from .connection import ZmqContext, next_request_id
 from .errors import OffsetOutOfRange, error_class, error_for
+from .records import Buffer, TopicPartition
+
+if TYPE_CHECKING:
+    from .consumer import Consumer
+
+# A fetch's partitions: {tp: (fetch offset, seek epoch, leader epoch)}.
+FetchParts: TypeAlias = dict[TopicPartition, tuple[int, int, int]]
+# A list_offsets' partitions: {tp: (reset spec, seek epoch, leader epoch)}.
+ResetParts: TypeAlias = dict[TopicPartition, tuple[str | int, int, int]]
 
 log = logging.getLogger("bus.consumer")
 
@@ -26,17 +36,17 @@ RESET_HOLD_MS = 200  # fetching waits this long at most for positions still bein
 
 
 class Fetcher(BackgroundIO):
-    def __init__(self, consumer, context: zmq.Context):
+    def __init__(self, consumer: Consumer, context: ZmqContext) -> None:
         super().__init__(context, name="bus-consumer-fetcher", bootstrap=consumer.bootstrap,
                          metadata_timeout_ms=consumer.request_timeout_ms, retry_backoff_s=consumer.retry_backoff_s,
                          log=log)
         self.consumer = consumer
-        self.outstanding: dict[int, tuple] = {}  # node id -> (request id, {tp: (offset, epoch)}, deadline_s)
+        self.outstanding: dict[int, tuple[int | None, FetchParts, float]] = {}  # node id -> (request id, {tp: (offset, epoch)}, deadline_s)
         # node id -> (request id or None while backing off, {tp: (reset spec, epoch)}, deadline_s, hold_s):
         # the list_offsets out to resolve positions. Asynchronous like fetches, so a node that does not
         # answer holds up its own partitions, and the others for at most RESET_HOLD_MS (until hold_s), never
         # close().
-        self.resets: dict[int, tuple] = {}
+        self.resets: dict[int, tuple[int | None, ResetParts, float, float]] = {}
         # For Consumer.metrics(): written by this thread only, read unlocked (plain ints).
         self.fetch_requests = 0  # fetch requests sent
         self.fetch_errors = 0  # fetch replies that failed, and partitions a reply failed for good
@@ -60,7 +70,7 @@ class Fetcher(BackgroundIO):
 
     # -- metadata ----------------------------------------------------------------------------------
 
-    def _leader(self, tp):
+    def _leader(self, tp: TopicPartition) -> tuple[int, int] | None:
         """(node id, leader epoch) of the partition's leader, or None while unknown (then refresh)."""
         self._refresh_metadata()
         if self.metadata is None:
@@ -85,7 +95,7 @@ class Fetcher(BackgroundIO):
         pending = self.consumer._pending_resets()
         if not pending:
             return
-        by_node: dict[int, dict] = {}
+        by_node: dict[int, ResetParts] = {}
         for tp, spec, epoch in pending:
             leader = self._leader(tp)
             if leader is not None:
@@ -106,7 +116,7 @@ class Fetcher(BackgroundIO):
             self.resets[node_id] = (request_id, parts, now_s + self.consumer.request_timeout_ms / 1000,
                                     now_s + RESET_HOLD_MS / 1000)
 
-    def _resolved_reply(self, node_id: int, parts: dict, error, result) -> None:
+    def _resolved_reply(self, node_id: int, parts: ResetParts, error: list[Any] | None, result: Any) -> None:
         retry = False
         if error is not None:
             log.warning("list_offsets from node %d failed: %s: %s", node_id, *error)
@@ -132,7 +142,7 @@ class Fetcher(BackgroundIO):
         wanted = self.consumer._fetchable()  # {tp: (fetch offset, epoch)} when the buffer has room
         if not wanted:
             return
-        by_node: dict[int, dict] = {}
+        by_node: dict[int, FetchParts] = {}
         for tp, (offset, epoch) in wanted.items():
             leader = self._leader(tp)
             if leader is not None:
@@ -156,7 +166,8 @@ class Fetcher(BackgroundIO):
             deadline_s = now_s + (self.consumer.fetch_max_wait_ms + self.consumer.request_timeout_ms) / 1000
             self.outstanding[node_id] = (request_id, parts, deadline_s)
 
-    def _on_reply(self, node_id: int, request_id: int, error, result, bulk) -> None:
+    def _on_reply(self, node_id: int, request_id: int, error: list[Any] | None, result: Any, bulk: list[wire.Frame]
+                  ) -> None:
         reset = self.resets.get(node_id)
         if reset is not None and reset[0] == request_id:
             del self.resets[node_id]
@@ -172,9 +183,10 @@ class Fetcher(BackgroundIO):
             return
         parts = current[1]
         retry = False
-        fetched = []  # handed over together, so that the partitions of one reply join poll()'s rotation together
+        fetched: list[tuple[TopicPartition, int, int, Buffer, int, int]] = []  # handed over together, so that the partitions of one reply join poll()'s rotation together
         for (topic, partition, code, message, log_start, log_end, next_offset), data in zip(result["parts"], bulk):
-            tp = (topic, partition)
+            # A plain tuple, equal to (and hashing as) the TopicPartition the consumer keys its partition by.
+            tp = cast(TopicPartition, (topic, partition))
             offset, epoch, _ = parts[tp]
             if code is None:
                 fetched.append((tp, epoch, offset, bytes(data), next_offset, log_end))

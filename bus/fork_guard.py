@@ -14,22 +14,27 @@ import inspect
 import multiprocessing
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from .errors import ForkedError
 
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
+
 CHILD_STOP_TIMEOUT_S = 10.0  # run_consumers: after SIGTERM, how long a child has before SIGKILL
 
-_clients: weakref.WeakSet = weakref.WeakSet()
+_clients: weakref.WeakSet[object] = weakref.WeakSet()
 
 
 def register(client: object) -> None:
     """Called by each client's constructor: disarm it in any process forked from this one."""
-    client._created_pid = os.getpid()
+    client._created_pid = os.getpid()  # type: ignore[attr-defined]  # any client class: its own attribute
     _clients.add(client)
 
 
-def _forked_error(client, name: str) -> ForkedError:
+def _forked_error(client: Any, name: str) -> ForkedError:
     kind = f"{type(client).__module__}.{type(client).__name__}"
     return ForkedError(
         f"{kind}.{name}() in process {os.getpid()}, a child made by os.fork() of process {client._created_pid} that "
@@ -38,26 +43,27 @@ def _forked_error(client, name: str) -> ForkedError:
         "started with multiprocessing's spawn)")
 
 
-def _disarm(client) -> None:
+def _disarm(client: object) -> None:
     cls = type(client)
     for name, member in inspect.getmembers(cls, callable):
         if name.startswith("_") or isinstance(member, type):
             continue
+        replacement: Callable[..., object]
         if name == "close":
             replacement = _no_op_async if inspect.iscoroutinefunction(member) else _no_op
         else:
             error = _forked_error(client, name)
 
-            def replacement(*args, _error=error, **kwargs):
+            def replacement(*args: object, _error: ForkedError = error, **kwargs: object) -> NoReturn:
                 raise _error
         object.__setattr__(client, name, replacement)
 
 
-def _no_op(*args, **kwargs) -> None:
+def _no_op(*args: object, **kwargs: object) -> None:
     """close() in a forked child: the threads and sockets are the parent's to close."""
 
 
-async def _no_op_async(*args, **kwargs) -> None:
+async def _no_op_async(*args: object, **kwargs: object) -> None:
     """bus.aio's close() in a forked child (awaited by ``async with``)."""
 
 
@@ -70,7 +76,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def run_consumers(n: int, target: Callable, args: tuple = (), *, stop_timeout_s: float = CHILD_STOP_TIMEOUT_S
+def run_consumers(n: int, target: Callable[..., object], args: tuple[Any, ...] = (), *, stop_timeout_s: float = CHILD_STOP_TIMEOUT_S
                   ) -> list[int]:
     """Run ``target(index, *args)`` in ``n`` child processes (index 0..n-1), each making its own Consumer, and
     wait for all of them; returns their exit codes (0 for each that returned).
@@ -85,7 +91,7 @@ def run_consumers(n: int, target: Callable, args: tuple = (), *, stop_timeout_s:
     if not callable(target):
         raise TypeError(f"target must be callable, not {target!r}")
     context = multiprocessing.get_context("spawn")
-    children = []
+    children: list[SpawnProcess] = []
     try:
         for index in range(n):
             child = context.Process(target=target, args=(index, *args), name=f"bus-consumer-{index}")
@@ -93,12 +99,12 @@ def run_consumers(n: int, target: Callable, args: tuple = (), *, stop_timeout_s:
             children.append(child)
         for child in children:
             child.join()
-        return [child.exitcode for child in children]
+        return cast("list[int]", [child.exitcode for child in children])  # joined: none is None
     finally:
         _reap(children, stop_timeout_s)
 
 
-def _reap(children: list, stop_timeout_s: float) -> None:
+def _reap(children: Sequence[BaseProcess], stop_timeout_s: float) -> None:
     for child in children:
         if child.is_alive():
             child.terminate()
