@@ -69,7 +69,8 @@ class PartitionState:
         self.reset = reset  # "earliest" / "latest" / a timestamp while the position is being resolved
         self.error: BaseException | None = None  # an error to raise from poll() for this partition
         self.log_end: int | None = None  # last seen log end offset, for lag
-        self.chunks: deque[tuple[int, Buffer]] = deque()  # (fetched offset, bytes) of this epoch not yet wholly decoded, in order
+        # (fetched offset, bytes) of this epoch not yet wholly decoded, in order
+        self.chunks: deque[tuple[int, Buffer]] = deque()
         self.decoded_at = 0  # byte position in chunks[0] of its first batch not yet decoded
         # [first offset, records, next index]: runs of records at consecutive offsets, decoded and not yet
         # returned (all from chunks[0], or from the chunk just before it, wholly decoded).
@@ -180,7 +181,8 @@ class Consumer:
         # The partitions that have buffered data, in the order poll() serves them (bus/rotation.py). Exactly
         # those whose state has_data() and that are not paused, at every release of _lock.
         self._ready: OrderedDict[TopicPartition, None] = OrderedDict()
-        self._paused: set[TopicPartition] = set()  # assigned partitions pause() took out of the rotation and the fetches
+        # The assigned partitions pause() took out of the rotation and the fetches.
+        self._paused: set[TopicPartition] = set()
         self._chunk_bytes = 0  # bytes of every partition's held chunks (held_bytes), against prefetch_bytes_max
         self._records_consumed = 0  # records poll() handed out, for metrics()
         self._bytes_fetched = 0  # bytes of the fetched chunks taken into the buffer, for metrics()

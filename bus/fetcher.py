@@ -41,7 +41,8 @@ class Fetcher(BackgroundIO):
                          metadata_timeout_ms=consumer.request_timeout_ms, retry_backoff_s=consumer.retry_backoff_s,
                          log=log)
         self.consumer = consumer
-        self.outstanding: dict[int, tuple[int | None, FetchParts, float]] = {}  # node id -> (request id, {tp: (offset, epoch)}, deadline_s)
+        # node id -> (request id, {tp: (offset, epoch, leader epoch)}, deadline_s)
+        self.outstanding: dict[int, tuple[int | None, FetchParts, float]] = {}
         # node id -> (request id or None while backing off, {tp: (reset spec, epoch)}, deadline_s, hold_s):
         # the list_offsets out to resolve positions. Asynchronous like fetches, so a node that does not
         # answer holds up its own partitions, and the others for at most RESET_HOLD_MS (until hold_s), never
@@ -183,7 +184,8 @@ class Fetcher(BackgroundIO):
             return
         parts = current[1]
         retry = False
-        fetched: list[tuple[TopicPartition, int, int, Buffer, int, int]] = []  # handed over together, so that the partitions of one reply join poll()'s rotation together
+        # Handed over together, so that the partitions of one reply join poll()'s rotation together.
+        fetched: list[tuple[TopicPartition, int, int, Buffer, int, int]] = []
         for (topic, partition, code, message, log_start, log_end, next_offset), data in zip(result["parts"], bulk):
             # A plain tuple, equal to (and hashing as) the TopicPartition the consumer keys its partition by.
             tp = cast(TopicPartition, (topic, partition))

@@ -76,8 +76,8 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def run_consumers(n: int, target: Callable[..., object], args: tuple[Any, ...] = (), *, stop_timeout_s: float = CHILD_STOP_TIMEOUT_S
-                  ) -> list[int]:
+def run_consumers(n: int, target: Callable[..., object], args: tuple[Any, ...] = (), *,
+                  stop_timeout_s: float = CHILD_STOP_TIMEOUT_S) -> list[int]:
     """Run ``target(index, *args)`` in ``n`` child processes (index 0..n-1), each making its own Consumer, and
     wait for all of them; returns their exit codes (0 for each that returned).
 

@@ -47,8 +47,8 @@ import zmq
 from . import fork_guard, gil
 from .batch import CODECS, UNCOMPRESSED_BYTES_MAX
 from .connection import Requester
-from .errors import (BufferFull, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, SerializationError, Timeout,
-                     UnknownPartition)
+from .errors import (BufferFull, BusError, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, SerializationError,
+                     Timeout, UnknownPartition)
 from .metadata import check_bootstrap, partition_for_key
 from .records import Buffer, RecordMetadata
 from .signal import Signal
@@ -206,7 +206,8 @@ class ProducerBatch:
         self.base_offset = -1
         self.append_ts_ms = -1  # the node's append time: the timestamp of records sent without one
         self.error: BaseException | None = None
-        self.callbacks: list[tuple[int, SendCallback]] | None = None  # [(index, fn)] run by the sender thread on completion
+        # [(index, fn)] run by the sender thread on completion
+        self.callbacks: list[tuple[int, SendCallback]] | None = None
         self.payload: bytes | None = None  # the packed batch, made once by the sender
         self.producer_id = self.producer_epoch = self.sequence = -1
         self.sent = False  # ever handed to a socket
@@ -214,8 +215,9 @@ class ProducerBatch:
         # Whether an attempt ended without a definite answer (a timeout, a lost connection, an append that
         # was not committed): only then may the batch be stored although it failed.
         self.maybe_written = False
-        self.last_error: BaseException | None = None  # the last retriable error an attempt met
-        self.aio_watch: _BatchWatch | None = None  # bus.aio: the event loop's tasks awaiting this batch's records (bus/aio.py)
+        self.last_error: BusError | None = None  # the last retriable error an attempt met
+        # bus.aio: the event loop's tasks awaiting this batch's records (bus/aio.py)
+        self.aio_watch: _BatchWatch | None = None
 
     def complete(self, base_offset: int, error: BaseException | None, append_ts_ms: int = -1) -> None:
         self.base_offset, self.error, self.append_ts_ms = base_offset, error, append_ts_ms
@@ -362,9 +364,9 @@ _map, _add = map, operator.add
 
 
 class Producer:
-    def __init__(self, bootstrap: str | None = None, *, acks: int | str = "all", linger_ms: int = 2, batch_bytes: int = 1 << 20,
-                 buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000, request_timeout_ms: int = 30_000,
-                 delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
+    def __init__(self, bootstrap: str | None = None, *, acks: int | str = "all", linger_ms: int = 2,
+                 batch_bytes: int = 1 << 20, buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000,
+                 request_timeout_ms: int = 30_000, delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
                  max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
                  metadata_timeout_ms: int = 10_000, compression: str | None = None,
                  key_serializer: Serializer | None = None, value_serializer: Serializer | None = None) -> None:

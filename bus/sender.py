@@ -27,6 +27,7 @@ import bisect
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
@@ -34,9 +35,12 @@ from . import wire
 from .background import BackgroundIO
 from .batch import pack_batch
 from .clock import LOOP_WAIT_MS_MAX
-from .connection import Connection, next_request_id
+from .connection import Connection, ZmqContext, next_request_id
 from .errors import (BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, RecordTooLarge, Timeout,
                      UnknownTopic, error_for)
+
+if TYPE_CHECKING:
+    from .producer import Producer, ProducerBatch
 
 log = logging.getLogger("bus.producer")
 
@@ -55,12 +59,12 @@ class PartitionQueue:
     __slots__ = ("queue", "in_flight", "window", "retrying", "renumber", "new_producer_id", "next_sequence",
                  "acked_sequence", "producer_id", "producer_epoch", "not_before_s")
 
-    def __init__(self, producer_id: int, producer_epoch: int):
-        self.queue: list = []  # batches not in flight, ascending sequence
+    def __init__(self, producer_id: int, producer_epoch: int) -> None:
+        self.queue: list[ProducerBatch] = []  # batches not in flight, ascending sequence
         self.in_flight = 0
         # Batches sent under the current numbering, ascending sequence, from the oldest not yet completed
         # (acknowledged or failed) on: at most PARTITION_IN_FLIGHT_BATCHES_MAX.
-        self.window: deque = deque()
+        self.window: deque[ProducerBatch] = deque()
         self.retrying = False  # hold sends until in-flight batches return, then resend in order
         self.renumber = False  # a batch failed for certain: renumber the queue from acked_sequence
         self.new_producer_id = False  # a batch's fate is unknown: renumber under a fresh producer id
@@ -85,7 +89,7 @@ class PartitionQueue:
         self.retrying = False
         return needed
 
-    def take_if_in_window(self, idempotent: bool):
+    def take_if_in_window(self, idempotent: bool) -> ProducerBatch | None:
         """The next queued batch, taken out of the queue and counted in flight, if it may go out now (within
         the window of PARTITION_IN_FLIGHT_BATCHES_MAX from the oldest unsettled one); else None."""
         if not self.queue:
@@ -103,12 +107,13 @@ class PartitionQueue:
         self.in_flight += 1
         return self.queue.pop(0)
 
-    def acknowledged(self, batch) -> None:
+    def acknowledged(self, batch: ProducerBatch) -> None:
         """One of its in-flight batches was written."""
         self.in_flight -= 1
         self.acked_sequence = max(self.acked_sequence, batch.sequence + batch.count)
 
-    def retry(self, batch, exc: BusError, now_s: float, backoff_s: float, in_flight: bool = True) -> None:
+    def retry(self, batch: ProducerBatch, exc: BusError, now_s: float, backoff_s: float, in_flight: bool = True
+              ) -> None:
         """``batch`` goes again (after ``backoff_s``), in sequence order, once every in-flight batch is back."""
         batch.last_error = exc
         if exc.outcome != DEFINITE:
@@ -128,27 +133,29 @@ class PartitionQueue:
         else:
             self.new_producer_id = True
 
-    def expired(self, now_s: float) -> list:
+    def expired(self, now_s: float) -> list[ProducerBatch]:
         """The queued batches whose delivery timeout has passed, taken out of the queue (oldest first)."""
-        out = []
+        out: list[ProducerBatch] = []
         while self.queue and self.queue[0].deadline_s <= now_s:
             out.append(self.queue.pop(0))
         return out
 
 
 class Sender(BackgroundIO):
-    def __init__(self, producer, context: zmq.Context, *, request_timeout_ms: int, max_in_flight_per_node: int,
-                 idempotent: bool, retry_backoff_ms: int, metadata_timeout_ms: int):
+    def __init__(self, producer: Producer, context: ZmqContext, *, request_timeout_ms: int,
+                 max_in_flight_per_node: int, idempotent: bool, retry_backoff_ms: int, metadata_timeout_ms: int
+                 ) -> None:
         super().__init__(context, name="bus-producer-sender", bootstrap=producer.bootstrap,
                          metadata_timeout_ms=metadata_timeout_ms, retry_backoff_s=retry_backoff_ms / 1000, log=log)
         self.producer = producer
         self.request_timeout_s = request_timeout_ms / 1000
         self.max_in_flight = max_in_flight_per_node
         self.idempotent = idempotent
-        self.partitions: dict[tuple, PartitionQueue] = {}
-        self.in_flight: dict[int, tuple] = {}  # request id -> (node id, batches, deadline_s)
+        self.partitions: dict[tuple[str, int], PartitionQueue] = {}
+        # request id -> (node id, batches, deadline_s)
+        self.in_flight: dict[int, tuple[int, list[ProducerBatch], float]] = {}
         self.node_in_flight: dict[int, int] = {}
-        self.producer_ids: list | None = None  # [producer_id, epoch] for new partition queues
+        self.producer_ids: list[int] | None = None  # [producer_id, epoch] for new partition queues
         # For Producer.metrics(): written by this thread only, read unlocked (plain ints), once per batch or
         # request, never per record.
         self.requests_sent = 0  # produce requests handed to a socket
@@ -187,6 +194,7 @@ class Sender(BackgroundIO):
         if not self.idempotent:
             return -1, -1
         while not self.stopping:
+            assert self.coordinator is not None  # made by run(), the thread that calls this
             try:
                 result, _ = self.coordinator.request(wire.INIT_PRODUCER_ID, {}, timeout_ms=self.metadata_timeout_ms)
                 return result["producer_id"], result["epoch"]
@@ -197,13 +205,13 @@ class Sender(BackgroundIO):
 
     # -- queueing ----------------------------------------------------------------------------------
 
-    def _enqueue(self, batch) -> None:
+    def _enqueue(self, batch: ProducerBatch) -> None:
         key = (batch.topic, batch.partition)
         queue = self.partitions.get(key)
         if queue is None:
             if self.producer_ids is None and self.idempotent:
                 self.producer_ids = list(self._new_producer_id())
-            producer_id, epoch = self.producer_ids if self.idempotent else (-1, -1)
+            producer_id, epoch = cast("list[int]", self.producer_ids) if self.idempotent else (-1, -1)
             queue = self.partitions[key] = PartitionQueue(producer_id, epoch)
         try:
             self._number(queue, batch)
@@ -214,7 +222,7 @@ class Sender(BackgroundIO):
             return
         queue.queue.append(batch)
 
-    def _number(self, queue: PartitionQueue, batch) -> None:
+    def _number(self, queue: PartitionQueue, batch: ProducerBatch) -> None:
         """Pack ``batch`` as the partition's next (compressing it if the producer does); its sequence is
         taken only once it is packed. (A renumbered batch is packed again: rare, so not worth keeping a
         compressed payload apart from its header.)"""
@@ -255,7 +263,7 @@ class Sender(BackgroundIO):
         self._refresh_metadata()
         if self.metadata is None:
             return
-        by_node: dict[int, list] = {}
+        by_node: dict[int, list[PartitionQueue]] = {}
         for (topic, partition), queue in self.partitions.items():
             if not queue.sendable(now_s):
                 continue
@@ -275,20 +283,24 @@ class Sender(BackgroundIO):
         for node_id, queues in by_node.items():
             connection = self._connection(node_id)
             while self.node_in_flight.get(node_id, 0) < self.max_in_flight:
-                batches, size = [], 0
+                batches: list[ProducerBatch] = []
+                size = 0
                 for queue in queues:
-                    while queue.queue and (not batches or size + len(queue.queue[0].payload) <= REQUEST_BYTES_MAX):
+                    while queue.queue and (not batches
+                                           or size + len(cast(bytes, queue.queue[0].payload)) <= REQUEST_BYTES_MAX):
                         batch = queue.take_if_in_window(self.idempotent)
                         if batch is None:
                             break
                         batches.append(batch)
-                        size += len(batch.payload)
+                        size += len(cast(bytes, batch.payload))  # packed when queued (_number)
                 if not batches:
                     break
                 self._send_request(node_id, connection, batches, now_s)
 
-    def _send_request(self, node_id: int, connection: Connection, batches: list, now_s: float) -> None:
+    def _send_request(self, node_id: int, connection: Connection, batches: list[ProducerBatch], now_s: float
+                      ) -> None:
         request_id = next_request_id()
+        assert self.metadata is not None  # _send() found it
         args = {"acks": self.producer.acks, "timeout_ms": int(self.request_timeout_s * 1000),
                 "parts": [[b.topic, b.partition, self.metadata.leader_epoch(b.topic, b.partition)] for b in batches]}
         for batch in batches:
@@ -312,7 +324,8 @@ class Sender(BackgroundIO):
 
     # -- replies -----------------------------------------------------------------------------------
 
-    def _on_reply(self, node_id: int, request_id: int, error, result, bulk) -> None:
+    def _on_reply(self, node_id: int, request_id: int, error: list[Any] | None, result: Any, bulk: list[wire.Frame]
+                  ) -> None:
         entry = self.in_flight.pop(request_id, None)
         if entry is None:
             return  # a reply to a request we already gave up on (it will be resent)
@@ -326,7 +339,8 @@ class Sender(BackgroundIO):
         for batch, (code, message, base_offset, _, append_ts_ms) in zip(batches, result["parts"]):
             self._outcome(batch, None if code is None else error_for(code, message), base_offset, append_ts_ms)
 
-    def _outcome(self, batch, exc: BusError | None, base_offset: int = -1, append_ts_ms: int = -1) -> None:
+    def _outcome(self, batch: ProducerBatch, exc: BusError | None, base_offset: int = -1, append_ts_ms: int = -1
+                 ) -> None:
         queue = self.partitions[(batch.topic, batch.partition)]
         if exc is None:
             queue.acknowledged(batch)
@@ -343,18 +357,18 @@ class Sender(BackgroundIO):
                 return
         self._retry(batch, exc)
 
-    def _retry(self, batch, exc: BusError, counted: bool = False) -> None:
+    def _retry(self, batch: ProducerBatch, exc: BusError, counted: bool = False) -> None:
         self.partitions[(batch.topic, batch.partition)].retry(batch, exc, time.monotonic(), self.retry_backoff_s,
                                                               in_flight=counted)
         self.retries += 1
         log.debug("retrying %s/%s seq %d after %s", batch.topic, batch.partition, batch.sequence, exc)
 
-    def _fail(self, queue: PartitionQueue, batch, exc: BusError) -> None:
+    def _fail(self, queue: PartitionQueue, batch: ProducerBatch, exc: BusError) -> None:
         """Fail a batch for good. Later batches of its partition are renumbered before they go again."""
         queue.failed(exc)
         self._finish(batch, -1, exc)
 
-    def _finish(self, batch, base_offset: int, exc: BusError | None, append_ts_ms: int = -1) -> None:
+    def _finish(self, batch: ProducerBatch, base_offset: int, exc: BusError | None, append_ts_ms: int = -1) -> None:
         if exc is None:
             self.batches_acked += 1
             self.records_acked += batch.count
