@@ -26,13 +26,13 @@ import concurrent.futures
 import re
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from . import admin as _admin, consumer as _consumer, fork_guard, producer as _producer
 from .errors import BufferFull, ClosedError
 from .producer import Headers, ProducerBatch, RecordFuture
-from .records import (Buffer, CommitCallback, CommitOffsets, Partitions, Record, RecordMetadata,
+from .records import (Buffer, CommitCallback, CommitOffsets, PartitionMap, Partitions, Record, RecordMetadata,
                       TopicPartition)
 
 _P = ParamSpec("_P")
@@ -422,7 +422,7 @@ class Consumer(_Closing):
     async def partitions_for_topic(self, topic: str) -> set[int] | None:
         return await self._call(self._sync.partitions_for_topic, topic)
 
-    async def offsets_for_times(self, timestamps: Mapping[tuple[str, int], int]) -> dict[TopicPartition, int]:
+    async def offsets_for_times(self, timestamps: PartitionMap[int]) -> dict[TopicPartition, int]:
         return await self._call(self._sync.offsets_for_times, timestamps)
 
     async def beginning_offsets(self, partitions: Partitions) -> dict[TopicPartition, int]:

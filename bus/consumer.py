@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
@@ -44,8 +44,8 @@ from .batch import HEADER_BYTES, iter_batches, read_columns
 from .connection import Requester
 from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, SerializationError, Timeout
 from .metadata import check_bootstrap
-from .records import (Buffer, CommitCallback, CommitOffsets, Deserializer, Partitions, PartitionsCallback, Record,
-                      TopicPartition)
+from .records import (Buffer, CommitCallback, CommitOffsets, Deserializer, PartitionMap, Partitions,
+                      PartitionsCallback, Record, TopicPartition)
 from .rotation import take_in_turn
 from .signal import Signal
 
@@ -258,7 +258,8 @@ class Consumer:
         group = self._group
         if group is None:
             return set()
-        return group.pattern if group.pattern is not None else set(group.topics)
+        # One of the two is None (check_subscription).
+        return group.pattern if group.pattern is not None else set(cast("list[str]", group.topics))
 
     def subscribe(self, topics: Iterable[str] | re.Pattern[str] | None = None, *, pattern: str | None = None) -> None:
         """Replace the group subscription with ``topics`` (a list of names, or a compiled regular expression)
@@ -427,7 +428,7 @@ class Consumer:
                     raise Timeout(f"position of {tp} not resolved within {timeout_ms} ms")
                 self._data.wait(remaining)
 
-    def offsets_for_times(self, timestamps: Mapping[tuple[str, int], int]) -> dict[TopicPartition, int]:
+    def offsets_for_times(self, timestamps: PartitionMap[int]) -> dict[TopicPartition, int]:
         """{tp: earliest offset whose timestamp >= ts} (the log end offset where no record is that new)."""
         self._check_open("offsets_for_times()")
         return self._list_offsets({TopicPartition(*tp): ts for tp, ts in timestamps.items()})

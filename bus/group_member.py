@@ -51,6 +51,8 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Set
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from . import wire
 from .clock import monotonic_ms
@@ -65,7 +67,13 @@ from .errors import (
     UnknownMemberId,
 )
 from .member_core import CLOSED, LEFT, LOST, MEMBER, MemberCore
-from .records import TopicPartition
+from .records import CommitCallback, CommitOffsets, PartitionsCallback, Record, TopicPartition
+
+if TYPE_CHECKING:
+    from .consumer import Consumer
+
+# A commit's offsets once checked: {tp: (offset, metadata or None)}.
+Offsets: TypeAlias = dict[TopicPartition, tuple[int, str | None]]
 
 log = logging.getLogger("bus.group")
 
@@ -81,23 +89,23 @@ CLOSE_WAIT_S_MAX = 5.0  # close() waits at most this long for queued asynchronou
 
 
 
-def _check_name(what: str, value, chars_max: int = NAME_CHARS_MAX) -> None:
+def _check_name(what: str, value: object, chars_max: int = NAME_CHARS_MAX) -> None:
     if not isinstance(value, str) or not value or len(value) > chars_max or "\x00" in value:
         raise ConfigError(f"{what} must be a string of 1..{chars_max} characters without NUL, not {value!r}")
 
 
-def _check_ms(what: str, value, high: int = INTERVAL_MS_MAX) -> int:
+def _check_ms(what: str, value: object, high: int = INTERVAL_MS_MAX) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= high:
         raise ConfigError(f"{what} must be an integer of milliseconds in 1..{high}, not {value!r}")
     return value
 
 
-def _check_callback(what: str, fn) -> None:
+def _check_callback(what: str, fn: object) -> None:
     if fn is not None and not callable(fn):
         raise ConfigError(f"{what} must be callable or None, not {fn!r}")
 
 
-def check_subscription(topics, pattern) -> tuple[list | None, str | None]:
+def check_subscription(topics: Any, pattern: Any) -> tuple[list[str] | None, str | None]:
     """(sorted topic names, None) or (None, pattern) for a subscription given as ``topics`` (names, or a
     compiled regular expression) or ``pattern`` (a str); a ConfigError for anything else."""
     if isinstance(topics, re.Pattern):
@@ -124,12 +132,14 @@ def check_subscription(topics, pattern) -> tuple[list | None, str | None]:
 class GroupMember:
     """One consumer's membership of ``group``. Built by ``Consumer(..., topics=..., group=...)``."""
 
-    def __init__(self, consumer, group: str, topics=None, *, pattern: str | None = None,
+    def __init__(self, consumer: Consumer, group: str, topics: Iterable[str] | re.Pattern[str] | None = None, *,
+                 pattern: str | None = None,
                  session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 1_000,
                  max_poll_interval_ms: int = 300_000, enable_auto_commit: bool = True,
                  auto_commit_interval_ms: int = 5_000, group_instance_id: str | None = None,
-                 assignor: str = "sticky", client_id: str | None = None, on_assign=None, on_revoke=None,
-                 on_lost=None, on_commit=None):
+                 assignor: str = "sticky", client_id: str | None = None, on_assign: PartitionsCallback | None = None,
+                 on_revoke: PartitionsCallback | None = None, on_lost: PartitionsCallback | None = None,
+                 on_commit: CommitCallback | None = None) -> None:
         _check_name("group", group)
         topics, pattern = check_subscription(topics, pattern)
         _check_ms("session_timeout_ms", session_timeout_ms, SESSION_TIMEOUT_MS_MAX)
@@ -182,9 +192,10 @@ class GroupMember:
             session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms,
             max_poll_interval_ms=max_poll_interval_ms, new_member_id=self._new_member_id, now_ms=now_ms)
         self._next_auto_commit_ms = now_ms + auto_commit_interval_ms
-        self._committed: dict = {}  # tp -> offset this incarnation committed last (unchanged: not resent)
+        self._committed: dict[TopicPartition, int] = {}  # tp -> offset this incarnation committed last (unchanged: not resent)
         self._auto_commit_inflight = False
-        self._commit_queue: queue.Queue | None = None
+        # (offsets, callback, member id) of each asynchronous commit; None stops the committer.
+        self._commit_queue: queue.Queue[tuple[Offsets, CommitCallback | None, str] | None] | None = None
         self._commits_waiting = 0  # asynchronous commits queued or being sent
         self._committer: threading.Thread | None = None
         self._thread = threading.Thread(target=self._heartbeat_loop, name="bus-group-heartbeat", daemon=True)
@@ -218,26 +229,20 @@ class GroupMember:
         with self._lock:
             return self._core.state
 
-    def commit(self, offsets=None) -> dict:
+    def commit(self, offsets: CommitOffsets | None = None) -> dict[TopicPartition, int]:
         """Commit ``offsets`` ({tp: offset} or {tp: (offset, metadata)}), by default the positions of what
         poll() returned for every partition this member reads. Synchronous; returns {tp: committed offset}.
         Raises FencedMemberEpoch / UnknownMemberId if the member was fenced (it then rejoins on poll())."""
-        if offsets is None:
-            offsets = self._positions(self._applied_now())
-        else:
-            offsets = self._normalize(offsets)
-        return self._commit_sync(offsets)
+        checked = self._positions(self._applied_now()) if offsets is None else self._normalize(offsets)
+        return self._commit_sync(checked)
 
-    def commit_async(self, offsets=None, callback=None) -> None:
+    def commit_async(self, offsets: CommitOffsets | None = None, callback: CommitCallback | None = None) -> None:
         """As ``commit`` but in the committer thread; ``callback(offsets, exception_or_None)`` afterwards."""
         _check_callback("callback", callback)
-        if offsets is None:
-            offsets = self._positions(self._applied_now())
-        else:
-            offsets = self._normalize(offsets)
-        self._enqueue_commit(offsets, callback, block=True)
+        checked = self._positions(self._applied_now()) if offsets is None else self._normalize(offsets)
+        self._enqueue_commit(checked, callback, block=True)
 
-    def committed(self, tp) -> int | None:
+    def committed(self, tp: tuple[str, int]) -> int | None:
         """The offset the group committed for ``tp`` (None if none)."""
         tp = TopicPartition(*tp)
         return self._fetch_committed([tp])[tp]
@@ -269,7 +274,7 @@ class GroupMember:
         with self._lock:
             return self._core.poll_is_quick(monotonic_ms())
 
-    def on_records(self, records) -> bool:
+    def on_records(self, records: list[Record]) -> bool:
         """End of every poll(): from now on the user's handler runs, timed by max_poll_interval_ms.
 
         Returns False when ``records`` must not be handed out, because their partitions may belong to another
@@ -336,7 +341,9 @@ class GroupMember:
     # -- the heartbeat thread ---------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        connection = None
+        connection: Connection | None = None
+        result: Any
+        error: BusError | None
         try:
             while True:
                 with self._lock:
@@ -344,7 +351,7 @@ class GroupMember:
                         return
                     op, args = self._core.next_request(monotonic_ms())
                     if op is None:
-                        self._lock.wait(args / 1000)  # args: how long to wait, in ms
+                        self._lock.wait(cast(int, args) / 1000)  # args: how long to wait, in ms
                         continue
                     if op == wire.GROUP_LEAVE:
                         self._lock.notify_all()  # left for max_poll_interval: a poll() waiting for a heartbeat
@@ -430,7 +437,7 @@ class GroupMember:
             return True  # offsets not fetched (coordinator down?): the next poll() tries again
         return False
 
-    def _revoke(self, revoke: set, member_id: str) -> bool:
+    def _revoke(self, revoke: Set[TopicPartition], member_id: str) -> bool:
         if self.enable_auto_commit:
             try:
                 self._commit_sync(self._positions(revoke), member_id)
@@ -453,7 +460,7 @@ class GroupMember:
             self._lock.notify_all()
         return True
 
-    def _add(self, add: set, member_id: str) -> bool:
+    def _add(self, add: Set[TopicPartition], member_id: str) -> bool:
         try:
             committed = self._fetch_committed(sorted(add))
         except BusError as exc:
@@ -482,14 +489,14 @@ class GroupMember:
 
     # -- commits and offsets -------------------------------------------------------------------------------
 
-    def _applied_now(self) -> set:
+    def _applied_now(self) -> set[TopicPartition]:
         with self._lock:
             return set(self._core.applied)
 
-    def _positions(self, tps) -> dict:
+    def _positions(self, tps: Iterable[TopicPartition]) -> Offsets:
         """{tp: (position, None)}: the offset after the last record poll() returned, where known."""
         consumer = self.consumer
-        out = {}
+        out: Offsets = {}
         with consumer._lock:
             for tp in tps:
                 state = consumer._states.get(tp)
@@ -498,10 +505,10 @@ class GroupMember:
         return out
 
     @staticmethod
-    def _normalize(offsets) -> dict:
+    def _normalize(offsets: object) -> Offsets:
         if not isinstance(offsets, dict):
             raise ConfigError("offsets must be a dict of (topic, partition) to offset or (offset, metadata)")
-        out = {}
+        out: Offsets = {}
         for tp, value in offsets.items():
             offset, metadata = value if isinstance(value, (tuple, list)) else (value, None)
             if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
@@ -511,7 +518,7 @@ class GroupMember:
             out[TopicPartition(*tp)] = (offset, metadata)
         return out
 
-    def _commit_sync(self, offsets: dict, member_id: str | None = None) -> dict:
+    def _commit_sync(self, offsets: Offsets, member_id: str | None = None) -> dict[TopicPartition, int]:
         """Commit {tp: (offset, metadata)} as this member; on_commit hears of the outcome either way."""
         try:
             committed = self._send_commit(offsets, member_id)
@@ -521,7 +528,8 @@ class GroupMember:
         self._call(self.on_commit, offsets, None)
         return committed
 
-    def _send_commit(self, offsets: dict, member_id: str | None) -> dict:
+    def _send_commit(self, offsets: Offsets, member_id: str | None) -> dict[TopicPartition, int]:
+        epoch: int | None
         with self._lock:
             if self._core.state == CLOSED:
                 raise ClosedError("commit on a closed consumer")
@@ -529,6 +537,7 @@ class GroupMember:
                 raise UnknownMemberId(f"member {member_id} of group {self.group_id!r} was fenced and rejoined "
                                       f"as {self._core.member_id}")
             if self._core.state in (LOST, LEFT):
+                assert self._core.lost_error is not None  # set with LOST and LEFT (MemberCore.set_lost)
                 raise self._core.lost_error
             if not offsets:
                 return {}
@@ -580,7 +589,7 @@ class GroupMember:
                 return self._core.epoch
             return None
 
-    def _fetch_committed(self, tps) -> dict:
+    def _fetch_committed(self, tps: Iterable[tuple[str, int]]) -> dict[TopicPartition, int | None]:
         result = self.consumer._requester.coordinator(wire.OFFSET_FETCH, {
             "group_id": self.group_id, "partitions": [[t, p] for t, p in tps]}, timeout_ms=self._request_timeout_ms)
         return {TopicPartition(t, p): offset for t, p, offset, _ in result["offsets"]}
@@ -597,7 +606,7 @@ class GroupMember:
         with self._lock:
             self._auto_commit_inflight = True
 
-        def done(offsets, error):
+        def done(offsets: Offsets, error: BaseException | None) -> None:
             with self._lock:
                 self._auto_commit_inflight = False
             if error is not None:
@@ -605,7 +614,7 @@ class GroupMember:
 
         self._enqueue_commit(offsets, done, block=False)
 
-    def _enqueue_commit(self, offsets: dict, callback, block: bool) -> None:
+    def _enqueue_commit(self, offsets: Offsets, callback: CommitCallback | None, block: bool) -> None:
         with self._lock:
             if self._core.closing or self._core.state == CLOSED:
                 raise ClosedError("commit_async on a closed consumer")
@@ -615,6 +624,7 @@ class GroupMember:
                 self._committer = threading.Thread(target=self._commit_loop, name="bus-group-committer", daemon=True)
                 self._committer.start()
             commit_queue = self._commit_queue
+            assert commit_queue is not None  # made with the committer
             self._commits_waiting += 1
         try:
             commit_queue.put((offsets, callback, member_id), block=block, timeout=self._request_timeout_ms / 1000)
@@ -630,6 +640,7 @@ class GroupMember:
 
     def _commit_loop(self) -> None:
         while True:
+            assert self._commit_queue is not None  # made before the committer thread that runs this
             item = self._commit_queue.get()
             if item is None:
                 return
@@ -660,6 +671,7 @@ class GroupMember:
             committer, commit_queue = self._committer, self._commit_queue
         if committer is None:
             return
+        assert commit_queue is not None  # made with the committer
         try:
             commit_queue.put(None, timeout=CLOSE_WAIT_S_MAX)
         except queue.Full:
@@ -671,7 +683,7 @@ class GroupMember:
     def _new_member_id(self) -> str:
         return f"{self.client_id}-{uuid.uuid4().hex}"
 
-    def _call(self, fn, *args) -> None:
+    def _call(self, fn: Callable[..., object] | None, *args: object) -> None:
         """Run a user callback; its exception is logged, never allowed to leave the membership half-changed."""
         if fn is None:
             return

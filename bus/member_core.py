@@ -17,6 +17,8 @@ the partitions (``rejoin``); any -> CLOSED.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from . import wire
 from .errors import BusError, FencedMemberEpoch, InvalidRequest, UnknownMemberId
@@ -36,10 +38,10 @@ class MemberCore:
     """One member's state. ``join_fields``: the join request's fixed arguments (group, client id, instance
     id, subscription, session, assignor)."""
 
-    def __init__(self, *, join_fields: dict, session_timeout_ms: int, heartbeat_interval_ms: int,
-                 max_poll_interval_ms: int, new_member_id, now_ms: int):
+    def __init__(self, *, join_fields: dict[str, Any], session_timeout_ms: int, heartbeat_interval_ms: int,
+                 max_poll_interval_ms: int, new_member_id: Callable[[], str], now_ms: int) -> None:
         self.join_fields = join_fields
-        self.group_id = join_fields["group_id"]
+        self.group_id: str = join_fields["group_id"]
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.max_poll_interval_ms = max_poll_interval_ms
@@ -49,10 +51,12 @@ class MemberCore:
         self.new_member_id = new_member_id
         self.state = JOINING
         self.member_id = new_member_id()  # chosen here: a retried join finds its member
-        self.epoch = 0  # the member epoch of the latest reply
-        self.granted = frozenset()  # the partitions the latest reply says this member may own
-        self.applied: set = set()  # partitions the consumer reads now; changed by the polling thread only
-        self.adding: set = set()  # being added by the polling thread (committed offsets being fetched)
+        self.epoch: int = 0  # the member epoch of the latest reply
+        # The partitions the latest reply says this member may own.
+        self.granted: frozenset[TopicPartition] = frozenset()
+        # The partitions the consumer reads now; changed by the polling thread only.
+        self.applied: set[TopicPartition] = set()
+        self.adding: set[TopicPartition] = set()  # being added by the polling thread (committed offsets being fetched)
         self.lost_error: BusError | None = None  # why the member was fenced, evicted or left
         self.join_error: BusError | None = None  # a join refusal for poll() to raise, once
         self.force_heartbeat = False
@@ -65,7 +69,7 @@ class MemberCore:
 
     # -- the heartbeat thread -------------------------------------------------------------------------
 
-    def next_request(self, now_ms: int) -> tuple[str | None, dict | int]:
+    def next_request(self, now_ms: int) -> tuple[str | None, dict[str, Any] | int]:
         """(op, args) of the request to make now, or (None, how many ms to wait before asking again). A
         member that has not polled for ``max_poll_interval_ms`` leaves: the state is LEFT from here on."""
         polled_ms = max(self.last_poll_ms, min(now_ms, self.poll_until_ms))  # now, inside poll()
@@ -91,7 +95,7 @@ class MemberCore:
             wait_ms = min(wait_ms, max(1, poll_deadline_ms - now_ms))
         return None, wait_ms
 
-    def answered(self, op: str, member_id: str, result, error: BusError | None, started_ms: int,
+    def answered(self, op: str, member_id: str, result: Any, error: BusError | None, started_ms: int,
                  now_ms: int) -> bool:
         """Take the answer to ``op`` (asked under ``member_id`` at ``started_ms``); returns whether the
         polling thread has work now."""
@@ -104,7 +108,8 @@ class MemberCore:
             wake = True  # left: the next poll() drops the partitions and rejoins
         return wake
 
-    def _joined(self, member_id, result, error, started_ms, now_ms) -> tuple[int, bool]:
+    def _joined(self, member_id: str, result: Any, error: BusError | None, started_ms: int, now_ms: int
+                ) -> tuple[int, bool]:
         if self.state != JOINING or self.member_id != member_id:
             return now_ms, False
         if error is None:
@@ -126,7 +131,8 @@ class MemberCore:
         self.join_error = error
         return now_ms + max(self.retry_backoff_ms, min(self.session_timeout_ms, 1_000)), True
 
-    def _heartbeat_answered(self, member_id, result, error, started_ms, now_ms) -> tuple[int, bool]:
+    def _heartbeat_answered(self, member_id: str, result: Any, error: BusError | None, started_ms: int, now_ms: int
+                            ) -> tuple[int, bool]:
         if self.state != MEMBER or self.member_id != member_id:
             return now_ms, False
         if error is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple, TypeAlias
+from typing import NamedTuple, TypeAlias, TypeVar
 
 # What the formats read bytes from: a received frame's buffer, a slice of one, or bytes.
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -31,10 +31,15 @@ class TopicPartition(NamedTuple):
     partition: int
 
 
+_V = TypeVar("_V")
+
 # What the clients take as partitions: (topic, partition) pairs (TopicPartitions among them).
 Partitions: TypeAlias = Iterable[tuple[str, int]]
+# What they take as a value per partition, keyed by TopicPartitions or by plain (topic, partition) pairs (a
+# Mapping's key type is invariant: one of tuple[str, int] keys would refuse a dict of TopicPartition keys).
+PartitionMap: TypeAlias = Mapping[TopicPartition, _V] | Mapping[tuple[str, int], _V]
 # The offsets a commit is given: {tp: offset} or {tp: (offset, metadata or None)}.
-CommitOffsets: TypeAlias = Mapping[tuple[str, int], int | tuple[int, str | None]]
+CommitOffsets: TypeAlias = PartitionMap[int | tuple[int, str | None]]
 # A consumer's key_deserializer= or value_deserializer=: bytes to any object (never given None).
 Deserializer: TypeAlias = Callable[[bytes], object]
 # on_assign, on_revoke, on_lost: called with the partitions, sorted.
