@@ -37,24 +37,26 @@ _SUBMODULES = ("aio", "errors", "serializers")
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 
 if TYPE_CHECKING:
-    from . import aio, errors, serializers
-    from .admin import Admin
-    from .consumer import Consumer
-    from .errors import BusError
-    from .producer import FutureList, Producer, RecordFuture
-    from .fork_guard import run_consumers
-    from .records import Record, RecordMetadata, TopicPartition
-
-
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        if name in _SUBMODULES:
-            return importlib.import_module(f".{name}", __name__)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+    # What type checkers see instead of the lazy names: the real classes, re-exported explicitly (``X as X``:
+    # mypy's strict mode takes no implicit re-export, and cannot read the computed ``__all__``).
+    from . import aio as aio, errors as errors, serializers as serializers
+    from .admin import Admin as Admin
+    from .consumer import Consumer as Consumer
+    from .errors import BusError as BusError
+    from .fork_guard import run_consumers as run_consumers
+    from .producer import FutureList as FutureList, Producer as Producer, RecordFuture as RecordFuture
+    from .records import Record as Record, RecordMetadata as RecordMetadata, TopicPartition as TopicPartition
+else:
+    # Out of the type checkers' sight, so that a misspelt name (``bus.Prodcuer``) is their error, not Any.
+    def __getattr__(name: str) -> Any:
+        module = _PUBLIC.get(name)
+        if module is None:
+            if name in _SUBMODULES:
+                return importlib.import_module(f".{name}", __name__)
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
 
 
 def __dir__() -> list[str]:
