@@ -50,7 +50,7 @@ DEFERRED_SENDS_MAX = 100_000
 WAIT_SLICE_MS = 50
 
 # A send's arguments, as bus.Producer.send takes them: (topic, value, key, headers, partition, timestamp_ms).
-_SendArguments = tuple[str, Buffer | None, Buffer | None, "Headers | None", int | None, int | None]
+_SendArguments = tuple[str, Buffer | None, Buffer | None, Headers | None, int | None, int | None]
 
 
 def _worker(name: str, threads: int = 1) -> concurrent.futures.ThreadPoolExecutor:
