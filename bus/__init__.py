@@ -7,7 +7,7 @@ and ``bus.Producer`` work as ever; ``docs/architecture.md`` says which package m
 ``tests/test_layout.py`` holds every package to it.
 
 Why lazy names rather than a separate top-level package for the formats: a user catching
-``bus.errors.NotOwner`` catches the very class a node raises, from the one module that defines it, with no
+``bus.errors.NotLeader`` catches the very class a node raises, from the one module that defines it, with no
 re-exporting copy of the errors or value types to keep in step.
 """
 
