@@ -118,6 +118,15 @@ def test_iter_batches_walks_a_concatenation():
     assert list(bf.iter_batches(b"")) == []
     with pytest.raises(CorruptRecord):
         list(bf.iter_batches(b"".join(stored)[:-3]))  # a truncated last batch
+    # crc_checked (batches a store has just verified): the same walk without the CRC pass; lengths still
+    # checked, a payload bit's flip not looked for.
+    data = b"".join(stored)
+    assert [h for h, _ in bf.iter_batches(data, crc_checked=True)] == [h for h, _ in got]
+    flipped = bytearray(data)
+    flipped[bf.HEADER_BYTES] ^= 1
+    assert len(list(bf.iter_batches(flipped, crc_checked=True))) == 3
+    with pytest.raises(CorruptRecord):
+        list(bf.iter_batches(data[:-3], crc_checked=True))
 
 
 @CODECS

@@ -430,16 +430,21 @@ def test_poll_serves_every_partition_with_data_in_turn(bootstrap):
 
 # -- pause and resume --------------------------------------------------------------------------------
 
+def two_partitions_of(bootstrap: str, topic: str, per_partition: int) -> None:
+    """A topic of two partitions holding the values b"0", b"1", ... ``per_partition`` in each."""
+    with Admin(bootstrap) as admin:
+        admin.create_topic(topic, 2, replication_factor=1)
+    with Producer(bootstrap) as producer:
+        for p in (0, 1):
+            producer.send_many(topic, [b"%d" % i for i in range(per_partition)], partition=p)
+        producer.flush(10)
+
+
 def test_a_paused_partition_is_neither_served_nor_fetched_and_resumes_from_its_position(bootstrap):
     """Paused with records buffered: poll() serves only the other partition, the paused one is left out of
     the fetches (its new records stay on the node), its position and buffer stay; resumed, it goes on from
     its position, every record once and in order."""
-    with Admin(bootstrap) as admin:
-        admin.create_topic("pausing", 2, replication_factor=1)
-    with Producer(bootstrap) as producer:
-        for p in (0, 1):
-            producer.send_many("pausing", [b"%d" % i for i in range(10)], partition=p)
-        producer.flush(10)
+    two_partitions_of(bootstrap, "pausing", 10)
     tps = [TopicPartition("pausing", p) for p in (0, 1)]
     with Consumer(bootstrap, auto_offset_reset="earliest") as consumer:
         consumer.assign(tps)
@@ -484,12 +489,7 @@ def test_a_paused_partition_is_neither_served_nor_fetched_and_resumes_from_its_p
 
 
 def test_a_group_members_paused_partition_revoked_in_a_rebalance_is_no_longer_paused(bootstrap):
-    with Admin(bootstrap) as admin:
-        admin.create_topic("pausing-group", 2, replication_factor=1)
-    with Producer(bootstrap) as producer:
-        for p in (0, 1):
-            producer.send_many("pausing-group", [b"%d" % i for i in range(5)], partition=p)
-        producer.flush(10)
+    two_partitions_of(bootstrap, "pausing-group", 5)
     options = dict(group="pausers", topics=["pausing-group"], auto_offset_reset="earliest", session_timeout_ms=3_000,
                    heartbeat_interval_ms=100, enable_auto_commit=False)
     revoked = []

@@ -418,23 +418,15 @@ def test_malformed_frames_and_oversized_lengths_close_that_connection_and_the_no
     bystander = connect(address)
     try:
         assert request(address, ApiVersionsRequest[3](), sock=bystander).error_code == 0
-        rogue = connect(address)
-        rogue.sendall(struct.pack(">i", 0x7FFFFFF0) + b"x" * 100)  # a 2 GiB length prefix
-        assert closed_by_peer(rogue)
-        rogue.close()
-        rogue = connect(address)
-        rogue.sendall(struct.pack(">i", 12) + struct.pack(">hhih", 3, 12, 1, 400) + b"xx")  # client id runs past
-        assert closed_by_peer(rogue)
-        rogue.close()
-        rogue = connect(address)
-        body = struct.pack(">hhih", 0, 9, 1, -1) + b"\x00" + b"\xff" * 30  # a produce of garbage
-        rogue.sendall(struct.pack(">i", len(body)) + body)
-        assert closed_by_peer(rogue)
-        rogue.close()
-        rogue = connect(address)
-        rogue.sendall(struct.pack(">i", len(ABORTED_KIO)) + ABORTED_KIO)  # killed a node decoding with kio
-        assert closed_by_peer(rogue)
-        rogue.close()
+        garbage_produce = struct.pack(">hhih", 0, 9, 1, -1) + b"\x00" + b"\xff" * 30
+        for sent in (struct.pack(">i", 0x7FFFFFF0) + b"x" * 100,  # a 2 GiB length prefix
+                     struct.pack(">i", 12) + struct.pack(">hhih", 3, 12, 1, 400) + b"xx",  # client id runs past
+                     struct.pack(">i", len(garbage_produce)) + garbage_produce,  # a produce of garbage
+                     struct.pack(">i", len(ABORTED_KIO)) + ABORTED_KIO):  # killed a node decoding with kio
+            rogue = connect(address)
+            rogue.sendall(sent)
+            assert closed_by_peer(rogue), sent[:20]
+            rogue.close()
         # the connection opened before is still served, and so are new ones
         assert request(address, ApiVersionsRequest[3](), correlation_id=2, sock=bystander).error_code == 0
         assert metadata_of(address) is not None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from bus import batch as bus_batch
 from bus import wire
@@ -61,6 +62,21 @@ def _int_config(configs: dict, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"config {name}={value!r} is not an integer") from None
+
+
+def _gather(count: int, answer) -> Callable[[int, dict], None]:
+    """``done(index, row)`` for rows that come in one at a time, in any order (each topic's answer from the
+    coordinator): ``answer(rows)`` once all ``count`` are in, at once when there are none."""
+    rows: list = [None] * count
+
+    def done(index: int, row: dict) -> None:
+        rows[index] = row
+        if all(r is not None for r in rows):
+            answer(rows)
+
+    if not count:
+        answer([])
+    return done
 
 
 def topic_uuid(cluster_id: str | None, topic_id: int) -> uuid.UUID:
@@ -151,15 +167,7 @@ class KafkaService:
 
     def _create_topics(self, header, body, respond) -> None:
         topics = list(body.topics)
-        rows: list = [None] * len(topics)
-
-        def done(index: int, row: dict) -> None:
-            rows[index] = row
-            if all(r is not None for r in rows):
-                respond({"throttle_time_ms": 0, "topics": rows})
-
-        if not topics:
-            respond({"throttle_time_ms": 0, "topics": []})
+        done = _gather(len(topics), lambda rows: respond({"throttle_time_ms": 0, "topics": rows}))
         for index, topic in enumerate(topics):
             row = {"name": topic.name, "num_partitions": -1, "replication_factor": -1}
             configs = {c.name: c.value for c in topic.configs or ()}
@@ -190,15 +198,7 @@ class KafkaService:
 
     def _delete_topics(self, header, body, respond) -> None:
         names = list(body.topic_names or ())
-        rows: list = [None] * len(names)
-
-        def done(index: int, row: dict) -> None:
-            rows[index] = row
-            if all(r is not None for r in rows):
-                respond({"throttle_time_ms": 0, "responses": rows})
-
-        if not names:
-            respond({"throttle_time_ms": 0, "responses": []})
+        done = _gather(len(names), lambda rows: respond({"throttle_time_ms": 0, "responses": rows}))
         for index, name in enumerate(names):
             def answer(result, error, index=index, name=name) -> None:
                 done(index, {"name": name, "error_code": codec.NONE if error is None else _coordinator_code(error),
