@@ -17,6 +17,20 @@ def test_the_public_modules_pass_mypy_strict():
     assert "Success: no issues found" in out.stdout
 
 
+def test_every_module_of_the_client_is_checked():
+    # What a user imports is bus/ (nodes/, store/ and bench/ are the servers' and the bench's): all of it, the
+    # `bus` command's modules too, is in the strict list.
+    import tomllib
+
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        files = set(tomllib.load(f)["tool"]["mypy"]["files"])
+    modules = {os.path.relpath(os.path.join(folder, name), REPO_ROOT)
+               for folder, _, names in os.walk(os.path.join(REPO_ROOT, "bus")) for name in names if name.endswith(".py")}
+    assert len(modules) > 20
+    assert modules - files == set(), "bus modules mypy --strict does not check"
+    assert files - modules == set(), "listed modules that are not there"
+
+
 def test_the_package_says_it_is_typed():
     assert os.path.isfile(os.path.join(REPO_ROOT, "bus", "py.typed"))
 
