@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import re
 import threading
 from collections import deque
@@ -31,13 +32,15 @@ from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from . import admin as _admin, consumer as _consumer, fork_guard, producer as _producer
 from .errors import BufferFull, ClosedError
-from .producer import Headers, ProducerBatch, RecordFuture, Serializer
-from .records import (CommitCallback, CommitOffsets, Deserializer, K, KeyIn, PartitionMap, Partitions,
-                      PartitionsCallback, Record, RecordMetadata, TopicPartition, V, ValueIn)
+from .producer import Headers, ProducerBatch, RecordFuture
+from .records import (CommitCallback, CommitOffsets, K, KeyIn, PartitionMap, Partitions, Record, RecordMetadata,
+                      TopicPartition, V, ValueIn)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _Self = TypeVar("_Self", bound="_Closing")
+_Sync = TypeVar("_Sync")
+_Aio = TypeVar("_Aio")
 
 # Sends that must wait before the sync producer takes them (the first records of a topic whose partition
 # count is being looked up, or a buffer with less room than the largest record): beyond this many, send()
@@ -54,11 +57,22 @@ WAIT_SLICE_MS = 50
 _SendArguments = tuple[str, ValueIn | None, KeyIn | None, Headers | None, int | None, int | None]
 
 
-def _arguments(init_locals: dict[str, Any]) -> dict[str, Any]:
-    """An aio client's constructor arguments, to pass on to its sync client's: its ``locals()`` taken first
-    thing, which are its parameters, the sync constructor's own (tests/test_aio_signatures.py holds them
-    equal, defaults included), so each is passed on by name and none can be left out."""
-    return {name: value for name, value in init_locals.items() if name != "self"}
+def _wrapping(sync_class: Callable[_P, _Sync]
+              ) -> Callable[[Callable[[_Aio, _Sync], None]], Callable[Concatenate[_Aio, _P], None]]:
+    """The constructor of an aio client from ``init(self, sync)``, which takes the sync client it wraps: it
+    takes ``sync_class``'s own arguments, typed, defaults and all (for the checkers through the ParamSpec,
+    for help() and inspect through ``__signature__``), makes that client with them and hands it to ``init``.
+    So the sync classes alone hold the options and their defaults, and an unknown one is the sync
+    constructor's TypeError, before anything starts."""
+    def decorate(init: Callable[[_Aio, _Sync], None]) -> Callable[Concatenate[_Aio, _P], None]:
+        def __init__(self: _Aio, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+            init(self, sync_class(*args, **kwargs))
+
+        __init__.__qualname__, __init__.__doc__ = init.__qualname__, init.__doc__
+        # inspect reads a function's __signature__ first; typeshed's functions do not declare one.
+        __init__.__signature__ = inspect.signature(getattr(sync_class, "__init__"))  # type: ignore[attr-defined]
+        return __init__
+    return decorate
 
 
 def _worker(name: str, threads: int = 1) -> concurrent.futures.ThreadPoolExecutor:
@@ -138,14 +152,9 @@ class Producer(_Closing, Generic[KeyIn, ValueIn]):
     when it is awaited.
     """
 
-    def __init__(self, bootstrap: str | None = None, *, acks: int | str = "all", linger_ms: int = 2,
-                 batch_bytes: int = 1 << 20, buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000,
-                 request_timeout_ms: int = 30_000, delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
-                 max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
-                 metadata_timeout_ms: int = 10_000, compression: str | None = None,
-                 key_serializer: Serializer[KeyIn] | None = None,
-                 value_serializer: Serializer[ValueIn] | None = None) -> None:
-        self._sync: _producer.Producer[KeyIn, ValueIn] = _producer.Producer(**_arguments(locals()))
+    @_wrapping(_producer.Producer)
+    def __init__(self, sync: _producer.Producer[KeyIn, ValueIn]) -> None:
+        self._sync = sync
         self._sync._on_new_batch = self._watch
         self._worker = _worker("bus-aio-producer")
         # Sends waiting to be handed to the sync producer, in order: [(send's arguments, loop future of its
@@ -308,20 +317,9 @@ class Consumer(_Closing, Generic[K, V]):
     worker thread, not in the loop (use ``loop.call_soon_threadsafe`` to reach it).
     """
 
-    def __init__(self, bootstrap: str | None = None, topics: Iterable[str] | re.Pattern[str] | None = None,
-                 group: str | None = None, *,
-                 auto_offset_reset: str = "latest", fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
-                 fetch_max_bytes: int = 50 << 20, max_partition_fetch_bytes: int = 8 << 20,
-                 prefetch_bytes_max: int = 64 << 20, request_timeout_ms: int = 30_000,
-                 retry_backoff_ms: int = 50, key_deserializer: Deserializer[K] | None = None,
-                 value_deserializer: Deserializer[V] | None = None,
-                 pattern: str | None = None, session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 1_000,
-                 max_poll_interval_ms: int = 300_000, enable_auto_commit: bool = True,
-                 auto_commit_interval_ms: int = 5_000, group_instance_id: str | None = None,
-                 assignor: str = "sticky", client_id: str | None = None, on_assign: PartitionsCallback | None = None,
-                 on_revoke: PartitionsCallback | None = None, on_lost: PartitionsCallback | None = None,
-                 on_commit: CommitCallback | None = None) -> None:
-        self._sync: _consumer.Consumer[K, V] = _consumer.Consumer(**_arguments(locals()))
+    @_wrapping(_consumer.Consumer)
+    def __init__(self, sync: _consumer.Consumer[K, V]) -> None:
+        self._sync = sync
         # Polls that wait run one at a time in their own thread (so that one abandoned by a cancellation is
         # settled before the next); the other calls in a second, not held up behind a poll waiting for records.
         self._poller = _worker("bus-aio-poll")
@@ -530,8 +528,9 @@ class Admin(_Closing):
     """bus.Admin for asyncio: every call of the sync Admin, awaited (its one worker thread makes the requests,
     in the order called)."""
 
-    def __init__(self, bootstrap: str | None = None, *, request_timeout_ms: int = 10_000):
-        self._sync = _admin.Admin(**_arguments(locals()))
+    @_wrapping(_admin.Admin)
+    def __init__(self, sync: _admin.Admin) -> None:
+        self._sync = sync
         self._worker = _worker("bus-aio-admin")
         fork_guard.register(self)
 

@@ -1,7 +1,8 @@
 """bus.aio's constructors are the sync clients': the same parameters, kinds, defaults and annotations, one for
-one (the sync classes own the defaults; bus.aio repeats the signature so that a user's type checker and
-editor see each option, and this holds the two equal), every argument reaches the sync client, and an unknown
-option is a TypeError at once."""
+one, as inspect and help() show them (the sync classes alone hold the options and their defaults: bus/aio.py's
+_wrapping gives each aio constructor its sync class's signature; a user's mypy sees the same, which
+tests/test_types.py shows), every argument reaches the sync client, and an unknown option is a TypeError at
+once."""
 
 from __future__ import annotations
 
