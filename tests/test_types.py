@@ -84,7 +84,8 @@ def produce_serialized(bootstrap: str) -> None:
     producer.send("t", b"v", key=b"k")
     Producer(bootstrap).send("t", "text")
 
-async def aio_typed(bootstrap: str) -> None:
+async def aio_typed(bootstrap: str, plain: bus.aio.Consumer) -> None:
+    reveal_type(plain)
     orders = bus.aio.Consumer(bootstrap, value_deserializer=order)
     async for record in orders:
         reveal_type(record.value)
@@ -119,6 +120,7 @@ def test_a_users_code_sees_the_real_types(tmp_path):
         '[arg-type]',
         'error: Argument 2 to "send" of "Producer" has incompatible type "str"; '
         'expected "bytes | bytearray | memoryview[int] | None"  [arg-type]',
+        'note: Revealed type is "bus.aio.Consumer[bytes, bytes]"',
         'note: Revealed type is "dict[str, int] | None"',
         'note: Revealed type is "list[tuple[str, int, int, bytes | None, dict[str, int] | None, '
         'list[tuple[str, bytes | None]] | None, int, fallback=bus.records.Record[bytes, dict[str, int]]]]"',
