@@ -291,6 +291,53 @@ def test_a_static_member_restarted_gets_its_partitions_back_without_a_rebalance(
         b.close()
 
 
+def test_a_kip848_member_that_subscribes_to_another_topic_is_moved_to_it_by_its_heartbeats(groups_cluster):
+    """confluent-kafka's ``subscribe()`` again with another topic (``group.protocol=consumer``): its next
+    heartbeat carries the new subscription, the coordinator takes back the first topic's partitions and
+    grants the second's, and the member reads the second topic's records, without leaving the group."""
+    cluster = groups_cluster
+    first, group = new_group(cluster, "kip848-resubscribe")
+    second = f"{first}-second"
+    create_topic(cluster, second)
+    produce(cluster, first, PER_PARTITION)
+    produce(cluster, second, PER_PARTITION)
+    member = ConfluentConsumerProtocol(cluster.kafka_bootstrap, group, first)
+    seen: dict[str, set] = {first: set(), second: set()}
+
+    def read() -> None:
+        for m in member.consumer.consume(num_messages=50, timeout=0.2):
+            assert m.error() is None, m.error()
+            seen[m.topic()].add((m.partition(), m.offset()))
+
+    def holds(topic: str) -> bool:
+        read()
+        return {(tp.topic, tp.partition) for tp in member.consumer.assignment()} == {
+            (topic, p) for p in range(PARTITIONS)}
+
+    every = {(p, o) for p in range(PARTITIONS) for o in range(PER_PARTITION)}
+    try:
+        wait_for(lambda: holds(first) and seen[first] == every, CLIENT_S, message="the first topic read")
+        with Admin(cluster.bootstrap) as admin:
+            (described,) = admin.describe_group(group)["members"]
+        assert described["topics"] == [first]
+        member_id, epoch = described["member_id"], admin_epoch(cluster, group)
+        member.consumer.subscribe([second])
+        wait_for(lambda: holds(second) and seen[second] == every, CLIENT_S, message="the second topic read")
+        with Admin(cluster.bootstrap) as admin:
+            described = admin.describe_group(group)
+        (now,) = described["members"]
+        assert (now["member_id"], now["topics"]) == (member_id, [second])  # the same member, resubscribed
+        assert described["group_epoch"] > epoch  # the target was recomputed for the new subscription
+        assert sorted(now["assignment"]) == [[second, p] for p in range(PARTITIONS)]
+    finally:
+        member.close()
+
+
+def admin_epoch(cluster: LocalCluster, group: str) -> int:
+    with Admin(cluster.bootstrap) as admin:
+        return admin.describe_group(group)["group_epoch"]
+
+
 # -- raw Kafka requests (kafka-python's message classes, our own socket) -------------------------------
 
 class Raw:

@@ -56,6 +56,17 @@ COMMIT_CODES = {"UNKNOWN_MEMBER_ID": codec.UNKNOWN_MEMBER_ID, "FENCED_MEMBER_EPO
                 "NOT_ASSIGNED": codec.STALE_MEMBER_EPOCH, "GROUP_NOT_EMPTY": codec.UNKNOWN_MEMBER_ID}
 
 
+def _subscription(body) -> dict:
+    """A ConsumerGroupHeartbeat's subscription as the bus's group ops take it: {"pattern"} for a regular
+    expression, else {"topics"} for the names, else nothing (both null: unchanged since the last). librdkafka
+    sends "" for no expression."""
+    regex = getattr(body, "subscribed_topic_regex", None) or None
+    if regex is not None:
+        return {"topics": None, "pattern": regex}
+    if body.subscribed_topic_names is not None:
+        return {"topics": list(body.subscribed_topic_names), "pattern": None}
+    return {}
+
 class GroupApis:
     def __init__(self, coordinator_address, *, classic: ClassicGroups | None = None, offsets=None, topics=None,
                  cluster_id=None, clock_ms=monotonic_ms):
@@ -287,11 +298,9 @@ class GroupApis:
                 if assignor is None:
                     answer(codec.UNSUPPORTED_ASSIGNOR, f"assignors: {', '.join(a for a in SERVER_ASSIGNORS if a)}")
                     return
-                regex = getattr(body, "subscribed_topic_regex", None) or None  # librdkafka sends "" for none
                 answer(codec.NONE, reply=self.bus_groups[wire.GROUP_JOIN]({
                     "group_id": group_id, "client_id": header.client_id or "", "group_instance_id": body.instance_id,
-                    "topics": None if regex else body.subscribed_topic_names, "pattern": regex,
-                    "session_timeout_ms": CONSUMER_SESSION_TIMEOUT_MS, "assignor": assignor,
+                    **_subscription(body), "session_timeout_ms": CONSUMER_SESSION_TIMEOUT_MS, "assignor": assignor,
                     "member_id": body.member_id or None}, now_ms))
             elif epoch in (LEAVE_EPOCH, STATIC_LEAVE_EPOCH):
                 self.bus_groups[wire.GROUP_LEAVE]({"group_id": group_id, "member_id": body.member_id,
@@ -304,8 +313,8 @@ class GroupApis:
                     owned = [[ids[tp.topic_id], p] for tp in body.topic_partitions if tp.topic_id in ids
                              for p in tp.partitions]
                 answer(codec.NONE, reply=self.bus_groups[wire.GROUP_HEARTBEAT]({
-                    "group_id": group_id, "member_id": body.member_id, "member_epoch": epoch, "owned": owned},
-                    now_ms))
+                    "group_id": group_id, "member_id": body.member_id, "member_epoch": epoch, "owned": owned,
+                    **_subscription(body)}, now_ms))
         except BusError as exc:
             answer(HEARTBEAT_CODES.get(exc.code, codec.INVALID_REQUEST), exc.message)
 
