@@ -333,6 +333,44 @@ def test_a_kip848_member_that_subscribes_to_another_topic_is_moved_to_it_by_its_
         member.close()
 
 
+def test_admin_clients_describe_consumer_groups_of_both_protocols(groups_cluster):
+    """confluent-kafka's ``AdminClient.describe_consumer_groups`` asks ConsumerGroupDescribe (KIP-848) first:
+    a KIP-848 group's members, subscriptions and assignments come from it; a classic group is refused there
+    (GROUP_ID_NOT_FOUND) and described by DescribeGroups, as against Kafka."""
+    from confluent_kafka import ConsumerGroupState, ConsumerGroupType
+    from confluent_kafka.admin import AdminClient
+
+    cluster = groups_cluster
+    topic, group = new_group(cluster, "describe-kip848")
+    classic_group = f"{group}-classic"
+    members = {group: ConfluentConsumerProtocol(cluster.kafka_bootstrap, group, topic),
+               classic_group: Confluent(cluster.kafka_bootstrap, classic_group, topic)}
+    admin = AdminClient({"bootstrap.servers": cluster.kafka_bootstrap})
+    every = {(topic, p) for p in range(PARTITIONS)}
+    try:
+        for member in members.values():
+            wait_for(lambda: member.poll() is not None and member.assignment() == set(range(PARTITIONS)),
+                     CLIENT_S, message="each member holds every partition")
+        futures = admin.describe_consumer_groups([group, classic_group, "groups-nobody"], request_timeout=CLIENT_S)
+        described = {g: f.result(CLIENT_S) for g, f in futures.items() if g != "groups-nobody"}
+        kip848, classic = described[group], described[classic_group]
+        assert (kip848.type, kip848.state) == (ConsumerGroupType.CONSUMER, ConsumerGroupState.STABLE)
+        (m,) = kip848.members
+        with Admin(cluster.bootstrap) as bus_admin:
+            (bus_member,) = bus_admin.describe_group(group)["members"]
+        assert m.member_id == bus_member["member_id"]
+        assert {(tp.topic, tp.partition) for tp in m.assignment.topic_partitions} == every
+        assert {(tp.topic, tp.partition) for tp in m.target_assignment.topic_partitions} == every
+        assert (classic.type, classic.state) == (ConsumerGroupType.CLASSIC, ConsumerGroupState.STABLE)
+        (c,) = classic.members
+        assert {(tp.topic, tp.partition) for tp in c.assignment.topic_partitions} == every
+        nobody = futures["groups-nobody"].result(CLIENT_S)  # Kafka answers an unknown group as Dead
+        assert nobody.state == ConsumerGroupState.DEAD and not nobody.members
+    finally:
+        for member in members.values():
+            member.close()
+
+
 def admin_epoch(cluster: LocalCluster, group: str) -> int:
     with Admin(cluster.bootstrap) as admin:
         return admin.describe_group(group)["group_epoch"]
@@ -512,7 +550,7 @@ def hostile_group_request(rng: random.Random, n: int) -> tuple[int, int, dict]:
     names = ["fuzz", "no-such-topic", "", "x" * 300, "t\x00", "\u00e9"]
     metadata = [b"", b"\xff" * 9, subscription("fuzz"), subscription("x" * 300), b"\x00\x00\x7f\xff\xff\xff"]
     pick = rng.choice
-    kind = rng.randrange(10)
+    kind = rng.randrange(11)
     if kind == 0:
         version = rng.randint(0, 4)
         return codec.FIND_COORDINATOR, version, {"key": pick(names), "key_type": pick([0, 1, 2, -1]),
@@ -562,6 +600,10 @@ def hostile_group_request(rng: random.Random, n: int) -> tuple[int, int, dict]:
             "topic_partitions": pick([None, [], [{"topic_id": uuid.uuid4(), "partitions": [pick(i32)]}]])}
     if kind == 7:
         return codec.LIST_GROUPS, rng.randint(0, 4), {"states_filter": [pick(["Stable", "", "x"])]}
+    if kind == 9:
+        return codec.CONSUMER_GROUP_DESCRIBE, rng.randint(0, 1), {
+            "group_ids": [pick([*names, f"fuzz-{n - 1}", "after-fuzz"]) for _ in range(rng.randint(0, 3))],
+            "include_authorized_operations": pick([False, True])}
     return codec.DESCRIBE_GROUPS, rng.randint(0, 5), {"groups": [pick(names) for _ in range(rng.randint(0, 3))],
                                                       "include_authorized_operations": pick([False, True])}
 

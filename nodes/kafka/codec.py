@@ -44,11 +44,20 @@ class ConsumerGroupHeartbeatResponse(ApiMessage, load_json=schemas):
     pass
 
 
+class ConsumerGroupDescribeRequest(ApiMessage, load_json=schemas):
+    """KIP-848's describe (``schemas/``, as the heartbeat's): AdminClient.describe_consumer_groups asks it
+    first, and DescribeGroups only where it is refused."""
+
+
+class ConsumerGroupDescribeResponse(ApiMessage, load_json=schemas):
+    pass
+
+
 PRODUCE, FETCH, LIST_OFFSETS, METADATA, API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = (
     0, 1, 2, 3, 18, 19, 20, 22)
 OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP, DESCRIBE_GROUPS, \
     LIST_GROUPS = 8, 9, 10, 11, 12, 13, 14, 15, 16
-CONSUMER_GROUP_HEARTBEAT = 68
+CONSUMER_GROUP_HEARTBEAT, CONSUMER_GROUP_DESCRIBE = 68, 69
 OFFSET_FOR_LEADER_EPOCH, DESCRIBE_CONFIGS = 23, 32
 # api key -> (request class, response class, lowest version, highest version): what ApiVersions
 # advertises, and all that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record
@@ -77,6 +86,7 @@ SUPPORTED = {
     DESCRIBE_GROUPS: (DescribeGroupsRequest, DescribeGroupsResponse, 0, 5),
     LIST_GROUPS: (ListGroupsRequest, ListGroupsResponse, 0, 4),
     CONSUMER_GROUP_HEARTBEAT: (ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, 0, 1),
+    CONSUMER_GROUP_DESCRIBE: (ConsumerGroupDescribeRequest, ConsumerGroupDescribeResponse, 0, 1),
     # The schema's whole range (Kafka 4 dropped 0 and 1); consumers' truncation check after a leader change
     OFFSET_FOR_LEADER_EPOCH: (OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, 2, 4),
     DESCRIBE_CONFIGS: (DescribeConfigsRequest, DescribeConfigsResponse, 1, 4),  # topics and brokers (configs.py)
