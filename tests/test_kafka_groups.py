@@ -675,3 +675,58 @@ def test_one_group_name_is_one_kind_and_kafka_commits_survive_a_coordinator_rest
                                              "member_id": joined.member_id}).error_code == codec.UNKNOWN_MEMBER_ID
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("client", ["confluent-kafka", "kafka-python"])
+def test_classic_members_rejoin_after_a_coordinator_restart_and_resume_from_their_commits(make_cluster, client):
+    """A classic group's membership is the coordinator's soft state: after a restart the member hears
+    UNKNOWN_MEMBER_ID (or finds the coordinator again), joins again, gets its partitions back and reads on
+    from the offsets it committed: every record once, the new ones too, committed to the end."""
+    cluster = make_cluster(1, kafka_port=0)
+    topic, group = new_group(cluster, f"restarted-{client}")
+    produce(cluster, topic, PER_PARTITION)
+    seen: dict[tuple, int] = {}  # (partition, offset) -> times handled
+    member = CLIENTS[client](cluster.kafka_bootstrap, group, topic)
+
+    def poll() -> set:
+        for record in member.poll():
+            seen[record] = seen.get(record, 0) + 1
+        return set(seen)
+
+    def every(end: int) -> set:
+        return {(p, o) for p in range(PARTITIONS) for o in range(end)}
+
+    def committed_to(end: int) -> bool:
+        poll()
+        try:
+            member.commit()
+        except COMMIT_ERRORS:
+            return False  # no coordinator yet, or the group rebalancing: the loop commits again
+        with Admin(cluster.bootstrap) as admin:
+            partitions = admin.describe_group(group)["partitions"]
+        return {p["partition"]: p["committed"] for p in partitions} == dict.fromkeys(range(PARTITIONS), end)
+
+    try:
+        wait_for(lambda: poll() >= every(PER_PARTITION), CLIENT_S, message="the first records")
+        wait_for(lambda: committed_to(PER_PARTITION), CLIENT_S, interval_s=0.1, message="the first commit")
+        with Admin(cluster.bootstrap) as admin:
+            (before,) = admin.describe_group(group)["members"]
+        cluster.restart_coordinator()
+
+        def joined_again() -> bool:
+            poll()
+            with Admin(cluster.bootstrap) as admin:
+                members = admin.describe_group(group)["members"]
+            return [m["member_id"] for m in members] not in ([], [before["member_id"]]) and \
+                member.assignment() == set(range(PARTITIONS))
+        wait_for(joined_again, CLIENT_S, interval_s=0.1, message="the member in the group again")
+        # Produced once it is back: a record read before a rejoin and not committed would be read again
+        # from the commit (at least once), which is not what this test is about.
+        produce(cluster, topic, PER_PARTITION, start=PER_PARTITION)
+        wait_for(lambda: committed_to(2 * PER_PARTITION), CLIENT_S, interval_s=0.1,
+                 message="the records produced after the restart, committed")
+        assert set(seen) == every(2 * PER_PARTITION)
+        assert max(seen.values()) == 1, sorted(k for k, v in seen.items() if v > 1)  # on from its commits
+        assert member.assignment() == set(range(PARTITIONS))
+    finally:
+        member.close()
