@@ -287,23 +287,51 @@ class KafkaService:
     def _fetch(self, header, body, respond) -> None:
         asked = [(t.topic, p.partition, p.fetch_offset) for t in body.topics for p in t.partitions]
         if self.handlers is None:
-            self._fetch_answer(respond, asked, None, (), None, codec.NOT_LEADER_OR_FOLLOWER)
+            self._fetch_answer(respond, asked, None, (), None, {}, codec.NOT_LEADER_OR_FOLLOWER)
             return
-        parts = []
+        parts, checks = [], []  # checks: (index in parts, [topic, partition, current epoch, last fetched epoch])
         for t in body.topics:
             for p in t.partitions:
-                epoch = getattr(p, "current_leader_epoch", -1)
+                epoch, last_fetched = getattr(p, "current_leader_epoch", -1), getattr(p, "last_fetched_epoch", -1)
                 parts.append([t.topic, p.partition, p.fetch_offset, p.partition_max_bytes,
                               *(() if epoch < 0 else (epoch,))])
+                if last_fetched >= 0:
+                    checks.append((len(parts) - 1, [t.topic, p.partition, None if epoch < 0 else epoch, last_fetched]))
         args = {"max_wait_ms": body.max_wait_ms, "min_bytes": body.min_bytes,
                 "max_bytes": body.max_bytes, "parts": parts}
-        self._call(wire.FETCH, args, lambda result, bulk, error: self._fetch_answer(respond, asked, result, bulk,
-                                                                                    error))
 
-    def _fetch_answer(self, respond, asked, result, bulk, error, error_code=None) -> None:
+        def fetch(diverged: dict) -> None:
+            self._call(wire.FETCH, args, lambda result, bulk, error: self._fetch_answer(
+                respond, asked, result, bulk, error, diverged))
+
+        if not checks:
+            fetch({})
+            return
+
+        def checked(result, _bulk, error) -> None:
+            """Fetch v12's divergence check (KIP-595, as Kafka's Partition.fetchRecords makes it): a fetch
+            whose last fetched epoch ends here below the fetch offset, or that this log does not have, read
+            a log that diverged from this one; it is answered the largest epoch at or below it and where
+            that ends (DivergingEpoch), with no records, at once. Its read is then one batch at that end, for
+            the answer's high watermark and log start (its records are left out)."""
+            diverged = {}
+            for (index, (_, _, _, last_fetched)), row in zip(checks, result["parts"] if result is not None else ()):
+                code, _, epoch, end_offset = row
+                # An epoch this log does not know (-1/-1, the field's default) cannot be told: an ordinary fetch.
+                if code is None and epoch >= 0 and (end_offset < parts[index][2] or epoch < last_fetched):
+                    diverged[index] = {"epoch": epoch, "end_offset": end_offset}
+                    parts[index][2:4] = [end_offset, 1]
+            if diverged:
+                args["max_wait_ms"] = 0
+            fetch(diverged)
+
+        self._call(wire.EPOCH_END_OFFSETS, {"parts": [part for _, part in checks]}, checked)
+
+    def _fetch_answer(self, respond, asked, result, bulk, error, diverged: dict, error_code=None) -> None:
+        """``diverged``: index in ``asked`` -> the DivergingEpoch of a partition whose log diverged."""
         by_topic: dict[str, list] = {}
         rows = result["parts"] if result is not None else [None] * len(asked)
-        for (topic, partition, offset), row, data in zip(asked, rows, bulk or [b""] * len(asked)):
+        for index, ((topic, partition, offset), row, data) in enumerate(zip(asked, rows, bulk or [b""] * len(asked))):
             entry = {"partition_index": partition, "high_watermark": -1, "last_stable_offset": -1,
                      "log_start_offset": -1, "aborted_transactions": None, "preferred_read_replica": -1,
                      "records": b""}
@@ -313,7 +341,9 @@ class KafkaService:
                 _, _, code, message, log_start, high_watermark, _ = row
                 entry.update(error_code=codec.kafka_code(code), high_watermark=high_watermark,
                              last_stable_offset=high_watermark, log_start_offset=log_start)
-                if code is None and data:
+                if index in diverged:
+                    entry.update(error_code=codec.NONE, diverging_epoch=diverged[index])
+                elif code is None and data:
                     try:
                         entry["records"] = records.as_kafka(data, skip_below=offset)
                     except CorruptRecord as exc:
