@@ -747,7 +747,9 @@ def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_c
     assert epoch_end(cluster.kafka_bootstrap, "epochs", 1, 0)[0] == 6  # the coordinator leads nothing
     assert epoch_end(leader, "no-such-topic", 1, 0)[0] == 3
 
-    assert fetch_part(leader, "epochs", 0, 0).error_code == 74
+    fenced = fetch_part(leader, "epochs", 0, 0)
+    assert fenced.error_code == 74  # FENCED_LEADER_EPOCH, with where the leader is now (KIP-951)
+    assert (fenced.current_leader.leader_id, fenced.current_leader.leader_epoch) == (state["leader"], 1)
     assert fetch_part(leader, "epochs", 0, 2).error_code == 75
     fetched = fetch_part(leader, "epochs", 0, 1)
     assert fetched.error_code == 0 and fetched.high_watermark == 8
@@ -782,6 +784,17 @@ def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_c
     assert list_offset(leader, "epochs", TS + 41) == (0, 5, TS + 50, 1)
     assert list_offset(leader, "epochs", TS + 71) == (0, -1, -1, -1)  # none at or after it
     assert list_offset(leader, "epochs", TS + 25, version=1)[:3] == (0, 3, TS + 30)
+    # Produce v10 to a server that does not lead the partition (the coordinator leads none): NOT_LEADER_OR_FOLLOWER
+    # with the leader's id and epoch, and the answer's node endpoints say where it listens.
+    message = ProduceRequest[10](acks=1, timeout_ms=5000, topic_data=[ProduceRequest.TopicProduceData(
+        name="epochs", partition_data=[ProduceRequest.TopicProduceData.PartitionProduceData(
+            index=0, records=one_batch())])])
+    answer = request(cluster.kafka_bootstrap, message)
+    (part,) = answer.responses[0].partition_responses
+    assert part.error_code == 6 and (part.current_leader.leader_id, part.current_leader.leader_epoch) == (
+        state["leader"], 1)
+    assert [(n.node_id, f"{n.host}:{n.port}") for n in answer.node_endpoints] == [(state["leader"], leader)]
+    assert produce_raw(leader, "epochs", 0, one_batch()).error_code == 0  # the leader takes it (a ninth record)
 
 
 class _Collect:

@@ -61,10 +61,11 @@ CONSUMER_GROUP_HEARTBEAT, CONSUMER_GROUP_DESCRIBE = 68, 69
 OFFSET_FOR_LEADER_EPOCH, DESCRIBE_CONFIGS = 23, 32
 # api key -> (request class, response class, lowest version, highest version): what ApiVersions
 # advertises, and all that is implemented. The lowest: Produce 3 and Fetch 4 are the first with record
-# batches of magic 2; the highest: Fetch 12 is the last that names topics (13 uses topic ids), the others
+# batches of magic 2; the highest: Fetch 12 is the last that names topics (13 uses topic ids: so not 16,
+# whose answers tell the current leader's endpoint; 12's tell its id and epoch), the others
 # what today's clients (librdkafka 2.x, kafka-python 3.x) use without features not implemented here.
 SUPPORTED = {
-    PRODUCE: (ProduceRequest, ProduceResponse, 3, 9),
+    PRODUCE: (ProduceRequest, ProduceResponse, 3, 10),  # 10: the current leader with NOT_LEADER (KIP-951)
     FETCH: (FetchRequest, FetchResponse, 4, 12),
     # 7: -3, the record with the largest timestamp; 8: -4, the local log start (9 and up: tiered storage)
     LIST_OFFSETS: (ListOffsetsRequest, ListOffsetsResponse, 1, 8),

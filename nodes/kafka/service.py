@@ -206,6 +206,34 @@ class KafkaService:
 
             self.coordinator(wire.DELETE_TOPIC, {"name": name}, answer)
 
+    # -- KIP-951: where the leader is now, told with NOT_LEADER_OR_FOLLOWER and FENCED_LEADER_EPOCH -----
+
+    def _leader_hints(self, entries: list) -> list:
+        """Give each ``(topic, partition, entry)`` whose ``entry`` (a partition of a Produce or Fetch answer)
+        says NOT_LEADER_OR_FOLLOWER or FENCED_LEADER_EPOCH the partition's ``current_leader`` {leader id,
+        epoch}, as the controller's placement has it (-1, -1 when it has none); return the node endpoints
+        of the leaders named, for the answer's ``node_endpoints``. A client of Produce v10+ (Fetch v16+)
+        then sends to the new leader at once instead of asking Metadata first (librdkafka 2.4+ does)."""
+        placement, named = None, set()
+        for topic, partition, entry in entries:
+            if entry["error_code"] not in (codec.NOT_LEADER_OR_FOLLOWER, codec.FENCED_LEADER_EPOCH):
+                continue
+            placement = self.topics() if placement is None else placement
+            partitions = placement.get(topic, {}).get("partitions", ())
+            state = partitions[partition] if 0 <= partition < len(partitions) else None
+            leader, epoch = (-1, -1) if state is None or state["leader"] is None else (state["leader"],
+                                                                                       state["leader_epoch"])
+            entry["current_leader"] = {"leader_id": leader, "leader_epoch": epoch}
+            named.add(leader)
+        if not named:
+            return []
+        endpoints = []
+        for node_id, address in sorted(self.brokers().items()):
+            if node_id in named:
+                host, port = parse_host_port(address)
+                endpoints.append({"node_id": node_id, "host": host, "port": port, "rack": None})
+        return endpoints
+
     # -- the bus's handlers, asked as the ROUTER asks them ----------------------------------------
 
     def _call(self, op: str, args: dict, respond_bus, bulk=()) -> None:
@@ -254,6 +282,7 @@ class KafkaService:
         def answered(result, _bulk, error) -> None:
             results = iter(result["parts"] if result is not None else ())
             by_topic: dict[str, list] = {}
+            entries = []
             for name, index, row_error in rows:
                 base_offset, message = -1, None
                 if row_error is not None:
@@ -264,11 +293,12 @@ class KafkaService:
                     part_code, message, base_offset, _, _ = next(results)
                     code = codec.kafka_code(part_code)
                     base_offset = base_offset if part_code is None else -1
-                by_topic.setdefault(name, []).append({
-                    "index": index, "error_code": code, "base_offset": base_offset, "log_append_time_ms": -1,
-                    "log_start_offset": -1, "error_message": message})
+                entry = {"index": index, "error_code": code, "base_offset": base_offset, "log_append_time_ms": -1,
+                         "log_start_offset": -1, "error_message": message}
+                by_topic.setdefault(name, []).append(entry)
+                entries.append((name, index, entry))
             respond({"responses": [{"name": n, "partition_responses": p} for n, p in by_topic.items()],
-                     "throttle_time_ms": 0})
+                     "throttle_time_ms": 0, "node_endpoints": self._leader_hints(entries)})
 
         args = {"acks": acks, "timeout_ms": max(1, body.timeout_ms), "parts": parts}
         if body.acks == 0:
@@ -330,6 +360,7 @@ class KafkaService:
     def _fetch_answer(self, respond, asked, result, bulk, error, diverged: dict, error_code=None) -> None:
         """``diverged``: index in ``asked`` -> the DivergingEpoch of a partition whose log diverged."""
         by_topic: dict[str, list] = {}
+        entries = []
         rows = result["parts"] if result is not None else [None] * len(asked)
         for index, ((topic, partition, offset), row, data) in enumerate(zip(asked, rows, bulk or [b""] * len(asked))):
             entry = {"partition_index": partition, "high_watermark": -1, "last_stable_offset": -1,
@@ -350,8 +381,10 @@ class KafkaService:
                         log.error("serving %s/%s to a Kafka client failed: %s", topic, partition, exc)
                         entry.update(error_code=codec.CORRUPT_MESSAGE, records=b"")
             by_topic.setdefault(topic, []).append(entry)
+            entries.append((topic, partition, entry))
         respond({"throttle_time_ms": 0, "error_code": codec.NONE, "session_id": 0,
-                 "responses": [{"topic": t, "partitions": p} for t, p in by_topic.items()]})
+                 "responses": [{"topic": t, "partitions": p} for t, p in by_topic.items()],
+                 "node_endpoints": self._leader_hints(entries)})
 
     # -- ListOffsets ---------------------------------------------------------------------------------
 
