@@ -10,10 +10,14 @@ for throughput, with the settings a bus producer has by default where the librar
 ``acks=1`` (the bench's bus row: one replica, acks=1), idempotence off (librdkafka's default; kafka-python's
 and aiokafka's turned off alike), ``linger.ms`` as the bench's, batches of ``cfg.batch_bytes``. Produce:
 chunks of ``CHUNK_RECORDS`` records to one partition at a time, round robin, one delivery callback per chunk
-(its last record) timing send -> ack for the chunk, as the bus's row times its chunks. Consume: ``assign()``
-of the client's partitions from offset 0, as many records as were stored, with the library's defaults but
-for confluent-kafka's ``fetch.queue.backoff.ms`` (``_ConfluentConsumer``). Latency: the pacer's due time in
-each value (``peer.stamp``), read back on consume.
+(its last record) timing send -> ack for the chunk, as the bus's row times its chunks. Consume: connected to
+the partitions' leader before the start gate (a ListOffsets), ``assign()`` of them from offset 0 after it (as
+the bus's row resolves its positions before the gate and reads after it), as many records as were stored, with
+the library's defaults but for confluent-kafka's ``fetch.queue.backoff.ms`` (``_ConfluentConsumer``); the
+fetch knobs librdkafka documents for throughput (``max.partition.fetch.bytes``, ``fetch.max.bytes``,
+``queued.min.messages``, ``queued.max.messages.kbytes``) were measured and left at their defaults: none read
+faster (docs/kafka.md, Speed). Latency: the pacer's due time in each value (``peer.stamp``), read back on
+consume.
 
 Public face: ``KAFKA_CLIENT_SYSTEMS`` (name -> ``results.System``). The client libraries are imported only
 inside the functions that run in client processes (and in the checks), so the bench runs without them.
