@@ -10,10 +10,14 @@ for throughput, with the settings a bus producer has by default where the librar
 ``acks=1`` (the bench's bus row: one replica, acks=1), idempotence off (librdkafka's default; kafka-python's
 and aiokafka's turned off alike), ``linger.ms`` as the bench's, batches of ``cfg.batch_bytes``. Produce:
 chunks of ``CHUNK_RECORDS`` records to one partition at a time, round robin, one delivery callback per chunk
-(its last record) timing send -> ack for the chunk, as the bus's row times its chunks. Consume: ``assign()``
-of the client's partitions from offset 0, as many records as were stored, with the library's defaults but
-for confluent-kafka's ``fetch.queue.backoff.ms`` (``_ConfluentConsumer``). Latency: the pacer's due time in
-each value (``peer.stamp``), read back on consume.
+(its last record) timing send -> ack for the chunk, as the bus's row times its chunks. Consume: connected to
+the partitions' leader before the start gate (a ListOffsets), ``assign()`` of them from offset 0 after it (as
+the bus's row resolves its positions before the gate and reads after it), as many records as were stored, with
+the library's defaults but for confluent-kafka's ``fetch.queue.backoff.ms`` (``_ConfluentConsumer``); the
+fetch knobs librdkafka documents for throughput (``max.partition.fetch.bytes``, ``fetch.max.bytes``,
+``queued.min.messages``, ``queued.max.messages.kbytes``) were measured and left at their defaults: none read
+faster (docs/kafka.md, Speed). Latency: the pacer's due time in each value (``peer.stamp``), read back on
+consume.
 
 Public face: ``KAFKA_CLIENT_SYSTEMS`` (name -> ``results.System``). The client libraries are imported only
 inside the functions that run in client processes (and in the checks), so the bench runs without them.
@@ -41,6 +45,7 @@ FETCH_QUEUE_BACKOFF_MS = 10  # confluent-kafka's consumer (see _ConfluentConsume
 CLUSTER_START_TIMEOUT_S = 60.0
 TOPIC_READY_TIMEOUT_S = 30.0
 FLUSH_TIMEOUT_S = 120.0
+CONNECT_TIMEOUT_S = 30.0  # a consumer's ListOffsets to the leader before the gate
 INSTALL = {"confluent-kafka": "pip install confluent-kafka", "kafka-python": "pip install kafka-python",
            "aiokafka": "pip install aiokafka"}
 MODULE = {"confluent-kafka": "confluent_kafka", "kafka-python": "kafka", "aiokafka": "aiokafka"}
@@ -88,7 +93,9 @@ def _bootstrap(port: int) -> str:
 # -- the libraries, behind one small face each ---------------------------------------------------------------
 # A producer: send_chunk(partition, values, n, on_ack or None): the next n values to one partition, on_ack(error
 # or None) called when the last is acknowledged; poll() (serve callbacks), flush(), close().
-# A consumer: take() -> {partition: [message, ...]} within POLL_TIMEOUT_MS (errors raised), value(message),
+# A consumer: made before the gate, connected to its partitions' leader (a ListOffsets) with nothing fetched, as
+# the bus's row resolves its positions before the gate with nothing read; start() after the gate (assign from
+# offset 0); take() -> {partition: [message, ...]} within POLL_TIMEOUT_MS (errors raised), value(message),
 # close(). Records are counted per partition, not touched one by one: the bus's row does not touch them either.
 
 
@@ -137,8 +144,13 @@ class _ConfluentConsumer:
         self._consumer = confluent_kafka.Consumer({
             "bootstrap.servers": _bootstrap(port), "group.id": "bench", "enable.auto.commit": False,
             "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
-        self._consumer.assign([confluent_kafka.TopicPartition(TOPIC, p, 0) for p in parts])
+        self._tps = [confluent_kafka.TopicPartition(TOPIC, p, 0) for p in parts]
+        for tp in self._tps:  # connected to the leader before the gate (ListOffsets), nothing fetched yet
+            self._consumer.get_watermark_offsets(tp, timeout=CONNECT_TIMEOUT_S)
         self._parts = parts
+
+    def start(self) -> None:
+        self._consumer.assign(self._tps)
 
     def take(self) -> dict:
         msgs = self._consumer.consume(POLL_RECORDS_MAX, POLL_TIMEOUT_MS / 1000)
@@ -191,9 +203,13 @@ class _KafkaPythonConsumer:
 
         self._consumer = kafka.KafkaConsumer(bootstrap_servers=_bootstrap(port), enable_auto_commit=False,
                                              max_poll_records=POLL_RECORDS_MAX)
-        self._consumer.assign([kafka.TopicPartition(TOPIC, p) for p in parts])
-        for p in parts:
-            self._consumer.seek(kafka.TopicPartition(TOPIC, p), 0)
+        self._tps = [kafka.TopicPartition(TOPIC, p) for p in parts]
+        self._consumer.end_offsets(self._tps)  # connected to the leader before the gate, nothing fetched yet
+
+    def start(self) -> None:
+        self._consumer.assign(self._tps)
+        for tp in self._tps:
+            self._consumer.seek(tp, 0)
 
     def take(self) -> dict:
         got = self._consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS_MAX)
@@ -307,6 +323,7 @@ def _consume(name: str, port: int, cfg: BenchConfig, parts: list[int], expected:
     tally = _Tally(name, cfg, parts, expected, latency)
     try:
         tally.start(gate.wait())
+        consumer.start()
         while not tally.done:
             tally.add(consumer.take(), consumer.value)
         return tally.check()
@@ -388,10 +405,11 @@ async def _aio_consume_run(port: int, cfg: BenchConfig, parts: list[int], expect
     tally = _Tally("aiokafka", cfg, parts, expected, latency)
     try:
         tps = [aiokafka.TopicPartition(TOPIC, p) for p in parts]
+        await consumer.end_offsets(tps)  # connected to the leader before the gate; assigned, it fetches at once
+        tally.start(await asyncio.get_running_loop().run_in_executor(None, gate.wait))
         consumer.assign(tps)
         for tp in tps:
             consumer.seek(tp, 0)
-        tally.start(await asyncio.get_running_loop().run_in_executor(None, gate.wait))
         while not tally.done:
             batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS_MAX)
             tally.add({tp.partition: rows for tp, rows in batches.items()}, _KafkaPythonConsumer.value)

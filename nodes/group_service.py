@@ -170,7 +170,8 @@ class GroupService:
     def _heartbeat(self, args, now_ms):
         owned = [_tp(item) for item in args["owned"]]
         reply = self._run(lambda: self.groups.heartbeat(
-            args["group_id"], args["member_id"], args["member_epoch"], owned, now_ms=now_ms))
+            args["group_id"], args["member_id"], args["member_epoch"], owned, topics=args.get("topics"),
+            pattern=args.get("pattern"), now_ms=now_ms))
         return reply.to_wire()
 
     def _leave(self, args, now_ms):

@@ -284,6 +284,27 @@ def _check_tp(tp) -> TopicPartition:
     return tp
 
 
+def _check_subscription(topics, pattern) -> tuple[frozenset | None, re.Pattern | None]:
+    """Exactly one of ``topics`` (a non-empty list of names) or ``pattern`` (a regular expression), as
+    (the topic set or None, the compiled pattern or None); GroupError(INVALID_CONFIG) otherwise."""
+    if (topics is None) == (pattern is None):
+        raise GroupError(INVALID_CONFIG, "subscribe with exactly one of topics or pattern")
+    if topics is not None:
+        if isinstance(topics, str) or not isinstance(topics, (list, tuple, set, frozenset)) or not topics:
+            raise GroupError(INVALID_CONFIG, f"topics must be a non-empty list of names, got {topics!r}")
+        if len(topics) > SUBSCRIBED_TOPICS_MAX:
+            raise GroupError(INVALID_CONFIG, f"at most {SUBSCRIBED_TOPICS_MAX} topics per subscription")
+        for topic in topics:
+            _check_name("topic", topic)
+        return frozenset(topics), None
+    if not isinstance(pattern, str) or not pattern or len(pattern) > PATTERN_CHARS_MAX:
+        raise GroupError(INVALID_CONFIG, f"pattern must be a string of 1..{PATTERN_CHARS_MAX} chars")
+    try:
+        return None, re.compile(pattern)
+    except re.error as exc:
+        raise GroupError(INVALID_CONFIG, f"pattern {pattern!r} does not compile: {exc}") from None
+
+
 def _check_owned(owned) -> frozenset:
     if not isinstance(owned, (set, frozenset, list, tuple)):
         raise GroupError(INVALID_REQUEST, f"owned must be a set of (topic, partition), got {type(owned).__name__}")
@@ -331,25 +352,7 @@ class Groups:
             _check_name("group_instance_id", group_instance_id)
         if member_id is not None:
             _check_name("member_id", member_id)
-        if (topics is None) == (pattern is None):
-            raise GroupError(INVALID_CONFIG, "subscribe with exactly one of topics or pattern")
-        regex = None
-        if topics is not None:
-            if isinstance(topics, str) or not isinstance(topics, (list, tuple, set, frozenset)) or not topics:
-                raise GroupError(INVALID_CONFIG, f"topics must be a non-empty list of names, got {topics!r}")
-            if len(topics) > SUBSCRIBED_TOPICS_MAX:
-                raise GroupError(INVALID_CONFIG, f"at most {SUBSCRIBED_TOPICS_MAX} topics per subscription")
-            for topic in topics:
-                _check_name("topic", topic)
-            topic_set = frozenset(topics)
-        else:
-            topic_set = None
-            if not isinstance(pattern, str) or not pattern or len(pattern) > PATTERN_CHARS_MAX:
-                raise GroupError(INVALID_CONFIG, f"pattern must be a string of 1..{PATTERN_CHARS_MAX} chars")
-            try:
-                regex = re.compile(pattern)
-            except re.error as exc:
-                raise GroupError(INVALID_CONFIG, f"pattern {pattern!r} does not compile: {exc}") from None
+        topic_set, regex = _check_subscription(topics, pattern)
         if not _is_int(session_timeout_ms) or not 0 < session_timeout_ms <= SESSION_TIMEOUT_MS_MAX:
             raise GroupError(INVALID_CONFIG, f"session_timeout_ms must be in 1..{SESSION_TIMEOUT_MS_MAX}, "
                                              f"got {session_timeout_ms!r}")
@@ -415,12 +418,19 @@ class Groups:
 
         return self._accept(now_ms, apply)
 
-    def heartbeat(self, group_id: str, member_id: str, member_epoch: int, owned, *, now_ms: int) -> Outcome:
-        """Keep the member alive, take note of what it owns, and tell it what it may own and must revoke."""
+    def heartbeat(self, group_id: str, member_id: str, member_epoch: int, owned, *, topics: list[str] | None = None,
+                  pattern: str | None = None, now_ms: int) -> Outcome:
+        """Keep the member alive, take note of what it owns, and tell it what it may own and must revoke.
+
+        ``topics`` or ``pattern`` (at most one; neither: unchanged) is a new subscription, as a KIP-848
+        heartbeat may carry one: the target is recomputed and the member told what to give back and what it
+        gets, by the same cooperative steps as any rebalance."""
         now_ms = self._clock(now_ms)
         group, member = self._member(group_id, member_id, now_ms)
         member_epoch = _check_epoch(member_epoch)
         owned = _check_owned(owned)
+        resubscribe = topics is not None or pattern is not None
+        topic_set, regex = _check_subscription(topics, pattern) if resubscribe else (None, None)
         # Partitions of deleted topics were dropped from ``assigned`` without asking; they prove nothing.
         owned_existing = frozenset(tp for tp in owned if self._exists(tp))
         if member_epoch != member.member_epoch and not (
@@ -430,6 +440,10 @@ class Groups:
 
         def apply() -> MemberReply:
             member.last_heartbeat_ms = now_ms
+            if resubscribe and (topic_set, pattern) != (member.topics, member.pattern):
+                member.topics, member.pattern, member.regex = topic_set, pattern, regex
+                self._dirty_members.add((group_id, member_id))
+                self._refresh(group)
             return self._reconcile(group, member, owned=owned)
 
         return self._accept(now_ms, apply)

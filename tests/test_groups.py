@@ -270,6 +270,38 @@ def test_pattern_subscription_picks_up_new_topics_and_partitions(h):
     assert r.assignment == {("orders.eu", 0), ("orders.eu", 1), ("orders.eu", 2)}
 
 
+def test_a_heartbeat_with_a_new_subscription_moves_the_member_cooperatively_and_persists_it(h):
+    a = join(h, client="a", topics=["a"], now_ms=0)
+    b = join(h, client="b", topics=["a"], now_ms=1)
+    a = beat(h, a, a.assignment, now_ms=2)
+    a = beat(h, a, a.assignment, now_ms=3)
+    b = beat(h, b, set(), now_ms=4)
+    assert len(a.assignment) == len(b.assignment) == 2
+    epoch = a.group_epoch
+    same = h.heartbeat("g", a.member_id, a.member_epoch, a.assignment, topics=["a"], now_ms=5)
+    assert same.reply.group_epoch == epoch, "the same subscription again is no rebalance"
+    # a now wants b only: it must give back its share of a first, which then goes to b.
+    a = h.heartbeat("g", a.member_id, a.member_epoch, a.assignment, topics=["b"], now_ms=6).reply
+    assert a.group_epoch == epoch + 1 and len(a.revoke) == 2 and not a.assignment
+    assert beat(h, b, b.assignment, now_ms=7).assignment == b.assignment, "a still owns its old share"
+    a = beat(h, a, set(), now_ms=8)
+    assert a.assignment == {("b", 0), ("b", 1)} and not a.revoke
+    b = beat(h, b, b.assignment, now_ms=9)
+    assert b.assignment == {("a", p) for p in range(4)}
+    def subscription_of_a() -> tuple:
+        (member,) = [m for m in h.describe("g")["members"] if m["member_id"] == a.member_id]
+        return member["topics"], member["pattern"]
+
+    h.restart(now_ms=10)  # the new subscription is on disk
+    assert subscription_of_a() == (["b"], None)
+    a = h.heartbeat("g", a.member_id, a.member_epoch, a.assignment, pattern="[ab]", now_ms=11).reply
+    assert subscription_of_a() == (None, "[ab]")
+    for bad in ({"topics": []}, {"topics": ["a"], "pattern": "a"}, {"pattern": "("}):
+        before = h.describe("g")
+        rejected(G.INVALID_CONFIG, h.heartbeat, "g", a.member_id, a.member_epoch, a.assignment, now_ms=12, **bad)
+        assert h.describe("g") == before, "a refused subscription changes nothing"
+
+
 def test_deleted_topic_drops_out_of_assignments(h):
     r = join(h, topics=["a", "b"], now_ms=0)
     h.metadata({"a": 4}, now_ms=1)

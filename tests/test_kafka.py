@@ -634,13 +634,20 @@ def test_acks_0_gets_no_response_and_the_next_request_on_the_connection_is_answe
 
 # -- leader epochs: OffsetForLeaderEpoch, Fetch's and ListOffsets' fencing, the epochs ListOffsets answers ------
 
-def fetch_part(address: str, topic: str, offset: int, current_leader_epoch: int):
-    message = FetchRequest[12](replica_id=-1, max_wait_ms=0, min_bytes=1, max_bytes=1 << 20, isolation_level=0,
-                               topics=[FetchRequest.FetchTopic(topic=topic, partitions=[
+def fetch_part(address: str, topic: str, offset: int, current_leader_epoch: int, last_fetched_epoch: int = -1,
+               max_wait_ms: int = 0):
+    message = FetchRequest[12](replica_id=-1, max_wait_ms=max_wait_ms, min_bytes=1, max_bytes=1 << 20,
+                               isolation_level=0, topics=[FetchRequest.FetchTopic(topic=topic, partitions=[
                                    FetchRequest.FetchTopic.FetchPartition(
                                        partition=0, current_leader_epoch=current_leader_epoch, fetch_offset=offset,
-                                       partition_max_bytes=1 << 20)])])
+                                       last_fetched_epoch=last_fetched_epoch, partition_max_bytes=1 << 20)])])
     return request(address, message).responses[0].partitions[0]
+
+
+def diverging(part) -> tuple | None:
+    """A Fetch answer's DivergingEpoch as (epoch, end offset), None when it has none (the default, -1/-1)."""
+    found = part.diverging_epoch
+    return None if found is None or (found.epoch, found.end_offset) == (-1, -1) else (found.epoch, found.end_offset)
 
 
 def epoch_end(address: str, topic: str, current_leader_epoch: int, leader_epoch: int, version: int = 4):
@@ -740,13 +747,31 @@ def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_c
     assert epoch_end(cluster.kafka_bootstrap, "epochs", 1, 0)[0] == 6  # the coordinator leads nothing
     assert epoch_end(leader, "no-such-topic", 1, 0)[0] == 3
 
-    assert fetch_part(leader, "epochs", 0, 0).error_code == 74
+    fenced = fetch_part(leader, "epochs", 0, 0)
+    assert fenced.error_code == 74  # FENCED_LEADER_EPOCH, with where the leader is now (KIP-951)
+    assert (fenced.current_leader.leader_id, fenced.current_leader.leader_epoch) == (state["leader"], 1)
     assert fetch_part(leader, "epochs", 0, 2).error_code == 75
     fetched = fetch_part(leader, "epochs", 0, 1)
     assert fetched.error_code == 0 and fetched.high_watermark == 8
     # each batch carries the epoch of the leader that appended it (what a consumer asks OffsetForLeaderEpoch of)
     epochs = _batch_epochs(bytes(fetched.records))
     assert epochs and all(epoch == (0 if base_offset < 5 else 1) for base_offset, epoch in epochs), epochs
+    # Fetch v12's divergence check (lastFetchedEpoch): a reader that last read epoch 0 and asks from past
+    # where epoch 0 ends here read a log that diverged: it is told epoch 0 ends at 5, with no records, at once
+    # (a long poll too); asking from 5 (or, having read epoch 1, from its end) is an ordinary fetch.
+    assert epochs and all(epoch == (0 if base_offset < 5 else 1) for base_offset, epoch in epochs), epochs
+    started = time.monotonic()
+    past = fetch_part(leader, "epochs", 7, 1, last_fetched_epoch=0, max_wait_ms=5_000)
+    assert (past.error_code, diverging(past), bytes(past.records), past.high_watermark) == (0, (0, 5), b"", 8)
+    assert time.monotonic() - started < 4
+    at_end = fetch_part(leader, "epochs", 5, 1, last_fetched_epoch=0)
+    assert at_end.error_code == 0 and diverging(at_end) is None
+    assert _batch_epochs(bytes(at_end.records))[0][0] == 5
+    assert diverging(fetch_part(leader, "epochs", 8, 1, last_fetched_epoch=1)) is None
+    # An epoch unknown here (OffsetForLeaderEpoch's -1/-1, which is also the field's default): no divergence
+    unknown = fetch_part(leader, "epochs", 3, 1, last_fetched_epoch=7)
+    assert diverging(unknown) is None and _batch_epochs(bytes(unknown.records))
+    assert fetch_part(leader, "epochs", 7, 0, last_fetched_epoch=0).error_code == 74  # fenced before anything
     assert list_offset(leader, "epochs", -1, current_leader_epoch=0)[0] == 74
     assert list_offset(leader, "epochs", -2, current_leader_epoch=2)[0] == 75
 
@@ -759,6 +784,17 @@ def test_leader_epochs_after_a_failover_fence_fetches_end_where_kafka_says_and_c
     assert list_offset(leader, "epochs", TS + 41) == (0, 5, TS + 50, 1)
     assert list_offset(leader, "epochs", TS + 71) == (0, -1, -1, -1)  # none at or after it
     assert list_offset(leader, "epochs", TS + 25, version=1)[:3] == (0, 3, TS + 30)
+    # Produce v10 to a server that does not lead the partition (the coordinator leads none): NOT_LEADER_OR_FOLLOWER
+    # with the leader's id and epoch, and the answer's node endpoints say where it listens.
+    message = ProduceRequest[10](acks=1, timeout_ms=5000, topic_data=[ProduceRequest.TopicProduceData(
+        name="epochs", partition_data=[ProduceRequest.TopicProduceData.PartitionProduceData(
+            index=0, records=one_batch())])])
+    answer = request(cluster.kafka_bootstrap, message)
+    (part,) = answer.responses[0].partition_responses
+    assert part.error_code == 6 and (part.current_leader.leader_id, part.current_leader.leader_epoch) == (
+        state["leader"], 1)
+    assert [(n.node_id, f"{n.host}:{n.port}") for n in answer.node_endpoints] == [(state["leader"], leader)]
+    assert produce_raw(leader, "epochs", 0, one_batch()).error_code == 0  # the leader takes it (a ninth record)
 
 
 class _Collect:

@@ -273,7 +273,7 @@ def test_every_truncation_of_a_request_is_malformed_not_a_crash():
             codec.decode_request(data[:cut])
 
 
-@pytest.mark.parametrize("key, version", [(codec.PRODUCE, 2), (codec.PRODUCE, 10), (codec.FETCH, 13), (999, 0),
+@pytest.mark.parametrize("key, version", [(codec.PRODUCE, 2), (codec.PRODUCE, 11), (codec.FETCH, 13), (999, 0),
                                           (codec.API_VERSIONS, 4)])
 def test_a_key_or_version_not_implemented_is_answered_unsupported_with_the_ranges(key, version):
     data = struct.pack(">hhih", key, version, 77, -1) + b"\0" * 8

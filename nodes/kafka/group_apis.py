@@ -30,7 +30,7 @@ from bus.clock import monotonic_ms
 from bus.errors import BusError
 
 from ..controller import COORDINATOR_BROKER_ID
-from ..groups import OFFSET_MAX, OFFSET_METADATA_CHARS_MAX
+from ..groups import OFFSET_MAX, OFFSET_METADATA_CHARS_MAX, GroupError
 from . import codec
 from .classic_group import ClassicGroups, Reply, valid_group_id
 from .listener import parse_host_port
@@ -48,12 +48,25 @@ NO_OFFSET = -1
 CONSUMER_SESSION_TIMEOUT_MS = 6_000
 JOIN_EPOCH, LEAVE_EPOCH, STATIC_LEAVE_EPOCH = 0, -1, -2
 SERVER_ASSIGNORS = {None: "sticky", "uniform": "sticky", "range": "range"}  # Kafka's names -> the bus's
+KAFKA_ASSIGNORS = {"sticky": "uniform", "range": "range"}  # the bus's -> Kafka's (ConsumerGroupDescribe)
 # The bus's group errors as a KIP-848 member's (ConsumerGroupHeartbeat) and its OffsetCommit's.
 HEARTBEAT_CODES = {"UNKNOWN_MEMBER_ID": codec.UNKNOWN_MEMBER_ID, "FENCED_MEMBER_EPOCH": codec.FENCED_MEMBER_EPOCH,
                    "GROUP_FULL": codec.GROUP_MAX_SIZE_REACHED, "INCONSISTENT_ASSIGNOR": codec.UNSUPPORTED_ASSIGNOR,
                    "INCONSISTENT_GROUP_PROTOCOL": codec.INCONSISTENT_GROUP_PROTOCOL}
 COMMIT_CODES = {"UNKNOWN_MEMBER_ID": codec.UNKNOWN_MEMBER_ID, "FENCED_MEMBER_EPOCH": codec.STALE_MEMBER_EPOCH,
                 "NOT_ASSIGNED": codec.STALE_MEMBER_EPOCH, "GROUP_NOT_EMPTY": codec.UNKNOWN_MEMBER_ID}
+
+
+def _subscription(body) -> dict:
+    """A ConsumerGroupHeartbeat's subscription as the bus's group ops take it: {"pattern"} for a regular
+    expression, else {"topics"} for the names, else nothing (both null: unchanged since the last). librdkafka
+    sends "" for no expression."""
+    regex = getattr(body, "subscribed_topic_regex", None) or None
+    if regex is not None:
+        return {"topics": None, "pattern": regex}
+    if body.subscribed_topic_names is not None:
+        return {"topics": list(body.subscribed_topic_names), "pattern": None}
+    return {}
 
 
 class GroupApis:
@@ -76,7 +89,8 @@ class GroupApis:
                              (codec.HEARTBEAT, self._heartbeat), (codec.LEAVE_GROUP, self._leave),
                              (codec.OFFSET_COMMIT, self._offset_commit), (codec.OFFSET_FETCH, self._offset_fetch),
                              (codec.LIST_GROUPS, self._list_groups), (codec.DESCRIBE_GROUPS, self._describe_groups),
-                             (codec.CONSUMER_GROUP_HEARTBEAT, self._consumer_group_heartbeat)):
+                             (codec.CONSUMER_GROUP_HEARTBEAT, self._consumer_group_heartbeat),
+                             (codec.CONSUMER_GROUP_DESCRIBE, self._consumer_group_describe)):
             apis[key] = handler if self.classic is not None else self._not_coordinator
         return apis
 
@@ -134,6 +148,10 @@ class GroupApis:
                 topics.append({"name": t.name, "partitions": [
                     {"partition_index": i, "error_code": code, "committed_offset": NO_OFFSET} for i in indexes]})
             respond({"throttle_time_ms": 0, "error_code": code, "topics": topics})
+        elif header.api_key == codec.CONSUMER_GROUP_DESCRIBE:
+            respond({"throttle_time_ms": 0, "groups": [
+                {"error_code": code, "group_id": g, "group_state": "", "group_epoch": -1, "assignment_epoch": -1,
+                 "assignor_name": "", "members": []} for g in body.group_ids or ()]})
         elif header.api_key == codec.DESCRIBE_GROUPS:
             respond({"throttle_time_ms": 0, "groups": [{"error_code": code, "group_id": g, "group_state": "",
                                                         "protocol_type": "", "protocol_data": "", "members": []}
@@ -287,11 +305,9 @@ class GroupApis:
                 if assignor is None:
                     answer(codec.UNSUPPORTED_ASSIGNOR, f"assignors: {', '.join(a for a in SERVER_ASSIGNORS if a)}")
                     return
-                regex = getattr(body, "subscribed_topic_regex", None) or None  # librdkafka sends "" for none
                 answer(codec.NONE, reply=self.bus_groups[wire.GROUP_JOIN]({
                     "group_id": group_id, "client_id": header.client_id or "", "group_instance_id": body.instance_id,
-                    "topics": None if regex else body.subscribed_topic_names, "pattern": regex,
-                    "session_timeout_ms": CONSUMER_SESSION_TIMEOUT_MS, "assignor": assignor,
+                    **_subscription(body), "session_timeout_ms": CONSUMER_SESSION_TIMEOUT_MS, "assignor": assignor,
                     "member_id": body.member_id or None}, now_ms))
             elif epoch in (LEAVE_EPOCH, STATIC_LEAVE_EPOCH):
                 self.bus_groups[wire.GROUP_LEAVE]({"group_id": group_id, "member_id": body.member_id,
@@ -304,10 +320,51 @@ class GroupApis:
                     owned = [[ids[tp.topic_id], p] for tp in body.topic_partitions if tp.topic_id in ids
                              for p in tp.partitions]
                 answer(codec.NONE, reply=self.bus_groups[wire.GROUP_HEARTBEAT]({
-                    "group_id": group_id, "member_id": body.member_id, "member_epoch": epoch, "owned": owned},
-                    now_ms))
+                    "group_id": group_id, "member_id": body.member_id, "member_epoch": epoch, "owned": owned,
+                    **_subscription(body)}, now_ms))
         except BusError as exc:
             answer(HEARTBEAT_CODES.get(exc.code, codec.INVALID_REQUEST), exc.message)
+
+    def _consumer_group_describe(self, header, body, respond) -> None:
+        """A bus group (KIP-848 members and the bus's own are one kind) with its members, their
+        subscriptions, what each holds and its target; GROUP_ID_NOT_FOUND for a classic group (librdkafka
+        then asks DescribeGroups, as Kafka answers) and for an unknown one."""
+        names = {t["id"]: name for name, t in self.topics().items()}
+        cluster_id = self.cluster_id()
+        ids = {name: topic_uuid(cluster_id, topic_id) for topic_id, name in names.items()}
+
+        def assignment(tps: list) -> dict:
+            by_topic: dict[str, list] = {}
+            for topic, partition in tps:
+                by_topic.setdefault(topic, []).append(partition)
+            return {"topic_partitions": [{"topic_id": ids[t], "topic_name": t, "partitions": sorted(p)}
+                                         for t, p in sorted(by_topic.items()) if t in ids]}
+
+        out = []
+        for group_id in body.group_ids or ():
+            row = {"group_id": group_id, "group_state": "", "group_epoch": -1, "assignment_epoch": -1,
+                   "assignor_name": "", "members": []}
+            if not valid_group_id(group_id):
+                out.append({**row, "error_code": codec.INVALID_GROUP_ID, "error_message": f"group id {group_id!r}"})
+                continue
+            try:
+                described = None if self.classic.has_members(group_id) else self.offsets.groups.describe(group_id)
+            except GroupError:
+                described = None
+            if described is None:
+                out.append({**row, "error_code": codec.GROUP_ID_NOT_FOUND,
+                            "error_message": f"group {group_id!r} is not a consumer group"})
+                continue
+            out.append({**row, "error_code": codec.NONE, "group_state": BUS_STATES.get(described["state"], ""),
+                        "group_epoch": described["group_epoch"], "assignment_epoch": described["group_epoch"],
+                        "assignor_name": KAFKA_ASSIGNORS[described["assignor"]], "members": [
+                            {"member_id": m["member_id"], "instance_id": m["group_instance_id"],
+                             "member_epoch": m["member_epoch"], "client_id": m["client_id"], "client_host": "",
+                             "subscribed_topic_names": m["topics"] or [], "subscribed_topic_regex": m["pattern"],
+                             "assignment": assignment(m["assignment"]),
+                             "target_assignment": assignment(m["target"]), "member_type": 1}
+                            for m in described["members"]]})
+        respond({"throttle_time_ms": 0, "groups": out})
 
     # -- ListGroups, DescribeGroups ----------------------------------------------------------------
 

@@ -214,23 +214,38 @@ class KafkaListener:
             self._close(conn, f"request api key {header.api_key} v{header.api_version} refused: "
                               f"{exc.__class__.__name__}: {exc}")
 
-    def _fill(self, conn: Connection, slot: list, data: bytes) -> None:
-        """A response is ready: send what is now at the head of the connection's queue."""
+    def _fill(self, conn: Connection, slot: list, data) -> None:
+        """A response is ready: send what is now at the head of the connection's queue. A response with
+        nothing unsent before it goes to the socket as it is, and only what the socket did not take is
+        buffered: a Fetch answer is megabytes, and copying it into the buffer first cost more than sending it
+        (each copy of that size is a fresh allocation)."""
         slot[0] = data
         while conn.slots and conn.slots[0][0] is not None:
-            conn.out += conn.slots.popleft()[0]
-        if conn.out:
-            self._flush(conn)
+            ready = conn.slots.popleft()[0]
+            if not conn.out and ready:
+                sent = self._send(conn, ready)
+                if conn.closed:
+                    return
+                ready = memoryview(ready)[sent:]
+            conn.out += ready
+        self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
         while conn.out:
-            try:
-                sent = conn.sock.send(conn.out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
-                    log.warning("kafka connection from %s: send failed: %s", conn.peer, exc)
-                self._close(conn)
+            sent = self._send(conn, conn.out)
+            if not sent:
                 return
             del conn.out[:sent]
+
+    def _send(self, conn: Connection, data) -> int:
+        """What the socket took of ``data`` now (0 if it takes nothing until it drains); a failed send
+        closes the connection."""
+        try:
+            return conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.warning("kafka connection from %s: send failed: %s", conn.peer, exc)
+            self._close(conn)
+            return 0

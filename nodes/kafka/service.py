@@ -206,6 +206,34 @@ class KafkaService:
 
             self.coordinator(wire.DELETE_TOPIC, {"name": name}, answer)
 
+    # -- KIP-951: where the leader is now, told with NOT_LEADER_OR_FOLLOWER and FENCED_LEADER_EPOCH -----
+
+    def _leader_hints(self, entries: list) -> list:
+        """Give each ``(topic, partition, entry)`` whose ``entry`` (a partition of a Produce or Fetch answer)
+        says NOT_LEADER_OR_FOLLOWER or FENCED_LEADER_EPOCH the partition's ``current_leader`` {leader id,
+        epoch}, as the controller's placement has it (-1, -1 when it has none); return the node endpoints
+        of the leaders named, for the answer's ``node_endpoints``. A client of Produce v10+ (Fetch v16+)
+        then sends to the new leader at once instead of asking Metadata first (librdkafka 2.4+ does)."""
+        placement, named = None, set()
+        for topic, partition, entry in entries:
+            if entry["error_code"] not in (codec.NOT_LEADER_OR_FOLLOWER, codec.FENCED_LEADER_EPOCH):
+                continue
+            placement = self.topics() if placement is None else placement
+            partitions = placement.get(topic, {}).get("partitions", ())
+            state = partitions[partition] if 0 <= partition < len(partitions) else None
+            leader, epoch = (-1, -1) if state is None or state["leader"] is None else (state["leader"],
+                                                                                       state["leader_epoch"])
+            entry["current_leader"] = {"leader_id": leader, "leader_epoch": epoch}
+            named.add(leader)
+        if not named:
+            return []
+        endpoints = []
+        for node_id, address in sorted(self.brokers().items()):
+            if node_id in named:
+                host, port = parse_host_port(address)
+                endpoints.append({"node_id": node_id, "host": host, "port": port, "rack": None})
+        return endpoints
+
     # -- the bus's handlers, asked as the ROUTER asks them ----------------------------------------
 
     def _call(self, op: str, args: dict, respond_bus, bulk=()) -> None:
@@ -254,6 +282,7 @@ class KafkaService:
         def answered(result, _bulk, error) -> None:
             results = iter(result["parts"] if result is not None else ())
             by_topic: dict[str, list] = {}
+            entries = []
             for name, index, row_error in rows:
                 base_offset, message = -1, None
                 if row_error is not None:
@@ -264,11 +293,12 @@ class KafkaService:
                     part_code, message, base_offset, _, _ = next(results)
                     code = codec.kafka_code(part_code)
                     base_offset = base_offset if part_code is None else -1
-                by_topic.setdefault(name, []).append({
-                    "index": index, "error_code": code, "base_offset": base_offset, "log_append_time_ms": -1,
-                    "log_start_offset": -1, "error_message": message})
+                entry = {"index": index, "error_code": code, "base_offset": base_offset, "log_append_time_ms": -1,
+                         "log_start_offset": -1, "error_message": message}
+                by_topic.setdefault(name, []).append(entry)
+                entries.append((name, index, entry))
             respond({"responses": [{"name": n, "partition_responses": p} for n, p in by_topic.items()],
-                     "throttle_time_ms": 0})
+                     "throttle_time_ms": 0, "node_endpoints": self._leader_hints(entries)})
 
         args = {"acks": acks, "timeout_ms": max(1, body.timeout_ms), "parts": parts}
         if body.acks == 0:
@@ -287,23 +317,52 @@ class KafkaService:
     def _fetch(self, header, body, respond) -> None:
         asked = [(t.topic, p.partition, p.fetch_offset) for t in body.topics for p in t.partitions]
         if self.handlers is None:
-            self._fetch_answer(respond, asked, None, (), None, codec.NOT_LEADER_OR_FOLLOWER)
+            self._fetch_answer(respond, asked, None, (), None, {}, codec.NOT_LEADER_OR_FOLLOWER)
             return
-        parts = []
+        parts, checks = [], []  # checks: (index in parts, [topic, partition, current epoch, last fetched epoch])
         for t in body.topics:
             for p in t.partitions:
-                epoch = getattr(p, "current_leader_epoch", -1)
+                epoch, last_fetched = getattr(p, "current_leader_epoch", -1), getattr(p, "last_fetched_epoch", -1)
                 parts.append([t.topic, p.partition, p.fetch_offset, p.partition_max_bytes,
                               *(() if epoch < 0 else (epoch,))])
+                if last_fetched >= 0:
+                    checks.append((len(parts) - 1, [t.topic, p.partition, None if epoch < 0 else epoch, last_fetched]))
         args = {"max_wait_ms": body.max_wait_ms, "min_bytes": body.min_bytes,
                 "max_bytes": body.max_bytes, "parts": parts}
-        self._call(wire.FETCH, args, lambda result, bulk, error: self._fetch_answer(respond, asked, result, bulk,
-                                                                                    error))
 
-    def _fetch_answer(self, respond, asked, result, bulk, error, error_code=None) -> None:
+        def fetch(diverged: dict) -> None:
+            self._call(wire.FETCH, args, lambda result, bulk, error: self._fetch_answer(
+                respond, asked, result, bulk, error, diverged))
+
+        if not checks:
+            fetch({})
+            return
+
+        def checked(result, _bulk, error) -> None:
+            """Fetch v12's divergence check (KIP-595, as Kafka's Partition.fetchRecords makes it): a fetch
+            whose last fetched epoch ends here below the fetch offset, or that this log does not have, read
+            a log that diverged from this one; it is answered the largest epoch at or below it and where
+            that ends (DivergingEpoch), with no records, at once. Its read is then one batch at that end, for
+            the answer's high watermark and log start (its records are left out)."""
+            diverged = {}
+            for (index, (_, _, _, last_fetched)), row in zip(checks, result["parts"] if result is not None else ()):
+                code, _, epoch, end_offset = row
+                # An epoch this log does not know (-1/-1, the field's default) cannot be told: an ordinary fetch.
+                if code is None and epoch >= 0 and (end_offset < parts[index][2] or epoch < last_fetched):
+                    diverged[index] = {"epoch": epoch, "end_offset": end_offset}
+                    parts[index][2:4] = [end_offset, 1]
+            if diverged:
+                args["max_wait_ms"] = 0
+            fetch(diverged)
+
+        self._call(wire.EPOCH_END_OFFSETS, {"parts": [part for _, part in checks]}, checked)
+
+    def _fetch_answer(self, respond, asked, result, bulk, error, diverged: dict, error_code=None) -> None:
+        """``diverged``: index in ``asked`` -> the DivergingEpoch of a partition whose log diverged."""
         by_topic: dict[str, list] = {}
+        entries = []
         rows = result["parts"] if result is not None else [None] * len(asked)
-        for (topic, partition, offset), row, data in zip(asked, rows, bulk or [b""] * len(asked)):
+        for index, ((topic, partition, offset), row, data) in enumerate(zip(asked, rows, bulk or [b""] * len(asked))):
             entry = {"partition_index": partition, "high_watermark": -1, "last_stable_offset": -1,
                      "log_start_offset": -1, "aborted_transactions": None, "preferred_read_replica": -1,
                      "records": b""}
@@ -313,15 +372,19 @@ class KafkaService:
                 _, _, code, message, log_start, high_watermark, _ = row
                 entry.update(error_code=codec.kafka_code(code), high_watermark=high_watermark,
                              last_stable_offset=high_watermark, log_start_offset=log_start)
-                if code is None and data:
+                if index in diverged:
+                    entry.update(error_code=codec.NONE, diverging_epoch=diverged[index])
+                elif code is None and data:
                     try:
                         entry["records"] = records.as_kafka(data, skip_below=offset)
                     except CorruptRecord as exc:
                         log.error("serving %s/%s to a Kafka client failed: %s", topic, partition, exc)
                         entry.update(error_code=codec.CORRUPT_MESSAGE, records=b"")
             by_topic.setdefault(topic, []).append(entry)
+            entries.append((topic, partition, entry))
         respond({"throttle_time_ms": 0, "error_code": codec.NONE, "session_id": 0,
-                 "responses": [{"topic": t, "partitions": p} for t, p in by_topic.items()]})
+                 "responses": [{"topic": t, "partitions": p} for t, p in by_topic.items()],
+                 "node_endpoints": self._leader_hints(entries)})
 
     # -- ListOffsets ---------------------------------------------------------------------------------
 
