@@ -201,7 +201,8 @@ class GroupRun:
                 raise AssertionError(f"{m.name} exited with {m.proc.returncode}:\n{m.stderr_text()}")
 
     def stable(self) -> dict | None:
-        """The group's description once it is stable with every live member holding some partitions."""
+        """The group's description once it is stable with every live member holding some partitions, by the
+        coordinator's description and by the member's own assign events."""
         self.check_alive()
         try:
             info = self.admin.describe_group(self.group)
@@ -211,6 +212,9 @@ class GroupRun:
         if info["state"] != "stable" or len(info["members"]) != live:
             return None
         if not all(m["assignment"] for m in info["members"]):
+            return None
+        # And every live member has heard it (its on_assign ran): the coordinator's word comes first.
+        if not all(m.owned() for m in self.members if m.killed_ms is None and m.last("closed") is None):
             return None
         return info
 
