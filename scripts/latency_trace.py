@@ -21,6 +21,7 @@ prints each hop's p50 / p90 / p99 in milliseconds:
     fetch_out    the leader answered the consumer's fetch holding the record (parked, or at once)
     fetched      the consumer's fetcher thread handed the record to the consumer's buffer
     polled       poll() returned it (the hop between the fetcher thread and the poll thread)
+    produce_out  (beside the path) the leader answered the produce request
     acked        (beside the path) the producer's callback ran for the record
 
 The stamps are taken by subclassing and wrapping the real parts in this script's processes (the node
@@ -146,10 +147,9 @@ def run_traced_node(argv: list[str]) -> None:
             return answer
 
         def _answer(self, request, result, bulk=(), error=None):
-            if request.op == "fetch":
-                now_ns = time.time_ns()
-                for buf in bulk:
-                    stamps.add_batches("fetch_out", buf, now_ns)
+            now_ns = time.time_ns()
+            for buf in (bulk if request.op == "fetch" else request.bulk if request.op == "produce" else ()):
+                stamps.add_batches(f"{request.op}_out", buf, now_ns)
             super()._answer(request, result, bulk, error)
 
         def close(self):
@@ -258,7 +258,8 @@ def report(trace_dir: str, warmup_s: float) -> None:
     for start, end in zip(PATH, PATH[1:]):
         row(f"{start} -> {end}", start, end)
     row("due -> polled (end to end)", "due", "polled")
-    row("committed -> acked", "committed", "acked")
+    row("fetch_out -> produce_out", "fetch_out", "produce_out")
+    row("produce_out -> acked", "produce_out", "acked")
     row("due -> acked", "due", "acked")
 
 

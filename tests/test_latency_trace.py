@@ -12,8 +12,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOPS = ["due -> sent", "sent -> packed", "packed -> wired", "wired -> turn", "turn -> received",
         "received -> node_in", "node_in -> commit_from", "commit_from -> committed", "committed -> fetch_out",
-        "fetch_out -> fetched", "fetched -> polled", "due -> polled (end to end)", "committed -> acked",
-        "due -> acked"]
+        "fetch_out -> fetched", "fetched -> polled", "due -> polled (end to end)", "fetch_out -> produce_out",
+        "produce_out -> acked", "due -> acked"]
 
 
 def test_the_trace_follows_every_record_through_every_hop():
