@@ -44,6 +44,11 @@ def list_offsets(requester: Requester,
 
 
 class Admin:
+    """Topics (create, delete, list, describe: per partition its leader, replicas, in-sync replicas, epoch,
+    start offset and high watermark), unclean elections, and consumer groups (list, describe with lag,
+    reset offsets, delete), asked of the coordinator and of each partition's leader. ``request_timeout_ms``
+    bounds each question; a call on a closed Admin raises ClosedError. ``with`` closes it."""
+
     def __init__(self, bootstrap: str | None = None, *, request_timeout_ms: int = 10_000):
         self.bootstrap = check_bootstrap(bootstrap)
         self._closed = False

@@ -392,10 +392,28 @@ def _send_many_face(self: Producer[KeyIn, ValueIn], topic: str, values: Iterable
 
 
 class Producer(Generic[KeyIn, ValueIn]):
+    """Appends records to topics: ``send()`` queues one and returns a RecordFuture of its RecordMetadata;
+    a background sender thread ships batches to each partition's leader. Thread-safe; ``with`` closes it.
+
+    Delivery: ``acks`` ("all", the default: every in-sync replica has the batch on disk; 1: the leader has;
+    0: not acknowledged), ``idempotent`` (True: each batch written once, in order, across retries and leader
+    changes), ``delivery_timeout_ms`` (a record's whole budget, retries included), ``request_timeout_ms``,
+    ``retry_backoff_ms``, ``max_in_flight_per_node`` (produce requests sent to one node and not yet
+    answered; with idempotence a partition's batches in flight also stay within the node's window of 16),
+    ``metadata_timeout_ms``.
+
+    Batching and memory: ``linger_ms`` (how long an open batch waits for more records), ``batch_bytes``,
+    ``buffer_bytes`` (every record held until acknowledged; a ``send()`` finding no room waits up to
+    ``max_block_ms``, then raises BufferFull), ``max_record_bytes``, ``compression`` (None, "lz4", "zstd").
+
+    Inputs: ``key_serializer`` / ``value_serializer`` (callables to bytes); without them keys and values are
+    bytes, bytearray, memoryview or None, and anything else raises InvalidRecord naming the argument.
+    """
+
     def __init__(self, bootstrap: str | None = None, *, acks: int | str = "all", linger_ms: int = 2,
                  batch_bytes: int = 1 << 20, buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000,
                  request_timeout_ms: int = 30_000, delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
-                 max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
+                 max_in_flight_per_node: int = 16, idempotent: bool = True, retry_backoff_ms: int = 50,
                  metadata_timeout_ms: int = 10_000, compression: str | None = None,
                  key_serializer: Serializer[KeyIn] | None = None,
                  value_serializer: Serializer[ValueIn] | None = None) -> None:
