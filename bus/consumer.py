@@ -7,8 +7,16 @@ caller's thread and returns from memory.
 The buffer is per partition, and ``poll()`` serves the partitions that have data in turn (bus/rotation.py):
 each poll starts at the next one, so a partition with data is never more than one poll behind another,
 however large the backlog ahead of it. A partition's fetched chunks are decoded a few batches at a time, as
-its turn needs records, so at most a poll's worth (and the rest of one batch) of each is held decoded; a
-chunk's bytes count against ``prefetch_bytes_max`` until its last record is handed out.
+its turn needs records, so at most a poll's worth (and the rest of one batch) of each is held decoded.
+
+What ``prefetch_bytes_max`` bounds is the fetched bytes not yet read: a chunk's bytes count against it until
+they are decoded, and a decoded batch's until its last record is handed out, batch by batch. (Counting a
+chunk until its last record was out kept every partition's chunk held when poll() serves each a little at a
+time, and the fetcher stalled: fair polling read 0.81-0.93x the records/s of draining one partition after
+another; docs/benchmarks.md, L.) A partly read chunk stays in memory whole until its last batch is decoded,
+so the memory held is at most ``prefetch_bytes_max`` plus, per partition, the already-read part of one
+partly read chunk (at most ``max_partition_fetch_bytes`` each), plus what the fetch that crossed the bound
+brought (at most ``fetch_max_bytes``).
 
 Deserializers (``key_deserializer=``, ``value_deserializer=``: callables, e.g.
 ``bus.serializers.json_deserializer``) run in ``poll()`` on each record's key and value; never on None (a
@@ -60,7 +68,7 @@ RESETS = ("earliest", "latest", "none")
 
 class PartitionState:
     __slots__ = ("position", "fetch_offset", "epoch", "reset", "error", "log_end", "chunks", "decoded_at", "runs",
-                 "held_bytes", "spent_bytes")
+                 "held_bytes", "read_batches")
 
     def __init__(self, reset: str | int | None) -> None:
         self.position: int | None = None  # next offset poll() returns; None until resolved
@@ -75,8 +83,12 @@ class PartitionState:
         # [first offset, records, next index]: runs of records at consecutive offsets, decoded and not yet
         # returned (all from chunks[0], or from the chunk just before it, wholly decoded).
         self.runs: deque[list[Any]] = deque()
-        self.held_bytes = 0  # bytes of the chunks whose records are not all handed out (counted in _chunk_bytes)
-        self.spent_bytes = 0  # of those, the bytes of chunks wholly decoded (or dropped) whose records are in runs
+        # Fetched bytes not yet read (counted in _chunk_bytes): those of chunks not yet decoded, and those of
+        # read_batches.
+        self.held_bytes = 0
+        # (end offset, bytes) of each decoded batch whose records are not all handed out, in offset order: its
+        # bytes leave held_bytes when the position reaches its end.
+        self.read_batches: deque[tuple[int, int]] = deque()
 
     def has_data(self) -> bool:
         return bool(self.runs or self.chunks)
@@ -587,6 +599,7 @@ class Consumer:
             if not runs:
                 if not state.chunks:
                     break
+                self._release_read(state)  # before the decode lets go of the lock
                 self._decode(tp, state, stop_at - len(out))
                 state = self._states.get(tp)  # the decode let go of the lock: tp may be gone, or re-sought
                 if tp in self._paused:
@@ -608,13 +621,20 @@ class Consumer:
                 run[2] = stop
         if state is None:
             return len(out) - start, False
-        if not state.runs and state.spent_bytes:
-            # Every record of the chunks wholly decoded is handed out: their bytes leave the prefetch buffer.
-            self._chunk_bytes -= state.spent_bytes
-            state.held_bytes -= state.spent_bytes
-            state.spent_bytes = 0
+        self._release_read(state)
         # Paused during a decode (the lock let go): it leaves the rotation now, its buffer kept.
         return len(out) - start, state.has_data() and tp not in self._paused
+
+    def _release_read(self, state: PartitionState) -> None:
+        """The batches whose records are all handed out (the position is at or past their end) leave the
+        prefetch buffer. Caller holds ``_lock``."""
+        read_batches, position = state.read_batches, state.position
+        if read_batches and position is not None:
+            released = 0
+            while read_batches and read_batches[0][0] <= position:
+                released += read_batches.popleft()[1]
+            state.held_bytes -= released
+            self._chunk_bytes -= released
 
     def _decode(self, tp: TopicPartition, state: PartitionState, want: int) -> None:
         """Decode batches of ``tp``'s first chunk (whole batches, CRC-checked) into runs of Records, until
@@ -652,7 +672,7 @@ class Consumer:
             gc.collect(1)
         gc.disable()
         try:
-            decoded, at, error = self._decode_runs(tp, fetched_offset, data, at, want)
+            decoded, batches, at, error = self._decode_runs(tp, fetched_offset, data, at, want)
         finally:
             if age:
                 gc.freeze()
@@ -663,11 +683,14 @@ class Consumer:
         if self._states.get(tp) is not state or state.epoch != epoch or not state.chunks or state.chunks[0] is not chunk:
             return  # re-sought or reassigned meanwhile: what was decoded is for a position no longer wanted
         state.runs += decoded
+        state.read_batches += batches
         if error is not None:
-            # The runs stay; nothing after them does. Their bytes go when they are handed out, as a chunk's do.
+            # The runs stay; nothing after them does. Their batches' bytes go when they are handed out.
             state.epoch += 1
             state.fetch_offset = decoded[-1][0] + len(decoded[-1][1]) if decoded else state.position
-            state.spent_bytes = state.held_bytes
+            dropped = state.held_bytes - sum(n for _, n in state.read_batches)
+            state.held_bytes -= dropped
+            self._chunk_bytes -= dropped
             state.chunks.clear()
             state.decoded_at = 0
             state.error = error
@@ -676,19 +699,20 @@ class Consumer:
         if at >= len(data):
             state.chunks.popleft()
             state.decoded_at = 0
-            state.spent_bytes += len(data)
         else:
             state.decoded_at = at
 
     @staticmethod
     def _decode_runs(tp: TopicPartition, fetched_offset: int, data: Buffer, at: int, want: int
-                     ) -> tuple[list[list[Any]], int, CorruptRecord | None]:
+                     ) -> tuple[list[list[Any]], list[tuple[int, int]], int, CorruptRecord | None]:
         """The runs (see _take_from) of the records at ``fetched_offset`` and after in the batches of ``data``
-        from byte ``at`` on: batch after batch until ``want`` records or the end. Returns the runs, the byte
-        position of the first batch not decoded, and the CorruptRecord that stopped the decode there, if one
-        did (the runs are the records before it)."""
+        from byte ``at`` on: batch after batch until ``want`` records or the end. Returns the runs, the
+        (end offset, bytes) of each batch decoded (read_batches), the byte position of the first batch not
+        decoded, and the CorruptRecord that stopped the decode there, if one did (the runs are the records
+        before it)."""
         topic, partition = tp
         runs: list[list[Any]] = []
+        batches_read: list[tuple[int, int]] = []
         run: list[Any] | None = None
         decoded = 0
         # The payload's columns (bus/batch.py read_columns), and what stands in for one that is None.
@@ -701,6 +725,7 @@ class Consumer:
                 base, count = header.base_offset, header.record_count
                 skip = fetched_offset - base if base < fetched_offset else 0
                 if skip >= count:
+                    batches_read.append((base + count, HEADER_BYTES + header.payload_len))
                     at += HEADER_BYTES + header.payload_len
                     continue
                 stamps, keys, values, headers = (c if c is None or not skip else c[skip:]
@@ -708,7 +733,8 @@ class Consumer:
             except StopIteration:
                 break
             except CorruptRecord as exc:
-                return runs, at, exc
+                return runs, batches_read, at, exc
+            batches_read.append((base + count, HEADER_BYTES + header.payload_len))
             at += HEADER_BYTES + header.payload_len
             assert values is not None  # read_columns gives every column but values as None when none has one
             # A column that is None: no record of the batch has one (the usual batch has values only).
@@ -730,13 +756,14 @@ class Consumer:
             decoded += count - skip
             if decoded >= want:
                 break
-        return runs, at, None
+        return runs, batches_read, at, None
 
     def _drop_buffer(self, tp: TopicPartition, state: PartitionState) -> None:
         """Forget what ``tp`` has buffered (a seek, a put-back, a reset, its removal). Caller holds ``_lock``."""
         self._chunk_bytes -= state.held_bytes
-        state.held_bytes = state.spent_bytes = state.decoded_at = 0
+        state.held_bytes = state.decoded_at = 0
         state.chunks.clear()
+        state.read_batches.clear()
         state.runs.clear()
         self._ready.pop(tp, None)
 
@@ -748,8 +775,12 @@ class Consumer:
                                         if s.has_data() and tp not in self._paused}, list(self._ready)
             assert self._paused <= set(self._states), self._paused
             for tp, s in self._states.items():
-                assert s.held_bytes == sum(len(data) for _, data in s.chunks) + s.spent_bytes, tp
-                assert s.spent_bytes == 0 or s.runs, tp  # released once the runs of a decoded chunk are out
+                # The unread bytes: the chunks' not yet decoded, and the decoded batches' not all handed out.
+                assert s.held_bytes == sum(len(data) for _, data in s.chunks) - s.decoded_at + sum(
+                    n for _, n in s.read_batches), tp
+                # A batch leaves read_batches once the position reaches its end, and has records in runs until then.
+                assert not s.read_batches or (s.runs and s.position is not None
+                                              and s.read_batches[0][0] > s.position), tp
                 assert not s.has_data() or s.position is not None, tp
 
     # -- called by the fetcher thread --------------------------------------------------------------
