@@ -9,14 +9,9 @@ each poll starts at the next one, so a partition with data is never more than on
 however large the backlog ahead of it. A partition's fetched chunks are decoded a few batches at a time, as
 its turn needs records, so at most a poll's worth (and the rest of one batch) of each is held decoded.
 
-What ``prefetch_bytes_max`` bounds is the fetched bytes not yet read: a chunk's bytes count against it until
-they are decoded, and a decoded batch's until its last record is handed out, batch by batch. (Counting a
-chunk until its last record was out kept every partition's chunk held when poll() serves each a little at a
-time, and the fetcher stalled: fair polling read 0.81-0.93x the records/s of draining one partition after
-another; docs/benchmarks.md, L.) A partly read chunk stays in memory whole until its last batch is decoded,
-so the memory held is at most ``prefetch_bytes_max`` plus, per partition, the already-read part of one
-partly read chunk (at most ``max_partition_fetch_bytes`` each), plus what the fetch that crossed the bound
-brought (at most ``fetch_max_bytes``).
+``prefetch_bytes_max`` bounds the fetched bytes not yet read, released batch by batch as their records are
+handed out; bus/positions.py says what memory that bounds (at most ``prefetch_bytes_max`` plus, per
+partition, the read part of one partly read chunk).
 
 Deserializers (``key_deserializer=``, ``value_deserializer=``: callables, e.g.
 ``bus.serializers.json_deserializer``) run in ``poll()`` on each record's key and value; never on None (a
@@ -45,7 +40,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import zmq
 
@@ -53,8 +48,8 @@ from . import fork_guard
 from .connection import Requester
 from .errors import ClosedError, ConfigError, SerializationError, Timeout
 from .metadata import check_bootstrap
-from .positions import Decoded, FetchedPart, PartitionState, Positions, decode_runs
-from .records import (Buffer, CommitCallback, CommitOffsets, Deserializer, PartitionMap, Partitions,
+from .positions import FetchedPart, PartitionState, Positions
+from .records import (CommitCallback, CommitOffsets, Deserializer, PartitionMap, Partitions,
                       PartitionsCallback, Record, TopicPartition)
 from .rotation import take_in_turn
 from .signal import Signal
@@ -64,6 +59,7 @@ if TYPE_CHECKING:
     from .group_member import GroupMember
 
 _new_record = tuple.__new__
+_T = TypeVar("_T")
 RESETS = ("earliest", "latest", "none")
 
 
@@ -504,17 +500,18 @@ class Consumer:
         Caller holds ``_lock``."""
         positions = self._positions
         if len(out) < max_records and positions.ready:
-            decode = self._decode
+            aged = self._aged
             self._take_order(positions.ready, max_records - len(out),
-                             lambda tp, n: positions.take_from(tp, out, n, decode))
+                             lambda tp, n: positions.take_from(tp, out, n, aged))
             if positions.wake_fetcher:  # a corrupt batch to fetch again
                 positions.wake_fetcher = False
                 self._wake()
 
-    def _decode(self, tp: TopicPartition, fetched_offset: int, data: Buffer, at: int, want: int) -> Decoded:
-        """bus/positions.py's decode_runs, with ``_lock`` let go (Positions.take_from calls it with the lock
-        held), so the fetcher thread can hand over chunks meanwhile (only poll() decodes, from one thread at a
-        time: see poll()); the core then sees whatever happened meanwhile (a seek, a reassignment).
+    def _aged(self, build: Callable[[], _T]) -> _T:
+        """``build()``: bus/positions.py decoding a chunk or building a run's Records, with ``_lock`` let go
+        (Positions.take_from calls it with the lock held), so the fetcher thread can hand over chunks meanwhile
+        (only poll() decodes, from one thread at a time: see poll()); the core then sees whatever happened
+        meanwhile (a seek, a reassignment).
 
         A Record is a tuple subclass, which the cyclic garbage collector tracks for as long as it lives (it
         untracks plain tuples only). Decoding tens of thousands of them with the collector on runs a
@@ -533,7 +530,7 @@ class Consumer:
             gc.collect(1)
         gc.disable()
         try:
-            return decode_runs(tp, fetched_offset, data, at, want)
+            return build()
         finally:
             if age:
                 gc.freeze()

@@ -4,7 +4,8 @@ partitions, and stores what comes back in the consumer's bounded prefetch buffer
 It owns the node sockets (the loop, the metadata and the node connections are bus/background.py's). The
 user's thread changes assignment and positions under ``Consumer._lock`` and wakes it; each partition's
 ``epoch`` goes up on every seek, so data fetched for an older position is recognised and dropped rather
-than returned.
+than returned. What to fetch and whether an answer is stale are bus/positions.py's decisions, which this
+thread reaches through the Consumer's methods (``_fetchable``, ``_fetched``, ``_resolved`` ...).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from .batch import HEADER_BYTES, iter_batches, read_columns
 from .errors import ConfigError, CorruptRecord, OffsetOutOfRange
@@ -46,9 +46,17 @@ _map, _repeat = map, itertools.repeat
 # A decode's outcome (decode_runs): the runs, the (end offset, bytes) of each batch decoded, the byte
 # position of the first batch not decoded, and the CorruptRecord that stopped it there, if one did.
 Decoded: TypeAlias = tuple[list[list[Any]], list[tuple[int, int]], int, CorruptRecord | None]
-# What take_from calls to decode: (tp, fetched offset, chunk, byte position, records wanted) -> Decoded. The
-# shell's lets go of its lock meanwhile, so any event may happen during the call.
-Decode: TypeAlias = Callable[[TopicPartition, int, Buffer, int, int], Decoded]
+_T = TypeVar("_T")
+
+
+class Aged(Protocol):
+    """What take_from builds Records through: ``aged(build)`` returns ``build()``. The shell's runs it with its
+    lock let go and the garbage collector aged around it (Consumer._aged), so any event may happen
+    meanwhile; take_from checks what changed when it returns."""
+
+    def __call__(self, build: Callable[[], _T]) -> _T: ...
+
+
 # A fetch reply's partition: (tp, epoch, fetched offset, data, next offset, log end).
 FetchedPart: TypeAlias = tuple[TopicPartition, int, int, Buffer, int, int]
 
@@ -68,7 +76,9 @@ class PartitionState:
         self.chunks: deque[tuple[int, Buffer]] = deque()
         self.decoded_at = 0  # byte position in chunks[0] of its first batch not yet decoded
         # [first offset, records, next index]: runs of records at consecutive offsets, decoded and not yet
-        # returned (all from chunks[0], or from the chunk just before it, wholly decoded).
+        # returned (all from chunks[0], or from the chunk just before it, wholly decoded). The last may be
+        # [first offset, None, 0, count, columns]: the rest of a batch a decode did not need, kept as the
+        # payload's columns until its turn (decode_runs).
         self.runs: deque[list[Any]] = deque()
         # Fetched bytes not yet read (counted in Positions.chunk_bytes): those of chunks not yet decoded, and
         # those of read_batches.
@@ -273,10 +283,10 @@ class Positions:
 
     # -- poll() --------------------------------------------------------------------------------------
 
-    def take_from(self, tp: TopicPartition, out: list[Record], n: int, decode: Decode) -> tuple[int, bool]:
+    def take_from(self, tp: TopicPartition, out: list[Record], n: int, aged: Aged) -> tuple[int, bool]:
         """Move up to ``n`` of ``tp``'s records into ``out`` from its position, in offset order; returns how
-        many, and whether ``tp`` has data left (``take_in_turn``'s ``take``). Decodes its chunks with
-        ``decode`` as needed, a few batches at a time.
+        many, and whether ``tp`` has data left (``take_in_turn``'s ``take``). Decodes its chunks as needed, a
+        few batches at a time, building the Records through ``aged``.
 
         A run is handed out by slicing, and the partition's position moves once per slice. A record is
         returned only if its offset is the partition's position (so nothing is returned twice or out of
@@ -292,12 +302,18 @@ class Positions:
                 if not state.chunks:
                     break
                 self._release_read(state)
-                self._decode(tp, state, stop_at - len(out), decode)
+                self._decode(tp, state, stop_at - len(out), aged)
                 state = self.states.get(tp)  # decode may have seen any event: tp may be gone, or re-sought
                 if tp in self.paused:
                     break  # or paused: nothing more of it once pause() has returned
                 continue
             run = runs[0]
+            if run[1] is None:  # the rest of a batch, as columns: its Records built now, as its turn comes
+                self._build(tp, state, run, aged)
+                state = self.states.get(tp)
+                if tp in self.paused:
+                    break
+                continue
             position = state.position
             first, records, index = run
             if position is None or not first + index <= position < first + len(records):
@@ -317,7 +333,17 @@ class Positions:
         # Paused during a decode: it leaves the rotation now, its buffer kept.
         return len(out) - start, state.has_data() and tp not in self.paused
 
-    def _decode(self, tp: TopicPartition, state: PartitionState, want: int, decode: Decode) -> None:
+    def _build(self, tp: TopicPartition, state: PartitionState, run: list[Any], aged: Aged) -> None:
+        """The Records of a run kept as columns (see decode_runs), unless ``tp`` was re-sought or reassigned
+        meanwhile (then the run is gone with the buffer)."""
+        epoch = state.epoch
+        first, _, _, count, columns = run
+        records = aged(lambda: build_records(tp, first, count, columns))
+        if self.states.get(tp) is state and state.epoch == epoch and state.runs and state.runs[0] is run:
+            run[1] = records
+            del run[3:]
+
+    def _decode(self, tp: TopicPartition, state: PartitionState, want: int, aged: Aged) -> None:
         """Decode batches of ``tp``'s first chunk into runs, until ``want`` records or the chunk's end; a chunk
         wholly decoded leaves ``chunks``. Any event may happen during ``decode``: a seek or reassignment
         meanwhile shows as another state, epoch or chunk, and then what was decoded is dropped. A corrupt
@@ -327,7 +353,8 @@ class Positions:
         chunk = state.chunks[0]
         fetched_offset, data = chunk
         epoch = state.epoch
-        decoded, batches, at, error = decode(tp, fetched_offset, data, state.decoded_at, want)
+        at = state.decoded_at
+        decoded, batches, at, error = aged(lambda: decode_runs(tp, fetched_offset, data, at, want))
         if self.states.get(tp) is not state or state.epoch != epoch or not state.chunks or state.chunks[0] is not chunk:
             return  # re-sought or reassigned meanwhile: what was decoded is for a position no longer wanted
         state.runs += decoded
@@ -335,7 +362,7 @@ class Positions:
         if error is not None:
             # The runs stay; nothing after them does. Their batches' bytes go when they are handed out.
             state.epoch += 1
-            state.fetch_offset = decoded[-1][0] + len(decoded[-1][1]) if decoded else state.position
+            state.fetch_offset = _run_end(decoded[-1]) if decoded else state.position
             dropped = state.held_bytes - sum(size for _, size in state.read_batches)
             state.held_bytes -= dropped
             self.chunk_bytes -= dropped
@@ -391,6 +418,7 @@ class Positions:
             assert not s.read_batches or (s.runs and s.position is not None
                                           and s.read_batches[0][0] > s.position), tp
             assert not s.has_data() or s.position is not None, tp
+            assert all(run[1] is not None for run in list(s.runs)[:-1]), tp  # only the last is kept as columns
             assert s.reset is None or s.position is None, tp  # a position being resolved is not known yet
             if s.position is not None and s.fetch_offset is not None:
                 assert s.position <= s.fetch_offset, tp  # the buffer is what lies between the two
@@ -407,14 +435,20 @@ def decode_runs(tp: TopicPartition, fetched_offset: int, data: Buffer, at: int, 
 
     Records are built at C speed: ``map`` over ``zip`` of the payload's columns (timestamps, keys, values,
     headers; bus/batch.py), no Python code per record. A compressed batch's payload is decompressed here, one
-    batch at a time (bus/batch.py bounds each to UNCOMPRESSED_BYTES_MAX)."""
+    batch at a time (bus/batch.py bounds each to UNCOMPRESSED_BYTES_MAX).
+
+    Of the last batch, only the ``want`` records are built: the rest are kept as its columns, in a run
+    ``[first offset, None, 0, count, columns]`` whose Records are built when its turn comes
+    (``build_records``). Built at once, they waited through the other partitions' turns, and handing them out
+    then cost fair polling 1.13-1.15x the CPU per record of the draining order; built as their turn comes,
+    1.00x (docs/benchmarks.md, L)."""
     topic, partition = tp
     runs: list[list[Any]] = []
     batches_read: list[tuple[int, int]] = []
     run: list[Any] | None = None
     decoded = 0
     # The payload's columns (bus/batch.py read_columns), and what stands in for one that is None.
-    headers: Iterable[Any] | None
+    headers: list[Any] | None
     timestamps: Iterable[Any]
     batches = iter_batches(memoryview(data)[at:])
     while True:
@@ -441,17 +475,41 @@ def decode_runs(tp: TopicPartition, fetched_offset: int, data: Buffer, at: int, 
         else:
             append_ts_ms = header.append_ts_ms
             timestamps = [append_ts_ms if ts is None else ts for ts in stamps]
-        headers = _repeat(None) if headers is None else \
-            [None if h is None else [tuple(x) for x in h] for h in headers]
+        headers = None if headers is None else [None if h is None else [tuple(x) for x in h] for h in headers]
+        need = want - decoded
+        end = base + count if need >= count - skip else base + skip + need
+        # zip stops at the range's end: only the records up to ``end`` are built.
         records = list(_map(_new_record, _repeat(Record), zip(
-            _repeat(topic), _repeat(partition), range(base + skip, base + count),
-            _repeat(None) if keys is None else keys, values, headers, timestamps)))
+            _repeat(topic), _repeat(partition), range(base + skip, end),
+            _repeat(None) if keys is None else keys, values, _repeat(None) if headers is None else headers,
+            timestamps)))
         if run is not None and run[0] + len(run[1]) == base + skip:
             run[1] += records  # the next batch follows on: one run per decode
         else:
             run = [base + skip, records, 0]
             runs.append(run)
+        if end < base + count:
+            rest = slice(need, None)
+            runs.append([end, None, 0, base + count - end, (
+                None if keys is None else keys[rest], values[rest], None if headers is None else headers[rest],
+                timestamps[rest] if isinstance(timestamps, list) else header.append_ts_ms)])
+            break
         decoded += count - skip
         if decoded >= want:
             break
     return runs, batches_read, at, None
+
+
+def build_records(tp: TopicPartition, first: int, count: int, columns: tuple[Any, ...]) -> list[Record]:
+    """The Records of a run kept as columns by decode_runs: ``count`` of them from offset ``first``."""
+    keys, values, headers, timestamps = columns
+    return list(_map(_new_record, _repeat(Record), zip(
+        _repeat(tp[0]), _repeat(tp[1]), range(first, first + count), _repeat(None) if keys is None else keys,
+        values, _repeat(None) if headers is None else headers,
+        _repeat(timestamps) if isinstance(timestamps, int) else timestamps)))
+
+
+def _run_end(run: list[Any]) -> int:
+    """The offset after a run's last record."""
+    first, records = run[0], run[1]
+    return int(first + (run[3] if records is None else len(records)))

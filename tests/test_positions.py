@@ -176,13 +176,13 @@ class Schedule:
 
     # -- poll() ----------------------------------------------------------------------------------------
 
-    def decode(self, tp: TopicPartition, fetched_offset: int, data: bytes, at: int, want: int):
-        """The shell's decode lets go of its lock: any event may land meanwhile."""
+    def aged(self, build):
+        """The shell decodes and builds Records with its lock let go: any event may land meanwhile."""
         if not self.calm and self.rng.random() < 0.3:
             self.during_decode += 1
             self.rng.choice([self.seek, self.pause_or_resume, self.assign, self.answer_fetch, self.answer_reset,
                              self.issue_fetches])()
-        return decode_runs(tp, fetched_offset, data, at, want)
+        return build()
 
     def poll(self) -> None:
         error = self.core.take_error(self.grouped)
@@ -197,7 +197,7 @@ class Schedule:
         self.polling, self.paused_during = (out, segments), {}
         want = self.rng.randint(1, 40)
         try:
-            taken = take_in_turn(core.ready, want, lambda tp, n: core.take_from(tp, out, n, self.decode))
+            taken = take_in_turn(core.ready, want, lambda tp, n: core.take_from(tp, out, n, self.aged))
         finally:
             self.polling = None
         core.wake_fetcher = False
@@ -327,7 +327,7 @@ def _core_with(tp: TopicPartition, batches: list[bytes], prefetch_bytes_max: int
 
 def _take(core: Positions, n: int) -> list[Record]:
     out: list[Record] = []
-    take_in_turn(core.ready, n, lambda tp, k: core.take_from(tp, out, k, decode_runs))
+    take_in_turn(core.ready, n, lambda tp, k: core.take_from(tp, out, k, lambda build: build()))
     return out
 
 
@@ -340,6 +340,7 @@ def test_a_batchs_bytes_leave_the_buffer_when_its_last_record_is_handed_out():
     assert core.chunk_bytes == sum(map(len, batches)) and core.fetchable() == {}  # full
     assert [r.offset for r in _take(core, 3)] == [0, 1, 2]
     assert core.chunk_bytes == sum(map(len, batches))  # the first batch's last record is not out yet
+    assert core.states[tp].runs[-1][:4] == [3, None, 0, 1]  # kept as columns, built when its turn comes
     assert [r.offset for r in _take(core, 2)] == [3, 4]
     assert core.chunk_bytes == len(batches[1]) + len(batches[2])  # the first batch is read
     assert core.fetchable() == {tp: (12, 0)}  # room again, with two thirds of the chunk still to read
@@ -392,3 +393,22 @@ def test_the_checks_catch_broken_bookkeeping():
         with pytest.raises(AssertionError):
             core.check_invariants()
 
+
+
+def test_the_rest_of_a_batch_kept_as_columns_is_built_as_decoded_at_once():
+    """Keys, values, headers and timestamps of the records built later equal those of a whole decode, with
+    and without each column (None columns: no record has one), from a fetch offset inside the batch too."""
+    tp = TPS[0]
+    rows = [(1_000 + i if i % 2 else None, b"k%d" % i if i % 3 else None, b"v%d" % i if i != 4 else None,
+             [("h", b"%d" % i)] if i % 4 == 1 else None) for i in range(7)]
+    plain = [(None, None, b"v%d" % i, None) for i in range(7)]
+    for shape in (rows, plain):
+        data = bytes(stamp(pack_batch([f for row in shape for f in row], len(shape)), 0, 5_000)[0])
+        for fetched_offset in (0, 2):
+            whole = decode_runs(tp, fetched_offset, data, 0, 100)[0][0][1]
+            core = Positions("earliest", 10_000)
+            core.assign([tp], {tp: fetched_offset})
+            assert core.fetched([(tp, 0, fetched_offset, data, 7, 7)])
+            got = _take(core, 1) + _take(core, 2) + _take(core, 100)
+            assert got == whole and [r.offset for r in got] == list(range(fetched_offset, 7))
+            core.check_invariants()
