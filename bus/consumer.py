@@ -79,8 +79,8 @@ class Consumer:
 
     Fetching: ``auto_offset_reset`` ("latest", "earliest" or "none": where a partition without a position
     starts), ``fetch_max_wait_ms`` / ``fetch_min_bytes`` (the long poll), ``fetch_max_bytes`` (per request),
-    ``max_partition_fetch_bytes``, ``prefetch_bytes_max`` (the buffer), ``request_timeout_ms``,
-    ``retry_backoff_ms``; ``key_deserializer`` / ``value_deserializer`` (callables on bytes).
+    ``max_partition_fetch_bytes``, ``prefetch_bytes_max`` (the buffer: fetched bytes not yet read),
+    ``request_timeout_ms``, ``retry_backoff_ms``; ``key_deserializer`` / ``value_deserializer`` (callables on bytes).
 
     Group options (only with ``group=``; bus/group_member.py has the details):
 

@@ -345,16 +345,15 @@ class Positions:
 
     def _decode(self, tp: TopicPartition, state: PartitionState, want: int, aged: Aged) -> None:
         """Decode batches of ``tp``'s first chunk into runs, until ``want`` records or the chunk's end; a chunk
-        wholly decoded leaves ``chunks``. Any event may happen during ``decode``: a seek or reassignment
+        wholly decoded leaves ``chunks``. Any event may happen during ``aged``: a seek or reassignment
         meanwhile shows as another state, epoch or chunk, and then what was decoded is dropped. A corrupt
         batch becomes the partition's error, raised by the next poll(); the records before it are kept
         (handed out first), the rest of the partition's buffer is dropped, and it is fetched again from the
         corrupt batch on (as Kafka's consumer, it raises again for as long as the stored batch is bad)."""
         chunk = state.chunks[0]
         fetched_offset, data = chunk
-        epoch = state.epoch
-        at = state.decoded_at
-        decoded, batches, at, error = aged(lambda: decode_runs(tp, fetched_offset, data, at, want))
+        epoch, from_byte = state.epoch, state.decoded_at
+        decoded, batches, at, error = aged(lambda: decode_runs(tp, fetched_offset, data, from_byte, want))
         if self.states.get(tp) is not state or state.epoch != epoch or not state.chunks or state.chunks[0] is not chunk:
             return  # re-sought or reassigned meanwhile: what was decoded is for a position no longer wanted
         state.runs += decoded

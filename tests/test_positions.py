@@ -204,7 +204,8 @@ class Schedule:
         assert taken == len(out) <= want
         self.check_returned(out, segments, paused_before)
         self.returned += len(out)
-        if out and not self.calm and self.rng.random() < 0.1:  # records put back (a deserializer refused one; bus.aio's cancel)
+        # Records put back (a deserializer refused one; bus.aio's cancel).
+        if out and not self.calm and self.rng.random() < 0.1:
             back = out[self.rng.randrange(len(out)):]
             first: dict[TopicPartition, int] = {}
             for r in back:
