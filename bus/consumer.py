@@ -563,9 +563,9 @@ class Consumer:
         with self._lock:
             return self._positions.pending_resets()
 
-    def _resolved(self, tp: TopicPartition, epoch: int, offset: int) -> None:
+    def _resolved(self, tp: TopicPartition, spec: str | int, epoch: int, offset: int) -> None:
         with self._lock:
-            if self._positions.resolved(tp, epoch, offset):
+            if self._positions.resolved(tp, spec, epoch, offset):
                 self._data.notify_all()
 
     def _fetchable(self) -> dict[TopicPartition, tuple[int, int]]:

@@ -124,9 +124,9 @@ class Fetcher(BackgroundIO):
             log.warning("list_offsets from node %d failed: %s: %s", node_id, *error)
             retry = True
         else:
-            for (tp, (_, epoch, _)), (code, _, offset, _, _) in zip(parts.items(), result["parts"]):
+            for (tp, (spec, epoch, _)), (code, _, offset, _, _) in zip(parts.items(), result["parts"]):
                 if code is None:
-                    self.consumer._resolved(tp, epoch, offset)
+                    self.consumer._resolved(tp, spec, epoch, offset)
                 else:
                     retry = True
                     if error_class(code).refresh_metadata:

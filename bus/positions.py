@@ -214,10 +214,12 @@ class Positions:
         """(tp, reset spec, epoch) of the positions to resolve (list_offsets)."""
         return [(tp, s.reset, s.epoch) for tp, s in self.states.items() if s.reset is not None and s.reset != "none"]
 
-    def resolved(self, tp: TopicPartition, epoch: int, offset: int) -> bool:
-        """A reset asked at ``epoch`` resolved to ``offset``; True if taken (not stale)."""
+    def resolved(self, tp: TopicPartition, spec: str | int, epoch: int, offset: int) -> bool:
+        """A reset to ``spec`` asked at ``epoch`` resolved to ``offset``; True if taken (not stale). The spec
+        is compared too: a partition assigned again starts again at epoch 0, so an answer asked before it
+        left can carry the epoch it has now, for another spec (a seek_to_beginning's, now seek_to_end's)."""
         state = self.states.get(tp)
-        if state is None or state.epoch != epoch or state.reset is None:
+        if state is None or state.epoch != epoch or state.reset != spec:
             return False
         state.position = state.fetch_offset = offset
         state.reset = None

@@ -99,11 +99,11 @@ class Schedule:
         self.core.assign(wanted, positions)
         for tp in before - set(wanted):
             self.moved(tp)  # gone: whatever comes back later is a new generation
-            # A partition assigned again starts again at epoch 0 (bus/group_member.py counts on it), so an answer
-            # asked before it left could match it again; the fetcher's newer request supersedes one still out
-            # (bus/fetcher.py), which this schedule models by forgetting them.
+            # A partition assigned again starts again at epoch 0 (bus/group_member.py counts on it), so a fetch
+            # asked before it left can match it again: then it is the same question (the same partition and
+            # offset) as a new fetch would ask, with the same answer; this schedule forgets those. Resets still
+            # out are kept: their answers must not resolve another spec (Positions.resolved).
             self.fetches = [f for f in self.fetches if f[0] != tp]
-            self.resets = [r for r in self.resets if r[0] != tp]
         for tp in set(wanted) - before:
             self.moved(tp)
 
@@ -166,9 +166,10 @@ class Schedule:
         log = self.logs[tp]
         offset = log.start if spec == "earliest" else log.end if spec == "latest" else \
             self.rng.randint(log.start, log.end)
-        before = self.core.states[tp].position if tp in self.core.states else None
-        if self.core.resolved(tp, epoch, offset):
-            assert before is None and self.core.states[tp].position == offset
+        state = self.core.states.get(tp)
+        wanted = None if state is None else state.reset
+        if self.core.resolved(tp, spec, epoch, offset):
+            assert wanted == spec and self.core.states[tp].position == offset, (tp, spec, wanted)
 
     def log_changes(self) -> None:
         log = self.logs[self.rng.choice(TPS)]
@@ -360,10 +361,28 @@ def test_a_reply_for_an_older_epoch_or_offset_is_dropped():
     old = stored(0, [b"a", b"b", b"c", b"d", b"e", b"f"])
     assert not core.fetched([(tp, 0, 0, old, 6, 6)])  # asked before the seek
     assert not core.fetched([(tp, 1, 0, old, 6, 6)])  # not at the fetch offset
-    assert not core.out_of_range(tp, 0, 0, 0, 6) and not core.resolved(tp, 0, 0)
+    assert not core.out_of_range(tp, 0, 0, 0, 6) and not core.resolved(tp, "earliest", 0, 0)
     assert core.chunk_bytes == 0 and not core.ready
     assert core.fetched([(tp, 1, 4, old, 6, 6)])
     assert [(r.offset, r.value) for r in _take(core, 10)] == [(4, b"e"), (5, b"f")]
+    core.check_invariants()
+
+
+def test_an_answer_asked_before_a_reassignment_does_not_resolve_another_spec():
+    """A partition assigned again starts again at epoch 0: a seek_to_beginning's answer still out when it left
+    carries the epoch its seek_to_end has now, and must not give it the beginning."""
+    tp = TPS[0]
+    core = Positions("none", 10_000)
+    core.assign([tp], {tp: 5})
+    core.seek([tp], "earliest")
+    assert core.pending_resets() == [(tp, "earliest", 1)]
+    core.assign([])
+    core.assign([tp], {tp: 5})
+    core.seek([tp], "latest")
+    assert core.pending_resets() == [(tp, "latest", 1)]
+    assert not core.resolved(tp, "earliest", 1, 0)  # the old question's answer
+    assert core.position(tp) is None
+    assert core.resolved(tp, "latest", 1, 9) and core.position(tp) == 9
     core.check_invariants()
 
 
