@@ -23,21 +23,24 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import re
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from . import admin as _admin, consumer as _consumer, fork_guard, producer as _producer
 from .errors import BufferFull, ClosedError
 from .producer import Headers, ProducerBatch, RecordFuture
-from .records import (Buffer, CommitCallback, CommitOffsets, PartitionMap, Partitions, Record, RecordMetadata,
-                      TopicPartition)
+from .records import (CommitCallback, CommitOffsets, K, KeyIn, PartitionMap, Partitions, Record, RecordMetadata,
+                      TopicPartition, V, ValueIn)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _Self = TypeVar("_Self", bound="_Closing")
+_Sync = TypeVar("_Sync")
+_Aio = TypeVar("_Aio")
 
 # Sends that must wait before the sync producer takes them (the first records of a topic whose partition
 # count is being looked up, or a buffer with less room than the largest record): beyond this many, send()
@@ -50,7 +53,26 @@ DEFERRED_SENDS_MAX = 100_000
 WAIT_SLICE_MS = 50
 
 # A send's arguments, as bus.Producer.send takes them: (topic, value, key, headers, partition, timestamp_ms).
-_SendArguments = tuple[str, Buffer | None, Buffer | None, Headers | None, int | None, int | None]
+# Generic in ValueIn and KeyIn, in that order (the order they appear in).
+_SendArguments = tuple[str, ValueIn | None, KeyIn | None, Headers | None, int | None, int | None]
+
+
+def _wrapping(sync_class: Callable[_P, _Sync]
+              ) -> Callable[[Callable[[_Aio, _Sync], None]], Callable[Concatenate[_Aio, _P], None]]:
+    """The constructor of an aio client from ``init(self, sync)``, which takes the sync client it wraps: it
+    takes ``sync_class``'s own arguments, typed, defaults and all (for the checkers through the ParamSpec,
+    for help() and inspect through ``__signature__``), makes that client with them and hands it to ``init``.
+    So the sync classes alone hold the options and their defaults, and an unknown one is the sync
+    constructor's TypeError, before anything starts."""
+    def decorate(init: Callable[[_Aio, _Sync], None]) -> Callable[Concatenate[_Aio, _P], None]:
+        def __init__(self: _Aio, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+            init(self, sync_class(*args, **kwargs))
+
+        __init__.__qualname__, __init__.__doc__ = init.__qualname__, init.__doc__
+        # inspect reads a function's __signature__ first; typeshed's functions do not declare one.
+        __init__.__signature__ = inspect.signature(getattr(sync_class, "__init__"))  # type: ignore[attr-defined]
+        return __init__
+    return decorate
 
 
 def _worker(name: str, threads: int = 1) -> concurrent.futures.ThreadPoolExecutor:
@@ -87,7 +109,7 @@ class _DeferredSend:
 
     __slots__ = ("_queued", "_producer")
 
-    def __init__(self, queued: asyncio.Future[RecordFuture], producer: Producer) -> None:
+    def __init__(self, queued: asyncio.Future[RecordFuture], producer: Producer[Any, Any]) -> None:
         self._queued, self._producer = queued, producer
 
     def done(self) -> bool:
@@ -113,7 +135,7 @@ class _Closing:
         await self.close()
 
 
-class Producer(_Closing):
+class Producer(_Closing, Generic[KeyIn, ValueIn]):
     """bus.Producer for asyncio: the same keyword options (``help(bus.Producer)``), errors and guarantees.
 
     ``send()`` is a plain call that never blocks the loop and returns an awaitable of RecordMetadata, so many
@@ -130,13 +152,14 @@ class Producer(_Closing):
     when it is awaited.
     """
 
-    def __init__(self, bootstrap: str | None = None, **options: Any) -> None:
-        self._sync = _producer.Producer(bootstrap, **options)
+    @_wrapping(_producer.Producer)
+    def __init__(self, sync: _producer.Producer[KeyIn, ValueIn]) -> None:
+        self._sync = sync
         self._sync._on_new_batch = self._watch
         self._worker = _worker("bus-aio-producer")
         # Sends waiting to be handed to the sync producer, in order: [(send's arguments, loop future of its
         # RecordFuture)]; and the task that hands them over.
-        self._deferred: deque[tuple[_SendArguments, asyncio.Future[RecordFuture]]] = deque()
+        self._deferred: deque[tuple[_SendArguments[ValueIn, KeyIn], asyncio.Future[RecordFuture]]] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -146,7 +169,7 @@ class Producer(_Closing):
     def bootstrap(self) -> str:
         return self._sync.bootstrap
 
-    def send(self, topic: str, value: Buffer | None, key: Buffer | None = None, headers: Headers | None = None,
+    def send(self, topic: str, value: ValueIn | None, key: KeyIn | None = None, headers: Headers | None = None,
              partition: int | None = None, timestamp_ms: int | None = None) -> PendingRecord:
         """Queue one record (the arguments of ``bus.Producer.send``); returns its RecordFuture, to be awaited
         for its RecordMetadata (not get(): that would block the loop). Call it from the event loop's thread.
@@ -168,7 +191,7 @@ class Producer(_Closing):
             return self._send_deferred((topic, value, key, headers, partition, timestamp_ms))
         return sync.send(topic, value, key, headers, partition, timestamp_ms)
 
-    def _send_deferred(self, args: _SendArguments) -> _DeferredSend:
+    def _send_deferred(self, args: _SendArguments[ValueIn, KeyIn]) -> _DeferredSend:
         """Queue a send behind those already waiting (in order: a partition's records keep their order)."""
         if len(self._deferred) >= DEFERRED_SENDS_MAX:
             raise BufferFull(f"{DEFERRED_SENDS_MAX} sends are waiting for metadata or buffer space "
@@ -284,7 +307,7 @@ class Producer(_Closing):
             self._worker.shutdown(wait=False)
 
 
-class Consumer(_Closing):
+class Consumer(_Closing, Generic[K, V]):
     """bus.Consumer for asyncio: the same arguments and group options (``help(bus.Consumer)``), errors and
     guarantees.
 
@@ -294,9 +317,9 @@ class Consumer(_Closing):
     worker thread, not in the loop (use ``loop.call_soon_threadsafe`` to reach it).
     """
 
-    def __init__(self, bootstrap: str | None = None, topics: Iterable[str] | re.Pattern[str] | None = None,
-                 group: str | None = None, **options: Any) -> None:
-        self._sync = _consumer.Consumer(bootstrap, topics, group, **options)
+    @_wrapping(_consumer.Consumer)
+    def __init__(self, sync: _consumer.Consumer[K, V]) -> None:
+        self._sync = sync
         # Polls that wait run one at a time in their own thread (so that one abandoned by a cancellation is
         # settled before the next); the other calls in a second, not held up behind a poll waiting for records.
         self._poller = _worker("bus-aio-poll")
@@ -312,7 +335,7 @@ class Consumer(_Closing):
             fn(*args)  # its ClosedError, at once (the worker is gone)
         return asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def poll(self, timeout_ms: int = 1000, max_records: int = 10_000) -> list[Record]:
+    async def poll(self, timeout_ms: int = 1000, max_records: int = 10_000) -> list[Record[K, V]]:
         """Records as ``bus.Consumer.poll``. Taken in the loop's thread when the group has nothing to reconcile,
         and waited for in the loop too (woken once per fetch reply that brings data, or every WAIT_SLICE_MS
         to look again); while the group has a rebalance to act on (commits, offset fetches, callbacks) the
@@ -356,7 +379,7 @@ class Consumer(_Closing):
         assert self._signal_event is not None  # set with _signal_loop, just above if not before
         return self._signal_event
 
-    async def _poll_waiting_in_thread(self, timeout_ms: int, max_records: int) -> list[Record]:
+    async def _poll_waiting_in_thread(self, timeout_ms: int, max_records: int) -> list[Record[K, V]]:
         sync = self._sync
         if sync._closed:
             sync.poll(0)  # its ClosedError (the threads are gone)
@@ -372,7 +395,7 @@ class Consumer(_Closing):
                 token.abandoned = True
             raise
 
-    def _poll_in_thread(self, token: _ThreadPoll, timeout_ms: int, max_records: int) -> list[Record]:
+    def _poll_in_thread(self, token: _ThreadPoll, timeout_ms: int, max_records: int) -> list[Record[K, V]]:
         records = self._sync.poll(timeout_ms, max_records)
         with token.lock:
             if token.abandoned:  # cancelled while waiting: no one will take these
@@ -381,14 +404,14 @@ class Consumer(_Closing):
             token.delivered = True
         return records
 
-    def _thread_poll_done(self, future: asyncio.Future[list[Record]], token: _ThreadPoll) -> None:
+    def _thread_poll_done(self, future: asyncio.Future[list[Record[K, V]]], token: _ThreadPoll) -> None:
         """In the loop, once the thread's poll returned. Cancelled after the thread delivered its records:
         they go back before any other poll can run (inline polls wait for this; the poll thread is one)."""
         self._polls_in_thread -= 1
         if token.abandoned and token.delivered and not future.cancelled() and future.exception() is None:
             self._sync._unread(future.result())
 
-    async def __aiter__(self) -> AsyncIterator[Record]:
+    async def __aiter__(self) -> AsyncIterator[Record[K, V]]:
         """Records as they come, until the consumer is closed."""
         while not self._sync._closed:
             try:
@@ -505,8 +528,9 @@ class Admin(_Closing):
     """bus.Admin for asyncio: every call of the sync Admin, awaited (its one worker thread makes the requests,
     in the order called)."""
 
-    def __init__(self, bootstrap: str | None = None, **options: Any) -> None:
-        self._sync = _admin.Admin(bootstrap, **options)
+    @_wrapping(_admin.Admin)
+    def __init__(self, sync: _admin.Admin) -> None:
+        self._sync = sync
         self._worker = _worker("bus-aio-admin")
         fork_guard.register(self)
 

@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, ParamSpec, TypeVar
 
 import click
 
@@ -19,15 +21,25 @@ from .errors import BusError
 from .metadata import DEFAULT_BOOTSTRAP
 from .printing import FORMAT_TOKENS, check_format, record_formatted, record_json
 
+if TYPE_CHECKING:
+    import datetime
+    from types import FrameType
 
-def bootstrap_option(fn):
+    from nodes.cluster import LocalCluster
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def bootstrap_option(fn: _F) -> _F:
     return click.option("--bootstrap", envvar="BUS_BOOTSTRAP", default=DEFAULT_BOOTSTRAP, show_default=True,
                         help="coordinator address ($BUS_BOOTSTRAP)")(fn)
 
 
-def friendly_errors(fn):
+def friendly_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
         except BusError as exc:
@@ -38,7 +50,7 @@ def friendly_errors(fn):
     return wrapper
 
 
-def print_table(headers: list, rows: list) -> None:
+def print_table(headers: Sequence[object], rows: Sequence[Sequence[object]]) -> None:
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for index, row in enumerate(cells):
@@ -50,7 +62,7 @@ def print_table(headers: list, rows: list) -> None:
 
 @click.group()
 @click.version_option(package_name="bus")
-def main():
+def main() -> None:
     """the bus: a durable, partitioned, replicated event log on ZeroMQ and LMDB.
 
     Start a local cluster with `bus up`; every client command takes --bootstrap (default $BUS_BOOTSTRAP,
@@ -72,7 +84,7 @@ def main():
               help="Prometheus metrics: the coordinator on this port, node N on this port + N (0: none)")
 @click.option("--kafka-port", default=9092, show_default=True, type=click.IntRange(0, 65535 - 65),
               help="Kafka's protocol: the coordinator (bootstrap.servers) on this port, node N on this port + N (0: off)")
-def up(data_dir, nodes, port, host, sync, metrics_port, kafka_port):
+def up(data_dir: str, nodes: int, port: int, host: str, sync: str, metrics_port: int, kafka_port: int) -> None:
     """Start a local cluster (a coordinator and NODES nodes) in the foreground; Ctrl-C stops it.
 
     A port or data directory in use (another `bus up`) is refused before anything starts. A process that
@@ -84,7 +96,7 @@ def up(data_dir, nodes, port, host, sync, metrics_port, kafka_port):
                            kafka_port=kafka_port or None)
     stop = {"now": False}
 
-    def request_stop(*_):
+    def request_stop(_signal: int, _frame: FrameType | None) -> None:
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -125,8 +137,8 @@ RESTARTS_MAX = 5  # within RESTART_WINDOW_S: then the cluster stops rather than 
 RESTART_WINDOW_S = 120
 
 
-def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restarts_max: int = RESTARTS_MAX,
-               window_s: float = RESTART_WINDOW_S, poll_s: float = 0.2) -> None:
+def _supervise(cluster: LocalCluster, stop: dict[str, bool], backoff_s: Sequence[float] = RESTART_BACKOFF_S,
+               restarts_max: int = RESTARTS_MAX, window_s: float = RESTART_WINDOW_S, poll_s: float = 0.2) -> None:
     """Restart what exits, with a back-off and a limit, until ``stop["now"]``."""
     restarts: dict[str, list[float]] = {}  # process name -> when it was restarted, within the window
     due: dict[str, float] = {}  # process name -> when to start it again
@@ -135,6 +147,7 @@ def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restar
         now_s = time.monotonic()
         children = [("coordinator", cluster.coordinator), *((f"node-{n}", p) for n, p in cluster.nodes.items())]
         for name, proc in children:
+            assert proc is not None  # the cluster was started before it is supervised
             if proc.poll() is None or name in due and now_s < due[name]:
                 continue
             if name not in due:
@@ -168,7 +181,8 @@ def _supervise(cluster, stop: dict, backoff_s: tuple = RESTART_BACKOFF_S, restar
 @click.option("--kafka-advertise", default=None,
               help="HOST:PORT Kafka clients reach it at, as their group coordinator (default: --kafka-listen)")
 @friendly_errors
-def coordinator(data_dir, bind, metrics_port, metrics_addr, kafka_listen, kafka_advertise):
+def coordinator(data_dir: str, bind: str, metrics_port: int | None, metrics_addr: str, kafka_listen: str | None,
+                kafka_advertise: str | None) -> None:
     """Run a coordinator (for a cluster over several hosts)."""
     from nodes.coordinator import run_coordinator
 
@@ -190,8 +204,8 @@ def coordinator(data_dir, bind, metrics_port, metrics_addr, kafka_listen, kafka_
 @click.option("--kafka-listen", default=None, help="HOST:PORT: answer Kafka's protocol there")
 @click.option("--kafka-advertise", default=None, help="HOST:PORT Kafka clients reach it at (default: --kafka-listen)")
 @friendly_errors
-def node(node_id, data_dir, bind, advertise, coordinator_address, sync, metrics_port, metrics_addr, kafka_listen,
-         kafka_advertise):
+def node(node_id: int, data_dir: str, bind: str, advertise: str | None, coordinator_address: str, sync: str,
+         metrics_port: int | None, metrics_addr: str, kafka_listen: str | None, kafka_advertise: str | None) -> None:
     """Run a partition-owner node."""
     from nodes.node import main as node_main
 
@@ -210,7 +224,7 @@ def node(node_id, data_dir, bind, advertise, coordinator_address, sync, metrics_
 @click.option("--timeout-ms", default=2_000, show_default=True, type=click.IntRange(1),
               help="how long each process has to answer")
 @bootstrap_option
-def health(address, timeout_ms, bootstrap):
+def health(address: str | None, timeout_ms: int, bootstrap: str) -> None:
     """Exit 0 if the cluster (the coordinator and every node it knows) answers, else 1, with a table.
 
     With --address, only that process must answer (a liveness probe for one container)."""
@@ -255,7 +269,7 @@ def health(address, timeout_ms, bootstrap):
 # -- topics ------------------------------------------------------------------------------------------
 
 @main.group()
-def topic():
+def topic() -> None:
     """Create, list, describe and delete topics."""
 
 
@@ -272,8 +286,8 @@ def topic():
 @click.option("--if-not-exists", is_flag=True, help="a topic NAME that exists already is no error (left as it is)")
 @bootstrap_option
 @friendly_errors
-def topic_create(name, partitions, replication_factor, min_insync_replicas, retention_ms, retention_bytes,
-                 if_not_exists, bootstrap):
+def topic_create(name: str, partitions: int, replication_factor: int | None, min_insync_replicas: int | None,
+                 retention_ms: int | None, retention_bytes: int | None, if_not_exists: bool, bootstrap: str) -> None:
     """Create topic NAME."""
     from .admin import Admin
 
@@ -290,7 +304,7 @@ def topic_create(name, partitions, replication_factor, min_insync_replicas, rete
 @topic.command("list")
 @bootstrap_option
 @friendly_errors
-def topic_list(bootstrap):
+def topic_list(bootstrap: str) -> None:
     """List topics."""
     from .admin import Admin
 
@@ -305,7 +319,7 @@ def topic_list(bootstrap):
 @click.argument("name")
 @bootstrap_option
 @friendly_errors
-def topic_describe(name, bootstrap):
+def topic_describe(name: str, bootstrap: str) -> None:
     """Show each partition's leader, replicas, in-sync replicas, leader epoch, start offset and high
     watermark (the end of what consumers can read); flags under-replicated partitions and those below
     min_insync_replicas (acks=all produces to them fail)."""
@@ -339,7 +353,7 @@ def topic_describe(name, bootstrap):
 @click.option("--partition", type=click.IntRange(0), multiple=True, help="only these partitions")
 @bootstrap_option
 @friendly_errors
-def topic_elect(name, unclean, partition, bootstrap):
+def topic_elect(name: str, unclean: bool, partition: tuple[int, ...], bootstrap: str) -> None:
     """Elect leaders for partitions of NAME that have none because no in-sync replica is alive."""
     from .admin import Admin
 
@@ -357,7 +371,7 @@ def topic_elect(name, unclean, partition, bootstrap):
 @click.argument("name")
 @bootstrap_option
 @friendly_errors
-def topic_delete(name, bootstrap):
+def topic_delete(name: str, bootstrap: str) -> None:
     """Delete topic NAME and its data."""
     from .admin import Admin
 
@@ -369,14 +383,14 @@ def topic_delete(name, bootstrap):
 # -- consumer groups ---------------------------------------------------------------------------------
 
 @main.group()
-def group():
+def group() -> None:
     """List, describe, reset the offsets of, and delete consumer groups."""
 
 
 @group.command("list")
 @bootstrap_option
 @friendly_errors
-def group_list(bootstrap):
+def group_list(bootstrap: str) -> None:
     """List consumer groups."""
     from .admin import Admin
 
@@ -389,7 +403,7 @@ def group_list(bootstrap):
                 [[g["group_id"], g["state"], g["group_epoch"], g["members"]] for g in groups])
 
 
-def _unknown_group(name: str):
+def _unknown_group(name: str) -> NoReturn:
     click.echo(f"error: unknown consumer group {name!r}; `bus group list` shows the groups", err=True)
     sys.exit(1)
 
@@ -398,7 +412,7 @@ def _unknown_group(name: str):
 @click.argument("name")
 @bootstrap_option
 @friendly_errors
-def group_describe(name, bootstrap):
+def group_describe(name: str, bootstrap: str) -> None:
     """Show GROUP's members and, per partition, its member, committed offset, end offset and lag."""
     from .admin import Admin
     from .errors import UnknownGroup
@@ -434,7 +448,8 @@ def group_describe(name, bootstrap):
 @click.option("--to-datetime", default=None, help="to the first record at or after this ISO 8601 time")
 @bootstrap_option
 @friendly_errors
-def group_reset_offsets(name, topic_name, to_earliest, to_latest, to_offset, to_datetime, bootstrap):
+def group_reset_offsets(name: str, topic_name: str, to_earliest: bool, to_latest: bool, to_offset: int | None,
+                        to_datetime: str | None, bootstrap: str) -> None:
     """Set GROUP's committed offsets for a topic; only while the group has no live members."""
     import datetime
 
@@ -446,6 +461,7 @@ def group_reset_offsets(name, topic_name, to_earliest, to_latest, to_offset, to_
               if on]
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of --to-earliest, --to-latest, --to-offset N, --to-datetime ISO")
+    to: Literal["earliest", "latest"] | int | datetime.datetime
     if to_earliest:
         to = "earliest"
     elif to_latest:
@@ -453,6 +469,7 @@ def group_reset_offsets(name, topic_name, to_earliest, to_latest, to_offset, to_
     elif to_offset is not None:
         to = to_offset
     else:
+        assert to_datetime is not None  # the one chosen
         try:
             to = datetime.datetime.fromisoformat(to_datetime)
         except ValueError:
@@ -472,7 +489,7 @@ def group_reset_offsets(name, topic_name, to_earliest, to_latest, to_offset, to_
 @click.argument("name")
 @bootstrap_option
 @friendly_errors
-def group_delete(name, bootstrap):
+def group_delete(name: str, bootstrap: str) -> None:
     """Delete GROUP and its committed offsets; only while it has no live members."""
     from .admin import Admin
     from .errors import UnknownGroup
@@ -494,7 +511,7 @@ def group_delete(name, bootstrap):
               help="send every record to this partition (default: by key, or spread when no key)")
 @bootstrap_option
 @friendly_errors
-def produce(topic_name, key_separator, partition, bootstrap):
+def produce(topic_name: str, key_separator: str | None, partition: int | None, bootstrap: str) -> None:
     """Send one record per line of standard input; prints how many were acknowledged."""
     from .producer import Producer
 
@@ -532,7 +549,8 @@ def produce(topic_name, key_separator, partition, bootstrap):
 @click.option("--print-key", is_flag=True, help="text: print KEY<tab>VALUE (an absent key as empty)")
 @bootstrap_option
 @friendly_errors
-def consume(topic_name, group, from_beginning, partition, max_records, timeout_ms, fmt, print_key, bootstrap):
+def consume(topic_name: str, group: str | None, from_beginning: bool, partition: tuple[int, ...],
+            max_records: int | None, timeout_ms: int | None, fmt: str, print_key: bool, bootstrap: str) -> None:
     """Print records of TOPIC as they arrive, until --max-records or --timeout-ms (or Ctrl-C)."""
     from .consumer import Consumer
 
@@ -660,7 +678,7 @@ def bench_not_installed(exc: ModuleNotFoundError) -> bool:
 @click.option("--drain-order/--no-drain-order", default=False, show_default=True,
               help="also measure the consumer serving its partitions in the draining order, not in turn (consume): "
                    "what fair polling costs")
-def bench(**options):
+def bench(**options: Any) -> None:  # each option by name, as bench_command takes them
     """Measure the bus beside the raw pyzmq+LMDB ceiling, Redis Streams and NATS JetStream."""
     try:
         from bench.runner import bench_command

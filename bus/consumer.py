@@ -39,8 +39,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import zmq
 
@@ -49,8 +49,8 @@ from .connection import Requester
 from .errors import ClosedError, ConfigError, SerializationError, Timeout
 from .metadata import check_bootstrap
 from .positions import FetchedPart, PartitionState, Positions
-from .records import (CommitCallback, CommitOffsets, Deserializer, PartitionMap, Partitions,
-                      PartitionsCallback, Record, TopicPartition)
+from .records import (CommitCallback, CommitOffsets, Deserializer, K, PartitionMap, Partitions,
+                      PartitionsCallback, Record, TopicPartition, V)
 from .rotation import take_in_turn
 from .signal import Signal
 
@@ -72,7 +72,7 @@ GROUP_OPTION_DEFAULTS: dict[str, object] = {
 }
 
 
-class Consumer:
+class Consumer(Generic[K, V]):
     """Reads partitions it is assigned (``assign()``), or, with ``group=`` and ``topics=`` (a list of names
     or a compiled regular expression), those a consumer group gives it; ``subscribe()`` replaces that
     subscription, ``unsubscribe()`` gives it up.
@@ -110,8 +110,8 @@ class Consumer:
                  auto_offset_reset: str = "latest", fetch_max_wait_ms: int = 500, fetch_min_bytes: int = 1,
                  fetch_max_bytes: int = 50 << 20, max_partition_fetch_bytes: int = 8 << 20,
                  prefetch_bytes_max: int = 64 << 20, request_timeout_ms: int = 30_000,
-                 retry_backoff_ms: int = 50, key_deserializer: Deserializer | None = None,
-                 value_deserializer: Deserializer | None = None,
+                 retry_backoff_ms: int = 50, key_deserializer: Deserializer[K] | None = None,
+                 value_deserializer: Deserializer[V] | None = None,
                  pattern: str | None = None, session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 1_000,
                  max_poll_interval_ms: int = 300_000, enable_auto_commit: bool = True,
                  auto_commit_interval_ms: int = 5_000, group_instance_id: str | None = None,
@@ -391,7 +391,7 @@ class Consumer:
 
     # -- polling -----------------------------------------------------------------------------------
 
-    def poll(self, timeout_ms: int = 1000, max_records: int = 10_000) -> list[Record]:
+    def poll(self, timeout_ms: int = 1000, max_records: int = 10_000) -> list[Record[K, V]]:
         """Records from the prefetch buffer, waiting up to ``timeout_ms`` for the first. Raises a partition's
         fetch error (e.g. OffsetOutOfRange with auto_offset_reset="none") once, then goes on.
 
@@ -400,16 +400,18 @@ class Consumer:
         with self._poll_lock:
             records = self._poll(timeout_ms, max_records)
             if records and (self.key_deserializer is not None or self.value_deserializer is not None):
-                records = self._deserialized(records)
-            self._records_consumed += len(records)
-            return records
+                out = self._deserialized(records)
+            else:  # as decoded: without deserializers K and V are bytes (their defaults)
+                out = cast("list[Record[K, V]]", records)
+            self._records_consumed += len(out)
+            return out
 
-    def _deserialized(self, records: list[Record]) -> list[Record]:
+    def _deserialized(self, records: list[Record]) -> list[Record[K, V]]:
         """``records`` with their keys and values deserialized. At a record that fails, the ones from it on
         are put back (its partition's position stays at it): those before it are returned and the error is its
         partition's, raised by the next poll(); with none before it, it is raised now."""
         key_fn, value_fn = self.key_deserializer, self.value_deserializer
-        out: list[Record] = []
+        out: list[Record[K, V]] = []
         for r in records:
             key: Any = r[3]
             value: Any = r[4]
@@ -468,7 +470,7 @@ class Consumer:
             out = []
         return out
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[Record[K, V]]:
         """Records as they come, until the consumer is closed (from another thread, or a handler)."""
         while not self._closed:
             try:
@@ -479,7 +481,7 @@ class Consumer:
                 raise
             yield from records
 
-    def _unread(self, records: list[Record]) -> None:
+    def _unread(self, records: Sequence[Record[Any, Any]]) -> None:
         """Put back records taken for poll() but not handed out: each partition's position returns to the first
         of them, as a seek would, and what was buffered past it is fetched again."""
         first: dict[TopicPartition, int] = {}
@@ -623,7 +625,7 @@ class Consumer:
             self._requester.close()
             self._context.term()
 
-    def __enter__(self) -> Consumer:
+    def __enter__(self) -> Consumer[K, V]:
         return self
 
     def __exit__(self, *exc: object) -> None:

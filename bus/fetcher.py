@@ -37,7 +37,7 @@ RESET_HOLD_MS = 200  # fetching waits this long at most for positions still bein
 
 
 class Fetcher(BackgroundIO):
-    def __init__(self, consumer: Consumer, context: ZmqContext) -> None:
+    def __init__(self, consumer: Consumer[Any, Any], context: ZmqContext) -> None:
         super().__init__(context, name="bus-consumer-fetcher", bootstrap=consumer.bootstrap,
                          metadata_timeout_ms=consumer.request_timeout_ms, retry_backoff_s=consumer.retry_backoff_s,
                          log=log)

@@ -132,8 +132,8 @@ def check_subscription(topics: Any, pattern: Any) -> tuple[list[str] | None, str
 class GroupMember:
     """One consumer's membership of ``group``. Built by ``Consumer(..., topics=..., group=...)``."""
 
-    def __init__(self, consumer: Consumer, group: str, topics: Iterable[str] | re.Pattern[str] | None = None, *,
-                 pattern: str | None = None,
+    def __init__(self, consumer: Consumer[Any, Any], group: str, topics: Iterable[str] | re.Pattern[str] | None = None,
+                 *, pattern: str | None = None,
                  session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 1_000,
                  max_poll_interval_ms: int = 300_000, enable_auto_commit: bool = True,
                  auto_commit_interval_ms: int = 5_000, group_instance_id: str | None = None,

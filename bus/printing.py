@@ -2,13 +2,16 @@
 
 Pure: a Record in, a str out. JSON keeps every byte: a key, value or header value that is valid UTF-8 is a
 string, anything else base64, and ``key_encoding`` / ``value_encoding`` / a header's ``encoding`` say which,
-so a program reading the JSON gets the exact bytes back. The format string takes kcat's ``-f`` tokens.
+so a program reading the JSON gets the exact bytes back (a header without a value, as Kafka's producers may
+send, has value and encoding null). The format string takes kcat's ``-f`` tokens.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+
+from .records import Record
 
 # kcat's -f tokens that the bus has: a token -> what it prints
 FORMAT_TOKENS = {
@@ -38,14 +41,18 @@ def _lossless(data: bytes) -> tuple[str, str]:
         return base64.b64encode(data).decode("ascii"), "base64"
 
 
-def record_json(record) -> str:
-    value, value_encoding = (None, None) if record.value is None else _lossless(record.value)
-    key, key_encoding = (None, None) if record.key is None else _lossless(record.key)
+def _lossless_or_none(data: bytes | None) -> tuple[str | None, str | None]:
+    return (None, None) if data is None else _lossless(data)
+
+
+def record_json(record: Record) -> str:
+    value, value_encoding = _lossless_or_none(record.value)
+    key, key_encoding = _lossless_or_none(record.key)
     headers = None
     if record.headers is not None:
         headers = []
         for name, raw in record.headers:
-            text, encoding = _lossless(raw)
+            text, encoding = _lossless_or_none(raw)
             headers.append({"name": name, "value": text, "encoding": encoding})
     return json.dumps({"topic": record.topic, "partition": record.partition, "offset": record.offset,
                        "timestamp_ms": record.timestamp_ms, "key": key, "key_encoding": key_encoding,
@@ -69,9 +76,10 @@ def check_format(template: str) -> None:
         at += 2
 
 
-def record_formatted(record, template: str) -> str:
+def record_formatted(record: Record, template: str) -> str:
     """``template`` with its tokens replaced (``check_format`` first) and its backslash escapes applied."""
-    out, at = [], 0
+    out: list[str] = []
+    at = 0
     while at < len(template):
         char = template[at]
         if char == "%" and at + 1 < len(template):
@@ -86,7 +94,7 @@ def record_formatted(record, template: str) -> str:
     return "".join(out)
 
 
-def _token(record, token: str) -> str:
+def _token(record: Record, token: str) -> str:
     if token == "t":
         return record.topic
     if token == "p":

@@ -40,7 +40,7 @@ from bisect import bisect_left as _bisect_left, bisect_right as _bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import accumulate as _accumulate, repeat as _repeat
-from typing import TYPE_CHECKING, Any, TypeAlias, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeAlias, TypeVar, cast, overload
 
 import zmq
 
@@ -50,7 +50,7 @@ from .connection import Requester
 from .errors import (BufferFull, BusError, ClosedError, ConfigError, InvalidRecord, RecordTooLarge, SerializationError,
                      Timeout, UnknownPartition)
 from .metadata import check_bootstrap, partition_for_key
-from .records import Buffer, RecordMetadata
+from .records import Buffer, KeyIn, RecordMetadata, ValueIn
 from .signal import Signal
 
 if TYPE_CHECKING:
@@ -62,8 +62,12 @@ if TYPE_CHECKING:
 
 # What send() takes as a record's headers: (name, value) pairs, or a dict of name to value.
 Headers: TypeAlias = Sequence[tuple[str, Buffer]] | Mapping[str, Buffer]
-# A key_serializer= or value_serializer=: any object to bytes (None, a tombstone or no key, is never passed).
-Serializer: TypeAlias = Callable[[Any], Buffer | None]
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+# A key_serializer= or value_serializer=: what send() takes as a key or value, to bytes (None, a tombstone or
+# no key, is never passed).
+Serializer: TypeAlias = Callable[[_T], Buffer | None]
 # A send callback (RecordFuture.add_callback): the record's metadata, or None and its error.
 SendCallback: TypeAlias = Callable[[RecordMetadata | None, BaseException | None], object]
 # A send_many() run: (batch, first index in the batch, record count).
@@ -103,7 +107,7 @@ def _as_bytes(argument: str, value: object, none_means: str | None = None, spell
     raise _wrong_type(argument, value, expected, hint + (_SERIALIZER_HINTS.get(spelled, "") if none_means else ""))
 
 
-def _serialized(serializer: Serializer, argument: str, obj: object, where: str = "") -> Buffer | None:
+def _serialized(serializer: Serializer[Any], argument: str, obj: object, where: str = "") -> Buffer | None:
     """``serializer(obj)``, for ``argument`` ("key" or "value"; ``where`` names it in a list): None is passed
     through without calling it. It must return bytes, bytearray, memoryview or None."""
     if obj is None:
@@ -363,13 +367,38 @@ _callback_lock = threading.Lock()
 _map, _add = map, operator.add
 
 
-class Producer:
+# -- send() and send_many() as a user's type checker sees them ------------------------------------------------
+#
+# They take what the producer's serializers take (KeyIn, ValueIn: bytes-like without them). The methods below
+# are the serializer-less ones, typed by the bytes they handle; a producer with serializers has them replaced
+# by wrappers that serialize first (Producer.__init__). So the checkers are shown these signatures instead:
+# the same parameters, the key and value typed by the producer's type parameters. Only the annotations
+# differ: _typed_as returns the method itself, nothing is wrapped and nothing runs per call.
+
+def _typed_as(face: Callable[_P, _R]) -> Callable[[Callable[..., _R]], Callable[_P, _R]]:
+    """A method decorator: the method unchanged, typed as ``face``."""
+    return lambda method: method
+
+
+def _send_face(self: Producer[KeyIn, ValueIn], topic: str, value: ValueIn | None, key: KeyIn | None = None,
+               headers: Headers | None = None, partition: int | None = None, timestamp_ms: int | None = None
+               ) -> RecordFuture:
+    raise NotImplementedError  # never called: only its signature is used
+
+
+def _send_many_face(self: Producer[KeyIn, ValueIn], topic: str, values: Iterable[ValueIn | None],
+                    keys: Iterable[KeyIn | None] | None = None, partition: int | None = None) -> FutureList:
+    raise NotImplementedError  # never called: only its signature is used
+
+
+class Producer(Generic[KeyIn, ValueIn]):
     def __init__(self, bootstrap: str | None = None, *, acks: int | str = "all", linger_ms: int = 2,
                  batch_bytes: int = 1 << 20, buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000,
                  request_timeout_ms: int = 30_000, delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
                  max_in_flight_per_node: int = 5, idempotent: bool = True, retry_backoff_ms: int = 50,
                  metadata_timeout_ms: int = 10_000, compression: str | None = None,
-                 key_serializer: Serializer | None = None, value_serializer: Serializer | None = None) -> None:
+                 key_serializer: Serializer[KeyIn] | None = None,
+                 value_serializer: Serializer[ValueIn] | None = None) -> None:
         if acks not in (0, 1, -1, "all"):
             raise ConfigError(f"acks must be 0, 1 or 'all', not {acks!r}")
         if compression not in CODECS:
@@ -462,6 +491,7 @@ class Producer:
             self._partition_counts[topic] = count
         return count
 
+    @_typed_as(_send_face)
     def send(self, topic: str, value: Buffer | None, key: Buffer | None = None, headers: Headers | None = None,
              partition: int | None = None, timestamp_ms: int | None = None) -> RecordFuture:
         """Queue one record; returns a future of its RecordMetadata. Thread-safe.
@@ -546,8 +576,8 @@ class Producer:
             fn = self.value_serializer
             values = [_serialized(fn, "value", v, f"values[{i}]") for i, v in enumerate(values)]
         if keys is not None and self.key_serializer is not None:
-            fn = self.key_serializer
-            keys = [_serialized(fn, "key", k, f"keys[{i}]") for i, k in enumerate(keys)]
+            key_fn = self.key_serializer
+            keys = [_serialized(key_fn, "key", k, f"keys[{i}]") for i, k in enumerate(keys)]
         return Producer.send_many(self, topic, values, keys, partition)
 
     def _batch_with_room(self, topic: str, partition: int | None, size: int) -> ProducerBatch:
@@ -568,8 +598,9 @@ class Producer:
             self._wait_for_space(size)  # waits on self._space, releasing the lock
         return self._batch_for(topic, partition, count)
 
-    def send_many(self, topic: str, values: Iterable[Buffer | None], keys: Iterable[Buffer | None] | None = None,
-                  partition: int | None = None) -> FutureList:
+    @_typed_as(_send_many_face)
+    def send_many(self: Producer[Any, Any], topic: str, values: Iterable[Buffer | None],
+                  keys: Iterable[Buffer | None] | None = None, partition: int | None = None) -> FutureList:
         """Send many records in one call (cheaper per record than ``send()``). Returns their futures.
 
         Without keys, the values go in whole runs: one lock round per batch they fill, no Python code per
@@ -800,7 +831,7 @@ class Producer:
             finally:
                 gil.release()
 
-    def __enter__(self) -> Producer:
+    def __enter__(self) -> Producer[KeyIn, ValueIn]:
         return self
 
     def __exit__(self, *exc: object) -> None:

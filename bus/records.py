@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Generic, NamedTuple, TypeAlias, TypeVar
 
 # What the formats read bytes from: a received frame's buffer, a slice of one, or bytes.
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
+# The clients' type parameters, with defaults (PEP 696), so that a plain ``Consumer`` or ``Record`` in a user's
+# annotation means the bytes ones and needs no parameters under mypy --strict. Python 3.11's TypeVar takes no
+# default=: the checkers read typing_extensions' (its stubs ship with mypy and pyright, so the client gains
+# no dependency), and at run time these are plain TypeVars, which is all Generic needs.
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar as _TypeVar
 
-class Record(NamedTuple):
+    # A consumed record's key and value: bytes, or what the consumer's key_deserializer / value_deserializer
+    # return.
+    K = _TypeVar("K", default=bytes)
+    V = _TypeVar("V", default=bytes)
+    # What a producer's send() takes as key and value: bytes-like, or what its key_serializer /
+    # value_serializer take.
+    KeyIn = _TypeVar("KeyIn", default=Buffer)
+    ValueIn = _TypeVar("ValueIn", default=Buffer)
+else:
+    K, V, KeyIn, ValueIn = TypeVar("K"), TypeVar("V"), TypeVar("KeyIn"), TypeVar("ValueIn")
+
+
+class Record(NamedTuple, Generic[K, V]):
+    """A consumed record. ``Record`` is ``Record[bytes, bytes]``; a consumer with deserializers returns
+    ``Record[K, V]``, K and V what they return (never called for None: no key, a tombstone)."""
+
     topic: str
     partition: int
     offset: int
-    key: bytes | None
-    value: bytes | None  # None: a tombstone (sent as value=None), distinct from b""
+    key: K | None
+    value: V | None  # None: a tombstone (sent as value=None), distinct from b""
     headers: list[tuple[str, bytes | None]] | None  # [(str, bytes)], as sent (a dict of headers comes back as its pairs)
     timestamp_ms: int  # the producer's, if send() was given one; else the time its node appended it
 
@@ -40,8 +61,8 @@ Partitions: TypeAlias = Iterable[tuple[str, int]]
 PartitionMap: TypeAlias = Mapping[TopicPartition, _V] | Mapping[tuple[str, int], _V]
 # The offsets a commit is given: {tp: offset} or {tp: (offset, metadata or None)}.
 CommitOffsets: TypeAlias = PartitionMap[int | tuple[int, str | None]]
-# A consumer's key_deserializer= or value_deserializer=: bytes to any object (never given None).
-Deserializer: TypeAlias = Callable[[bytes], object]
+# A consumer's key_deserializer= or value_deserializer=: bytes to the records' key or value (never given None).
+Deserializer: TypeAlias = Callable[[bytes], _V]
 # on_assign, on_revoke, on_lost: called with the partitions, sorted.
 PartitionsCallback: TypeAlias = Callable[[list[TopicPartition]], object]
 # on_commit and commit_async's callback: the offsets ({tp: (offset, metadata)}), and the error or None.

@@ -142,7 +142,7 @@ class PartitionQueue:
 
 
 class Sender(BackgroundIO):
-    def __init__(self, producer: Producer, context: ZmqContext, *, request_timeout_ms: int,
+    def __init__(self, producer: Producer[Any, Any], context: ZmqContext, *, request_timeout_ms: int,
                  max_in_flight_per_node: int, idempotent: bool, retry_backoff_ms: int, metadata_timeout_ms: int
                  ) -> None:
         super().__init__(context, name="bus-producer-sender", bootstrap=producer.bootstrap,

@@ -32,6 +32,14 @@ def test_json_of_a_record_without_key_headers_or_value():
     assert out["value"] is None and out["value_encoding"] is None
 
 
+def test_json_of_a_header_without_a_value():
+    # Kafka's record format lets a header's value be null, and Kafka producers send such records to the bus.
+    out = json.loads(record_json(record(headers=[("trace", None), ("u", b"x")])))
+    assert out["headers"] == [{"name": "trace", "value": None, "encoding": None},
+                              {"name": "u", "value": "x", "encoding": "utf-8"}]
+    assert record_formatted(record(headers=[("trace", None)]), "%h") == "trace="
+
+
 def test_format_tokens_and_escapes():
     line = record_formatted(record(headers=[("a", b"1"), ("b", b"2")]), r"%t/%p@%o %k=%s (%K,%S) %T %h 100%%\n")
     assert line == "t/2@41 k=v (1,1) 1700000000000 a=1,b=2 100%\n"
