@@ -7,8 +7,11 @@ caller's thread and returns from memory.
 The buffer is per partition, and ``poll()`` serves the partitions that have data in turn (bus/rotation.py):
 each poll starts at the next one, so a partition with data is never more than one poll behind another,
 however large the backlog ahead of it. A partition's fetched chunks are decoded a few batches at a time, as
-its turn needs records, so at most a poll's worth (and the rest of one batch) of each is held decoded; a
-chunk's bytes count against ``prefetch_bytes_max`` until its last record is handed out.
+its turn needs records, so at most a poll's worth (and the rest of one batch) of each is held decoded.
+
+``prefetch_bytes_max`` bounds the fetched bytes not yet read, released batch by batch as their records are
+handed out; bus/positions.py says what memory that bounds (at most ``prefetch_bytes_max`` plus, per
+partition, the read part of one partly read chunk).
 
 Deserializers (``key_deserializer=``, ``value_deserializer=``: callables, e.g.
 ``bus.serializers.json_deserializer``) run in ``poll()`` on each record's key and value; never on None (a
@@ -20,7 +23,10 @@ and what it has buffered kept, until ``resume(partitions)``; a partition that le
 rebalance's revoke, ``assign()`` without it) is no longer paused, as in Kafka.
 
 Positions: ``position(tp)`` is the offset of the next record ``poll()`` will return. Each partition's
-``epoch`` goes up on every seek, so bytes fetched for an older position are dropped, never returned.
+``epoch`` goes up on every seek, so bytes fetched for an older position are dropped, never returned. The
+positions, epochs, pending resets, pause state and the buffer's bookkeeping are a sans-IO core
+(bus/positions.py): this class is its shell, and holds ``_lock`` around every call into it, from the
+user's thread and from the fetcher's.
 
 Lock order: ``Consumer._lock`` is the only lock shared with the fetcher thread. A group member's
 ``GroupMember._lock`` (bus/group_member.py) is never held while taking it.
@@ -29,22 +35,21 @@ Lock order: ``Consumer._lock`` is the only lock shared with the fetcher thread. 
 from __future__ import annotations
 
 import gc
-import itertools
 import re
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import zmq
 
 from . import fork_guard
-from .batch import HEADER_BYTES, iter_batches, read_columns
 from .connection import Requester
-from .errors import ClosedError, ConfigError, CorruptRecord, OffsetOutOfRange, SerializationError, Timeout
+from .errors import ClosedError, ConfigError, SerializationError, Timeout
 from .metadata import check_bootstrap
-from .records import (Buffer, CommitCallback, CommitOffsets, Deserializer, K, PartitionMap, Partitions,
+from .positions import FetchedPart, PartitionState, Positions
+from .records import (CommitCallback, CommitOffsets, Deserializer, K, PartitionMap, Partitions,
                       PartitionsCallback, Record, TopicPartition, V)
 from .rotation import take_in_turn
 from .signal import Signal
@@ -54,32 +59,8 @@ if TYPE_CHECKING:
     from .group_member import GroupMember
 
 _new_record = tuple.__new__
-_map, _repeat = map, itertools.repeat
+_T = TypeVar("_T")
 RESETS = ("earliest", "latest", "none")
-
-
-class PartitionState:
-    __slots__ = ("position", "fetch_offset", "epoch", "reset", "error", "log_end", "chunks", "decoded_at", "runs",
-                 "held_bytes", "spent_bytes")
-
-    def __init__(self, reset: str | int | None) -> None:
-        self.position: int | None = None  # next offset poll() returns; None until resolved
-        self.fetch_offset: int | None = None  # next offset to fetch (ahead of position by what is buffered)
-        self.epoch = 0  # goes up on every seek; fetches of an older epoch are dropped, and the buffer with it
-        self.reset = reset  # "earliest" / "latest" / a timestamp while the position is being resolved
-        self.error: BaseException | None = None  # an error to raise from poll() for this partition
-        self.log_end: int | None = None  # last seen log end offset, for lag
-        # (fetched offset, bytes) of this epoch not yet wholly decoded, in order
-        self.chunks: deque[tuple[int, Buffer]] = deque()
-        self.decoded_at = 0  # byte position in chunks[0] of its first batch not yet decoded
-        # [first offset, records, next index]: runs of records at consecutive offsets, decoded and not yet
-        # returned (all from chunks[0], or from the chunk just before it, wholly decoded).
-        self.runs: deque[list[Any]] = deque()
-        self.held_bytes = 0  # bytes of the chunks whose records are not all handed out (counted in _chunk_bytes)
-        self.spent_bytes = 0  # of those, the bytes of chunks wholly decoded (or dropped) whose records are in runs
-
-    def has_data(self) -> bool:
-        return bool(self.runs or self.chunks)
 
 
 # The group options and their defaults, as GroupMember (bus/group_member.py) takes them; the suite checks
@@ -98,8 +79,8 @@ class Consumer(Generic[K, V]):
 
     Fetching: ``auto_offset_reset`` ("latest", "earliest" or "none": where a partition without a position
     starts), ``fetch_max_wait_ms`` / ``fetch_min_bytes`` (the long poll), ``fetch_max_bytes`` (per request),
-    ``max_partition_fetch_bytes``, ``prefetch_bytes_max`` (the buffer), ``request_timeout_ms``,
-    ``retry_backoff_ms``; ``key_deserializer`` / ``value_deserializer`` (callables on bytes).
+    ``max_partition_fetch_bytes``, ``prefetch_bytes_max`` (the buffer: fetched bytes not yet read),
+    ``request_timeout_ms``, ``retry_backoff_ms``; ``key_deserializer`` / ``value_deserializer`` (callables on bytes).
 
     Group options (only with ``group=``; bus/group_member.py has the details):
 
@@ -177,15 +158,10 @@ class Consumer(Generic[K, V]):
         self._poll_lock = threading.Lock()  # one poll() at a time (see poll())
         # Signalled when data, errors or positions arrive; bus.aio's consumer hooks its loop to it (on_notify).
         self._data = Signal(self._lock)
-        self._states: dict[TopicPartition, PartitionState] = {}
-        # The partitions that have buffered data, in the order poll() serves them (bus/rotation.py). Exactly
-        # those whose state has_data() and that are not paused, at every release of _lock.
-        self._ready: OrderedDict[TopicPartition, None] = OrderedDict()
-        # The assigned partitions pause() took out of the rotation and the fetches.
-        self._paused: set[TopicPartition] = set()
-        self._chunk_bytes = 0  # bytes of every partition's held chunks (held_bytes), against prefetch_bytes_max
+        # The positions, epochs, pause state and buffer of every assigned partition (bus/positions.py): only
+        # under _lock.
+        self._positions = Positions(auto_offset_reset, prefetch_bytes_max)
         self._records_consumed = 0  # records poll() handed out, for metrics()
-        self._bytes_fetched = 0  # bytes of the fetched chunks taken into the buffer, for metrics()
         self._closed = False
         self._context = zmq.Context()
         self._requester = Requester(self._context, self.bootstrap, request_timeout_ms)
@@ -229,18 +205,7 @@ class Consumer(Generic[K, V]):
     def _set_assignment(self, partitions: list[TopicPartition], positions: Mapping[TopicPartition, int] | None = None
                         ) -> None:
         with self._lock:
-            wanted = set(partitions)
-            for tp in list(self._states):
-                if tp not in wanted:
-                    self._drop_buffer(tp, self._states.pop(tp))
-                    self._paused.discard(tp)  # a partition that leaves the assignment is no longer paused
-            for tp in partitions:
-                if tp not in self._states:
-                    state = self._states[tp] = PartitionState(self.auto_offset_reset)
-                    offset = (positions or {}).get(tp)
-                    if offset is not None:
-                        state.position = state.fetch_offset = offset
-                        state.reset = None
+            self._positions.assign(partitions, positions)
             self._data.notify_all()
         self._wake()
 
@@ -248,7 +213,7 @@ class Consumer(Generic[K, V]):
         """The (topic, partition) pairs this consumer reads now: assign()'s, or those the group gave it."""
         self._check_open("assignment()")
         with self._lock:
-            return set(self._states)
+            return set(self._positions.states)
 
     def subscription(self) -> set[str] | str:
         """The topics this group member subscribed to (a set), or the pattern it subscribed with (a str, the
@@ -315,9 +280,7 @@ class Consumer(Generic[K, V]):
         self._check_open("pause()")
         tps = self._assigned_now(partitions, "pause()")
         with self._lock:
-            for tp in tps:
-                self._paused.add(tp)
-                self._ready.pop(tp, None)
+            self._positions.pause(tps)
         self._wake()  # a fetch out for them is superseded by one without them
 
     def resume(self, partitions: Partitions) -> None:
@@ -326,11 +289,7 @@ class Consumer(Generic[K, V]):
         self._check_open("resume()")
         tps = self._assigned_now(partitions, "resume()")
         with self._lock:
-            for tp in tps:
-                if tp in self._paused:
-                    self._paused.discard(tp)
-                    if self._states[tp].has_data():
-                        self._ready[tp] = None  # at the end of the rotation
+            self._positions.resume(tps)
             self._data.notify_all()
         self._wake()
 
@@ -338,7 +297,7 @@ class Consumer(Generic[K, V]):
         """The partitions paused now."""
         self._check_open("paused()")
         with self._lock:
-            return set(self._paused)
+            return set(self._positions.paused)
 
     def _assigned_now(self, partitions: object, call: str) -> list[TopicPartition]:
         if isinstance(partitions, (str, bytes, TopicPartition)) or not hasattr(partitions, "__iter__"):
@@ -349,9 +308,7 @@ class Consumer(Generic[K, V]):
                 raise ConfigError(f"{call} takes a list of (topic, partition) pairs, not {partitions!r}")
             tps.append(TopicPartition(*tp))
         with self._lock:
-            for tp in tps:
-                if tp not in self._states:
-                    raise ConfigError(f"{call}: {tp} is not assigned to this consumer")
+            self._positions.check_assigned(tps, call)
         return tps
 
     # -- group offsets (bus/group_member.py) -------------------------------------------------------------
@@ -393,21 +350,9 @@ class Consumer(Generic[K, V]):
 
     def _reposition(self, partitions: Partitions | None, target: int | str) -> None:
         self._check_open("seek()")
+        tps = None if partitions is None else [TopicPartition(*tp) for tp in partitions]
         with self._lock:
-            tps = list(self._states) if partitions is None else [TopicPartition(*tp) for tp in partitions]
-            for tp in tps:
-                state = self._states.get(tp)
-                if state is None:
-                    raise ConfigError(f"{tp} is not assigned to this consumer")
-                state.epoch += 1
-                self._drop_buffer(tp, state)
-                state.error = None
-                if isinstance(target, int):
-                    state.position = state.fetch_offset = target
-                    state.reset = None
-                else:
-                    state.position = state.fetch_offset = None
-                    state.reset = target
+            self._positions.seek(tps, target)
         self._wake()
 
     def position(self, tp: tuple[str, int], timeout_ms: int = 30_000) -> int:
@@ -417,11 +362,9 @@ class Consumer(Generic[K, V]):
         deadline_s = time.monotonic() + timeout_ms / 1000
         with self._lock:
             while True:
-                state = self._states.get(tp)
-                if state is None:
-                    raise ConfigError(f"{tp} is not assigned to this consumer")
-                if state.position is not None:
-                    return state.position
+                position = self._positions.position(tp)
+                if position is not None:
+                    return position
                 self._check_open("position()")  # closed while waiting: no fetcher will resolve it now
                 remaining = deadline_s - time.monotonic()
                 if remaining <= 0:
@@ -489,9 +432,7 @@ class Consumer(Generic[K, V]):
                 if not out:
                     raise error from exc
                 with self._lock:
-                    state = self._states.get(TopicPartition(r[0], r[1]))
-                    if state is not None:
-                        state.error = error
+                    self._positions.set_error(TopicPartition(r[0], r[1]), error)
                 return out
             out.append(_new_record(Record, (r[0], r[1], r[2], key, value, r[5], r[6])))
         return out
@@ -520,7 +461,7 @@ class Consumer(Generic[K, V]):
                 break
             # The group's assignment changed while waiting: act on it now, not at the next poll().
             group.on_poll(int((deadline_s - time.monotonic()) * 1000))
-        if self._chunk_bytes < self.prefetch_bytes_max:
+        if self._positions.has_room():
             self._wake()
         if group is not None and group.on_records(out) is False:
             # The member may have lost these partitions meanwhile (frozen inside this call past its session,
@@ -547,106 +488,43 @@ class Consumer(Generic[K, V]):
         for r in records:
             first.setdefault(TopicPartition(r.topic, r.partition), r.offset)
         with self._lock:
-            for tp, offset in first.items():
-                state = self._states.get(tp)
-                if state is not None:
-                    state.epoch += 1
-                    self._drop_buffer(tp, state)
-                    state.position = state.fetch_offset = offset
-                    state.reset = None
+            self._positions.unread(first)
         self._wake()
 
     def _raise_errors(self) -> None:
-        for tp, state in self._states.items():
-            if state.error is not None:
-                error, state.error = state.error, None
-                raise error
-            if state.reset == "none" and self._group is None:
-                # Nothing will ever give it a position (as Kafka's NoOffsetForPartition): say so, don't idle.
-                raise OffsetOutOfRange(f"{tp[0]}/{tp[1]} has no position and auto_offset_reset is "
-                                       "'none'; seek() to an offset first")
+        error = self._positions.take_error(self._group is not None)
+        if error is not None:
+            raise error
 
     def _take(self, out: list[Record], max_records: int) -> None:
         """Move up to ``max_records`` returnable records into ``out``: from the partitions with data in turn
-        (bus/rotation.py), as many of each as it has, decoding its chunks as needed. Caller holds ``_lock``."""
-        if len(out) < max_records and self._ready:
-            self._take_order(self._ready, max_records - len(out), lambda tp, n: self._take_from(tp, out, n))
+        (bus/rotation.py), as many of each as it has, decoding its chunks as needed (Positions.take_from).
+        Caller holds ``_lock``."""
+        positions = self._positions
+        if len(out) < max_records and positions.ready:
+            aged = self._aged
+            self._take_order(positions.ready, max_records - len(out),
+                             lambda tp, n: positions.take_from(tp, out, n, aged))
+            if positions.wake_fetcher:  # a corrupt batch to fetch again
+                positions.wake_fetcher = False
+                self._wake()
 
-    def _take_from(self, tp: TopicPartition, out: list[Record], n: int) -> tuple[int, bool]:
-        """Move up to ``n`` of ``tp``'s records into ``out`` from its position, in offset order; returns how
-        many, and whether ``tp`` has data left (``take_in_turn``'s ``take``). Caller holds ``_lock``.
+    def _aged(self, build: Callable[[], _T]) -> _T:
+        """``build()``: bus/positions.py decoding a chunk or building a run's Records, with ``_lock`` let go
+        (Positions.take_from calls it with the lock held), so the fetcher thread can hand over chunks meanwhile
+        (only poll() decodes, from one thread at a time: see poll()); the core then sees whatever happened
+        meanwhile (a seek, a reassignment).
 
-        A run is handed out by slicing, and the partition's position moves once per slice. A record is
-        returned only if its offset is the partition's position (so nothing is returned twice or out of
-        order after a seek): within a run the records before the position are skipped, and a run that does
-        not reach the position is dropped.
-        """
-        start = len(out)
-        stop_at = start + n
-        state = self._states.get(tp)
-        while state is not None and len(out) < stop_at:
-            runs = state.runs
-            if not runs:
-                if not state.chunks:
-                    break
-                self._decode(tp, state, stop_at - len(out))
-                state = self._states.get(tp)  # the decode let go of the lock: tp may be gone, or re-sought
-                if tp in self._paused:
-                    break  # or paused: nothing more of it once pause() has returned
-                continue
-            run = runs[0]
-            position = state.position
-            first, records, index = run
-            if position is None or not first + index <= position < first + len(records):
-                runs.popleft()  # re-sought, or already returned: never handed out
-                continue
-            index = position - first
-            stop = min(len(records), index + stop_at - len(out))
-            out += records[index:stop]
-            state.position = first + stop
-            if stop == len(records):
-                runs.popleft()
-            else:
-                run[2] = stop
-        if state is None:
-            return len(out) - start, False
-        if not state.runs and state.spent_bytes:
-            # Every record of the chunks wholly decoded is handed out: their bytes leave the prefetch buffer.
-            self._chunk_bytes -= state.spent_bytes
-            state.held_bytes -= state.spent_bytes
-            state.spent_bytes = 0
-        # Paused during a decode (the lock let go): it leaves the rotation now, its buffer kept.
-        return len(out) - start, state.has_data() and tp not in self._paused
-
-    def _decode(self, tp: TopicPartition, state: PartitionState, want: int) -> None:
-        """Decode batches of ``tp``'s first chunk (whole batches, CRC-checked) into runs of Records, until
-        ``want`` records or the chunk's end; a chunk wholly decoded leaves ``chunks``.
-
-        Called with ``_lock`` held; it lets go of it while decoding, so the fetcher thread can hand over
-        chunks meanwhile (only poll() decodes, from one thread at a time: see poll()). A seek or
-        reassignment during the decode shows as another state or epoch, and then the runs are dropped. A
-        corrupt batch becomes the partition's error, raised by the next poll(); the records before it are
-        kept (handed out first), the rest of the partition's buffer is dropped, and it is fetched again from
-        the corrupt batch on (as Kafka's consumer, it raises again for as long as the stored batch is bad).
-
-        Records are built at C speed: ``map`` over ``zip`` of the payload's columns (timestamps, keys,
-        values, headers; bus/batch.py), no Python code per record. A compressed batch's payload is
-        decompressed here, in the caller's thread, one batch at a time (bus/batch.py bounds each to
-        UNCOMPRESSED_BYTES_MAX).
-        """
-        chunk = state.chunks[0]
-        fetched_offset, data = chunk
-        epoch, at = state.epoch, state.decoded_at
-        # A Record is a tuple subclass, which the cyclic garbage collector tracks for as long as it lives
-        # (it untracks plain tuples only). Decoding tens of thousands of them with the collector on runs a
-        # collection every 700 allocations (measured: 2.5x slower), and even with it paused each young record
-        # is walked later by the young and the middle collections. So the collector is paused for the
-        # decode and, when it is on, aged around it: first the young and middle generations are collected
-        # (the program's own objects there: a few thousand at most), and after the decode freeze() +
-        # unfreeze() move every tracked object to the oldest generation without walking any. What moves is
-        # live: these records and the survivors of that collection (records are freed by reference count as
-        # ever). Measured +25 % records/s (docs/benchmarks.md). Not aged when the collector is off, nor when
-        # the program froze objects itself (unfreeze() would undo that).
+        A Record is a tuple subclass, which the cyclic garbage collector tracks for as long as it lives (it
+        untracks plain tuples only). Decoding tens of thousands of them with the collector on runs a
+        collection every 700 allocations (measured: 2.5x slower), and even with it paused each young record is
+        walked later by the young and the middle collections. So the collector is paused for the decode and,
+        when it is on, aged around it: first the young and middle generations are collected (the program's
+        own objects there: a few thousand at most), and after the decode freeze() + unfreeze() move every
+        tracked object to the oldest generation without walking any. What moves is live: these records and
+        the survivors of that collection (records are freed by reference count as ever). Measured +25 %
+        records/s (docs/benchmarks.md). Not aged when the collector is off, nor when the program froze objects
+        itself (unfreeze() would undo that)."""
         enabled = gc.isenabled()
         age = enabled and gc.get_freeze_count() == 0
         self._lock.release()
@@ -654,7 +532,7 @@ class Consumer(Generic[K, V]):
             gc.collect(1)
         gc.disable()
         try:
-            decoded, at, error = self._decode_runs(tp, fetched_offset, data, at, want)
+            return build()
         finally:
             if age:
                 gc.freeze()
@@ -662,168 +540,55 @@ class Consumer(Generic[K, V]):
             if enabled:
                 gc.enable()
             self._lock.acquire()
-        if self._states.get(tp) is not state or state.epoch != epoch or not state.chunks or state.chunks[0] is not chunk:
-            return  # re-sought or reassigned meanwhile: what was decoded is for a position no longer wanted
-        state.runs += decoded
-        if error is not None:
-            # The runs stay; nothing after them does. Their bytes go when they are handed out, as a chunk's do.
-            state.epoch += 1
-            state.fetch_offset = decoded[-1][0] + len(decoded[-1][1]) if decoded else state.position
-            state.spent_bytes = state.held_bytes
-            state.chunks.clear()
-            state.decoded_at = 0
-            state.error = error
-            self._wake()
-            return
-        if at >= len(data):
-            state.chunks.popleft()
-            state.decoded_at = 0
-            state.spent_bytes += len(data)
-        else:
-            state.decoded_at = at
 
-    @staticmethod
-    def _decode_runs(tp: TopicPartition, fetched_offset: int, data: Buffer, at: int, want: int
-                     ) -> tuple[list[list[Any]], int, CorruptRecord | None]:
-        """The runs (see _take_from) of the records at ``fetched_offset`` and after in the batches of ``data``
-        from byte ``at`` on: batch after batch until ``want`` records or the end. Returns the runs, the byte
-        position of the first batch not decoded, and the CorruptRecord that stopped the decode there, if one
-        did (the runs are the records before it)."""
-        topic, partition = tp
-        runs: list[list[Any]] = []
-        run: list[Any] | None = None
-        decoded = 0
-        # The payload's columns (bus/batch.py read_columns), and what stands in for one that is None.
-        headers: Iterable[Any] | None
-        timestamps: Iterable[Any]
-        batches = iter_batches(memoryview(data)[at:])
-        while True:
-            try:
-                header, payload = next(batches)
-                base, count = header.base_offset, header.record_count
-                skip = fetched_offset - base if base < fetched_offset else 0
-                if skip >= count:
-                    at += HEADER_BYTES + header.payload_len
-                    continue
-                stamps, keys, values, headers = (c if c is None or not skip else c[skip:]
-                                                 for c in read_columns(payload, count, header.attributes))
-            except StopIteration:
-                break
-            except CorruptRecord as exc:
-                return runs, at, exc
-            at += HEADER_BYTES + header.payload_len
-            assert values is not None  # read_columns gives every column but values as None when none has one
-            # A column that is None: no record of the batch has one (the usual batch has values only).
-            if stamps is None:
-                timestamps = _repeat(header.append_ts_ms)  # one int shared by the batch's records
-            else:
-                append_ts_ms = header.append_ts_ms
-                timestamps = [append_ts_ms if ts is None else ts for ts in stamps]
-            headers = _repeat(None) if headers is None else \
-                [None if h is None else [tuple(x) for x in h] for h in headers]
-            records = list(_map(_new_record, _repeat(Record), zip(
-                _repeat(topic), _repeat(partition), range(base + skip, base + count),
-                _repeat(None) if keys is None else keys, values, headers, timestamps)))
-            if run is not None and run[0] + len(run[1]) == base + skip:
-                run[1] += records  # the next batch follows on: one run per decode
-            else:
-                run = [base + skip, records, 0]
-                runs.append(run)
-            decoded += count - skip
-            if decoded >= want:
-                break
-        return runs, at, None
+    # The core's state, as the suite and bus/group_member.py look at it (under _lock).
+    @property
+    def _states(self) -> dict[TopicPartition, PartitionState]:
+        return self._positions.states
 
-    def _drop_buffer(self, tp: TopicPartition, state: PartitionState) -> None:
-        """Forget what ``tp`` has buffered (a seek, a put-back, a reset, its removal). Caller holds ``_lock``."""
-        self._chunk_bytes -= state.held_bytes
-        state.held_bytes = state.spent_bytes = state.decoded_at = 0
-        state.chunks.clear()
-        state.runs.clear()
-        self._ready.pop(tp, None)
+    @property
+    def _ready(self) -> OrderedDict[TopicPartition, None]:
+        return self._positions.ready
+
+    @property
+    def _chunk_bytes(self) -> int:
+        return self._positions.chunk_bytes
 
     def _check_invariants(self) -> None:
-        """What holds whenever ``_lock`` is free (the suite checks it around polls)."""
+        """What holds whenever ``_lock`` is free and no poll() is decoding (the suite checks it around polls)."""
         with self._lock:
-            assert self._chunk_bytes == sum(s.held_bytes for s in self._states.values()), self._chunk_bytes
-            assert set(self._ready) == {tp for tp, s in self._states.items()
-                                        if s.has_data() and tp not in self._paused}, list(self._ready)
-            assert self._paused <= set(self._states), self._paused
-            for tp, s in self._states.items():
-                assert s.held_bytes == sum(len(data) for _, data in s.chunks) + s.spent_bytes, tp
-                assert s.spent_bytes == 0 or s.runs, tp  # released once the runs of a decoded chunk are out
-                assert not s.has_data() or s.position is not None, tp
+            self._positions.check_invariants()
 
     # -- called by the fetcher thread --------------------------------------------------------------
 
     def _pending_resets(self) -> list[tuple[TopicPartition, str | int, int]]:
         with self._lock:
-            return [(tp, s.reset, s.epoch) for tp, s in self._states.items() if s.reset is not None and s.reset != "none"]
+            return self._positions.pending_resets()
 
-    def _resolved(self, tp: TopicPartition, epoch: int, offset: int) -> None:
+    def _resolved(self, tp: TopicPartition, spec: str | int, epoch: int, offset: int) -> None:
         with self._lock:
-            state = self._states.get(tp)
-            if state is not None and state.epoch == epoch and state.reset is not None:
-                state.position = state.fetch_offset = offset
-                state.reset = None
+            if self._positions.resolved(tp, spec, epoch, offset):
                 self._data.notify_all()
 
     def _fetchable(self) -> dict[TopicPartition, tuple[int, int]]:
         with self._lock:
-            if self._chunk_bytes >= self.prefetch_bytes_max:
-                return {}
-            # The partitions with the least buffered first: a node fills a fetch's max_bytes in this order, so
-            # what is cut short when it runs out is the partitions that already have the most to read.
-            return {tp: (s.fetch_offset, s.epoch)
-                    for tp, s in sorted(self._states.items(), key=lambda item: item[1].held_bytes)
-                    if s.fetch_offset is not None and tp not in self._paused}
+            return self._positions.fetchable()
 
-    def _fetched(self, parts: Iterable[tuple[TopicPartition, int, int, Buffer, int, int]]) -> None:
+    def _fetched(self, parts: Iterable[FetchedPart]) -> None:
         """A fetch reply's data, ``[(tp, epoch, fetched offset, data, next offset, log end)]``, taken in one
         hold of the lock: the partitions of one reply join the rotation together, in the reply's order."""
         with self._lock:
-            arrived = False
-            for tp, epoch, offset, data, next_offset, log_end in parts:
-                state = self._states.get(tp)
-                if state is None or state.epoch != epoch or state.fetch_offset != offset:
-                    continue
-                if log_end >= 0:  # -1: a new leader does not know its high watermark yet
-                    state.log_end = log_end
-                if not data:
-                    continue
-                state.fetch_offset = next_offset
-                state.chunks.append((offset, data))
-                state.held_bytes += len(data)
-                self._chunk_bytes += len(data)
-                self._bytes_fetched += len(data)
-                if tp not in self._ready and tp not in self._paused:
-                    self._ready[tp] = None  # at the end of the rotation
-                arrived = True
-            if arrived:
+            if self._positions.fetched(parts):
                 self._data.notify_all()
 
     def _out_of_range(self, tp: TopicPartition, epoch: int, offset: int, log_start: int, log_end: int) -> None:
         with self._lock:
-            state = self._states.get(tp)
-            if state is None or state.epoch != epoch or state.fetch_offset != offset:
-                return
-            state.epoch += 1
-            self._drop_buffer(tp, state)
-            if self.auto_offset_reset == "none":
-                state.fetch_offset = None
-                state.error = OffsetOutOfRange(
-                    f"offset {offset} of {tp[0]}/{tp[1]} is outside the log [{log_start}, {log_end}]; "
-                    "seek to a retained offset")
-            else:
-                state.position = state.fetch_offset = None
-                state.reset = self.auto_offset_reset
-            self._data.notify_all()
+            if self._positions.out_of_range(tp, epoch, offset, log_start, log_end):
+                self._data.notify_all()
 
     def _fetch_error(self, tp: TopicPartition, epoch: int, error: BaseException) -> None:
         with self._lock:
-            state = self._states.get(tp)
-            if state is not None and state.epoch == epoch:
-                state.error = error
+            if self._positions.fetch_error(tp, epoch, error):
                 self._data.notify_all()
 
     # -- metrics -----------------------------------------------------------------------------------
@@ -837,11 +602,11 @@ class Consumer(Generic[K, V]):
         self._check_open("metrics()")
         fetcher = self._fetcher
         with self._lock:
-            lag = {tp: max(0, s.log_end - s.position) for tp, s in self._states.items()
-                   if s.log_end is not None and s.position is not None}
-            out = {"records_consumed": self._records_consumed, "bytes_fetched": self._bytes_fetched,
+            positions = self._positions
+            lag = positions.lag()
+            out = {"records_consumed": self._records_consumed, "bytes_fetched": positions.bytes_fetched,
                    "fetch_requests": fetcher.fetch_requests, "fetch_errors": fetcher.fetch_errors,
-                   "buffered_bytes": self._chunk_bytes}
+                   "buffered_bytes": positions.chunk_bytes}
         return {**out, "lag": lag, "records_lag_max": max(lag.values(), default=0)}
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ partitions, and stores what comes back in the consumer's bounded prefetch buffer
 It owns the node sockets (the loop, the metadata and the node connections are bus/background.py's). The
 user's thread changes assignment and positions under ``Consumer._lock`` and wakes it; each partition's
 ``epoch`` goes up on every seek, so data fetched for an older position is recognised and dropped rather
-than returned.
+than returned. What to fetch and whether an answer is stale are bus/positions.py's decisions, which this
+thread reaches through the Consumer's methods (``_fetchable``, ``_fetched``, ``_resolved`` ...).
 """
 
 from __future__ import annotations
@@ -123,9 +124,9 @@ class Fetcher(BackgroundIO):
             log.warning("list_offsets from node %d failed: %s: %s", node_id, *error)
             retry = True
         else:
-            for (tp, (_, epoch, _)), (code, _, offset, _, _) in zip(parts.items(), result["parts"]):
+            for (tp, (spec, epoch, _)), (code, _, offset, _, _) in zip(parts.items(), result["parts"]):
                 if code is None:
-                    self.consumer._resolved(tp, epoch, offset)
+                    self.consumer._resolved(tp, spec, epoch, offset)
                 else:
                     retry = True
                     if error_class(code).refresh_metadata:
