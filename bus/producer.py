@@ -413,7 +413,7 @@ class Producer(Generic[KeyIn, ValueIn]):
     def __init__(self, bootstrap: str | None = None, *, acks: int | str = "all", linger_ms: int = 2,
                  batch_bytes: int = 1 << 20, buffer_bytes: int = 64 << 20, max_block_ms: int = 60_000,
                  request_timeout_ms: int = 30_000, delivery_timeout_ms: int = 120_000, max_record_bytes: int = 1 << 20,
-                 max_in_flight_per_node: int = 16, idempotent: bool = True, retry_backoff_ms: int = 50,
+                 max_in_flight_per_node: int = 8, idempotent: bool = True, retry_backoff_ms: int = 50,
                  metadata_timeout_ms: int = 10_000, compression: str | None = None,
                  key_serializer: Serializer[KeyIn] | None = None,
                  value_serializer: Serializer[ValueIn] | None = None) -> None:
