@@ -296,6 +296,8 @@ class Node:
             self.close()
 
     def _poll_timeout_ms(self) -> int:
+        if self.produces:
+            return 0  # taken after the last commit (``_commit``): the next one starts now
         now_s = time.monotonic()
         wake_s = min(self.next_heartbeat_s, now_s + LOOP_WAIT_MS_MAX / 1000)
         for deadline_s in (self.hw_waiters.next_deadline_s(), self.append_waiters.next_deadline_s(),
@@ -382,6 +384,10 @@ class Node:
         for tp in appended:
             self.append_waiters.check(tp)  # followers waiting for data
             self._advance(tp)  # one replica: committed at once
+        # What arrived during the commit, before its produces are answered: a consumer's next fetch, there by
+        # now, gets what was just committed at once instead of after the acknowledgements and a loop round
+        # (docs/benchmarks.md, M); the produces among them wait for the next commit, which comes at once.
+        self.server.serve_turn(self.handlers, bulk_ops=BULK_OPS)
         for request, acks, timeout_ms, results, required in waiting:
             if acks == 0:
                 continue
