@@ -11,7 +11,8 @@ stores, sends and replies. One thread, one loop:
 2. apply placement pushed by the coordinator before anything else;
 3. drain every request waiting; produces of that turn are appended in ONE transaction, synced once (group
    commit); acks=1 is answered then, acks=all once the high watermark passes the batches (the
-   purgatory, nodes/purgatory.py), which for a partition with one replica is at once;
+   purgatory, nodes/purgatory.py), which for a partition with one replica is at once; what arrived
+   during the commit is read before its produces are answered (fetches then get what it committed);
 4. store what the leaders sent this node's followers, synced, and ask them again at once (that fetch
    tells the leader the new log end);
 5. answer long polls that can be answered, expire what is due, propose ISR changes.
