@@ -12,7 +12,8 @@ stores, sends and replies. One thread, one loop:
 3. drain every request waiting; produces of that turn are appended in ONE transaction, synced once (group
    commit); acks=1 is answered then, acks=all once the high watermark passes the batches (the
    purgatory, nodes/purgatory.py), which for a partition with one replica is at once; what arrived
-   during the commit is read before its produces are answered (fetches then get what it committed);
+   during the commit is read before its produces are answered (fetches then get what it committed; the
+   produces among them are deferred to the next turn);
 4. store what the leaders sent this node's followers, synced, and ask them again at once (that fetch
    tells the leader the new log end);
 5. answer long polls that can be answered, expire what is due, propose ISR changes.
@@ -283,7 +284,7 @@ class Node:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if self.coordinator in ready:
                     self._drain_coordinator()
-                if self.server.socket in ready:
+                if self.server.socket in ready or self.server.deferred:
                     self.server.serve_turn(self.handlers, bulk_ops=BULK_OPS)
                 if self.kafka is not None:
                     self.kafka.serve(ready)
@@ -297,8 +298,8 @@ class Node:
             self.close()
 
     def _poll_timeout_ms(self) -> int:
-        if self.produces:
-            return 0  # taken after the last commit (``_commit``): the next one starts now
+        if self.server.deferred:
+            return 0  # produces read during the last commit (``_commit``): the next turn takes them at once
         now_s = time.monotonic()
         wake_s = min(self.next_heartbeat_s, now_s + LOOP_WAIT_MS_MAX / 1000)
         for deadline_s in (self.hw_waiters.next_deadline_s(), self.append_waiters.next_deadline_s(),
@@ -387,8 +388,9 @@ class Node:
             self._advance(tp)  # one replica: committed at once
         # What arrived during the commit, before its produces are answered: a consumer's next fetch, there by
         # now, gets what was just committed at once instead of after the acknowledgements and a loop round
-        # (docs/benchmarks.md, M); the produces among them wait for the next commit, which comes at once.
-        self.server.serve_turn(self.handlers, bulk_ops=BULK_OPS)
+        # (docs/benchmarks.md, M). The produces among them are deferred to the next turn, which comes at once:
+        # a produce is checked (leader, epoch) in the turn that commits it, after any placement before it.
+        self.server.serve_turn(self.handlers, bulk_ops=BULK_OPS, defer=BULK_OPS)
         for request, acks, timeout_ms, results, required in waiting:
             if acks == 0:
                 continue

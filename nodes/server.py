@@ -76,18 +76,29 @@ class RouterServer:
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.bind(bind)
         self.bind = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # Requests taken off the socket by ``serve_turn(defer=...)`` and dispatched first by the next turn.
+        self.deferred: list[Request] = []
 
     # -- the request loop --------------------------------------------------------------------------
 
-    def serve_turn(self, handlers: dict[str, Handler], bulk_ops: frozenset = frozenset()) -> int:
-        """Handle every request waiting now (up to REQUESTS_PER_TURN_MAX), in arrival order. Only ops in
-        ``bulk_ops`` may carry bulk frames. Returns how many messages were taken."""
+    def serve_turn(self, handlers: dict[str, Handler], bulk_ops: frozenset = frozenset(),
+                   defer: frozenset = frozenset()) -> int:
+        """Handle the requests the last turn deferred, then every request waiting now (up to
+        REQUESTS_PER_TURN_MAX), in arrival order. Only ops in ``bulk_ops`` may carry bulk frames; those in
+        ``defer`` are kept for the next turn instead (``deferred``). Returns how many messages were taken."""
+        deferred, self.deferred = self.deferred, []
+        for request in deferred:
+            self._dispatch(request, handlers, bulk_ops)
         messages = self._recv_batch()
         received_s = time.monotonic()
         received_ms = int(received_s * 1000)
         for frames in messages:
             request = self._decode(frames, received_ms, received_s)
-            if request is not None:
+            if request is None:
+                continue
+            if request.op in defer:
+                self.deferred.append(request)
+            else:
                 self._dispatch(request, handlers, bulk_ops)
         return len(messages)
 
