@@ -11,6 +11,15 @@ which sleeps until a reply, a wake-up, a disconnect or its timeout, and hands ea
   answered (the connection dropped, or the node moved to another address and got a new socket);
 - ``_stopped()``: the loop ended; settle what is left before the sockets close.
 
+The loop can be lent: ``step_here()`` runs one step in the calling thread, with this thread parked. A user's
+thread about to wait for a reply waits for it on the socket itself, so the reply reaches it without a
+wake-up of this thread and a hand-over (the consumer's poll() with an empty buffer). After a lent step the
+loop stays with the user's thread for LENT_HOLD_MS (``held()``): a thread that calls again within it (a
+poll() loop) steps again with no hand-over either way, and this thread takes the loop back only when the
+user's has been away that long. The sockets and the loop's state belong to whichever thread runs the
+step; ``_baton`` orders the two (ZeroMQ sockets may move between threads with a full memory barrier between
+their uses, which taking a lock is).
+
 It knows nothing of batches, fetches or the client's locks: those are the subclasses'.
 """
 
@@ -24,9 +33,14 @@ from typing import Any
 import zmq
 
 from . import wire
+from .clock import LOOP_WAIT_MS_MAX
 from .connection import Connection, Waker, ZmqContext
 from .errors import BusError
 from .metadata import ClusterMetadata
+
+# How long the loop stays with a user's thread after a step it ran (step_here): longer than a poll() loop
+# takes between calls, short enough that a user busy elsewhere gets its fetches going again in this thread.
+LENT_HOLD_MS = 10
 
 
 class BackgroundIO(threading.Thread):
@@ -44,28 +58,83 @@ class BackgroundIO(threading.Thread):
         self.metadata: ClusterMetadata | None = None
         self.metadata_refresh_s = 0.0  # monotonic time before which no metadata request goes out
         self.nodes: dict[int, Connection] = {}
+        # Who runs the loop (see the module's docstring), each read and written under _baton: this thread is in
+        # a step; a user's thread is in one; the monotonic time until which the loop stays with the user's
+        # thread; the loop has ended (its sockets are closed or closing).
+        self._baton = threading.Condition(threading.Lock())
+        self._in_step = False
+        self._lent = False
+        self._held_until_s = 0.0
+        self._ended = False
+        self.lent_steps = 0  # steps run by a user's thread (step_here), for the suite
 
     # -- for the user's threads --------------------------------------------------------------------
 
     def stop(self) -> None:
         self.stopping = True
+        with self._baton:
+            self._baton.notify_all()  # parked while the loop is held: stop now
         # Through the waker: its socket holds one message, and a wake-up already pending does as well (a
         # bare NOBLOCK send would raise zmq.Again then, failing close()).
         self.waker()
         self.join()
         self.waker.close()
 
+    def held(self) -> bool:
+        """The loop is with a user's thread (in a step it runs, or held after one): that thread serves it at
+        its next call, and waking this one is moot. Read without the lock: a stale answer costs a wake-up."""
+        return self._lent or time.monotonic() < self._held_until_s
+
+    def step_here(self, wait_ms: int) -> bool:
+        """One step of the loop in the calling thread, waiting up to ``wait_ms`` (at most LOOP_WAIT_MS_MAX)
+        in its poll, while this thread is parked; a wake-up (the waker) ends the wait early as ever. Returns
+        False, having done nothing, when the loop is not running (not started, stopping, or ended): the caller
+        waits its own way then. One user thread at a time (the caller's lock sees to it)."""
+        with self._baton:
+            if self.stopping or self._ended or not self.is_alive():
+                return False
+            assert not self._lent, "step_here() from two threads at once"
+            self._lent = True
+            if self._in_step:
+                self.waker()  # end this thread's poll: the step it is in ends, then it parks
+                while self._in_step:
+                    self._baton.wait()
+            if self._ended:  # the step failed meanwhile and the loop ended
+                self._lent = False
+                return False
+        try:
+            self.lent_steps += 1
+            self._step(min(wait_ms, LOOP_WAIT_MS_MAX))
+            self._lent_step_done()
+        finally:
+            with self._baton:
+                self._lent = False
+                self._held_until_s = time.monotonic() + LENT_HOLD_MS / 1000
+                if self.stopping:
+                    self._baton.notify_all()  # run() waits for the loop back to close the sockets
+        return True
+
     # -- the loop ----------------------------------------------------------------------------------
 
     def run(self) -> None:
         self.coordinator = Connection(self.context, self.bootstrap)
         try:
-            while not self.stopping:
-                self._step()
+            while self._take_turn():
+                try:
+                    self._step(LOOP_WAIT_MS_MAX)
+                finally:
+                    with self._baton:
+                        self._in_step = False
+                        if self._lent:
+                            self._baton.notify_all()  # step_here() waits for this step to end
         except Exception:
             self.log.exception("%s thread failed", self.name)
             raise
         finally:
+            with self._baton:  # the sockets close below: not while a user's thread runs a step on them
+                while self._lent:
+                    self._baton.wait(LENT_HOLD_MS / 1000)
+                self._ended = True
             self._stopped()
             for connection in self.nodes.values():
                 connection.close()
@@ -74,9 +143,30 @@ class BackgroundIO(threading.Thread):
             self.coordinator.close()
             self.waker.pull.close(0)
 
-    def _step(self) -> None:
-        """One turn of the loop, ending in ``_poll()`` (or not, when there is more to do at once)."""
+    def _take_turn(self) -> bool:
+        """Wait while the loop is with a user's thread (step_here); False when it is to end. The wait is timed
+        rather than notified, so that a user's step ending wakes nothing."""
+        with self._baton:
+            while True:
+                if self._lent:
+                    self._baton.wait(LOOP_WAIT_MS_MAX / 1000)
+                    continue
+                if self.stopping:
+                    return False
+                held_s = self._held_until_s - time.monotonic()
+                if held_s <= 0:
+                    break
+                self._baton.wait(held_s)
+            self._in_step = True
+            return True
+
+    def _step(self, wait_ms: int) -> None:
+        """One turn of the loop, ending in ``_poll()`` for up to ``wait_ms`` (or not, when there is more to do
+        at once)."""
         raise NotImplementedError
+
+    def _lent_step_done(self) -> None:
+        """After a step that ran in a user's thread (step_here), before the loop goes back to this one."""
 
     def _stopped(self) -> None:
         """The loop ended (stop() or a failure); the node and coordinator sockets are still open."""

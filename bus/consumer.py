@@ -29,12 +29,14 @@ positions, epochs, pending resets, pause state and the buffer's bookkeeping are 
 user's thread and from the fetcher's.
 
 Lock order: ``Consumer._lock`` is the only lock shared with the fetcher thread. A group member's
-``GroupMember._lock`` (bus/group_member.py) is never held while taking it.
+``GroupMember._lock`` (bus/group_member.py) is never held while taking it, nor is it held while poll() runs
+the fetcher's loop (``_wait_for_data``; the loop's own ``_baton`` is held by neither thread across a step).
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import re
 import threading
 import time
@@ -61,6 +63,9 @@ if TYPE_CHECKING:
 _new_record = tuple.__new__
 _T = TypeVar("_T")
 RESETS = ("earliest", "latest", "none")
+# A decode making fewer Records than this is not aged (Consumer._aged): above the young generation's threshold
+# (700 allocations), so that it sets off one young collection at most.
+AGED_RECORDS_MIN = 1_000
 
 
 # The group options and their defaults, as GroupMember (bus/group_member.py) takes them; the suite checks
@@ -444,6 +449,10 @@ class Consumer(Generic[K, V]):
             group.on_poll(timeout_ms)
         deadline_s = time.monotonic() + timeout_ms / 1000
         out: list[Record] = []
+        if self._fetcher.held():
+            # The fetcher's loop is this thread's while it polls (Consumer._wait_for_data): what came in since
+            # the last call is taken now, and the next fetches go out, even with records still buffered.
+            self._fetcher.step_here(0)
         while True:
             with self._lock:
                 while True:
@@ -456,12 +465,12 @@ class Consumer(Generic[K, V]):
                     remaining = deadline_s - time.monotonic()
                     if remaining <= 0 or (group is not None and group.reconcile_pending):
                         break
-                    self._data.wait(remaining)
+                    self._wait_for_data(remaining)
             if out or group is None or deadline_s - time.monotonic() <= 0:
                 break
             # The group's assignment changed while waiting: act on it now, not at the next poll().
             group.on_poll(int((deadline_s - time.monotonic()) * 1000))
-        if self._positions.has_room():
+        if self._positions.has_room() and not self._fetcher.held():
             self._wake()
         if group is not None and group.on_records(out) is False:
             # The member may have lost these partitions meanwhile (frozen inside this call past its session,
@@ -469,6 +478,20 @@ class Consumer(Generic[K, V]):
             self._unread(out)
             out = []
         return out
+
+    def _wait_for_data(self, remaining_s: float) -> None:
+        """Wait (``_lock`` held, and let go meanwhile) up to ``remaining_s`` for what poll() waits on. With the
+        buffer empty, a fetch reply is the likely wake-up: this thread runs the fetcher's loop itself for a
+        step (Fetcher.step_here), so the reply reaches poll() without the fetcher thread's wake-up and
+        hand-over (about 0.2 ms at p50 in scripts/latency_trace.py). What else ends the wait (a seek, an
+        assignment, the group's news, close()) rings the fetcher's waker, which ends the step's poll too."""
+        self._lock.release()
+        try:
+            ran = self._fetcher.step_here(math.ceil(remaining_s * 1000))
+        finally:
+            self._lock.acquire()
+        if not ran:  # the fetcher's loop has ended (close()): wait to be told
+            self._data.wait(remaining_s)
 
     def __iter__(self) -> Iterator[Record[K, V]]:
         """Records as they come, until the consumer is closed (from another thread, or a handler)."""
@@ -509,7 +532,7 @@ class Consumer(Generic[K, V]):
                 positions.wake_fetcher = False
                 self._wake()
 
-    def _aged(self, build: Callable[[], _T]) -> _T:
+    def _aged(self, build: Callable[[], _T], records_max: int) -> _T:
         """``build()``: bus/positions.py decoding a chunk or building a run's Records, with ``_lock`` let go
         (Positions.take_from calls it with the lock held), so the fetcher thread can hand over chunks meanwhile
         (only poll() decodes, from one thread at a time: see poll()); the core then sees whatever happened
@@ -524,9 +547,11 @@ class Consumer(Generic[K, V]):
         tracked object to the oldest generation without walking any. What moves is live: these records and
         the survivors of that collection (records are freed by reference count as ever). Measured +25 %
         records/s (docs/benchmarks.md). Not aged when the collector is off, nor when the program froze objects
-        itself (unfreeze() would undo that)."""
+        itself (unfreeze() would undo that), nor for a build of fewer than AGED_RECORDS_MIN Records: they set
+        off one young collection at most, and the collection before the decode costs more than that (~50 us
+        in a consumer's process, on every poll() of a record or two at a steady rate)."""
         enabled = gc.isenabled()
-        age = enabled and gc.get_freeze_count() == 0
+        age = enabled and gc.get_freeze_count() == 0 and records_max >= AGED_RECORDS_MIN
         self._lock.release()
         if age:
             gc.collect(1)

@@ -1,8 +1,10 @@
 """The consumer's fetcher thread: keeps one long-poll fetch outstanding per node for the assigned
 partitions, and stores what comes back in the consumer's bounded prefetch buffer.
 
-It owns the node sockets (the loop, the metadata and the node connections are bus/background.py's). The
-user's thread changes assignment and positions under ``Consumer._lock`` and wakes it; each partition's
+It owns the node sockets (the loop, the metadata and the node connections are bus/background.py's). While
+poll() waits with its buffer empty, poll()'s thread runs this loop (BackgroundIO.step_here), so a reply
+reaches it without this thread's wake-up and hand-over; the next fetches go out before poll() returns
+(``_lent_step_done``). The user's thread changes assignment and positions under ``Consumer._lock`` and wakes it; each partition's
 ``epoch`` goes up on every seek, so data fetched for an older position is recognised and dropped rather
 than returned. What to fetch and whether an answer is stale are bus/positions.py's decisions, which this
 thread reaches through the Consumer's methods (``_fetchable``, ``_fetched``, ``_resolved`` ...).
@@ -18,7 +20,6 @@ import zmq
 
 from . import wire
 from .background import BackgroundIO
-from .clock import LOOP_WAIT_MS_MAX
 from .connection import ZmqContext, next_request_id
 from .errors import OffsetOutOfRange, error_class, error_for
 from .records import Buffer, TopicPartition
@@ -55,16 +56,22 @@ class Fetcher(BackgroundIO):
 
     # -- the loop (bus/background.py runs it) ------------------------------------------------------
 
-    def _step(self) -> None:
+    def _step(self, wait_ms: int) -> None:
         self._resolve_positions()
         self._issue_fetches()
-        woke_s = self._poll(LOOP_WAIT_MS_MAX)
+        woke_s = self._poll(wait_ms)
         # A request past its deadline is forgotten, so the next turn asks again. Checked after the replies
         # that came with this wake-up, so one that arrived just in time is taken.
         for node_id in [n for n, (_, _, deadline_s) in self.outstanding.items() if deadline_s <= woke_s]:
             del self.outstanding[node_id]
         for node_id in [n for n, (_, _, deadline_s, _) in self.resets.items() if deadline_s <= woke_s]:
             del self.resets[node_id]
+
+    def _lent_step_done(self) -> None:
+        # poll()'s thread goes on with what the step took: the next fetches go out now, not when this thread
+        # has the loop back.
+        self._resolve_positions()
+        self._issue_fetches()
 
     def _node_lost(self, node_id: int, reason: str) -> None:
         self.outstanding.pop(node_id, None)  # the fetch died with the connection: ask again

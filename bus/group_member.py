@@ -383,6 +383,7 @@ class GroupMember:
     def _wake_consumer(self) -> None:
         with self.consumer._lock:
             self.consumer._data.notify_all()
+        self.consumer._wake()  # a poll() waiting in the fetcher's loop (Consumer._wait_for_data) wakes by it
 
     # -- the user's thread: reconciliation ------------------------------------------------------------
 

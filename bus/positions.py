@@ -50,11 +50,12 @@ _T = TypeVar("_T")
 
 
 class Aged(Protocol):
-    """What take_from builds Records through: ``aged(build)`` returns ``build()``. The shell's runs it with its
-    lock let go and the garbage collector aged around it (Consumer._aged), so any event may happen
-    meanwhile; take_from checks what changed when it returns."""
+    """What take_from builds Records through: ``aged(build, records_max)`` returns ``build()``, which makes at
+    most ``records_max`` Records. The shell's runs it with its lock let go and, for a build of many Records,
+    the garbage collector aged around it (Consumer._aged), so any event may happen meanwhile; take_from
+    checks what changed when it returns."""
 
-    def __call__(self, build: Callable[[], _T]) -> _T: ...
+    def __call__(self, build: Callable[[], _T], records_max: int) -> _T: ...
 
 
 # A fetch reply's partition: (tp, epoch, fetched offset, data, next offset, log end).
@@ -340,7 +341,7 @@ class Positions:
         meanwhile (then the run is gone with the buffer)."""
         epoch = state.epoch
         first, _, _, count, columns = run
-        records = aged(lambda: build_records(tp, first, count, columns))
+        records = aged(lambda: build_records(tp, first, count, columns), count)
         if self.states.get(tp) is state and state.epoch == epoch and state.runs and state.runs[0] is run:
             run[1] = records
             del run[3:]
@@ -355,7 +356,9 @@ class Positions:
         chunk = state.chunks[0]
         fetched_offset, data = chunk
         epoch, from_byte = state.epoch, state.decoded_at
-        decoded, batches, at, error = aged(lambda: decode_runs(tp, fetched_offset, data, from_byte, want))
+        # Every record takes a byte at least: the bytes left bound the Records made.
+        decoded, batches, at, error = aged(lambda: decode_runs(tp, fetched_offset, data, from_byte, want),
+                                           min(want, len(data) - from_byte))
         if self.states.get(tp) is not state or state.epoch != epoch or not state.chunks or state.chunks[0] is not chunk:
             return  # re-sought or reassigned meanwhile: what was decoded is for a position no longer wanted
         state.runs += decoded

@@ -34,7 +34,6 @@ import zmq
 from . import wire
 from .background import BackgroundIO
 from .batch import pack_batch
-from .clock import LOOP_WAIT_MS_MAX
 from .connection import Connection, ZmqContext, next_request_id
 from .errors import (BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, RecordTooLarge, Timeout,
                      UnknownTopic, error_for)
@@ -166,7 +165,7 @@ class Sender(BackgroundIO):
 
     # -- the loop (bus/background.py runs it) ------------------------------------------------------
 
-    def _step(self) -> None:
+    def _step(self, wait_ms: int) -> None:
         now_s = time.monotonic()
         held = [key for key, queue in self.partitions.items() if queue.queue]
         ready, linger_s = self.producer._take_ready(now_s, held)
@@ -177,7 +176,7 @@ class Sender(BackgroundIO):
         if any(not self.partitions[key].queue for key in held):
             return  # a partition whose open batch was held has sent its queue: take that batch now
         now_s = time.monotonic()
-        wake_s = now_s + LOOP_WAIT_MS_MAX / 1000
+        wake_s = now_s + wait_ms / 1000
         if linger_s is not None:
             wake_s = min(wake_s, linger_s)
         self._poll(max(0, int((wake_s - now_s) * 1000)))

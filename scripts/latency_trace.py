@@ -1,6 +1,6 @@
 """One record's latency, hop by hop: where the time between ``send()`` and ``poll()`` goes.
 
-    python scripts/latency_trace.py [--rate 5000] [--seconds 5] [--replication-factor 1] [--acks all]
+    python scripts/latency_trace.py [--rate 5000] [--seconds 5] [--replication-factor 1] [--acks all] [--sync none]
 
 Starts a local cluster (a coordinator and ``--replication-factor`` nodes, fsync on every commit, as the
 bench runs it), a producer process (``linger_ms=0``) offering 100-byte records at ``--rate`` as the
@@ -33,6 +33,7 @@ copy of each batch) is a microsecond or two per request.
 from __future__ import annotations
 
 import argparse
+import bisect
 import multiprocessing
 import os
 import struct
@@ -56,6 +57,10 @@ class Stamps:
 
     def __init__(self, path: str):
         self.path, self.rows, self.batches = path, [], []
+        # A leader's: (base offset, batch bytes) of what it appended, and (hop, end offset, at_ns) events that
+        # every record below the end offset passed (a follower's fetch reporting its log end, the high
+        # watermark moving), matched to due times at the end as the batches are.
+        self.appended, self.offset_rows = [], []
 
     def add(self, hop: str, dues, at_ns: int | None = None) -> None:
         at_ns = time.time_ns() if at_ns is None else at_ns
@@ -69,6 +74,15 @@ class Stamps:
     def write(self) -> None:
         for hop, buf, at_ns in self.batches:
             self.add(hop, batch_dues(buf), at_ns)
+        offsets = []  # (offset, due) of every record appended, in offset order
+        for base, buf in sorted(self.appended, key=lambda a: a[0]):
+            offsets.extend(enumerate(batch_dues(buf), base))
+        passed: dict[str, int] = {}  # hop -> how many of ``offsets`` have passed it
+        ends = [offset for offset, _ in offsets]
+        for hop, end, at_ns in sorted(self.offset_rows, key=lambda r: r[2]):
+            upto = bisect.bisect_left(ends, end)
+            self.add(hop, [due for _, due in offsets[passed.get(hop, 0):upto]], at_ns)
+            passed[hop] = max(passed.get(hop, 0), upto)
         with open(self.path, "wb") as f:
             msgpack.pack(self.rows, f)
 
@@ -132,12 +146,39 @@ def run_traced_node(argv: list[str]) -> None:
         def _commit(self, produces):
             started_ns = time.time_ns()
             self._trace_committed_ns = None
-            bufs = [buf for *_, items in produces for _, _, buf in items]
+            bufs = [(buf, results, index) for *_, results, items in produces for index, _, buf in items]
             super()._commit(produces)
-            for buf in bufs:
+            for buf, results, index in bufs:
                 stamps.add_batches("commit_from", buf, started_ns)
                 if self._trace_committed_ns is not None:
                     stamps.add_batches("committed", buf, self._trace_committed_ns)
+                if results[index] is not None and results[index][0] is None and not results[index][3]:
+                    stamps.appended.append((results[index][2], bytes(buf)))
+
+        # R > 1: the follower round, per follower (the hop names carry the follower's node id).
+        def _replica_fetch(self, request):
+            now_ns = time.time_ns()
+            follower = request.args["replica_id"]
+            for part in request.args["parts"]:
+                stamps.offset_rows.append((f"rf_report@{follower}", int(part[3]), now_ns))
+            answer = super()._replica_fetch(request)
+            if isinstance(answer, node_module.Reply):  # answered at once (else parked: _answer)
+                for buf in answer.bulk:
+                    stamps.add_batches(f"rf_out@{follower}", buf, time.time_ns())
+            return answer
+
+        def _high_watermark_moved(self, tp):
+            super()._high_watermark_moved(tp)
+            if self.replicas[tp].role == node_module.LEADER:
+                stamps.offset_rows.append(("hw", self.replicas[tp].high_watermark, time.time_ns()))
+
+        def _replica_fetched(self, link, error, result, bulk):
+            now_ns = time.time_ns()
+            super()._replica_fetched(link, error, result, bulk)
+            stored_ns = time.time_ns()
+            for buf in bulk:
+                stamps.add_batches(f"rf_in@{self.node_id}", buf, now_ns)
+                stamps.add_batches(f"rf_stored@{self.node_id}", buf, stored_ns)
 
         def _fetch(self, request):
             answer = super()._fetch(request)
@@ -150,6 +191,9 @@ def run_traced_node(argv: list[str]) -> None:
             now_ns = time.time_ns()
             for buf in (bulk if request.op == "fetch" else request.bulk if request.op == "produce" else ()):
                 stamps.add_batches(f"{request.op}_out", buf, now_ns)
+            if request.op == "replica_fetch":
+                for buf in bulk:
+                    stamps.add_batches(f"rf_out@{request.args['replica_id']}", buf, now_ns)
             super()._answer(request, result, bulk, error)
 
         def close(self):
@@ -257,6 +301,14 @@ def report(trace_dir: str, warmup_s: float) -> None:
 
     for start, end in zip(PATH, PATH[1:]):
         row(f"{start} -> {end}", start, end)
+    followers = sorted({hop.split("@")[1] for hop in at if hop.startswith("rf_in@")})
+    for f in followers:
+        chain = ["committed", f"rf_out@{f}", f"rf_in@{f}", f"rf_stored@{f}", f"rf_report@{f}"]
+        for start, end in zip(chain, chain[1:]):
+            row(f"{start} -> {end}".replace(f"@{f}", ""), start, end)
+        row(f"  (follower node {f})", chain[0], chain[-1])
+    if followers:
+        row("committed -> hw", "committed", "hw")
     row("due -> polled (end to end)", "due", "polled")
     row("fetch_out -> produce_out", "fetch_out", "produce_out")
     row("produce_out -> acked", "produce_out", "acked")
@@ -270,6 +322,8 @@ def main() -> None:
     parser.add_argument("--replication-factor", type=int, default=1)
     parser.add_argument("--acks", default="all", help='0, 1 or "all"')
     parser.add_argument("--warmup-s", type=float, default=0.5)
+    parser.add_argument("--sync", choices=["always", "none"], default="always",
+                        help="none: the nodes commit without fsync, leaving the software's own hops")
     parser.add_argument("--producer-option", action="append", default=[], metavar="NAME=INT",
                         help="a Producer option to set, e.g. max_in_flight_per_node=5 (repeatable)")
     args = parser.parse_args()
@@ -284,7 +338,7 @@ def main() -> None:
         trace_dir = os.path.join(tmp, "stamps")
         os.mkdir(trace_dir)
         os.environ["BUS_TRACE_DIR"] = trace_dir
-        cluster = LocalCluster(os.path.join(tmp, "cluster"), args.replication_factor,
+        cluster = LocalCluster(os.path.join(tmp, "cluster"), args.replication_factor, sync=args.sync,
                                node_command=(os.path.abspath(__file__), "node"))
         with cluster:
             topic = f"trace-{uuid.uuid4().hex[:8]}"
@@ -314,7 +368,7 @@ def main() -> None:
                     if p is not None and p.is_alive():
                         p.kill()
                         p.join()
-        print(f"rate {args.rate:g}/s for {args.seconds:g} s, R={args.replication_factor}, acks={args.acks}, "
+        print(f"rate {args.rate:g}/s for {args.seconds:g} s, R={args.replication_factor}, acks={args.acks}, sync={args.sync}, "
               f"linger_ms=0, {VALUE_BYTES}-byte records; load average {os.getloadavg()[0]:.1f}")
         report(trace_dir, args.warmup_s)
 

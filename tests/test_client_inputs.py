@@ -311,7 +311,8 @@ def test_closing_a_consumer_wakes_a_poll_waiting_in_another_thread(bootstrap, ho
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    wait_for(lambda: consumer._data._waiters, 10, 0.005, "poll() waiting for records")
+    # Waiting in the fetcher's loop, which poll() runs while its buffer is empty (Consumer._wait_for_data).
+    wait_for(lambda: consumer._fetcher._lent, 10, 0.005, "poll() waiting for records")
     started_s = time.monotonic()
     consumer.close()
     reader.join(10)

@@ -177,7 +177,7 @@ class Schedule:
 
     # -- poll() ----------------------------------------------------------------------------------------
 
-    def aged(self, build):
+    def aged(self, build, records_max):
         """The shell decodes and builds Records with its lock let go: any event may land meanwhile."""
         if not self.calm and self.rng.random() < 0.3:
             self.during_decode += 1
@@ -329,7 +329,7 @@ def _core_with(tp: TopicPartition, batches: list[bytes], prefetch_bytes_max: int
 
 def _take(core: Positions, n: int) -> list[Record]:
     out: list[Record] = []
-    take_in_turn(core.ready, n, lambda tp, k: core.take_from(tp, out, k, lambda build: build()))
+    take_in_turn(core.ready, n, lambda tp, k: core.take_from(tp, out, k, lambda build, records_max: build()))
     return out
 
 

@@ -141,6 +141,33 @@ def test_an_idle_consumer_neither_spins_nor_lags(cluster):
     assert statistics.median(latencies_s) < 0.050, f"median delivery {statistics.median(latencies_s) * 1000:.1f} ms"
 
 
+def test_poll_takes_its_fetch_replies_itself_and_the_fetcher_prefetches_while_it_is_away(cluster):
+    """poll() with nothing buffered waits on the fetcher's sockets itself (a thread hop less per record); the
+    fetcher thread takes its loop back once poll() has been away LENT_HOLD_MS, and prefetches meanwhile."""
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic("lent", 1)
+    with Producer(cluster.bootstrap, linger_ms=0) as producer, Consumer(cluster.bootstrap) as consumer:
+        consumer.assign([("lent", 0)])
+        consumer.position(("lent", 0))
+        fetcher = consumer._fetcher
+        for i in range(20):
+            producer.send("lent", b"r%d" % i, partition=0).get(10)
+            assert [r.value for r in consumer.poll(timeout_ms=5000)] == [b"r%d" % i]
+        assert fetcher.lent_steps >= 20, fetcher.lent_steps
+        assert consumer.metrics()["buffered_bytes"] == 0
+        wait_for(lambda: not fetcher.held(), 5, 0.005, "the loop back with the fetcher thread")
+        for i in range(20, 25):
+            producer.send("lent", b"r%d" % i, partition=0)
+        producer.flush(10)
+        steps = fetcher.lent_steps
+        wait_for(lambda: consumer.metrics()["buffered_bytes"] > 0, 10, 0.005, "records prefetched without poll()")
+        assert fetcher.lent_steps == steps  # fetched by the fetcher thread
+        got = []
+        while len(got) < 5:
+            got += [r.value for r in consumer.poll(timeout_ms=5000)]
+        assert got == [b"r%d" % i for i in range(20, 25)]
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 def test_bad_records_are_refused_before_anything_is_sent(cluster):
