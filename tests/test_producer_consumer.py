@@ -4,6 +4,7 @@ and bad input refused early with the right error."""
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 
 import msgpack
@@ -150,9 +151,19 @@ def test_poll_takes_its_fetch_replies_itself_and_the_fetcher_prefetches_while_it
         consumer.assign([("lent", 0)])
         consumer.position(("lent", 0))
         fetcher = consumer._fetcher
-        for i in range(20):
-            producer.send("lent", b"r%d" % i, partition=0).get(10)
-            assert [r.value for r in consumer.poll(timeout_ms=5000)] == [b"r%d" % i]
+
+        def produce() -> None:  # each record once poll() waits in the fetcher's loop
+            for i in range(20):
+                wait_for(lambda: fetcher._lent, 10, 0.001, "poll() waiting in the fetcher's loop")
+                producer.send("lent", b"r%d" % i, partition=0).get(10)
+
+        writer = threading.Thread(target=produce, daemon=True)
+        writer.start()
+        got = []
+        while len(got) < 20:
+            got += [r.value for r in consumer.poll(timeout_ms=5000)]
+        writer.join(10)
+        assert got == [b"r%d" % i for i in range(20)]
         assert fetcher.lent_steps >= 20, fetcher.lent_steps
         assert consumer.metrics()["buffered_bytes"] == 0
         wait_for(lambda: not fetcher.held(), 5, 0.005, "the loop back with the fetcher thread")

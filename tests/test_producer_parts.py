@@ -97,9 +97,9 @@ def test_gil_interval_never_raised_and_a_later_setting_is_kept(default_interval)
 class _MetadataOnly(BackgroundIO):
     """Asks for metadata every turn from a coordinator that never answers."""
 
-    def _step(self) -> None:
+    def _step(self, wait_ms: int) -> None:
         self._refresh_metadata()
-        self._poll(LOOP_WAIT_MS_MAX)
+        self._poll(wait_ms)
 
 
 def test_background_thread_closes_the_coordinator_it_replaced():
