@@ -164,7 +164,8 @@ class BatchHeader(tuple[int, ...]):
 
     @property
     def last_sequence(self) -> int:
-        return self[10] + self[5] - 1
+        """The sequence of the batch's last record (wrapped: sequence_after); -1 without a producer."""
+        return -1 if self[10] < 0 else kafka_batch.sequence_after(self[10], self[5] - 1)
 
 
 def pack_batch(flat_records: list[Any], record_count: int, producer_id: int = -1, producer_epoch: int = -1,

@@ -36,6 +36,18 @@ from crc32c import crc32c
 from .errors import CorruptRecord
 from .records import Buffer
 
+# An idempotent producer's sequence numbers are int32 and wrap from SEQUENCE_MAX to 0, as Kafka's do
+# (DefaultRecordBatch.incrementSequence), in Kafka's batches and the bus's alike: a producer id and epoch go
+# on past 2**31 records per partition (18 minutes of one partition at 2 M records/s), and a batch may span
+# the wrap.
+SEQUENCE_MAX = (1 << 31) - 1
+
+
+def sequence_after(sequence: int, delta: int) -> int:
+    """The sequence ``delta`` (>= 0) records after ``sequence`` (>= 0), wrapping past SEQUENCE_MAX to 0."""
+    return (sequence + delta) & SEQUENCE_MAX
+
+
 MAGIC = 2
 HEADER = struct.Struct(">qiibIhiqqqhii")
 HEADER_BYTES = HEADER.size  # 61
@@ -359,7 +371,7 @@ def check_batches(records: Buffer) -> Checked:
         attributes, base_ts, producer = fields[5], fields[7], fields[9:12]
         if first is None:
             first = tuple(producer) if producer[0] >= 0 else (-1, -1, -1)
-        elif producer[:2] != first[:2] or (first[0] >= 0 and producer[2] != first[2] + count):
+        elif producer[:2] != first[:2] or (first[0] >= 0 and producer[2] != sequence_after(first[2], count)):
             raise CorruptRecord("the batches of one partition are not one producer's consecutive sequences")
         if attributes & LOG_APPEND_TIME:
             raise UnsupportedBatch("a produced batch claims LogAppendTime, which is the broker's to set")

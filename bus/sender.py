@@ -37,6 +37,7 @@ from .batch import pack_batch
 from .connection import Connection, ZmqContext, next_request_id
 from .errors import (BusError, ClosedError, DEFINITE, INDETERMINATE, NodeUnavailable, RecordTooLarge, Timeout,
                      UnknownTopic, error_for)
+from .kafka_batch import sequence_after
 
 if TYPE_CHECKING:
     from .producer import Producer, ProducerBatch
@@ -227,8 +228,10 @@ class Sender(BackgroundIO):
         compressed payload apart from its header.)"""
         producer_id, producer_epoch, sequence = ((queue.producer_id, queue.producer_epoch, queue.next_sequence)
                                                  if self.idempotent else (-1, -1, -1))
-        batch.payload = pack_batch(batch.flat, batch.count, producer_id, producer_epoch, sequence,
-                                   self.producer.compression)
+        # The queue counts sequences without bound (its order and window compare them); the wire's wrap at
+        # 2**31 (sequence_after), as the node expects.
+        batch.payload = pack_batch(batch.flat, batch.count, producer_id, producer_epoch,
+                                   sequence if sequence < 0 else sequence_after(sequence, 0), self.producer.compression)
         batch.producer_id, batch.producer_epoch, batch.sequence = producer_id, producer_epoch, sequence
         if self.idempotent:
             queue.next_sequence += batch.count

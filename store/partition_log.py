@@ -13,7 +13,8 @@ For a batch of producer ``pid`` with ``epoch`` and ``base_sequence``:
 - a batch equal to one of the last ``PRODUCER_BATCHES_KEPT`` stored batches is a retry: it is not written
   again, and the reply carries the offset it was stored at;
 - the next sequence after the last stored one is appended; anything else is a gap (OutOfOrderSequence),
-  which the producer answers by resending its earlier batches first.
+  which the producer answers by resending its earlier batches first. Sequences wrap from 2**31 - 1 to 0
+  (bus/kafka_batch.py ``sequence_after``), as Kafka's do.
 
 Leader epochs (Kafka's LeaderEpochFileCache, KIP-101/KIP-279): ``epochs`` says which leader appended
 which part of the log, so that a replica coming back finds where its log and the leader's part ways by
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 
+from bus.kafka_batch import SEQUENCE_MAX, sequence_after
 from bus.errors import OutOfOrderSequence, ProducerFenced
 from bus.wire import IDEMPOTENCE_WINDOW_BATCHES
 
@@ -78,11 +80,11 @@ class PartitionLog:
             if base_sequence != 0:
                 raise OutOfOrderSequence(f"producer {producer_id} new epoch {epoch} must start at sequence 0")
             return APPEND, None
-        last_sequence = base_sequence + record_count - 1
+        last_sequence = sequence_after(base_sequence, record_count - 1)
         for first, last, base_offset in batches:
             if first == base_sequence and last == last_sequence:
                 return DUPLICATE, base_offset
-        expected = batches[-1][1] + 1
+        expected = sequence_after(batches[-1][1], 1)
         if base_sequence != expected:
             raise OutOfOrderSequence(
                 f"producer {producer_id} sent sequence {base_sequence}, partition {self.name} expects {expected}")
@@ -108,9 +110,9 @@ class PartitionLog:
             # (``leader_epoch`` given) copies what its leader accepted, which may not: a leader that forgot
             # the producer (its batches gone to retention, and the leader's replica rebuilt from what was
             # left) took a sequence 0 again. The window then starts afresh, as the leader's did.
-            if leader_epoch is not None and kept and kept[-1][1] + 1 != base_sequence:
+            if leader_epoch is not None and kept and sequence_after(kept[-1][1], 1) != base_sequence:
                 kept = ()
-            batch = (base_sequence, base_sequence + record_count - 1, base_offset)
+            batch = (base_sequence, sequence_after(base_sequence, record_count - 1), base_offset)
             self.producers[producer_id] = (epoch, (kept + (batch,))[-PRODUCER_BATCHES_KEPT:])
         return token
 
@@ -283,9 +285,10 @@ class PartitionLog:
             _check(producer_id >= 0 and 0 < len(batches) <= PRODUCER_BATCHES_KEPT,
                    f"{self.name}: producer {producer_id} remembers {len(batches)} batches")
             for (first, last, base_offset), (next_first, _, next_base) in zip(batches, batches[1:]):
-                _check(next_first == last + 1 and next_base > base_offset,
+                _check(next_first == sequence_after(last, 1) and next_base > base_offset,
                        f"{self.name}: producer {producer_id} window not a sequence: {batches}")
-            _check(all(f <= l and b < self.next_offset for f, l, b in batches),
+            _check(all(0 <= f <= SEQUENCE_MAX and 0 <= l <= SEQUENCE_MAX and b < self.next_offset
+                       for f, l, b in batches),
                    f"{self.name}: producer {producer_id} window {batches} past the log end {self.next_offset}")
 
 

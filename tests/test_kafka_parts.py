@@ -450,6 +450,10 @@ def test_the_idempotent_producers_id_epoch_and_sequence_become_the_bus_batchs():
             bus_batch.wrap_kafka(parts)
     header = bus_batch.verify(bus_batch.wrap_kafka(kafka_batch(ROWS)))
     assert (header.producer_id, header.producer_epoch, header.base_sequence) == (-1, -1, -1)
+    # Sequences wrap past 2**31 - 1 to 0, as a Kafka producer numbers them: batches across it are consecutive.
+    top = kafka_format.SEQUENCE_MAX
+    header = bus_batch.verify(bus_batch.wrap_kafka(idempotent(top - 1, 3) + idempotent(1, 2)))
+    assert (header.base_sequence, header.record_count, header.last_sequence) == (top - 1, 5, 2)
 
 
 # -- the decoder against mutated input (hypothesis): it refuses, it never crashes ----------------------------

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bus import batch as bf
-from bus.errors import CorruptRecord, OffsetOutOfRange, StorageFull
+from bus.errors import CorruptRecord, OffsetOutOfRange, OutOfOrderSequence, StorageFull
+from bus.kafka_batch import SEQUENCE_MAX
 from store import LogStore, MemoryLogStore, PartitionLog
 from store.memory_log import MemoryDisk
 from store.partition_log import PRODUCER_BATCHES_KEPT
@@ -215,6 +216,41 @@ def test_append_replica_refuses_an_epoch_older_than_the_one_its_log_ends_in(stor
     assert store.append_replica(follower, store.read(other, 1, 1)[0]) == 1
     assert follower.epochs == [(4, 0)]
     store.close()
+
+
+def test_a_producer_s_sequences_wrap_past_2_31_as_kafka_s_do(stores):
+    """A producer id and epoch go on at sequence 0 after 2**31 - 1, on the leader, its follower and after a
+    restart: a batch spanning the wrap is appended, its retry is recognised, a gap after the wrap refused.
+    (A producer starts at 0, so the window near the wrap arrives as a replica's batch: a leader's that a
+    failover made this store's.)"""
+    top = SEQUENCE_MAX
+    store = stores.open()
+    log = store.open_partition("1/0")
+    near, _ = bf.stamp(bytearray(batch(3, pid=9, epoch=0, seq=top - 4)), 0, TS, 0)
+    assert store.append_replica(log, near) == 1
+    assert log.producers[9] == (0, ((top - 4, top - 2, 0),))
+    store.begin_epoch(log, 1)
+    across = batch(3, pid=9, epoch=0, seq=top - 1)  # top - 1, top, 0
+    assert ok(store.append([(log, across)])[0])[0] == 3
+    assert [h.last_sequence for h in headers(everything(store, log))] == [top - 2, 0]
+    assert ok(store.append([(log, batch(2, pid=9, epoch=0, seq=1))])[0])[0] == 6
+    assert ok(store.append([(log, across)])[0])[2] is True  # the retry of the batch across the wrap
+    assert isinstance(store.append([(log, batch(1, pid=9, epoch=0, seq=5))])[0], OutOfOrderSequence)
+    before = state(log)
+    store = stores.restart(store)
+    log = store.open_partition("1/0")
+    assert state(log) == before
+    dup = ok(store.append([(log, across)])[0])
+    assert dup[0] == 3 and dup[2] is True
+    assert ok(store.append([(log, batch(1, pid=9, epoch=0, seq=3))])[0])[0] == 8
+    # A follower copying this log remembers the same window, wrapped.
+    follower = stores.open("follower")
+    follower_log = follower.open_partition("1/0")
+    replicate(store, log, follower, follower_log)
+    assert follower_log.producers == log.producers
+    assert log.producers[9][1][-3:] == ((top - 1, 0, 3), (1, 2, 6), (3, 3, 8))
+    store.close()
+    follower.close()
 
 
 # -- truncation --------------------------------------------------------------------------------------

@@ -12,13 +12,15 @@ from collections import OrderedDict
 import pytest
 import zmq
 
-from bus import Consumer, TopicPartition, gil
+from bus import Consumer, Producer, TopicPartition, gil
 from bus.background import BackgroundIO
-from bus.batch import pack_batch, stamp
+from bus.batch import pack_batch, read_header, stamp
 from bus.clock import LOOP_WAIT_MS_MAX
 from bus.errors import CorruptRecord
+from bus.kafka_batch import SEQUENCE_MAX
 from bus.producer import FutureList, ProducerBatch, RecordFuture
 from bus.rotation import take_draining, take_in_turn
+from bus.sender import PartitionQueue
 from tests.conftest import wait_for
 
 
@@ -241,3 +243,25 @@ def test_a_corrupt_batch_comes_after_the_records_before_it_and_is_fetched_again(
         consumer._check_invariants()
     finally:
         consumer.close()
+
+
+def test_the_sender_counts_sequences_without_bound_and_wraps_them_on_the_wire():
+    """A partition's queue orders its batches by an unbounded count; a batch's header carries it wrapped at
+    2**31 as Kafka's (and the node's check, store/partition_log.py) do, so a producer goes on past 2**31 - 1
+    records per partition instead of failing to pack its header."""
+    producer = Producer("tcp://127.0.0.1:1", linger_ms=0)  # no node is asked: the batches are only packed
+    try:
+        queue = PartitionQueue(producer_id=7, producer_epoch=0)
+        queue.next_sequence = SEQUENCE_MAX - 1
+        headers, sequences = [], []
+        for _ in range(2):
+            batch = ProducerBatch("t", 0, 0.0, 100.0)
+            batch.flat, batch.count = [None, None, b"v", None] * 3, 3
+            producer._sender._number(queue, batch)
+            headers.append(read_header(batch.payload))
+            sequences.append(batch.sequence)
+        assert sequences == [SEQUENCE_MAX - 1, SEQUENCE_MAX + 2]
+        assert [(h.base_sequence, h.last_sequence) for h in headers] == [(SEQUENCE_MAX - 1, 0), (1, 3)]
+        assert queue.next_sequence == SEQUENCE_MAX + 5
+    finally:
+        producer.close(1)
