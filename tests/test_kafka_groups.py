@@ -258,14 +258,17 @@ def test_two_members_share_a_topic_one_leaves_the_other_takes_over_and_a_restart
         c.close()
 
 
-def test_a_static_member_restarted_gets_its_partitions_back_without_a_rebalance(groups_cluster):
+@pytest.mark.parametrize("protocol", [Confluent, ConfluentConsumerProtocol], ids=["classic", "kip848"])
+def test_a_static_member_restarted_gets_its_partitions_back_without_a_rebalance(groups_cluster, protocol):
+    """KIP-345 (classic: a static member sends no LeaveGroup on close) and KIP-848 (its heartbeat's epoch -2 on
+    close): the member's place, and its partitions, wait for it until its session times out."""
     cluster = groups_cluster
-    topic, group = new_group(cluster, "static")
+    topic, group = new_group(cluster, f"static-{protocol.__name__.lower()}")
 
     def member(instance: str):
         consumer = confluent_kafka.Consumer({
             "bootstrap.servers": cluster.kafka_bootstrap, "group.id": group, "group.instance.id": instance,
-            "session.timeout.ms": SESSION_MS, "heartbeat.interval.ms": HEARTBEAT_MS})
+            **protocol.protocol_settings()})
         consumer.subscribe([topic])
         return consumer
 
@@ -278,7 +281,9 @@ def test_a_static_member_restarted_gets_its_partitions_back_without_a_rebalance(
         before = held(a), held(b)
         with Admin(cluster.bootstrap) as admin:
             epoch = admin.describe_group(group)["group_epoch"]
-        a.close()  # a static member does not leave on close (KIP-345): its place waits for it
+        a.close()  # a static member's place waits for it
+        with Admin(cluster.bootstrap) as admin:
+            assert sorted(m["group_instance_id"] for m in admin.describe_group(group)["members"]) == ["a", "b"]
         a = member("a")
         wait_for(lambda: [c.poll(0.05) for c in (a, b)] and held(a), CLIENT_S, message="a back")
         assert (held(a), held(b)) == before

@@ -309,7 +309,15 @@ class GroupApis:
                     "group_id": group_id, "client_id": header.client_id or "", "group_instance_id": body.instance_id,
                     **_subscription(body), "session_timeout_ms": CONSUMER_SESSION_TIMEOUT_MS, "assignor": assignor,
                     "member_id": body.member_id or None}, now_ms))
-            elif epoch in (LEAVE_EPOCH, STATIC_LEAVE_EPOCH):
+            elif epoch == STATIC_LEAVE_EPOCH:
+                # A static member going away to come back (KIP-848): it stays in the group holding its
+                # partitions until its session times out, unless a member with its instance id joins first,
+                # which takes its place and its assignment with no rebalance (the groups' static replacement).
+                if not body.instance_id:
+                    answer(codec.INVALID_REQUEST, "member epoch -2 (a static member's leave) needs its instance id")
+                    return
+                answer(codec.NONE)
+            elif epoch == LEAVE_EPOCH:
                 self.bus_groups[wire.GROUP_LEAVE]({"group_id": group_id, "member_id": body.member_id,
                                                    "member_epoch": 0}, now_ms)
                 answer(codec.NONE)
