@@ -153,6 +153,11 @@ class Node:
     # -- placement ---------------------------------------------------------------------------------
 
     def _apply_placement(self, version: int, topics: dict, addresses: dict, persist: bool = True) -> None:
+        if persist:
+            # Before acting on it: a leader's new epoch goes into its log as it is applied (begin_epoch), and
+            # a node killed after that must restart on this placement, not on the one before, whose older
+            # epoch it cannot lead by (tests/test_replication.py).
+            self.store.put_meta(b"n:placement", {"version": version, "topics": topics, "nodes": addresses})
         wanted = {}  # (topic, partition) -> (log name, min ISR, Assignment), for the partitions held here
         for name, topic in topics.items():
             for index, state in enumerate(topic["partitions"]):
@@ -176,8 +181,6 @@ class Node:
                 self.replicas[tp] = self.replica_class(self.node_id, min_insync, high_watermark=plog.high_watermark)
             self._apply_assignment(tp, assignment, now)
         self._follow()
-        if persist:
-            self.store.put_meta(b"n:placement", {"version": version, "topics": topics, "nodes": addresses})
 
     def _apply_assignment(self, tp: tuple, assignment: Assignment, now: int) -> None:
         replica, plog = self.replicas[tp], self.logs[tp]

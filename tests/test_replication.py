@@ -24,6 +24,7 @@ from bus import batch as batch_format
 from bus.cli import main
 from bus.errors import NotEnoughReplicas
 from nodes.controller import NODE_SESSION_TIMEOUT_MS
+from nodes.node import Node
 from tests.conftest import wait_for
 from tests.core_helpers import check_partition_offsets, child_env, consume_all
 
@@ -271,3 +272,41 @@ def test_followers_store_the_leaders_batches_byte_for_byte(cluster):
         finally:
             store.close()
     assert logs[0] == logs[1] == logs[2] and len(logs[0]) > 3_000 * 8  # stamps and CRCs included
+
+
+# -- a node's cached placement -----------------------------------------------------------------------
+
+class _KilledAfterItBeganEpoch5(Node):
+    """Dies (as kill -9 would: nothing after it runs) right after applying a placement that makes it leader
+    at epoch 5, which it recorded in its log at once (``store.begin_epoch``)."""
+
+    def _apply_assignment(self, tp, assignment, now):
+        super()._apply_assignment(tp, assignment, now)
+        if assignment.leader_epoch == 5:
+            raise SystemExit("killed")
+
+
+def _leading_at(epoch: int) -> dict:
+    return {"t": {"id": 1, "min_insync_replicas": 1, "partitions": [
+        {"replicas": [1, 2], "leader": 1, "leader_epoch": epoch, "isr": [1, 2], "partition_epoch": epoch}]}}
+
+
+def test_a_node_killed_as_it_begins_an_epoch_restarts_on_the_placement_it_acted_on(tmp_path):
+    """The placement is persisted before it is acted on. A node killed right after it began a leader epoch
+    (recorded in its log) restarts on that placement, not on the one before, whose older epoch it could not
+    lead by (the log's epochs never go down): it would not start at all (found by scripts/chaos.py, seed 15
+    of the replicated run under load)."""
+    args = (str(tmp_path), "tcp://127.0.0.1:*", "tcp://127.0.0.1:9")  # no coordinator is asked
+    node = _KilledAfterItBeganEpoch5(1, *args)
+    try:
+        node._apply_placement(1, _leading_at(3), {})
+        with pytest.raises(SystemExit):
+            node._apply_placement(2, _leading_at(5), {})
+    finally:
+        node.close()
+    node = Node(1, *args)  # the restart
+    try:
+        assert node.placement_version == 2
+        assert node.logs[("t", 0)].latest_epoch() == 5 and node.replicas[("t", 0)].leader_epoch == 5
+    finally:
+        node.close()
