@@ -51,8 +51,14 @@ def groups_cluster(tmp_path_factory):
 
 
 def create_topic(cluster: LocalCluster, topic: str, partitions: int = PARTITIONS) -> None:
+    """The topic, in every server's Metadata with a leader for each partition before a client asks: a node
+    learns a new topic with its next placement, and a group leader whose metadata came from a node that had
+    not yet (kafka-python's range assignor: "No partition metadata") assigns nothing until it refreshes."""
     with Admin(cluster.bootstrap) as admin:
         admin.create_topic(topic, partitions, exist_ok=True)
+    for index in (0, *cluster.node_ports):
+        wait_for(lambda: leaders_of(cluster.kafka_address(index), topic) == partitions, CLIENT_S,
+                 message=f"topic {topic} with its leaders in server {index}'s Metadata")
 
 
 def new_group(cluster: LocalCluster, group: str) -> tuple[str, str]:
@@ -414,6 +420,16 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def leaders_of(address: str, topic: str) -> int:
+    """How many partitions of ``topic`` have a leader in the Metadata of the server at ``address``."""
+    raw = Raw(address)
+    try:
+        (answer,) = raw.call(codec.METADATA, 12, {"topics": [{"name": topic, "topic_id": None}]}).topics
+        return 0 if answer.error_code else sum(p.error_code == 0 and p.leader_id >= 0 for p in answer.partitions)
+    finally:
+        raw.close()
 
 
 def brokers_of(address: str) -> dict:
