@@ -4,10 +4,11 @@ partitions, and stores what comes back in the consumer's bounded prefetch buffer
 It owns the node sockets (the loop, the metadata and the node connections are bus/background.py's). While
 poll() waits with its buffer empty, poll()'s thread runs this loop (BackgroundIO.step_here), so a reply
 reaches it without this thread's wake-up and hand-over; the next fetches go out before poll() returns
-(``_lent_step_done``). The user's thread changes assignment and positions under ``Consumer._lock`` and wakes it; each partition's
-``epoch`` goes up on every seek, so data fetched for an older position is recognised and dropped rather
-than returned. What to fetch and whether an answer is stale are bus/positions.py's decisions, which this
-thread reaches through the Consumer's methods (``_fetchable``, ``_fetched``, ``_resolved`` ...).
+(``_lent_step_done``). The user's thread changes assignment and positions under ``Consumer._lock`` and
+wakes it; each partition's ``epoch`` goes up on every seek, so data fetched for an older position is
+recognised and dropped rather than returned. What to fetch and whether an answer is stale are
+bus/positions.py's decisions, which this thread reaches through the Consumer's methods (``_fetchable``,
+``_fetched``, ``_resolved`` ...).
 """
 
 from __future__ import annotations

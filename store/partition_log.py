@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import copy
 
-from bus.kafka_batch import SEQUENCE_MAX, sequence_after
 from bus.errors import OutOfOrderSequence, ProducerFenced
+from bus.kafka_batch import SEQUENCE_MAX, sequence_after
 from bus.wire import IDEMPOTENCE_WINDOW_BATCHES
 
 PRODUCER_BATCHES_KEPT = IDEMPOTENCE_WINDOW_BATCHES  # a producer's whole in-flight window (bus/wire.py)
@@ -289,7 +289,8 @@ class PartitionLog:
                        f"{self.name}: producer {producer_id} window not a sequence: {batches}")
             _check(all(0 <= f <= SEQUENCE_MAX and 0 <= l <= SEQUENCE_MAX and b < self.next_offset
                        for f, l, b in batches),
-                   f"{self.name}: producer {producer_id} window {batches} past the log end {self.next_offset}")
+                   f"{self.name}: producer {producer_id} window {batches}: a sequence outside [0, {SEQUENCE_MAX}] "
+                   f"or an offset past the log end {self.next_offset}")
 
 
 def _windows_from_log(rebuild: dict, headers_before) -> dict:
