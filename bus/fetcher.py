@@ -58,8 +58,7 @@ class Fetcher(BackgroundIO):
     # -- the loop (bus/background.py runs it) ------------------------------------------------------
 
     def _step(self, wait_ms: int) -> None:
-        self._resolve_positions()
-        self._issue_fetches()
+        self._ask()
         woke_s = self._poll(wait_ms)
         # A request past its deadline is forgotten, so the next turn asks again. Checked after the replies
         # that came with this wake-up, so one that arrived just in time is taken.
@@ -71,6 +70,10 @@ class Fetcher(BackgroundIO):
     def _lent_step_done(self) -> None:
         # poll()'s thread goes on with what the step took: the next fetches go out now, not when this thread
         # has the loop back.
+        self._ask()
+
+    def _ask(self) -> None:
+        """What the positions need next: the list_offsets of pending resets, then the fetches."""
         self._resolve_positions()
         self._issue_fetches()
 
