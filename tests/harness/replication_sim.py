@@ -304,7 +304,11 @@ class SimClient:
 class Simulation:
     def __init__(self, seed: int, nodes: int = 3, partitions: int = 2, *, replication_factor: int = 3,
                  min_insync: int = 2, drop: float = 0.0, truncation=None, truncate_to_hw_on_follow: bool = False):
-        self.rng = random.Random(seed)
+        self.rng = random.Random(f"schedule-{seed}")  # the schedule: faults, produces, the time between them
+        # The network's randomness (delays, losses) apart, so a change in what the protocol sends does not
+        # reshuffle a seed's schedule.
+        self.net_rng = random.Random(f"network-{seed}")
+        self.link_at_ms: dict[tuple, int] = {}  # (src, dst) -> when the last message sent on it is delivered
         self.now_ms = 0
         self._seq = 0
         self.drop = drop
@@ -347,10 +351,13 @@ class Simulation:
 
     def send(self, src, dst, kind: str, body: dict) -> None:
         src_id, dst_id = self._id(src), self._id(dst)
-        if frozenset((src_id, dst_id)) in self.cuts or self.rng.random() < self.drop:
+        if frozenset((src_id, dst_id)) in self.cuts or self.net_rng.random() < self.drop:
             return
-        delay = self.rng.randint(1, 8)
-        heapq.heappush(self.queue, Message(self.now_ms + delay, self.next_seq(), src_id, dst_id, kind, body))
+        # Delayed 1-8 ms, but never past a message sent before it on the same link: a ZeroMQ connection does
+        # not reorder (tests/harness/proxy.py).
+        at_ms = max(self.now_ms + self.net_rng.randint(1, 8), self.link_at_ms.get((src_id, dst_id), 0))
+        self.link_at_ms[(src_id, dst_id)] = at_ms
+        heapq.heappush(self.queue, Message(at_ms, self.next_seq(), src_id, dst_id, kind, body))
 
     def _heartbeat_now(self, node: SimNode) -> None:
         outcome = self.controller.node_heartbeat(node.node_id, f"sim://{node.node_id}", node.instance, node.disk_id,
