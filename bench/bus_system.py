@@ -44,7 +44,7 @@ import uuid
 from array import array
 from typing import Any
 
-from .harness import Gate, run_clients, scratch_dir, storage_notes
+from .harness import Gate, run_clients, scratch_dir, storage_notes, wait_toward
 from .pacer import Pacer
 from .results import (
     SEND_TIME,
@@ -517,11 +517,7 @@ def latency_produce_client(
         while not pacer.done:
             due = pacer.take(time.monotonic_ns())
             if due is None:
-                wait_ns = pacer.next_deadline_ns() - time.monotonic_ns()
-                # Wake a little early and spin the rest with sleep(0), which lets go of the GIL each time round:
-                # a bare spin would hold it against the producer's sender thread, which would then wait a
-                # switch interval for each of its steps (docs/benchmarks.md, the latency path).
-                time.sleep((wait_ns - 50_000) / 1e9 if wait_ns > 100_000 else 0)
+                wait_toward(pacer.next_deadline_ns())
                 continue
             offset = wall0 - start
             for k in due:

@@ -34,7 +34,7 @@ from array import array
 from typing import Any
 
 from .bus_system import ACKS_WAIT_TIMEOUT_S, BusCluster, BusOptions, bench_producer
-from .harness import Gate, progress_sink, run_clients, scratch_dir, showing_progress
+from .harness import Gate, progress_sink, run_clients, scratch_dir, showing_progress, wait_toward
 from .pacer import Pacer
 from .results import BenchConfig, BenchError, ClientReport, Result, build_result
 from .stats import longest_gaps
@@ -45,7 +45,6 @@ RESTART_AFTER_S = 1.0  # after acknowledgements come again from the new leader, 
 STEP_TIMEOUT_S = 60.0  # each step of a kill's cycle (in sync, new leader, acks again, serving) within this
 POLL_INTERVAL_S = 0.02  # how often the killer looks at the metadata and the acknowledgement count
 LOG_TAIL_LINES = 15  # of each process's log, in the error of a failed run
-SEND_SPIN_S = 0.0005  # the producer sleeps until this close to its next due record, then spins with sleep(0)
 
 
 class _Stopped(Exception):
@@ -88,8 +87,7 @@ def failover_client(
         while not stop.is_set():
             due = pacer.take(time.monotonic_ns())
             if due is None:
-                wait_ns = pacer.next_deadline_ns() - time.monotonic_ns()
-                time.sleep((wait_ns / 1e9 - SEND_SPIN_S) if wait_ns > 2 * SEND_SPIN_S * 1e9 else 0)
+                wait_toward(pacer.next_deadline_ns())
                 continue
             for k in due:
                 send(topic, values[k % len(values)], partition=PARTITION).add_callback(on_ack)

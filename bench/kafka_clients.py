@@ -33,7 +33,7 @@ from array import array
 from functools import partial
 from typing import Any
 
-from .harness import Gate
+from .harness import Gate, wait_toward
 from .peer import PeerServer, paced_start, peer_system, send_time_ns, stamp
 from .results import BenchConfig, BenchError, ClientReport, PeerUnavailable, record_partition
 
@@ -342,7 +342,7 @@ def _latency_produce(name: str, port: int, cfg: BenchConfig, index: int, count: 
             batch = pacer.take(time.monotonic_ns())
             if batch is None:
                 producer.poll()
-                time.sleep(max(0, pacer.next_deadline_ns() - time.monotonic_ns()) / 1e9)
+                wait_toward(pacer.next_deadline_ns())
                 continue
             for k in batch:
                 value = stamp(pacer.due_ns(k) + wall_offset_ns, tails[k % len(tails)])

@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-from .harness import Gate, reap, run_clients, scratch_dir, storage_notes
+from .harness import Gate, reap, run_clients, scratch_dir, storage_notes, wait_toward
 from .pacer import Pacer
 from .results import (
     SEND_TIME,
@@ -462,7 +462,14 @@ def latency_produce_client(
             if deadline is None or len(inflight) >= cfg.inflight_batches_max:
                 wait_ms = int(REPLY_TIMEOUT_S * 1000)
             else:
-                wait_ms = max(0, -(-(deadline - time.monotonic_ns()) // 1_000_000))
+                # Acks as they come, but never past the next record's due time: a poll's timeout is whole
+                # milliseconds, so the last one is waited as every system's producer waits (wait_toward).
+                wait_ms = (deadline - time.monotonic_ns()) // 1_000_000 - 1
+                if wait_ms < 0:
+                    if not sock.poll(0):
+                        wait_toward(deadline)
+                        continue
+                    wait_ms = 0
             if sock.poll(wait_ms):
                 while True:
                     try:

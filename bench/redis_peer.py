@@ -21,7 +21,7 @@ import time
 from array import array
 from typing import Any
 
-from .harness import Gate
+from .harness import Gate, wait_toward
 from .peer import PeerServer, free_port, paced_start, peer_system, send_time_ns, server_exe, stamp, wait_ready
 from .results import BenchConfig, BenchError, ClientReport, PeerUnavailable, record_partition
 
@@ -202,7 +202,7 @@ def redis_latency_produce_client(
         while not pacer.done:
             batch = pacer.take(time.monotonic_ns())
             if batch is None:
-                time.sleep(max(0, pacer.next_deadline_ns() - time.monotonic_ns()) / 1e9)
+                wait_toward(pacer.next_deadline_ns())
                 continue
             pipe = r.pipeline(transaction=False)
             for k in batch:
