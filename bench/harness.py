@@ -53,8 +53,9 @@ def wait_toward(deadline_ns: int) -> None:
     GIL (a bare spin would hold it against a client's own threads, such as the bus producer's sender).
 
     A record's lateness counts in its latency, so every system's producer waits through this one function:
-    ``time.sleep`` alone wakes 50-100 us late (the kernel's timer slack, the wake-up), and a poll's timeout
-    in whole milliseconds up to 1 ms late (raw's producer, until 2026-12-04: p50 0.29 ms late, p90 0.7 ms)."""
+    ``time.sleep`` alone wakes 60-115 us late (the kernel's timer slack, the wake-up: docs/benchmarks.md, P),
+    and a poll's timeout in whole milliseconds up to 1 ms late (raw's producer until 2026-12-04: p50 0.29 ms
+    late, p90 0.7 ms)."""
     wait_ns = deadline_ns - time.monotonic_ns()
     time.sleep((wait_ns - PACE_SPIN_NS) / 1e9 if wait_ns > 2 * PACE_SPIN_NS else 0)
 

@@ -258,7 +258,7 @@ async def _nats_latency_produce(
         if failed:
             raise BenchError(f"nats: {len(failed)} publishes failed")
         report.end_ns = time.monotonic_ns()
-        report.extra["behind_ms_max"] = pacer.behind_ns_max / 1e6
+        report.extra.update(pacer.lateness())
         return report
     finally:
         await nc.close()

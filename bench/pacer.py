@@ -7,6 +7,9 @@ This module is pure and must stay so: it is handed the time and never reads a cl
 
 from __future__ import annotations
 
+import statistics
+from array import array
+
 
 class Pacer:
     """Which records a fixed-rate producer sends now.
@@ -28,6 +31,7 @@ class Pacer:
         self.start_ns = start_ns
         self.sent = 0  # records handed out so far; they are 0 .. sent-1
         self.behind_ns_max = 0  # the latest any batch was handed out after it was due to go
+        self.behind_ns = array("q")  # how late each batch was handed out, after it was due to go
 
     def due_ns(self, k: int) -> int:
         """When record ``k`` is due."""
@@ -50,6 +54,7 @@ class Pacer:
         if now_ns < go_at:
             return None
         self.behind_ns_max = max(self.behind_ns_max, now_ns - go_at)
+        self.behind_ns.append(now_ns - go_at)
         n = min(pending, self.batch_records_max)
         out = range(self.sent, self.sent + n)
         self.sent += n
@@ -69,3 +74,9 @@ class Pacer:
     @property
     def done(self) -> bool:
         return self.sent >= self.total
+
+    def lateness(self) -> dict[str, float]:
+        """How late the producer handed its batches out, for its report: the worst and the median, in ms. A
+        record's lateness counts in its latency, so a system whose producer is late is slower by that much."""
+        p50_ns = statistics.median(self.behind_ns) if self.behind_ns else 0
+        return {"behind_ms_max": self.behind_ns_max / 1e6, "behind_ms_p50": p50_ns / 1e6}

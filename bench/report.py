@@ -26,6 +26,7 @@ from .results import (
     BenchError,
     Result,
     compression_pairs,
+    figure_notes,
     ratios,
     replication_pairs,
     replication_ratio,
@@ -152,7 +153,7 @@ def format_table(results: Sequence[Result], legend: bool = True) -> str:
     stored = storage_rows(results)
     if len(stored) > 1:
         out += ["", "on disk after each produce run:", *aligned(stored, STORAGE_COLUMNS, "  ")]
-    notes = [f"  {r.system} {r.mode}: {n}" for r in results for n in r.notes]
+    notes = [f"  {r.system} {r.mode}: {n}" for r in results for n in figure_notes(r)]
     if notes:
         out += ["", "notes:", *notes]
     if legend:

@@ -41,6 +41,9 @@ SEND_TIME = struct.Struct(">q")
 CDF_PERCENTILES = tuple(range(0, 90, 5)) + tuple(range(90, 99)) + (99, 99.5, 99.9, 99.95, 99.99, 99.995, 99.999, 100)
 LATENCY_RATE_SUSTAINED_MIN = 0.97  # latency mode: below this fraction of the target rate, say so
 LATENCY_PRODUCER_BEHIND_MS_MAX = 100.0  # latency mode: a producer stalled longer than this is worth a note
+# latency mode: a producer whose median batch went out later than this after it was due is worth a note (the
+# bench's own pacing is 0.1-0.25 ms late on the reference machine: docs/benchmarks.md, P)
+LATENCY_PRODUCER_LATE_P50_MS_MAX = 0.3
 
 
 class BenchError(RuntimeError):
@@ -217,6 +220,9 @@ class Result:
     server_anon_mb: float | None = None  # peak of the part of it that is not file-backed (ServerUsage)
     client_cpu_pct: float | None = None  # all client processes, percent of one core
     target_rate: float | None = None  # latency mode: records/s offered
+    # latency mode: how late the producers handed batches out after they were due, at the median (the latest
+    # producer's); the latency figures include it, as they run from the due time
+    producer_late_p50_ms: float | None = None
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (bin start s, records completed)
     timeline_bin_s: float = 0.0
     latency_cdf: list[tuple[float, float]] = field(default_factory=list)  # (percentile, ms) for plots
@@ -291,7 +297,7 @@ def median_of_runs(results: Sequence[Result]) -> Result:
 
     scalars = (
         "elapsed_s records_per_s mb_per_s p50_ms p99_ms p999_ms max_ms server_cpu_pct server_rss_mb server_anon_mb "
-        "client_cpu_pct stored_bytes disk_bytes"
+        "client_cpu_pct stored_bytes disk_bytes producer_late_p50_ms"
     ).split()
     notes = list(dict.fromkeys(n for r in results for n in r.notes))
     return dataclasses.replace(
@@ -489,7 +495,7 @@ def latency_result(
     if behind > LATENCY_PRODUCER_BEHIND_MS_MAX:
         notes.append(f"a producer fell up to {behind:,.0f} ms behind schedule (its records' latency includes that)")
     cpu = sum(r.cpu_s for r in consumed + produced)
-    return build_result(
+    result = build_result(
         system,
         "latency",
         cfg,
@@ -501,3 +507,15 @@ def latency_result(
         target_rate=rate,
         notes=notes,
     )
+    result.producer_late_p50_ms = max((r.extra["behind_ms_p50"] for r in produced if "behind_ms_p50" in r.extra),
+                                      default=None)
+    return result
+
+
+def figure_notes(result: Result) -> list[str]:
+    """``result.notes``, and what its figures call for (of a median of runs: the median's)."""
+    late = result.producer_late_p50_ms
+    if late is not None and late > LATENCY_PRODUCER_LATE_P50_MS_MAX:
+        return [*result.notes, f"a producer handed its records out {late:.2f} ms late at the median (its records' "
+                               "latency includes that)"]
+    return result.notes

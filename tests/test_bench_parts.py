@@ -10,6 +10,7 @@ tested instead of skipping.
 from __future__ import annotations
 
 import dataclasses
+from array import array
 import io
 import json
 import os
@@ -31,10 +32,12 @@ from bench.results import (
     Result,
     System,
     expected_per_partition,
+    figure_notes,
     median_of_runs,
     ratio,
     ratios,
     record_partition,
+    latency_result,
     split,
 )
 from bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
@@ -192,6 +195,8 @@ def test_pacer_lingers_then_sends_due_records():
     assert p.take(7 * ms) == range(4, 8)
     assert p.take(20 * ms) == range(8, 10) and p.behind_ns_max == 11 * ms
     assert p.done and p.take(30 * ms) is None and p.next_deadline_ns() is None
+    # Each hand-out's lateness (0, 0, 11 ms after it was due to go): the worst, and the median for the report.
+    assert p.lateness() == {"behind_ms_max": 11.0, "behind_ms_p50": 0.0}
     q = Pacer(rate_per_s=100, total=3, linger_ns=2 * ms, batch_records_max=100, start_ns=0)
     assert q.take(0) is None and q.take(2 * ms) == range(0, 1)  # linger: the oldest waited 2 ms
     assert q.due_ns(2) == 20 * ms
@@ -374,6 +379,28 @@ def test_plot_or_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(report.PlotUnavailable, match=r"pip install 'bus\[plot\]'"):
         report.plot(str(path), sample_results())
+
+
+def test_a_latency_result_says_when_its_producer_handed_records_out_late():
+    """A record's latency runs from its due time, so a late producer makes its system look slower: the result
+    carries the producers' median lateness, with a note past LATENCY_PRODUCER_LATE_P50_MS_MAX."""
+    cfg = BenchConfig(records=10, record_bytes=100)
+
+    def run(late_ms: float) -> Result:
+        consumer = ClientReport(1_000, 2_000_000_000, 10, latencies_ns=array("q", [1_000_000] * 10))
+        producer = ClientReport(1_000, 2_000_000_000, 10)
+        producer.extra.update(behind_ms_max=late_ms, behind_ms_p50=late_ms)
+        return latency_result("sys", cfg, 5.0, [consumer], [producer], None)
+
+    punctual, late = run(0.1), run(0.8)
+    assert punctual.producer_late_p50_ms == 0.1 and figure_notes(punctual) == []
+    assert late.producer_late_p50_ms == 0.8
+    assert figure_notes(late) == ["a producer handed its records out 0.80 ms late at the median (its records' "
+                                  "latency includes that)"]
+    # Of a median of runs, one note, the median's; the table prints it.
+    median = median_of_runs([punctual, late, late])
+    assert median.producer_late_p50_ms == 0.8 and len(figure_notes(median)) == 1
+    assert "sys latency: a producer handed its records out 0.80 ms late" in report.format_table([median])
 
 
 def test_client_report_events():
