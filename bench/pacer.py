@@ -30,7 +30,6 @@ class Pacer:
         self.batch_records_max = batch_records_max
         self.start_ns = start_ns
         self.sent = 0  # records handed out so far; they are 0 .. sent-1
-        self.behind_ns_max = 0  # the latest any batch was handed out after it was due to go
         self.behind_ns = array("q")  # how late each batch was handed out, after it was due to go
 
     def due_ns(self, k: int) -> int:
@@ -53,7 +52,6 @@ class Pacer:
         go_at = self._go_at()
         if now_ns < go_at:
             return None
-        self.behind_ns_max = max(self.behind_ns_max, now_ns - go_at)
         self.behind_ns.append(now_ns - go_at)
         n = min(pending, self.batch_records_max)
         out = range(self.sent, self.sent + n)
@@ -74,6 +72,11 @@ class Pacer:
     @property
     def done(self) -> bool:
         return self.sent >= self.total
+
+    @property
+    def behind_ns_max(self) -> int:
+        """The latest any batch was handed out after it was due to go."""
+        return max(self.behind_ns, default=0)
 
     def lateness(self) -> dict[str, float]:
         """How late the producer handed its batches out, for its report: the worst and the median, in ms. A

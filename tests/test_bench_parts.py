@@ -10,13 +10,13 @@ tested instead of skipping.
 from __future__ import annotations
 
 import dataclasses
-from array import array
 import io
 import json
 import os
 import subprocess
 import sys
 import time
+from array import array
 
 import psutil
 import pytest
@@ -33,11 +33,11 @@ from bench.results import (
     System,
     expected_per_partition,
     figure_notes,
+    latency_result,
     median_of_runs,
     ratio,
     ratios,
     record_partition,
-    latency_result,
     split,
 )
 from bench.runner import PROGRESS_BAR_CELLS, ProgressBar, progress_line
