@@ -465,11 +465,10 @@ def latency_produce_client(
                 # Acks as they come, but never past the next record's due time: a poll's timeout is whole
                 # milliseconds, so within 2 ms of it the wait is wait_toward's, as every system's producer's.
                 wait_ms = (deadline - time.monotonic_ns()) // 1_000_000 - 1
-                if wait_ms <= 0:
-                    if not sock.poll(0):
-                        wait_toward(deadline)
-                        continue
-                    wait_ms = 0
+                if wait_ms <= 0 and not sock.poll(0):
+                    wait_toward(deadline)
+                    continue
+                wait_ms = max(0, wait_ms)
             if sock.poll(wait_ms):
                 while True:
                     try:

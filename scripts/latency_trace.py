@@ -207,6 +207,7 @@ def run_traced_node(argv: list[str]) -> None:
 
 def produce(bootstrap: str, topic: str, rate_per_s: float, count: int, acks, trace_dir: str, start_at_ns: int,
             options: dict) -> None:
+    from bench.harness import wait_toward
     from bus import Producer
     from bus import sender as sender_module
 
@@ -234,8 +235,7 @@ def produce(bootstrap: str, topic: str, rate_per_s: float, count: int, acks, tra
         for k in range(count):
             due = start_at_ns + k * interval_ns
             while (wait_ns := due - time.time_ns()) > 0:
-                # As the bench's pacer: sleep, then spin the rest with sleep(0), which lets go of the GIL.
-                time.sleep((wait_ns - 50_000) / 1e9 if wait_ns > 100_000 else 0)
+                wait_toward(time.monotonic_ns() + wait_ns)  # as the bench's producers wait
             future = producer.send(topic, SEND_TIME.pack(due) + tail, partition=0)
             stamps.add("sent", (due,))
             future.add_callback(lambda _md, _error, due=due: stamps.add("acked", (due,)))
